@@ -1,0 +1,51 @@
+"""Backends, registered by flannel's type name. A backend builds a `Network` for one config and
+underlay interface; the daemon drives every backend through this one interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from ipaddress import IPv4Network
+from typing import Any, Protocol
+
+from flannel_udp.config import NetworkConfig
+from flannel_udp.lease import Lease
+from flannel_udp.netlink import ExtIface
+
+
+class Network(Protocol):
+    backend_type: str  # published in our lease ('' for flannel's udp)
+    backend_data: bytes | None  # published in our lease, raw JSON
+    mtu: int  # the MTU pods should use (FLANNEL_MTU)
+
+    def open(self) -> None:
+        """Take the devices and ports the backend needs; UserError when it cannot."""
+
+    def start(self, lease: Lease, peers: list[Lease]) -> None:
+        """Configure the data plane for our lease and start forwarding to `peers`."""
+
+    def accepts(self, lease: Lease) -> bool:
+        """Whether a peer's lease is one this backend can reach."""
+
+    def add_peer(self, lease: Lease) -> None:
+        """A peer appeared or changed; takes effect without stopping traffic."""
+
+    def remove_peer(self, subnet: IPv4Network) -> None:
+        """A peer went away."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: {'counters': {...}, 'peers': {subnet_str: {...}}}."""
+
+    def close(self) -> None:
+        """Stop forwarding and remove what open() and start() created. Idempotent."""
+
+
+def _udp(config: NetworkConfig, ext: ExtIface) -> Network:
+    from flannel_udp.backends.udp import UdpNetwork
+    return UdpNetwork(config, ext)
+
+
+BACKENDS: dict[str, Callable[[NetworkConfig, ExtIface], Network]] = {"udp": _udp}
+
+
+def make_network(config: NetworkConfig, ext: ExtIface) -> Network:
+    return BACKENDS[config.backend_type](config, ext)

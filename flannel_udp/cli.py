@@ -1,0 +1,247 @@
+"""The `flannel-udp` command: flanneld's flags (also as FLANNELD_<FLAG> variables, the command
+line winning) and the subcommands run, status, network and demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from flannel_udp import control
+from flannel_udp.errors import UserError
+from flannel_udp.stores import StoreError
+
+DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
+# Accepted for flanneld compatibility; their features come in later versions.
+NOT_ACTIVE_YET = ("ip_masq", "healthz_port", "iface_regex")
+
+log = logging.getLogger("flannel-udp")
+
+
+def _env(dest: str, default: object = None) -> object:
+    return os.environ.get(f"FLANNELD_{dest.upper()}", default)
+
+
+def _env_bool(dest: str) -> bool:
+    value = _env(dest)
+    if value is None:
+        return False
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise UserError(f"FLANNELD_{dest.upper()}={value}: expected true or false")
+
+
+def _env_int(dest: str, default: int) -> int:
+    value = _env(dest)
+    if value is None:
+        return default
+    try:
+        return int(str(value))
+    except ValueError:
+        raise UserError(f"FLANNELD_{dest.upper()}={value}: expected an integer") from None
+
+
+def _add(group: argparse._ArgumentGroup | argparse.ArgumentParser, *names: str,
+         default: object = None, **kw: object) -> None:
+    """A flag whose default comes from FLANNELD_<FLAG> when set."""
+    dest = names[0].lstrip("-").replace("-", "_")
+    if kw.get("action") == "store_true":
+        group.add_argument(*names, dest=dest, default=_env_bool(dest), **kw)
+    elif kw.get("type") is int:
+        group.add_argument(*names, dest=dest, default=_env_int(dest, default), **kw)
+    else:
+        group.add_argument(*names, dest=dest, default=_env(dest, default), **kw)
+
+
+def _store_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("lease store")
+    _add(g, "--local-store", default=DEFAULT_LOCAL_STORE, metavar="PATH",
+         help="the embedded lease store file, used when no --etcd-endpoints is given "
+              "(default %(default)s)")
+    _add(g, "--etcd-endpoints", "--endpoints", metavar="URLS",
+         help="etcd endpoints (the etcd store is not available in this version)")
+    _add(g, "--etcd-prefix", default="/coreos.com/network", help="etcd prefix")
+    _add(g, "--etcd-cafile", "--ca-file", metavar="FILE", help="etcd CA certificate")
+    _add(g, "--etcd-certfile", "--cert-file", metavar="FILE", help="etcd client certificate")
+    _add(g, "--etcd-keyfile", "--key-file", metavar="FILE", help="etcd client key")
+    _add(g, "--etcd-username", help="etcd user name")
+    _add(g, "--etcd-password", help="etcd password")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flannel-udp",
+        description="A userspace overlay network for container hosts, compatible with flannel.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the node daemon in the foreground",
+                         description="Lease a subnet and carry pod traffic to the other hosts. "
+                         "Every flag can also be set as FLANNELD_<FLAG> (e.g. FLANNELD_IFACE).")
+    _store_flags(run)
+    _add(run, "--net-config-path", metavar="FILE",
+         help="network config JSON that seeds a store which has none yet")
+    _add(run, "--public-ip", metavar="IP",
+         help="IP address other hosts reach this one at (default: the --iface address)")
+    _add(run, "--iface", metavar="NAME|IP",
+         help="underlay interface (default: the interface of the default route)")
+    _add(run, "--iface-regex", metavar="REGEX", help="not active yet")
+    _add(run, "--subnet-file", default="/run/flannel/subnet.env", metavar="PATH",
+         help="where to write the lease for the container runtime (default %(default)s)")
+    _add(run, "--subnet-lease-renew-margin", type=int, default=60, metavar="MINUTES",
+         help="renew the lease this long before it expires (default %(default)s)")
+    _add(run, "--ip-masq", action="store_true", help="not active yet")
+    _add(run, "--healthz-ip", default="0.0.0.0", metavar="IP", help="not active yet")
+    _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
+         help="not active yet (0 = off)")
+    _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
+         help="not active yet")
+    _add(run, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH",
+         help="unix socket for `flannel-udp status` (default %(default)s)")
+    _add(run, "-v", "--verbosity", type=int, default=0, metavar="LEVEL",
+         help="log level: 0 info, 1 and above debug")
+
+    status = sub.add_parser("status", help="show the running daemon's lease, peers, counters")
+    _add(status, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    network = sub.add_parser("network", help="read or write the network config in the store")
+    net_sub = network.add_subparsers(dest="network_command", required=True, metavar="ACTION")
+    get = net_sub.add_parser("get", help="print the network config")
+    _store_flags(get)
+    put = net_sub.add_parser("set", help="validate and write the network config")
+    _store_flags(put)
+    put.add_argument("config", nargs="?", metavar="JSON", help="the config as JSON text")
+    put.add_argument("--file", metavar="FILE", help="read the config from FILE")
+
+    demo = sub.add_parser("demo", help="three hosts as namespaces on one machine, end to end")
+    demo.add_argument("--iperf-seconds", type=int, default=3, metavar="N")
+    return parser
+
+
+def open_store(args: argparse.Namespace) -> tuple[object, str]:
+    """The store the flags name, and a name for it in messages."""
+    if args.etcd_endpoints:
+        raise UserError("--etcd-endpoints: the etcd store is not available in this version "
+                        "of flannel-udp yet; use --local-store")
+    from flannel_udp.stores.local import LocalStore
+    return LocalStore(args.local_store), f"lease store {args.local_store}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flannel_udp.daemon import Daemon, RunOptions
+
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname).1s %(message)s",
+                        level=logging.DEBUG if args.verbosity >= 1 else logging.INFO)
+    for dest in NOT_ACTIVE_YET:
+        if getattr(args, dest):
+            log.warning("--%s is accepted but not active yet in this version",
+                        dest.replace("_", "-"))
+    if args.subnet_lease_renew_margin < 1 or args.subnet_lease_renew_margin > 1439:
+        raise UserError("--subnet-lease-renew-margin: must be 1..1439 minutes (the lease "
+                        "lasts 24 h)")
+    try:
+        public_ip = IPv4Address(args.public_ip) if args.public_ip else None
+    except ValueError:
+        raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    store, name = open_store(args)
+    opts = RunOptions(store=store, store_name=name, iface=args.iface, public_ip=public_ip,
+                      subnet_file=args.subnet_file,
+                      renew_margin_minutes=args.subnet_lease_renew_margin,
+                      net_config_path=args.net_config_path, control_socket=args.control_socket,
+                      ip_masq=args.ip_masq)
+    import uvloop
+    return uvloop.run(Daemon(opts).run())
+
+
+def cmd_network(args: argparse.Namespace) -> int:
+    from flannel_udp.config import parse_config
+
+    store, name = open_store(args)
+    if args.network_command == "get":
+        raw = asyncio.run(store.get_config())
+        if raw is None:
+            raise UserError(f"no network config in {name}", 1)
+        print(raw.decode())
+        return 0
+    if (args.config is None) == (args.file is None):
+        raise UserError("network set: give the config as JSON text or with --file, not both")
+    if args.file is not None:
+        try:
+            raw = Path(args.file).read_bytes()
+        except OSError as e:
+            raise UserError(f"--file {args.file}: {e.strerror}") from None
+    else:
+        raw = args.config.encode()
+    config = parse_config(raw)
+    asyncio.run(store.set_config(raw))
+    print(f"network config written to {name}: Network {config.network}, "
+          f"SubnetLen {config.subnet_len}, backend {config.backend_type}")
+    return 0
+
+
+def _age(since: float) -> str:
+    seconds = int(time.time() - since)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = control.request(args.control_socket, {"cmd": "status"})
+    if "error" in status:
+        raise UserError(f"daemon: {status['error']}", 1)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    lease = status["lease"]
+    if lease:
+        left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
+        print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
+              f"{lease['backend']}  expires in {left:.1f} h")
+    c = status["counters"]
+    print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
+          f"rx {c.get('rx_packets', 0)} pkts / {c.get('rx_bytes', 0)} B   "
+          f"icmp unreachable sent {c.get('icmp_sent', 0)}")
+    drops = {k: v for k, v in c.get("drops", {}).items() if v}
+    print("drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
+    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}{'SINCE':>6}"
+          f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}")
+    for p in status["peers"]:
+        print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}{_age(p['since']):>6}"
+              f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
+              f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}")
+    if not status["peers"]:
+        print("(no peers)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flannel_udp.demo import run_demo
+    return run_demo(iperf_seconds=args.iperf_seconds)
+
+
+COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"flannel-udp: {e}", file=sys.stderr)
+        return e.exit_code
+    except StoreError as e:
+        print(f"flannel-udp: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,149 @@
+"""flannel's network config: parsing, defaults and validation, as flannel's CheckNetworkConfig.
+
+Pure: no I/O. Every refusal is a `ConfigError` whose message names the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from flannel_udp.errors import UserError
+
+# Backend types flannel knows; only those in IMPLEMENTED run here, the others are refused clearly.
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tencent-vpc",
+                  "alivpc", "aws-vpc", "gce", "extension", "ipsec")
+IMPLEMENTED_BACKENDS = ("udp",)
+
+_TOP_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
+               "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend",
+               "EnableNFTables")
+
+
+class ConfigError(UserError):
+    """The network config is unusable; the message starts with the field name."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"invalid network config: {message}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: IPv4Network
+    subnet_len: int
+    subnet_min: IPv4Address
+    subnet_max: IPv4Address
+    backend_type: str
+    # backend options, keys as flannel spells them
+    backend: dict[str, Any] = field(default_factory=dict)
+
+    def subnet_step(self) -> int:
+        return 1 << (32 - self.subnet_len)
+
+    def contains_subnet(self, subnet: IPv4Network) -> bool:
+        """True when `subnet` is a lease this config could have handed out."""
+        return (subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network)
+                and self.subnet_min <= subnet.network_address <= self.subnet_max)
+
+
+def _canonical_keys(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    """flannel matches JSON keys case-insensitively; map them onto the canonical spelling."""
+    by_lower = {k.lower(): k for k in known}
+    return {by_lower.get(k.lower(), k): v for k, v in obj.items()}
+
+
+def _int_field(cfg: dict[str, Any], name: str) -> int | None:
+    value = cfg.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {json.dumps(value)}")
+    return value
+
+
+def _addr_field(cfg: dict[str, Any], name: str) -> IPv4Address | None:
+    value = cfg.get(name)
+    if value is None:
+        return None
+    try:
+        return IPv4Address(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name}: {json.dumps(value)} is not an IPv4 address") from None
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate flannel network config JSON, filling in flannel's defaults."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a JSON object such as "
+                          '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+    cfg = _canonical_keys(raw, _TOP_FIELDS)
+
+    if cfg.get("EnableIPv6"):
+        raise ConfigError("EnableIPv6: IPv6 networks are not supported by flannel-udp yet")
+    if cfg.get("EnableIPv4", True) is False:
+        raise ConfigError("EnableIPv4: false leaves no network; flannel-udp needs IPv4")
+
+    if "Network" not in cfg:
+        raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
+    try:
+        network = IPv4Network(cfg["Network"], strict=False)
+    except (ValueError, TypeError):
+        raise ConfigError(f"Network: {json.dumps(cfg['Network'])} is not an IPv4 CIDR") from None
+    if network.prefixlen > 28:
+        raise ConfigError(f"Network: {network} is too small; the longest usable prefix is /28")
+
+    subnet_len = _int_field(cfg, "SubnetLen") or 0
+    if subnet_len == 0:
+        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+    elif not network.prefixlen < subnet_len <= 30:
+        raise ConfigError(f"SubnetLen: {subnet_len} is out of range for Network {network} "
+                          f"(must be {network.prefixlen + 1}..30)")
+
+    step = 1 << (32 - subnet_len)
+    first = int(network.network_address)
+    last = int(network.broadcast_address) + 1 - step
+    subnet_min = _addr_field(cfg, "SubnetMin") or IPv4Address(first + step)
+    subnet_max = _addr_field(cfg, "SubnetMax") or IPv4Address(last)
+    for name, addr in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
+        if addr not in network:
+            raise ConfigError(f"{name}: {addr} is outside Network {network}")
+        if int(addr) % step:
+            raise ConfigError(f"{name}: {addr} is not aligned to SubnetLen /{subnet_len}")
+    if subnet_min > subnet_max:
+        raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
+
+    backend = cfg.get("Backend") or {}
+    if not isinstance(backend, dict):
+        raise ConfigError(f"Backend: expected an object, got {json.dumps(backend)}")
+    backend = _canonical_keys(backend, ("Type", "Port", "VNI", "MTU", "DirectRouting"))
+    backend_type = backend.get("Type", "udp")
+    if not isinstance(backend_type, str):
+        raise ConfigError(f"Backend.Type: expected a string, got {json.dumps(backend_type)}")
+    backend_type = backend_type.lower()
+    if backend_type not in KNOWN_BACKENDS:
+        raise ConfigError(f"Backend.Type: unknown backend type {backend_type!r} "
+                          f"(flannel-udp runs: {', '.join(IMPLEMENTED_BACKENDS)})")
+    if backend_type not in IMPLEMENTED_BACKENDS:
+        raise ConfigError(f"Backend.Type: {backend_type!r} is not implemented in flannel-udp yet "
+                          f"(it runs: {', '.join(IMPLEMENTED_BACKENDS)})")
+
+    return NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
+                         subnet_max=subnet_max, backend_type=backend_type, backend=backend)
+
+
+def backend_port(config: NetworkConfig, default: int) -> int:
+    """`Backend.Port`, validated, or the backend's default."""
+    port = _int_field(config.backend, "Port")
+    if port is None or port == 0:
+        return default
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"Backend.Port: {port} is out of range (1..65535)")
+    return port
+
+

@@ -1,0 +1,96 @@
+"""The local control socket: one msgpack request and one msgpack reply per connection, each
+framed by a 4-byte big-endian length. `flannel-udp status` is its client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from flannel_udp.errors import UserError
+
+DEFAULT_PATH = "/run/flannel-udp/control.sock"
+MAX_FRAME = 16 << 20
+_LEN = struct.Struct(">I")
+
+
+def _pack(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
+    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if size > MAX_FRAME:
+        raise ValueError("frame too large")
+    return msgpack.unpackb(await reader.readexactly(size), raw=False)
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
+                ) -> asyncio.AbstractServer:
+    """Serve `handler` on a unix socket at `path`; a stale socket file is replaced, a live one
+    is a UserError."""
+    if os.path.exists(path):
+        if _answers(path):
+            raise UserError(f"control socket {path} is served by another running daemon "
+                            "(give this one another --control-socket)")
+        os.unlink(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(_read_frame(reader), 5)
+            reply = handler(request) if isinstance(request, dict) else {"error": "bad request"}
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError,
+                msgpack.UnpackException):
+            reply = {"error": "bad request"}
+        with contextlib.suppress(OSError):
+            writer.write(_pack(reply))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(on_client, path=path)
+    os.chmod(path, 0o600)  # the status shows the whole table: root only
+    return server
+
+
+def request(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request to the daemon at `path` and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise UserError(f"no flannel-udp daemon answers on {path} (is `flannel-udp run` "
+                            "running? --control-socket names another socket)", 1) from None
+        except PermissionError:
+            raise UserError(f"no permission to open {path} (run as root)", 1) from None
+        s.sendall(_pack(message))
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            raise UserError(f"the daemon on {path} did not answer within {timeout:.0f} s",
+                            1) from None
+    data = b"".join(chunks)
+    if len(data) < _LEN.size or len(data) != _LEN.size + _LEN.unpack_from(data)[0]:
+        raise UserError(f"the daemon on {path} sent a truncated reply", 1)
+    return msgpack.unpackb(data[_LEN.size:], raw=False)

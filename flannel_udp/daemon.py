@@ -1,0 +1,187 @@
+"""`flannel-udp run`: the control plane on asyncio. Lease, subnet.env, backend, control socket;
+then it follows the lease table until SIGTERM/SIGINT, which removes the TUN and routes and keeps
+the lease so that a restart gets the same subnet."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from flannel_udp import control, netlink, subnetenv
+from flannel_udp.backends import Network, make_network
+from flannel_udp.config import NetworkConfig, parse_config
+from flannel_udp.errors import UserError
+from flannel_udp.lease import Lease
+from flannel_udp.manager import LeaseManager
+from flannel_udp.stores import Store, StoreError
+
+log = logging.getLogger("flannel-udp")
+
+WATCH_RETRY = 1.0  # seconds before following the store again after it failed
+
+
+@dataclass
+class RunOptions:
+    store: Store
+    store_name: str  # for messages
+    iface: str | None
+    public_ip: IPv4Address | None
+    subnet_file: str
+    renew_margin_minutes: int
+    net_config_path: str | None
+    control_socket: str
+    ip_masq: bool = False
+
+
+async def load_config(store: Store, store_name: str, seed_path: str | None) -> NetworkConfig:
+    """The network config in the store; one from `seed_path` seeds a store that has none."""
+    raw = await store.get_config()
+    if raw is None:
+        if seed_path is None:
+            raise UserError(f"no network config in {store_name}: set one with `flannel-udp "
+                            "network set '<json>'` or give --net-config-path")
+        try:
+            raw = Path(seed_path).read_bytes()
+        except OSError as e:
+            raise UserError(f"--net-config-path {seed_path}: {e.strerror}") from None
+        config = parse_config(raw)
+        await store.set_config(raw)
+        log.info("network config seeded from %s", seed_path)
+        return config
+    return parse_config(raw)
+
+
+class Daemon:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.started = time.time()
+        self.config: NetworkConfig | None = None
+        self.network: Network | None = None
+        self.manager: LeaseManager | None = None
+
+    def _write_subnet_env(self, lease: Lease) -> None:
+        assert self.config is not None and self.network is not None
+        subnetenv.write(self.opts.subnet_file, subnetenv.render(
+            self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq))
+
+    async def run(self) -> int:
+        opts = self.opts
+        self.config = config = await load_config(opts.store, opts.store_name,
+                                                 opts.net_config_path)
+        ext = await asyncio.to_thread(netlink.find_interface, opts.iface)
+        public_ip = opts.public_ip or ext.address
+        log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
+                 config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
+                 ext.mtu, public_ip)
+        self.network = network = make_network(config, ext)
+        network.open()
+        try:
+            return await self._serve(config, network, public_ip)
+        finally:
+            await asyncio.to_thread(network.close)
+            log.info("removed %s's devices and routes; lease kept", config.backend_type)
+
+    async def _serve(self, config: NetworkConfig, network: Network,
+                     public_ip: IPv4Address) -> int:
+        opts = self.opts
+        self.manager = manager = LeaseManager(
+            opts.store, config, public_ip, network.backend_type, network.backend_data,
+            renew_margin=opts.renew_margin_minutes * 60.0)
+        lease = await manager.acquire(subnetenv.previous_subnet(opts.subnet_file))
+        peers = await manager.load_peers()
+        await asyncio.to_thread(network.start, lease, peers)
+        self._write_subnet_env(lease)
+        log.info("wrote %s", opts.subnet_file)
+        server = await control.serve(opts.control_socket, self.handle_request)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
+                 asyncio.create_task(self._follow(), name="watch"),
+                 asyncio.create_task(stop.wait(), name="stop")]
+        log.info("running: %d peers; status: flannel-udp status --control-socket %s",
+                 len(peers), opts.control_socket)
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.get_name() != "stop" and task.exception() is not None:
+                    raise task.exception()
+            log.info("signal received, shutting down")
+            return 0
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            server.close()
+            with contextlib.suppress(OSError):
+                Path(opts.control_socket).unlink()
+
+    async def _follow(self) -> None:
+        """Apply lease events; a store that fails is retried while forwarding goes on."""
+        assert self.manager is not None and self.network is not None
+        while True:
+            try:
+                await self.manager.watch(self.network.add_peer, self.network.remove_peer,
+                                         self._own_lease_lost)
+            except StoreError as e:
+                log.error("lease store: %s; forwarding on the last known table, retrying", e)
+                await asyncio.sleep(WATCH_RETRY)
+                await self._resync()
+
+    async def _resync(self) -> None:
+        """Re-read the whole table after a store failure and apply the difference."""
+        assert self.manager is not None and self.network is not None
+        before = set(self.manager.peers)
+        current = await self.manager.load_peers()
+        for subnet in before - set(self.manager.peers):
+            self.network.remove_peer(subnet)
+        for lease in current:
+            self.network.add_peer(lease)
+
+    async def _own_lease_lost(self) -> None:
+        assert self.manager is not None and self.network is not None
+        old = self.manager.lease
+        assert old is not None
+        lease = await self.manager.acquire(old.subnet)
+        if lease.subnet != old.subnet:
+            log.warning("subnet %s is gone; moving to %s", old.subnet, lease.subnet)
+            peers = await self.manager.load_peers()
+            await asyncio.to_thread(self.network.close)
+            await asyncio.to_thread(self.network.open)
+            await asyncio.to_thread(self.network.start, lease, peers)
+        self._write_subnet_env(lease)
+        log.info("lease %s re-acquired; %s rewritten", lease.subnet, self.opts.subnet_file)
+
+    def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("cmd") != "status":
+            return {"error": f"unknown command {request.get('cmd')!r}"}
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        assert self.manager is not None and self.network is not None and self.config
+        lease = self.manager.lease
+        stats = self.network.stats()
+        peers = []
+        for subnet, peer in sorted(self.manager.peers.items()):
+            counters = stats["peers"].get(str(subnet), {})
+            peers.append({"subnet": str(subnet), "public_ip": str(peer.lease.public_ip),
+                          "backend": peer.lease.backend, "since": peer.since,
+                          "reachable": self.network.accepts(peer.lease), **counters})
+        return {
+            "lease": None if lease is None else {
+                "subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
+                "backend": self.config.backend_type, "expires": lease.expiration},
+            "network": str(self.config.network),
+            "started": self.started,
+            "peers": peers,
+            "counters": stats["counters"],
+        }

@@ -1,0 +1,128 @@
+"""Leases as plain data: flannel's key names and value JSON, and the choice of a subnet.
+
+The one place that parses and writes lease values, for every store. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from flannel_udp.config import NetworkConfig
+
+LEASE_TTL = 24 * 3600.0  # seconds, as flannel
+MAX_CANDIDATES = 100  # flannel picks at random among the first 100 free subnets
+
+
+class LeaseValueError(ValueError):
+    """A lease value that is not flannel lease JSON."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    subnet: IPv4Network
+    public_ip: IPv4Address
+    backend_type: str = ""  # flannel's UDP backend publishes none
+    backend_data: bytes | None = None  # raw JSON, kept byte for byte
+    expiration: float | None = None  # unix time; None for a reservation that never expires
+
+    @property
+    def backend(self) -> str:
+        """The backend this lease's node runs (a lease without BackendType is flannel's udp)."""
+        return self.backend_type or "udp"
+
+
+def subnet_key(subnet: IPv4Network) -> str:
+    """10.5.52.0/24 -> '10.5.52.0-24', the last element of flannel's lease key."""
+    return f"{subnet.network_address}-{subnet.prefixlen}"
+
+
+def parse_subnet_key(key: str) -> IPv4Network | None:
+    """The inverse of subnet_key; None for a key that is not a lease."""
+    name = key.rsplit("/", 1)[-1]
+    addr, sep, length = name.rpartition("-")
+    if not sep or not length.isdigit():
+        return None
+    try:
+        return IPv4Network(f"{addr}/{length}")
+    except ValueError:
+        return None
+
+
+def encode_lease_value(public_ip: IPv4Address, backend_type: str = "",
+                       backend_data: bytes | None = None) -> bytes:
+    """The value flannel writes: Go's json.Marshal of LeaseAttrs, field order included."""
+    parts = [f'"PublicIP":{json.dumps(str(public_ip))}', '"PublicIPv6":null']
+    if backend_type:
+        parts.append(f'"BackendType":{json.dumps(backend_type)}')
+    if backend_data is not None and backend_data not in (b"", b"null"):
+        parts.append(f'"BackendData":{backend_data.decode()}')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def decode_lease(subnet: IPv4Network, value: bytes,
+                 expiration: float | None = None) -> Lease:
+    """Parse a lease value as flannel writes it; LeaseValueError when it is not one."""
+    try:
+        attrs = json.loads(value)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LeaseValueError(f"not JSON ({e})") from None
+    if not isinstance(attrs, dict):
+        raise LeaseValueError("not a JSON object")
+    attrs = {k.lower(): v for k, v in attrs.items()}
+    try:
+        public_ip = IPv4Address(attrs.get("publicip"))
+    except (ValueError, TypeError):
+        raise LeaseValueError(f"PublicIP {attrs.get('publicip')!r} is not IPv4") from None
+    backend_type = attrs.get("backendtype") or ""
+    if not isinstance(backend_type, str):
+        raise LeaseValueError(f"BackendType {backend_type!r} is not a string")
+    data = attrs.get("backenddata")
+    backend_data = None if data is None else json.dumps(data, separators=(",", ":")).encode()
+    return Lease(subnet, public_ip, backend_type, backend_data, expiration)
+
+
+def subnet_is_free(subnet: IPv4Network, leases: Iterable[Lease]) -> bool:
+    return all(not lease.subnet.overlaps(subnet) for lease in leases)
+
+
+def own_lease(config: NetworkConfig, leases: Iterable[Lease],
+              public_ip: IPv4Address) -> Lease | None:
+    """An existing lease of ours (by PublicIP) that still fits the config: flannel reuses it."""
+    for lease in leases:
+        if lease.public_ip == public_ip and config.contains_subnet(lease.subnet):
+            return lease
+    return None
+
+
+def free_candidates(config: NetworkConfig, leases: Iterable[Lease],
+                    limit: int = MAX_CANDIDATES) -> list[IPv4Network]:
+    """The first `limit` free subnets from SubnetMin up, in order."""
+    taken = sorted(int(lease.subnet.network_address) for lease in leases
+                   if lease.subnet.overlaps(config.network))
+    taken_set = set(taken)
+    step = config.subnet_step()
+    found: list[IPv4Network] = []
+    addr = int(config.subnet_min)
+    while addr <= int(config.subnet_max) and len(found) < limit:
+        if addr not in taken_set:
+            found.append(IPv4Network((addr, config.subnet_len)))
+        addr += step
+    return found
+
+
+def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
+                      preferred: IPv4Network | None,
+                      rng: random.Random | None = None) -> IPv4Network | None:
+    """The subnet to try to create: the preferred one (old subnet.env) if it is free and fits,
+    else one at random among the first free ones; None when the network is full."""
+    if (preferred is not None and config.contains_subnet(preferred)
+            and subnet_is_free(preferred, leases)):
+        return preferred
+    candidates = [c for c in free_candidates(config, leases) if subnet_is_free(c, leases)]
+    if not candidates:
+        return None
+    return (rng or random).choice(candidates)

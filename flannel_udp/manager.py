@@ -1,0 +1,167 @@
+"""The subnet manager: acquires this node's lease, renews it, and follows everyone else's.
+
+One lease logic for every store (flannel's Manager): the store moves bytes, `lease` parses them,
+this module decides. The backend only hears `add_peer`/`remove_peer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from flannel_udp.config import NetworkConfig
+from flannel_udp.errors import UserError
+from flannel_udp.lease import (
+    LEASE_TTL,
+    Lease,
+    LeaseValueError,
+    choose_new_subnet,
+    decode_lease,
+    encode_lease_value,
+    own_lease,
+    parse_subnet_key,
+    subnet_key,
+)
+from flannel_udp.stores import LeaseRecord, Snapshot, Store, StoreError
+
+log = logging.getLogger("flannel-udp")
+
+RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flannel
+ACQUIRE_ATTEMPTS = 50  # lost races before giving up
+
+
+@dataclass
+class Peer:
+    lease: Lease
+    since: float  # when this node learned of the lease (or of its last change)
+
+
+class LeaseManager:
+    """Owns this node's lease and the table of peers' leases."""
+
+    def __init__(self, store: Store, config: NetworkConfig, public_ip: IPv4Address,
+                 backend_type: str, backend_data: bytes | None,
+                 renew_margin: float, ttl: float = LEASE_TTL) -> None:
+        self.store = store
+        self.config = config
+        self.public_ip = public_ip
+        self.value = encode_lease_value(public_ip, backend_type, backend_data)
+        self.renew_margin = renew_margin
+        self.ttl = ttl
+        self.lease: Lease | None = None
+        self.peers: dict[IPv4Network, Peer] = {}
+        self._snapshot: Snapshot | None = None
+
+    # -- parsing store records, one place --
+
+    def _parse(self, record: LeaseRecord) -> Lease | None:
+        subnet = parse_subnet_key(record.key)
+        if subnet is None:
+            log.warning("lease store: skipping key %r: not a subnet key", record.key)
+            return None
+        try:
+            lease = decode_lease(subnet, record.value, record.expiration)
+        except LeaseValueError as e:
+            log.warning("lease store: skipping lease %s: %s", record.key, e)
+            return None
+        if not subnet.subnet_of(self.config.network):
+            log.warning("lease store: skipping lease %s: outside Network %s",
+                        record.key, self.config.network)
+            return None
+        return lease
+
+    def _parse_all(self, snapshot: Snapshot) -> list[Lease]:
+        return [lease for r in snapshot.records if (lease := self._parse(r)) is not None]
+
+    # -- acquisition and renewal --
+
+    async def acquire(self, preferred: IPv4Network | None) -> Lease:
+        """Flannel's order: our own lease by PublicIP, else `preferred` if free, else a random
+        free subnet; a lost race tries again."""
+        for _ in range(ACQUIRE_ATTEMPTS):
+            snapshot = await self.store.list_leases()
+            leases = self._parse_all(snapshot)
+            mine = own_lease(self.config, leases, self.public_ip)
+            if mine is not None:
+                expiration = await self.store.put_lease(subnet_key(mine.subnet), self.value,
+                                                        self.ttl)
+                return self._took(mine.subnet, expiration, "reusing our lease")
+            subnet = choose_new_subnet(self.config, leases, preferred)
+            if subnet is None:
+                raise UserError(f"no free subnet left in {self.config.network} "
+                                f"(SubnetLen /{self.config.subnet_len}, {len(leases)} leases)",
+                                exit_code=1)
+            expiration = await self.store.create_lease(subnet_key(subnet), self.value, self.ttl)
+            if expiration is not None:
+                how = "the subnet of the old subnet file" if subnet == preferred else "new"
+                return self._took(subnet, expiration, how)
+            log.debug("subnet %s was taken meanwhile; trying again", subnet)
+        raise UserError("could not acquire a subnet: every attempt lost a race", exit_code=1)
+
+    def _took(self, subnet: IPv4Network, expiration: float | None, how: str) -> Lease:
+        self.lease = Lease(subnet, self.public_ip, expiration=expiration)
+        log.info("acquired lease %s (%s), expires in %.0f s", subnet, how,
+                 (expiration or time.time()) - time.time())
+        return self.lease
+
+    async def renew_forever(self) -> None:
+        """Renew `renew_margin` seconds before expiry; retry every minute on failure."""
+        while True:
+            assert self.lease is not None
+            expiration = self.lease.expiration
+            if expiration is None:  # a reservation never expires
+                return
+            await asyncio.sleep(max(0.0, expiration - self.renew_margin - time.time()))
+            try:
+                new_exp = await self.store.put_lease(subnet_key(self.lease.subnet), self.value,
+                                                     self.ttl)
+            except StoreError as e:
+                log.error("renewing lease %s failed (%s); retrying in %.0f s",
+                          self.lease.subnet, e, RENEW_RETRY)
+                await asyncio.sleep(RENEW_RETRY)
+                continue
+            self.lease = Lease(self.lease.subnet, self.public_ip, expiration=new_exp)
+            log.info("renewed lease %s", self.lease.subnet)
+
+    # -- following the table --
+
+    async def load_peers(self) -> list[Lease]:
+        """Read the table once: the peers as of now (watch() goes on from here)."""
+        self._snapshot = await self.store.list_leases()
+        now = time.time()
+        self.peers = {lease.subnet: Peer(lease, now) for lease in self._parse_all(self._snapshot)
+                      if self.lease is None or lease.subnet != self.lease.subnet}
+        return [p.lease for p in self.peers.values()]
+
+    async def watch(self, on_add: Callable[[Lease], None],
+                    on_remove: Callable[[IPv4Network], None],
+                    on_own_lost: Callable[[], Awaitable[None]]) -> None:
+        """Apply lease events for ever. Our own lease going away calls `on_own_lost`."""
+        assert self._snapshot is not None, "load_peers() first"
+        async for events in self.store.watch(self._snapshot):
+            for event in events:
+                lease = self._parse(event.record)
+                if lease is None:
+                    continue
+                if self.lease is not None and lease.subnet == self.lease.subnet:
+                    if event.kind == "delete":
+                        log.warning("our lease %s was deleted or expired", lease.subnet)
+                        await on_own_lost()
+                    elif lease.public_ip != self.public_ip:
+                        log.error("our subnet %s is now leased to %s", lease.subnet,
+                                  lease.public_ip)
+                    continue
+                if event.kind == "delete":
+                    if self.peers.pop(lease.subnet, None) is not None:
+                        log.info("peer %s (%s) went away", lease.subnet, lease.public_ip)
+                        on_remove(lease.subnet)
+                else:
+                    old = self.peers.get(lease.subnet)
+                    self.peers[lease.subnet] = Peer(lease, time.time())
+                    log.info("peer %s at %s (%s) %s", lease.subnet, lease.public_ip,
+                             lease.backend, "changed" if old else "appeared")
+                    on_add(lease)
