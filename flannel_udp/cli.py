@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="not active yet")
     _add(run, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH",
          help="unix socket for `flannel-udp status` (default %(default)s)")
-    _add(run, "-v", "--verbosity", type=int, default=0, metavar="LEVEL",
+    _add(run, "-v", type=int, default=0, metavar="LEVEL",
          help="log level: 0 info, 1 and above debug")
 
     status = sub.add_parser("status", help="show the running daemon's lease, peers, counters")
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flannel_udp.daemon import Daemon, RunOptions
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname).1s %(message)s",
-                        level=logging.DEBUG if args.verbosity >= 1 else logging.INFO)
+                        level=logging.DEBUG if args.v >= 1 else logging.INFO)
     for dest in NOT_ACTIVE_YET:
         if getattr(args, dest):
             log.warning("--%s is accepted but not active yet in this version",

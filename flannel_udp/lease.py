@@ -74,7 +74,9 @@ def decode_lease(subnet: IPv4Network, value: bytes,
         raise LeaseValueError("not a JSON object")
     attrs = {k.lower(): v for k, v in attrs.items()}
     try:
-        public_ip = IPv4Address(attrs.get("publicip"))
+        if not isinstance(attrs.get("publicip"), str):
+            raise TypeError
+        public_ip = IPv4Address(attrs["publicip"])
     except (ValueError, TypeError):
         raise LeaseValueError(f"PublicIP {attrs.get('publicip')!r} is not IPv4") from None
     backend_type = attrs.get("backendtype") or ""

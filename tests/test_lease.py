@@ -1,0 +1,96 @@
+"""Lease keys and values as flannel writes them, and the choice of a subnet."""
+
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel_udp.config import parse_config
+from flannel_udp.lease import (
+    Lease,
+    LeaseValueError,
+    choose_new_subnet,
+    decode_lease,
+    encode_lease_value,
+    free_candidates,
+    own_lease,
+    parse_subnet_key,
+    subnet_key,
+)
+
+NET = IPv4Network("10.5.52.0/24")
+CFG = parse_config('{"Network": "10.5.0.0/16"}')
+
+
+def test_udp_lease_value_is_flannels_bytes():
+    assert encode_lease_value(IPv4Address("192.168.64.3")) == \
+        b'{"PublicIP":"192.168.64.3","PublicIPv6":null}'
+
+
+def test_vxlan_lease_value_keeps_flannels_field_order():
+    value = encode_lease_value(IPv4Address("192.168.64.3"), "vxlan",
+                               b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}')
+    assert value == (b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+                     b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+
+
+def test_key_round_trip():
+    assert subnet_key(NET) == "10.5.52.0-24"
+    assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == NET
+    assert parse_subnet_key("config") is None
+    assert parse_subnet_key("10.5.52.0-99") is None
+
+
+def test_flannel_written_leases_decode():
+    lease = decode_lease(NET, b'{"PublicIP":"192.168.64.3","PublicIPv6":null,'
+                              b'"BackendType":"vxlan","BackendData":{"VNI":1,'
+                              b'"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    assert lease.public_ip == IPv4Address("192.168.64.3")
+    assert lease.backend == "vxlan"
+    assert lease.backend_data == b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}'
+    assert decode_lease(NET, b'{"PublicIP":"10.0.0.1"}').backend == "udp"
+
+
+@pytest.mark.parametrize("value", [b"garbage", b"[]", b'{"PublicIP": 7}', b"{}",
+                                   b'{"PublicIP":"1.2.3.4","BackendType":5}', b"\xff"])
+def test_values_that_are_not_leases_are_refused(value):
+    with pytest.raises(LeaseValueError):
+        decode_lease(NET, value)
+
+
+def _lease(subnet: str, ip: str = "192.168.0.9") -> Lease:
+    return Lease(IPv4Network(subnet), IPv4Address(ip))
+
+
+def test_own_lease_is_found_by_public_ip_when_it_fits_the_config():
+    leases = [_lease("10.5.3.0/24", "192.168.0.1"), _lease("10.5.4.0/24", "192.168.0.2")]
+    assert own_lease(CFG, leases, IPv4Address("192.168.0.2")).subnet == IPv4Network("10.5.4.0/24")
+    assert own_lease(CFG, leases, IPv4Address("192.168.0.3")) is None
+    # a lease of ours that no longer fits (another SubnetLen) is not reused
+    assert own_lease(CFG, [_lease("10.5.4.0/25", "192.168.0.2")],
+                     IPv4Address("192.168.0.2")) is None
+
+
+def test_preferred_subnet_is_taken_when_free_and_skipped_when_not():
+    preferred = IPv4Network("10.5.77.0/24")
+    assert choose_new_subnet(CFG, [], preferred) == preferred
+    taken = [_lease("10.5.77.0/24")]
+    assert choose_new_subnet(CFG, taken, preferred, random.Random(1)) != preferred
+    outside = IPv4Network("10.9.77.0/24")
+    assert choose_new_subnet(CFG, [], outside, random.Random(1)) != outside
+
+
+def test_candidates_start_at_subnet_min_skip_taken_and_stop_at_100():
+    taken = [_lease("10.5.1.0/24"), _lease("10.5.3.0/24")]
+    found = free_candidates(CFG, taken)
+    assert len(found) == 100
+    assert found[:3] == [IPv4Network("10.5.2.0/24"), IPv4Network("10.5.4.0/24"),
+                         IPv4Network("10.5.5.0/24")]
+    chosen = {choose_new_subnet(CFG, taken, None, random.Random(seed)) for seed in range(50)}
+    assert chosen <= set(found) and len(chosen) > 10
+
+
+def test_a_full_network_has_no_subnet_to_offer():
+    small = parse_config('{"Network": "10.5.0.0/28", "SubnetLen": 30}')
+    leases = [_lease(f"10.5.0.{i}/30") for i in (4, 8, 12)]
+    assert choose_new_subnet(small, leases, None) is None

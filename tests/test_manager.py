@@ -1,0 +1,89 @@
+"""The lease manager on a real embedded store: flannel's acquisition order, renewal, and the
+peer table following the store."""
+
+import asyncio
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+from flannel_udp.config import parse_config
+from flannel_udp.lease import encode_lease_value
+from flannel_udp.manager import LeaseManager
+from flannel_udp.stores.local import LocalStore
+
+CFG = parse_config('{"Network": "10.5.0.0/16"}')
+ME = IPv4Address("192.168.0.10")
+OTHER = IPv4Address("192.168.0.11")
+
+
+def manager(store, ip=ME, ttl=3600.0, margin=60.0):
+    return LeaseManager(store, CFG, ip, "", None, renew_margin=margin, ttl=ttl)
+
+
+def test_own_lease_is_reused_before_the_old_subnet_file(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        await store.create_lease("10.5.33.0-24", encode_lease_value(ME), 60)
+        lease = await manager(store).acquire(IPv4Network("10.5.44.0/24"))
+        records = (await store.list_leases()).records
+        return lease, records
+
+    lease, records = asyncio.run(scenario())
+    assert lease.subnet == IPv4Network("10.5.33.0/24")
+    assert [r.key for r in records] == ["10.5.33.0-24"]
+    assert records[0].expiration > time.time() + 3000  # refreshed with the manager's TTL
+
+
+def test_old_subnet_is_taken_when_free_else_another(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        first = await manager(store).acquire(IPv4Network("10.5.44.0/24"))
+        second = await manager(store, OTHER).acquire(IPv4Network("10.5.44.0/24"))
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.subnet == IPv4Network("10.5.44.0/24")
+    assert second.subnet != first.subnet and CFG.contains_subnet(second.subnet)
+
+
+def test_renewal_happens_at_the_margin(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        m = manager(store, ttl=1.0, margin=0.7)
+        lease = await m.acquire(None)
+        task = asyncio.create_task(m.renew_forever())
+        await asyncio.sleep(1.5)  # past the first expiry: only alive if renewed
+        task.cancel()
+        return lease, (await store.list_leases()).records
+
+    lease, records = asyncio.run(scenario())
+    assert [r.key for r in records] == [f"{lease.subnet.network_address}-24"]
+    assert records[0].expiration > lease.expiration
+
+
+def test_peer_table_follows_the_store_and_skips_bad_values(tmp_path, caplog):
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        m = manager(store)
+        await m.acquire(None)
+        await store.create_lease("10.5.200.0-24", b"not json", 60)
+        await store.create_lease("10.5.201.0-24", encode_lease_value(IPv4Address("192.168.0.5")),
+                                 60)
+        assert [str(p.subnet) for p in await m.load_peers()] == ["10.5.201.0/24"]
+        added, removed = [], []
+
+        async def lost():
+            pass
+
+        task = asyncio.create_task(m.watch(added.append, removed.append, lost))
+        await store.create_lease("10.5.202.0-24", encode_lease_value(IPv4Address("192.168.0.6")),
+                                 60)
+        await store.delete_lease("10.5.201.0-24")
+        await asyncio.sleep(1.0)
+        task.cancel()
+        return added, removed, m
+
+    added, removed, m = asyncio.run(scenario())
+    assert [str(lease.subnet) for lease in added] == ["10.5.202.0/24"]
+    assert removed == [IPv4Network("10.5.201.0/24")]
+    assert set(m.peers) == {IPv4Network("10.5.202.0/24")}
+    assert "10.5.200.0-24" in caplog.text  # the bad value is named in a warning

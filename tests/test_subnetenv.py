@@ -1,0 +1,35 @@
+"""subnet.env: flannel's format, written atomically, read back for the old subnet."""
+
+import os
+import stat
+from ipaddress import IPv4Network
+
+from flannel_udp import subnetenv
+
+
+def test_content_is_flannels_format():
+    text = subnetenv.render(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.52.0/24"), 1472, False)
+    assert text == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\n"
+                    "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+
+
+def test_write_replaces_atomically_with_mode_0644(tmp_path):
+    path = tmp_path / "run" / "subnet.env"
+    subnetenv.write(path, "A=1\n")
+    inode = os.stat(path).st_ino
+    subnetenv.write(path, "A=2\n")
+    assert path.read_text() == "A=2\n"
+    assert os.stat(path).st_ino != inode  # a new file renamed over, never rewritten in place
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["subnet.env"]  # no temp file left
+
+
+def test_previous_subnet_is_read_back(tmp_path):
+    path = tmp_path / "subnet.env"
+    assert subnetenv.previous_subnet(path) is None
+    subnetenv.write(path, subnetenv.render(IPv4Network("10.5.0.0/16"),
+                                           IPv4Network("10.5.52.0/24"), 1472, True))
+    assert subnetenv.read(path)["FLANNEL_IPMASQ"] == "true"
+    assert subnetenv.previous_subnet(path) == IPv4Network("10.5.52.0/24")
+    path.write_text("FLANNEL_SUBNET=bogus\n")
+    assert subnetenv.previous_subnet(path) is None
