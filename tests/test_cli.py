@@ -1,0 +1,86 @@
+"""The command line: flanneld's flags, FLANNELD_ variables, aliases, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flannel_udp.cli import build_parser
+
+
+def flannel_udp(*argv, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flannel_udp", *argv], capture_output=True,
+                          text=True, env=env, timeout=60, cwd=cwd)
+
+
+def test_defaults_are_flanneld_defaults(monkeypatch):
+    for name in ("FLANNELD_SUBNET_FILE", "FLANNELD_ETCD_PREFIX", "FLANNELD_IFACE"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["run"])
+    assert args.subnet_file == "/run/flannel/subnet.env"
+    assert args.subnet_lease_renew_margin == 60
+    assert args.etcd_prefix == "/coreos.com/network"
+    assert args.healthz_ip == "0.0.0.0" and args.healthz_port == 0
+    assert args.iface is None and args.ip_masq is False
+
+
+def test_environment_sets_flags_and_the_command_line_wins(monkeypatch):
+    monkeypatch.setenv("FLANNELD_IFACE", "eth7")
+    monkeypatch.setenv("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "30")
+    monkeypatch.setenv("FLANNELD_IP_MASQ", "true")
+    monkeypatch.setenv("FLANNELD_ETCD_ENDPOINTS", "http://127.0.0.1:2379")
+    args = build_parser().parse_args(["run"])
+    assert (args.iface, args.subnet_lease_renew_margin, args.ip_masq) == ("eth7", 30, True)
+    assert args.etcd_endpoints == "http://127.0.0.1:2379"
+    args = build_parser().parse_args(["run", "--iface", "eth9",
+                                      "--subnet-lease-renew-margin", "5"])
+    assert (args.iface, args.subnet_lease_renew_margin) == ("eth9", 5)
+
+
+def test_deployment_article_spellings_are_aliases():
+    args = build_parser().parse_args(["run", "--endpoints", "https://e:2379", "--ca-file", "ca",
+                                      "--cert-file", "crt", "--key-file", "key"])
+    assert (args.etcd_endpoints, args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile) == \
+        ("https://e:2379", "ca", "crt", "key")
+
+
+def test_network_set_and_get_round_trip(tmp_path):
+    store = str(tmp_path / "leases")
+    done = flannel_udp("network", "set", '{"Network":"10.9.0.0/16","SubnetLen":26}',
+                       "--local-store", store)
+    assert done.returncode == 0, done.stderr
+    got = flannel_udp("network", "get", "--local-store", store)
+    assert json.loads(got.stdout) == {"Network": "10.9.0.0/16", "SubnetLen": 26}
+    cfg = tmp_path / "net.json"
+    cfg.write_text('{"Network":"10.8.0.0/16"}')
+    assert flannel_udp("network", "set", "--file", str(cfg), "--local-store", store).returncode == 0
+    assert "10.8.0.0/16" in flannel_udp("network", "get", "--local-store", store).stdout
+
+
+@pytest.mark.parametrize("argv, message, code", [
+    (["network", "set", '{"Network":"10.9.0.0/16","SubnetLen":31}'], "SubnetLen", 2),
+    (["network", "set", "{nope"], "not valid JSON", 2),
+    (["network", "get"], "no network config", 1),
+    (["run", "--etcd-endpoints", "http://127.0.0.1:2379"], "etcd", 2),
+    (["run", "--public-ip", "banana"], "--public-ip", 2),
+    (["run", "--subnet-lease-renew-margin", "0"], "--subnet-lease-renew-margin", 2),
+    (["status", "--control-socket", "/nonexistent/flannel-udp.sock"], "no flannel-udp daemon", 1),
+])
+def test_user_errors_are_one_line_and_a_nonzero_exit(tmp_path, argv, message, code):
+    if argv[0] == "network":
+        argv = [*argv, "--local-store", str(tmp_path / "leases")]
+    done = flannel_udp(*argv)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_corrupt_store_is_named_and_kept(tmp_path):
+    store = tmp_path / "leases"
+    store.write_bytes(b"\x00garbage")
+    done = flannel_udp("network", "get", "--local-store", str(store))
+    assert done.returncode == 1
+    assert str(store) in done.stderr and "corrupt" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert store.read_bytes() == b"\x00garbage"
