@@ -70,6 +70,9 @@ def configure_tun(name: str, address: IPv4Interface, mtu: int,
                   routes: list[IPv4Network]) -> None:
     """Give the TUN its MTU and address, bring it up (IPv6 off first), and route through it."""
     disable_ipv6(name)
+    # The ICMP errors the fast path writes back come from the TUN's own address; without
+    # accept_local the kernel drops them as martians.
+    Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local").write_text("1\n")
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
         ipr.link("set", index=index, mtu=mtu)

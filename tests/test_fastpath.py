@@ -1,0 +1,577 @@
+"""The native fast path against its Python reference, its route table, and one run on real fds.
+
+The property tests feed the same bytes to ``flannel_udp.packet`` and to the C functions behind
+``FastPath.process_egress``/``process_ingress`` (the very ones the I/O threads run) and require
+byte-identical results. The last test runs the threads on a real TUN inside a throwaway network
+namespace and on real UDP sockets.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import random
+import secrets
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flannel_udp import _fastpath, packet
+from flannel_udp.packet import Action, Drop, Result, checksum, prefix_mask
+
+FastPath = _fastpath.FastPath
+
+PORT = 8285
+IP_RECVERR = 11  # <linux/in.h>; not exported by the socket module
+addresses = st.integers(0, 0xFFFFFFFF)
+
+
+def ip(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+def dotted(addr: int) -> str:
+    return str(ipaddress.IPv4Address(addr))
+
+
+def make_fastpath(routes: dict[int, int], subnet_len: int, tun_addr: int) -> FastPath:
+    fastpath = FastPath(-1, -1, PORT, dotted(tun_addr), subnet_len)
+    for subnet, peer in routes.items():
+        fastpath.set_route(dotted(subnet), dotted(peer))
+    return fastpath
+
+
+def as_tuple(result: Result) -> tuple:
+    """The reference result in the shape of the FastPath test hooks."""
+    peer = dotted(result.peer) if result.action == Action.SEND else ""
+    return (int(result.action), result.data, peer, int(result.drop or 0))
+
+
+def make_packet(src: int, dst: int, ttl: int = 64, proto: int = 17, payload: bytes = b"") -> bytes:
+    total = 20 + len(payload)
+    header = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            total,
+            7,
+            0,
+            ttl,
+            proto,
+            0,
+            src.to_bytes(4, "big"),
+            dst.to_bytes(4, "big"),
+        )
+    )
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + payload
+
+
+# --- strategies ---------------------------------------------------------------------------------
+
+
+@st.composite
+def route_tables(draw: st.DrawFn) -> tuple[int, dict[int, int]]:
+    subnet_len = draw(st.one_of(st.sampled_from([0, 16, 24, 32]), st.integers(0, 32)))
+    mask = prefix_mask(subnet_len)
+    subnets = draw(st.lists(addresses.map(lambda a: a & mask), max_size=12, unique=True))
+    return subnet_len, {subnet: draw(addresses) for subnet in subnets}
+
+
+@st.composite
+def ipv4_packets(draw: st.DrawFn, routes: dict[int, int], subnet_len: int) -> bytes:
+    """Mostly well-formed IPv4 packets; some with a bad checksum, odd lengths or trailers."""
+    ihl = draw(st.one_of(st.just(5), st.integers(5, 15)))
+    options = draw(st.binary(min_size=(ihl - 5) * 4, max_size=(ihl - 5) * 4))
+    payload = draw(st.binary(max_size=40))
+    ttl = draw(st.one_of(st.sampled_from([0, 1, 2, 255]), st.integers(0, 255)))
+    proto = draw(st.one_of(st.sampled_from([1, 6, 17]), st.integers(0, 255)))
+    frag = draw(st.one_of(st.sampled_from([0, 0x2000, 0x4000]), st.integers(0, 0xFFFF)))
+    host_bits = ~prefix_mask(subnet_len) & 0xFFFFFFFF
+    if routes and draw(st.booleans()):
+        dst = draw(st.sampled_from(sorted(routes))) | (draw(addresses) & host_bits)
+    else:
+        dst = draw(addresses)
+    total = ihl * 4 + len(payload)
+    if draw(st.integers(0, 9)) == 0:
+        total = draw(st.integers(0, 0xFFFF))
+    header = bytearray(
+        bytes([0x40 | ihl, draw(st.integers(0, 255))])
+        + total.to_bytes(2, "big")
+        + draw(st.binary(min_size=2, max_size=2))
+        + frag.to_bytes(2, "big")
+        + bytes([ttl, proto, 0, 0])
+        + draw(addresses).to_bytes(4, "big")
+        + dst.to_bytes(4, "big")
+        + options
+    )
+    if draw(st.booleans()):
+        header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    else:
+        header[10:12] = draw(st.binary(min_size=2, max_size=2))
+    return bytes(header) + payload + draw(st.binary(max_size=8))
+
+
+@st.composite
+def case_with_packet(draw: st.DrawFn) -> tuple[int, dict[int, int], int, bytes]:
+    subnet_len, routes = draw(route_tables())
+    return subnet_len, routes, draw(addresses), draw(ipv4_packets(routes, subnet_len))
+
+
+@st.composite
+def case_with_bytes(draw: st.DrawFn) -> tuple[int, dict[int, int], int, bytes]:
+    subnet_len, routes = draw(route_tables())
+    data = draw(st.binary(max_size=80))
+    if data and draw(st.booleans()):
+        data = bytes([0x40 | (data[0] & 0x0F)]) + data[1:]  # get past the version check more
+    return subnet_len, routes, draw(addresses), data
+
+
+# --- fast path == reference ---------------------------------------------------------------------
+
+
+def test_drop_names_match_the_reference():
+    assert _fastpath.DROP_NAMES == packet.DROP_NAMES
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case_with_packet())
+def test_fastpath_agrees_with_reference_on_ipv4_packets(case):
+    subnet_len, routes, tun_addr, data = case
+    fastpath = make_fastpath(routes, subnet_len, tun_addr)
+    assert fastpath.process_egress(data) == as_tuple(
+        packet.egress(data, routes, subnet_len, tun_addr)
+    )
+    assert fastpath.process_ingress(data) == as_tuple(packet.ingress(data))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case_with_bytes())
+def test_fastpath_agrees_with_reference_on_random_bytes(case):
+    subnet_len, routes, tun_addr, data = case
+    fastpath = make_fastpath(routes, subnet_len, tun_addr)
+    assert fastpath.process_egress(data) == as_tuple(
+        packet.egress(data, routes, subnet_len, tun_addr)
+    )
+    assert fastpath.process_ingress(data) == as_tuple(packet.ingress(data))
+
+
+def test_fastpath_reply_is_the_reference_icmp_for_a_maximal_header():
+    # IHL 15 and a long payload: the largest quote the C reply buffer must hold.
+    data = bytearray(make_packet(ip("10.5.1.7"), ip("10.5.9.1"), payload=bytes(range(200))))
+    data[0] = 0x4F
+    data[2:4] = len(data).to_bytes(2, "big")
+    data = bytes(data)
+    fastpath = make_fastpath({}, 24, ip("10.5.1.0"))
+    action, reply, _, drop = fastpath.process_egress(data)
+    assert (action, drop) == (Action.REPLY, Drop.NO_ROUTE)
+    assert len(reply) == 20 + 8 + 60 + 8
+    assert reply == packet.egress(data, {}, 24, ip("10.5.1.0")).data
+
+
+def test_process_hooks_leave_the_counters_alone():
+    fastpath = make_fastpath({}, 24, ip("10.5.1.0"))
+    fastpath.process_egress(b"short")
+    fastpath.process_ingress(make_packet(1, 2))
+    counters = fastpath.counters()
+    assert counters == {
+        "tx_packets": 0,
+        "tx_bytes": 0,
+        "rx_packets": 0,
+        "rx_bytes": 0,
+        "icmp_sent": 0,
+        "drops": {name: 0 for name in packet.DROP_NAMES.values()},
+    }
+
+
+# --- route table --------------------------------------------------------------------------------
+
+
+def lookup(fastpath: FastPath, dst: int) -> str | None:
+    """The peer the fast path routes ``dst`` to, or None."""
+    action, _, peer, _ = fastpath.process_egress(make_packet(ip("10.0.0.1"), dst))
+    return peer if action == Action.SEND else None
+
+
+def assert_table_matches(fastpath: FastPath, model: dict[int, int], probes: list[int]) -> None:
+    listed = [(subnet, peer) for subnet, peer, _ in fastpath.routes()]
+    assert listed == [(dotted(s), dotted(p)) for s, p in sorted(model.items())]
+    for key in probes:
+        expected = dotted(model[key]) if key in model else None
+        assert lookup(fastpath, key) == expected, dotted(key)
+    info = fastpath._table_info()
+    assert info["count"] == len(model)
+    assert info["capacity"] & (info["capacity"] - 1) == 0
+    assert info["capacity"] >= 2 * len(model)
+
+
+def test_5000_routes_inserted_replaced_and_deleted_agree_with_a_dict():
+    rng = random.Random(5000)
+    # /24 leases out of a /8 network, the layout of a big flannel cluster.
+    subnets = [ip("10.0.0.0") + (n << 8) for n in rng.sample(range(1 << 16), 6000)]
+    fastpath = make_fastpath({}, 24, ip("10.0.0.0"))
+    model: dict[int, int] = {}
+    for subnet in subnets[:5000]:
+        model[subnet] = rng.getrandbits(32)
+        fastpath.set_route(dotted(subnet), dotted(model[subnet]))
+    for subnet in rng.sample(subnets[:5000], 1000):
+        model[subnet] = rng.getrandbits(32)
+        fastpath.set_route(dotted(subnet), dotted(model[subnet]))
+    assert_table_matches(fastpath, model, subnets)
+    # Linear probing at load <= 1/2 with a decent hash keeps probe sequences short.
+    assert fastpath._table_info()["max_probe"] <= 40
+    for subnet in rng.sample(subnets, 3000):  # some of them were never inserted
+        model.pop(subnet, None)
+        fastpath.del_route(dotted(subnet))
+    assert_table_matches(fastpath, model, subnets)
+
+
+def home_slot(key: int, capacity: int) -> int:
+    """The C table's hash (Fibonacci hashing), replicated to build colliding keys."""
+    return ((key * 2654435769) & 0xFFFFFFFF) >> (32 - capacity.bit_length() + 1)
+
+
+def keys_with_home(slot: int, count: int, capacity: int = 16) -> list[int]:
+    found = []
+    key = ip("10.0.0.1")
+    while len(found) < count:
+        if home_slot(key, capacity) == slot:
+            found.append(key)
+        key += 1
+    return found
+
+
+# Clusters at the end of a 16-slot table so that probing and backward shifts wrap around.
+COLLIDING = (
+    keys_with_home(14, 2) + keys_with_home(15, 3) + keys_with_home(0, 2) + keys_with_home(1, 1)
+)
+
+
+def test_colliding_keys_really_collide_in_the_c_table():
+    fastpath = make_fastpath({}, 32, 0)
+    for key in keys_with_home(15, 4):
+        fastpath.set_route(dotted(key), "1.1.1.1")
+    # Same home slot: the 4th key probes 4 slots, wrapping past the end of the table.
+    assert fastpath._table_info() == {"capacity": 16, "count": 4, "max_probe": 4}
+
+
+def test_deleting_the_head_of_a_wrapped_cluster_shifts_the_rest_back():
+    a, b, c = keys_with_home(15, 3)
+    (d,) = keys_with_home(0, 1)
+    model = {a: 1, b: 2, c: 3, d: 4}  # slots 15, 0, 1, 2
+    fastpath = make_fastpath(model, 32, 0)
+    fastpath.del_route(dotted(a))
+    del model[a]
+    assert_table_matches(fastpath, model, [a, b, c, d])
+    # b -> 15, c -> 0, d -> 1: each one slot closer to home, nothing left in slot 2.
+    assert fastpath._table_info()["max_probe"] == 2
+
+
+operations = st.lists(
+    st.tuples(st.booleans(), st.sampled_from(COLLIDING), st.integers(1, 3)), max_size=40
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(operations)
+def test_random_inserts_and_deletes_of_colliding_keys_agree_with_a_dict(ops):
+    fastpath = make_fastpath({}, 32, 0)
+    model: dict[int, int] = {}
+    for insert, key, peer in ops:
+        if insert:
+            model[key] = peer
+            fastpath.set_route(dotted(key), dotted(peer))
+        else:
+            model.pop(key, None)
+            fastpath.del_route(dotted(key))
+        assert_table_matches(fastpath, model, COLLIDING)
+
+
+def test_route_to_subnet_zero_is_found_and_deleted():
+    fastpath = make_fastpath({0: 9}, 8, 0)
+    assert lookup(fastpath, ip("0.1.2.3")) == "0.0.0.9"
+    fastpath.del_route("0.0.0.0")
+    assert fastpath.routes() == []
+    assert lookup(fastpath, ip("0.1.2.3")) is None
+
+
+def test_replacing_a_peer_moves_traffic_and_restarts_its_counters():
+    fastpath = make_fastpath({ip("10.5.2.0"): ip("192.168.0.2")}, 24, 0)
+    fastpath.set_route("10.5.2.0", "192.168.0.3")
+    assert lookup(fastpath, ip("10.5.2.1")) == "192.168.0.3"
+    assert fastpath.routes() == [
+        (
+            "10.5.2.0",
+            "192.168.0.3",
+            {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0},
+        ),
+    ]
+
+
+def test_deleting_an_absent_route_is_a_no_op():
+    fastpath = make_fastpath({ip("10.5.2.0"): 1}, 24, 0)
+    fastpath.del_route("10.5.3.0")
+    assert [r[0] for r in fastpath.routes()] == ["10.5.2.0"]
+
+
+@pytest.mark.parametrize("subnet", ["10.5.2.1", "10.5.2", "10.5.2.0/24", "300.1.1.0", ""])
+def test_set_route_rejects_what_is_not_a_network_address(subnet):
+    fastpath = make_fastpath({}, 24, 0)
+    with pytest.raises(ValueError):
+        fastpath.set_route(subnet, "192.168.0.1")
+    assert fastpath.routes() == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (-1, -1, 0, "10.0.0.0", 24),
+        (-1, -1, 70000, "10.0.0.0", 24),
+        (-1, -1, 1, "10.0.0.0", 33),
+        (-1, -1, 1, "nope", 24),
+    ],
+)
+def test_constructor_rejects_bad_arguments(args):
+    with pytest.raises(ValueError):
+        FastPath(*args)
+
+
+def test_start_without_fds_fails_and_stop_is_idempotent():
+    fastpath = make_fastpath({}, 24, 0)
+    with pytest.raises(ValueError):
+        fastpath.start()
+    fastpath.stop()
+    fastpath.stop()
+    assert not fastpath.running
+
+
+# --- real fds: TUN in a throwaway network namespace, UDP on its loopback --------------------------
+
+TUN_NAME = "fptun0"
+NETWORK = "10.5.0.0/16"
+TUN_ADDR = "10.5.1.0"
+REMOTE_SUBNET = "10.5.2.0"
+REMOTE_POD = "10.5.2.7"
+
+
+@dataclass
+class TunRig:
+    netns: str
+    tun: object  # pytun.TunTapDevice
+    fastpath_sock: socket.socket  # the fast path's own UDP socket
+    peer_sock: socket.socket  # stands in for the remote node
+    app_sock: socket.socket  # an application in the namespace, talking through the TUN
+
+
+def ip_cmd(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def tun_rig() -> Iterator[TunRig]:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None:
+        pytest.skip("needs root, /dev/net/tun and ip")
+    pytun = pytest.importorskip("pytun")
+    from pyroute2 import netns
+
+    # "fu<pid>-" is the project's pattern for namespaces whose dead creator's leftovers the
+    # session fixture of conftest.py sweeps away.
+    name = f"fu{os.getpid()}-fastpath-{secrets.token_hex(3)}"
+    ip_cmd("netns", "add", name)
+    opened: list = []
+    try:
+        ip_cmd("-n", name, "link", "set", "lo", "up")
+        netns.pushns(name)
+        try:  # everything made here belongs to the namespace for good
+            tun = pytun.TunTapDevice(name=TUN_NAME, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            opened.append(tun)
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+            opened.extend(socks)
+        finally:
+            netns.popns()
+        fastpath_sock, peer_sock, app_sock = socks
+        fastpath_sock.bind(("127.0.0.1", 0))
+        peer_sock.bind(("127.0.0.1", 0))
+        app_sock.bind(("0.0.0.0", 0))
+        for sock in (peer_sock, app_sock):
+            sock.settimeout(3)
+        os.set_blocking(tun.fileno(), False)
+        ip_cmd("-n", name, "addr", "add", f"{TUN_ADDR}/32", "dev", TUN_NAME)
+        ip_cmd("-n", name, "link", "set", TUN_NAME, "up", "mtu", "1472")
+        ip_cmd("-n", name, "route", "add", NETWORK, "dev", TUN_NAME)
+        yield TunRig(name, tun, fastpath_sock, peer_sock, app_sock)
+    finally:
+        for thing in opened:
+            thing.close()
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
+def wait_for(predicate, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.netns
+def test_threads_forward_between_a_real_tun_and_real_udp_sockets(tun_rig):
+    rig = tun_rig
+    peer_port = rig.peer_sock.getsockname()[1]
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24)
+    fastpath.start()
+    try:
+        fastpath.start()  # idempotent
+        # Routes are live: added after the threads started.
+        fastpath.set_route(REMOTE_SUBNET, "127.0.0.1")
+
+        # Egress: an app datagram to a remote pod leaves the TUN as a bare IPv4 packet in a UDP
+        # datagram to the peer's port, TTL decremented.
+        rig.app_sock.sendto(b"egress-payload", (REMOTE_POD, 4242))
+        datagram, source = rig.peer_sock.recvfrom(65536)
+        assert source == rig.fastpath_sock.getsockname()
+        assert datagram[0] == 0x45
+        assert datagram[8] == 63  # the kernel sent TTL 64
+        assert checksum(datagram[:20]) == 0
+        assert datagram[12:16] == socket.inet_aton(TUN_ADDR)
+        assert datagram[16:20] == socket.inet_aton(REMOTE_POD)
+        assert datagram[28:] == b"egress-payload"
+
+        # Ingress: a datagram from the peer is written into the TUN and delivered to the app.
+        app_port = rig.app_sock.getsockname()[1]
+        payload = b"ingress-payload"
+        udp = struct.pack("!HHHH", 4242, app_port, 8 + len(payload), 0) + payload  # no UDP csum
+        inner = make_packet(ip(REMOTE_POD), ip(TUN_ADDR), ttl=5, payload=udp)
+        rig.peer_sock.sendto(inner, rig.fastpath_sock.getsockname())
+        data, source = rig.app_sock.recvfrom(65536)
+        assert (data, source) == (payload, (REMOTE_POD, 4242))
+
+        # Garbage and expired packets from the peer are counted, not written.
+        rig.peer_sock.sendto(b"\x45short", rig.fastpath_sock.getsockname())
+        rig.peer_sock.sendto(
+            make_packet(ip(REMOTE_POD), ip(TUN_ADDR), ttl=1, payload=udp),
+            rig.fastpath_sock.getsockname(),
+        )
+
+        def settled() -> bool:
+            drops = fastpath.counters()["drops"]
+            # tx counters are bumped after sendmmsg returns, maybe after the peer has the packet.
+            tx_done = fastpath.counters()["tx_packets"] == 1
+            return tx_done and drops["short"] == 1 and drops["ttl_expired"] == 1
+
+        assert wait_for(settled)
+        counters = fastpath.counters()
+        assert counters["tx_packets"] == 1
+        assert counters["tx_bytes"] == len(datagram)
+        assert counters["rx_packets"] == 1
+        assert counters["rx_bytes"] == len(inner)
+        ((subnet, peer, stats),) = fastpath.routes()
+        assert (subnet, peer) == (REMOTE_SUBNET, "127.0.0.1")
+        # rx is charged to the lease of the inner source address.
+        assert stats == {
+            "tx_packets": 1,
+            "tx_bytes": len(datagram),
+            "rx_packets": 1,
+            "rx_bytes": len(inner),
+        }
+        fastpath.stop()
+        assert not fastpath.running
+        # Restartable: the stop signal is re-armed.
+        fastpath.start()
+        rig.app_sock.sendto(b"after restart", (REMOTE_POD, 4242))
+        assert rig.peer_sock.recv(65536)[28:] == b"after restart"
+    finally:
+        fastpath.stop()
+        fastpath.stop()
+    assert not fastpath.running
+
+
+@pytest.mark.netns
+def test_packet_too_big_for_a_udp_datagram_is_counted_and_later_packets_still_go_out(tun_rig):
+    rig = tun_rig
+    ip_cmd("-n", rig.netns, "link", "set", TUN_NAME, "mtu", "65535")
+    peer_port = rig.peer_sock.getsockname()[1]
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24)
+    fastpath.set_route(REMOTE_SUBNET, "127.0.0.1")
+    fastpath.start()
+    try:
+        # 65,528 bytes of IPv4 fit the TUN but not a UDP payload (65,507 at most): EMSGSIZE.
+        rig.app_sock.sendto(b"x" * 65500, (REMOTE_POD, 4242))
+        rig.app_sock.sendto(b"small", (REMOTE_POD, 4242))
+        assert rig.peer_sock.recv(65536)[28:] == b"small"
+        # Counters are bumped after sendmmsg returns, possibly after the peer has the packet.
+        assert wait_for(lambda: fastpath.counters()["tx_packets"] == 1)
+        assert fastpath.counters()["drops"]["too_big"] == 1
+    finally:
+        fastpath.stop()
+
+
+@pytest.mark.netns
+def test_dropping_a_running_fastpath_stops_its_threads(tun_rig):
+    rig = tun_rig
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), 1, TUN_ADDR, 24)
+    fastpath.start()
+    assert fastpath.running
+    del fastpath  # __dealloc__ joins the threads; a leftover thread would read the TUN
+    rig.app_sock.sendto(b"to the kernel side", (REMOTE_POD, 4242))
+    time.sleep(0.3)  # ample time for a thread that survived to take the packet first
+    assert wait_for(lambda: b"to the kernel side" in read_tun(rig.tun))
+
+
+def read_tun(tun) -> bytes:
+    """One packet from the nonblocking TUN, or b"" if there is none."""
+    try:
+        return os.read(tun.fileno(), 65536)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.netns
+def test_unrouted_destination_gets_icmp_net_unreachable_through_the_real_tun(tun_rig):
+    rig = tun_rig
+    # The reply's source is the TUN's own address: the kernel takes it as martian unless
+    # accept_local is on for the TUN.
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            rig.netns,
+            "sysctl",
+            "-qw",
+            f"net.ipv4.conf.{TUN_NAME}.accept_local=1",
+        ],
+        check=True,
+        timeout=10,
+    )
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), 1, TUN_ADDR, 24)
+    fastpath.start()
+    try:
+        rig.app_sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        rig.app_sock.connect(("10.5.9.9", 4242))
+        rig.app_sock.send(b"nobody home")
+        poller = select.poll()
+        poller.register(rig.app_sock, select.POLLERR)
+        assert poller.poll(3000), "no ICMP error reached the socket"
+        _, ancillary, _, _ = rig.app_sock.recvmsg(1024, 1024, socket.MSG_ERRQUEUE)
+        ((level, kind, ee),) = ancillary
+        assert (level, kind) == (socket.IPPROTO_IP, IP_RECVERR)
+        ee_errno, ee_origin, ee_type, ee_code = struct.unpack_from("=IBBB", ee)
+        # SO_EE_ORIGIN_ICMP, destination unreachable / net unreachable
+        assert (ee_errno, ee_origin, ee_type, ee_code) == (errno.ENETUNREACH, 2, 3, 0)
+        assert wait_for(lambda: fastpath.counters()["icmp_sent"] == 1)
+        assert fastpath.counters()["drops"]["no_route"] == 1
+    finally:
+        fastpath.stop()

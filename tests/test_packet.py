@@ -1,0 +1,291 @@
+"""Unit tests of flannel_udp.packet, the reference of the per-packet logic, on crafted packets."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from flannel_udp.packet import (
+    DROP_NAMES,
+    Action,
+    Drop,
+    Result,
+    checksum,
+    egress,
+    ingress,
+    prefix_mask,
+)
+
+
+def ip(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+TUN_ADDR = ip("10.5.1.0")
+POD = ip("10.5.1.7")
+REMOTE_POD = ip("10.5.2.9")
+PEER = ip("192.168.64.3")
+ROUTES = {ip("10.5.2.0"): PEER}
+
+
+def make_packet(
+    src: int = POD,
+    dst: int = REMOTE_POD,
+    ttl: int = 64,
+    proto: int = 17,
+    payload: bytes = b"0123456789abcdef",
+    options: bytes = b"",
+    frag: int = 0,
+    ident: int = 0x1234,
+) -> bytes:
+    """An IPv4 packet with a correct header checksum (options must be a multiple of 4 bytes)."""
+    ihl = 5 + len(options) // 4
+    total = ihl * 4 + len(payload)
+    header = bytearray(
+        bytes([0x40 | ihl, 0])
+        + total.to_bytes(2, "big")
+        + ident.to_bytes(2, "big")
+        + frag.to_bytes(2, "big")
+        + bytes([ttl, proto])
+        + b"\x00\x00"
+        + src.to_bytes(4, "big")
+        + dst.to_bytes(4, "big")
+        + options
+    )
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + payload
+
+
+def header_ok(packet: bytes) -> bool:
+    """A header whose checksum verifies sums (checksum field included) to zero."""
+    return checksum(packet[: (packet[0] & 0x0F) * 4]) == 0
+
+
+# --- TTL and checksum ---------------------------------------------------------------------------
+
+
+def test_egress_to_routed_subnet_sends_to_peer_with_ttl_decremented_and_valid_checksum():
+    packet = make_packet(ttl=64)
+    result = egress(packet, ROUTES, 24, TUN_ADDR)
+    assert result.action == Action.SEND
+    assert result.peer == PEER
+    assert result.drop is None
+    assert result.data[8] == 63
+    assert header_ok(result.data)
+    # Nothing but TTL and checksum changed.
+    changed = [i for i, (a, b) in enumerate(zip(packet, result.data, strict=True)) if a != b]
+    assert set(changed) <= {8, 10, 11}
+
+
+def test_incremental_checksum_equals_full_recompute_for_every_ttl_and_protocol():
+    for ttl in range(2, 256):
+        for proto in (0, 1, 6, 17, 255):
+            packet = make_packet(ttl=ttl, proto=proto, options=b"\x01\x01\x01\x00", ident=ttl * 257)
+            out = egress(packet, ROUTES, 24, TUN_ADDR).data
+            recomputed = bytearray(out[:24])
+            recomputed[10:12] = b"\x00\x00"
+            assert out[10:12] == checksum(bytes(recomputed)).to_bytes(2, "big"), (ttl, proto)
+
+
+def test_incremental_checksum_keeps_a_bad_checksum_bad():
+    packet = bytearray(make_packet())
+    packet[10] ^= 0x5A
+    out = egress(bytes(packet), ROUTES, 24, TUN_ADDR).data
+    assert out[8] == 63
+    assert not header_ok(out)
+
+
+def test_ingress_delivers_to_tun_with_ttl_decremented_and_valid_checksum():
+    packet = make_packet(src=REMOTE_POD, dst=POD, ttl=2)
+    result = ingress(packet)
+    assert result == Result(Action.TUN, result.data)
+    assert result.data[8] == 1
+    assert header_ok(result.data)
+    assert result.data[12:] == packet[12:]
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_egress_drops_expired_ttl_before_looking_at_routes(ttl):
+    # Unrouted destination: TTL must win over NO_ROUTE (and produce no ICMP reply).
+    packet = make_packet(dst=ip("10.5.99.1"), ttl=ttl)
+    assert egress(packet, ROUTES, 24, TUN_ADDR) == Result(Action.DROP, drop=Drop.TTL_EXPIRED)
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_ingress_drops_expired_ttl(ttl):
+    assert ingress(make_packet(ttl=ttl)) == Result(Action.DROP, drop=Drop.TTL_EXPIRED)
+
+
+def test_trailing_bytes_beyond_total_length_are_cut_off():
+    packet = make_packet(payload=b"abcd")
+    assert (
+        egress(packet + b"TRAILER", ROUTES, 24, TUN_ADDR).data
+        == egress(packet, ROUTES, 24, TUN_ADDR).data
+    )
+    assert len(ingress(packet + b"XYZ").data) == len(packet)
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+
+def test_route_key_is_destination_masked_by_lease_prefix_length():
+    routes = {ip("10.5.0.0"): 1, ip("10.5.4.0"): 2, ip("10.5.2.0"): 3}
+    assert egress(make_packet(dst=ip("10.5.5.200")), routes, 22, TUN_ADDR).peer == 2
+    assert egress(make_packet(dst=ip("10.5.5.200")), routes, 16, TUN_ADDR).peer == 1
+    assert egress(make_packet(dst=ip("10.5.2.255")), routes, 24, TUN_ADDR).peer == 3
+    assert egress(make_packet(dst=ip("10.5.3.1")), routes, 24, TUN_ADDR).action == Action.REPLY
+
+
+def test_prefix_length_zero_maps_everything_to_the_zero_key():
+    assert egress(make_packet(dst=ip("200.1.2.3")), {0: PEER}, 0, TUN_ADDR).peer == PEER
+
+
+@pytest.mark.parametrize(
+    ("length", "mask"), [(0, 0), (1, 0x80000000), (24, 0xFFFFFF00), (32, 0xFFFFFFFF)]
+)
+def test_prefix_mask(length, mask):
+    assert prefix_mask(length) == mask
+
+
+def test_prefix_mask_rejects_out_of_range_lengths():
+    with pytest.raises(ValueError):
+        prefix_mask(33)
+
+
+# --- ICMP net unreachable -----------------------------------------------------------------------
+
+
+def parse_reply(reply: bytes) -> dict:
+    return {
+        "ihl": reply[0],
+        "total_len": int.from_bytes(reply[2:4], "big"),
+        "id_frag": reply[4:8],
+        "ttl": reply[8],
+        "proto": reply[9],
+        "src": int.from_bytes(reply[12:16], "big"),
+        "dst": int.from_bytes(reply[16:20], "big"),
+        "type": reply[20],
+        "code": reply[21],
+        "unused": reply[24:28],
+        "quote": reply[28:],
+    }
+
+
+def test_unrouted_packet_gets_icmp_net_unreachable_from_tun_address():
+    packet = make_packet(dst=ip("10.5.77.1"), ttl=64, payload=b"ABCDEFGHIJKLMNOP")
+    result = egress(packet, ROUTES, 24, TUN_ADDR)
+    assert result.action == Action.REPLY
+    assert result.drop == Drop.NO_ROUTE
+    reply = parse_reply(result.data)
+    assert reply == {
+        "ihl": 0x45,
+        "total_len": len(result.data),
+        "id_frag": b"\x00\x00\x00\x00",
+        "ttl": 64,
+        "proto": 1,
+        "src": TUN_ADDR,
+        "dst": POD,
+        "type": 3,
+        "code": 0,
+        "unused": b"\x00\x00\x00\x00",
+        # The header as received (TTL 64, not 63) and the first 8 payload bytes.
+        "quote": packet[:20] + b"ABCDEFGH",
+    }
+    assert len(result.data) == 20 + 8 + 28
+    assert checksum(result.data[:20]) == 0
+    assert checksum(result.data[20:]) == 0
+
+
+def test_icmp_quote_includes_ip_options():
+    options = b"\x94\x04\x00\x00"  # router alert
+    packet = make_packet(dst=ip("10.5.77.1"), options=options, payload=b"12345678XYZ")
+    result = egress(packet, ROUTES, 24, TUN_ADDR)
+    assert result.data[28:] == packet[:24] + b"12345678"
+    assert checksum(result.data[20:]) == 0
+
+
+@pytest.mark.parametrize("payload_len", [0, 3, 7])
+def test_icmp_quote_is_shorter_when_the_payload_is_shorter_than_8_bytes(payload_len):
+    payload = bytes(range(100, 100 + payload_len))
+    packet = make_packet(dst=ip("10.5.77.1"), payload=payload)
+    result = egress(packet + b"junk after total length", ROUTES, 24, TUN_ADDR)
+    assert result.data[28:] == packet
+    assert int.from_bytes(result.data[2:4], "big") == 48 + payload_len
+    # Odd ICMP lengths need the zero pad byte in the checksum.
+    assert checksum(result.data[20:]) == 0
+    assert checksum(result.data[:20]) == 0
+
+
+def test_unrouted_icmp_is_dropped_without_a_reply():
+    packet = make_packet(dst=ip("10.5.77.1"), proto=1)
+    assert egress(packet, ROUTES, 24, TUN_ADDR) == Result(Action.DROP, drop=Drop.NO_ROUTE)
+
+
+def test_unrouted_non_first_fragment_is_dropped_without_a_reply():
+    packet = make_packet(dst=ip("10.5.77.1"), frag=0x2000 | 185)  # MF, offset 185*8
+    assert egress(packet, ROUTES, 24, TUN_ADDR) == Result(Action.DROP, drop=Drop.NO_ROUTE)
+
+
+def test_unrouted_first_fragment_gets_a_reply():
+    packet = make_packet(dst=ip("10.5.77.1"), frag=0x2000)  # MF set, offset 0
+    assert egress(packet, ROUTES, 24, TUN_ADDR).action == Action.REPLY
+
+
+def test_routed_icmp_and_fragments_are_forwarded():
+    for packet in (make_packet(proto=1), make_packet(frag=0x4000 | 3)):
+        assert egress(packet, ROUTES, 24, TUN_ADDR).action == Action.SEND
+
+
+# --- malformed packets --------------------------------------------------------------------------
+
+GOOD = make_packet()
+
+
+def with_bytes(packet: bytes, **fields: int) -> bytes:
+    """``packet`` with byte offsets (key ``b<offset>``) overwritten."""
+    out = bytearray(packet)
+    for key, value in fields.items():
+        out[int(key[1:])] = value
+    return bytes(out)
+
+
+MALFORMED = {
+    "empty": (b"", Drop.SHORT),
+    "19 bytes": (GOOD[:19], Drop.SHORT),
+    "ipv6 version": (with_bytes(GOOD, b0=0x65), Drop.NOT_IPV4),
+    "version 4 checked before length fields": (with_bytes(GOOD, b0=0x60, b2=0), Drop.NOT_IPV4),
+    "ihl 4": (with_bytes(GOOD, b0=0x44), Drop.BAD_HEADER_LEN),
+    "ihl 0": (with_bytes(GOOD, b0=0x40), Drop.BAD_HEADER_LEN),
+    "ihl beyond data": (with_bytes(GOOD[:40], b0=0x4F), Drop.BAD_HEADER_LEN),
+    "total below header": (with_bytes(GOOD, b2=0, b3=19), Drop.BAD_TOTAL_LEN),
+    "total below options": (with_bytes(GOOD, b0=0x46, b2=0, b3=20), Drop.BAD_TOTAL_LEN),
+    "total beyond data": (with_bytes(GOOD, b2=0, b3=len(GOOD) + 1), Drop.BAD_TOTAL_LEN),
+    "bad length and ttl 0": (with_bytes(GOOD, b3=200, b8=0), Drop.BAD_TOTAL_LEN),
+}
+
+
+@pytest.mark.parametrize(("packet", "reason"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_packets_are_dropped_with_their_reason(packet, reason):
+    assert egress(packet, ROUTES, 24, TUN_ADDR) == Result(Action.DROP, drop=reason)
+    assert ingress(packet) == Result(Action.DROP, drop=reason)
+
+
+def test_header_exactly_filling_the_data_is_accepted():
+    packet = with_bytes(GOOD[:20], b2=0, b3=20)
+    assert ingress(packet).action == Action.TUN
+
+
+def test_drop_numbering_and_names_are_stable():
+    assert {int(d): name for d, name in DROP_NAMES.items()} == {
+        1: "short",
+        2: "not_ipv4",
+        3: "bad_header_len",
+        4: "bad_total_len",
+        5: "ttl_expired",
+        6: "no_route",
+        7: "too_big",
+        8: "send_error",
+        9: "tun_write_error",
+    }
+    assert [int(a) for a in (Action.SEND, Action.TUN, Action.REPLY, Action.DROP)] == [0, 1, 2, 3]
