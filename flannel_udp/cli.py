@@ -139,7 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flannel_udp.daemon import Daemon, RunOptions
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname).1s %(message)s",
-                        level=logging.DEBUG if args.v >= 1 else logging.INFO)
+                        level=logging.INFO)
+    log.setLevel(logging.DEBUG if args.v >= 1 else logging.INFO)
     for dest in NOT_ACTIVE_YET:
         if getattr(args, dest):
             log.warning("--%s is accepted but not active yet in this version",

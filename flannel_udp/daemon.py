@@ -52,9 +52,10 @@ async def load_config(store: Store, store_name: str, seed_path: str | None) -> N
         except OSError as e:
             raise UserError(f"--net-config-path {seed_path}: {e.strerror}") from None
         config = parse_config(raw)
-        await store.set_config(raw)
-        log.info("network config seeded from %s", seed_path)
-        return config
+        if await store.set_config(raw, create_only=True):
+            log.info("network config seeded from %s", seed_path)
+            return config
+        raw = await store.get_config()  # another daemon seeded it first: theirs counts
     return parse_config(raw)
 
 

@@ -16,6 +16,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel_udp.errors import UserError
 
+TUN_TXQUEUELEN = 5000
+
 
 @dataclass(frozen=True)
 class ExtIface:
@@ -75,7 +77,8 @@ def configure_tun(name: str, address: IPv4Interface, mtu: int,
     Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local").write_text("1\n")
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
-        ipr.link("set", index=index, mtu=mtu)
+        # The default queue of 500 overflows under one TCP stream (drops = retransmits).
+        ipr.link("set", index=index, mtu=mtu, txqlen=TUN_TXQUEUELEN)
         ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
         ipr.link("set", index=index, state="up")
         for dst in routes:
@@ -106,3 +109,12 @@ def disable_ipv6(name: str) -> None:
     knob = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
     if knob.exists():
         knob.write_text("1\n")
+
+
+def tx_dropped(name: str) -> int | None:
+    """Packets the kernel dropped on the way out through `name` (a full TUN queue, for a TUN).
+    Read from /sys, which `ip netns exec` and container runtimes mount for the namespace."""
+    try:
+        return int(Path(f"/sys/class/net/{name}/statistics/tx_dropped").read_text())
+    except (OSError, ValueError):
+        return None

@@ -22,6 +22,7 @@ import pytest
 
 from flannel_udp.netns import (
     DEFAULT_NETWORK_CONFIG,
+    FLANNEL_UDP,
     Host,
     Pod,
     Topology,
@@ -215,12 +216,13 @@ def test_sigterm_removes_tun_and_route_keeps_lease_and_restart_gets_same_subnet(
 
 
 def _run_expecting_user_error(host: Host, store: os.PathLike, net_config: os.PathLike,
-                              *extra: str) -> str:
-    """Run a daemon that must refuse to start; returns its one error line."""
-    result = host.flannel("run", "--local-store", store, "--net-config-path", net_config,
-                          "--subnet-file", host.subnet_file,
-                          "--control-socket", host.control_socket, *extra,
-                          check=False, timeout=20)
+                              *extra: str, wrapper: tuple[str, ...] = ()) -> str:
+    """Run a daemon (under `wrapper`, if any) that must refuse to start; returns its one
+    error line."""
+    result = host.run(*wrapper, *FLANNEL_UDP, "run", "--local-store", store,
+                      "--net-config-path", net_config, "--subnet-file", host.subnet_file,
+                      "--control-socket", host.control_socket, *extra,
+                      check=False, timeout=20)
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
@@ -256,3 +258,13 @@ def test_run_rejects_a_udp_port_in_use(topology):
     assert blocker.stdout is not None and blocker.stdout.readline().strip() == "bound"
     line = _run_expecting_user_error(host, topo.store_path, config, "--iface", "eth0")
     assert "8285" in line
+
+
+def test_run_without_permission_for_tun_says_so(topology):
+    topo = topology(1)
+    config = topo.write_net_config(DEFAULT_NETWORK_CONFIG)
+    # root without CAP_NET_ADMIN: /dev/net/tun opens, creating the device is refused
+    no_net_admin = ("setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin")
+    line = _run_expecting_user_error(topo.hosts[0], topo.store_path, config, "--iface", "eth0",
+                                     wrapper=no_net_admin)
+    assert "no permission to create TUN flannel0" in line

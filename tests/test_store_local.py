@@ -22,6 +22,15 @@ def test_config_round_trip(tmp_path):
     assert run(LocalStore(tmp_path / "leases").get_config()) == b'{"Network":"10.5.0.0/16"}'
 
 
+def test_config_seeding_only_writes_a_store_that_has_none(tmp_path):
+    store = LocalStore(tmp_path / "leases")
+    assert run(store.set_config(b"first", create_only=True)) is True
+    assert run(store.set_config(b"second", create_only=True)) is False
+    assert run(store.get_config()) == b"first"
+    assert run(store.set_config(b"third")) is True
+    assert run(store.get_config()) == b"third"
+
+
 def test_create_only_succeeds_when_the_key_is_absent(tmp_path):
     store = LocalStore(tmp_path / "leases")
     assert run(store.create_lease("10.5.1.0-24", b"a", 60)) is not None

@@ -122,7 +122,12 @@ class UdpNetwork:
             return {"counters": {}, "peers": {}}
         peers = {f"{subnet}/{self.config.subnet_len}": counters
                  for subnet, _ip, counters in self._fastpath.routes()}
-        return {"counters": self._fastpath.counters(), "peers": peers}
+        counters = self._fastpath.counters()
+        # Packets the kernel could not queue to the TUN never reach the fast path to be counted.
+        queue_drops = netlink.tx_dropped(TUN_NAME)
+        if queue_drops is not None:
+            counters["drops"]["tun_queue_full"] = queue_drops
+        return {"counters": counters, "peers": peers}
 
     def close(self) -> None:
         if self._fastpath is not None:

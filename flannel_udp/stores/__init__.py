@@ -40,8 +40,9 @@ class Store(Protocol):
     async def get_config(self) -> bytes | None:
         """The network config JSON, or None when none was set."""
 
-    async def set_config(self, value: bytes) -> None:
-        """Write the network config JSON."""
+    async def set_config(self, value: bytes, create_only: bool = False) -> bool:
+        """Write the network config JSON; with `create_only`, only when there is none yet
+        (atomically). Whether it was written."""
 
     async def list_leases(self) -> Snapshot:
         """Every live lease."""

@@ -117,10 +117,13 @@ class LocalStore:
         config = (await asyncio.to_thread(self._load))["config"]
         return config.encode() if isinstance(config, str) else config
 
-    async def set_config(self, value: bytes) -> None:
-        def change(data: dict[str, Any], now: float) -> None:
+    async def set_config(self, value: bytes, create_only: bool = False) -> bool:
+        def change(data: dict[str, Any], now: float) -> bool:
+            if create_only and data["config"] is not None:
+                return False
             data["config"] = value
-        await asyncio.to_thread(self._modify, change)
+            return True
+        return await asyncio.to_thread(self._modify, change)
 
     async def list_leases(self) -> Snapshot:
         data = await asyncio.to_thread(self._load)
