@@ -159,6 +159,35 @@ def test_connect_to_an_unleased_address_in_the_network_fails_at_once_as_unreacha
     assert after["drops"]["no_route"] >= before["drops"]["no_route"] + 1
 
 
+# Each datagram is broken in one way; the daemon must count it under that reason and go on.
+MALFORMED = {
+    "short": bytes.fromhex("4500001c"),
+    "not_ipv4": bytes.fromhex("6000000000083a40") + bytes(32),
+    "bad_header_len": bytes.fromhex("4300001c00004000401100000a0a0a0a0a0a0a0a") + bytes(8),
+    "bad_total_len": bytes.fromhex("450005dc00004000401100000a0a0a0a0a0a0a0a") + bytes(8),
+    "ttl_expired": bytes.fromhex("450000240000400001110000") + bytes(24),
+}
+
+
+def test_malformed_datagrams_are_dropped_by_reason_and_traffic_goes_on(cluster: Cluster):
+    target, sender = cluster.topo.hosts[0], cluster.topo.hosts[1]
+    before = target.status()["counters"]["drops"]
+    datagrams = [d.hex() for d in MALFORMED.values() for _ in range(3)]
+    sender.run(sys.executable, "-c",
+               "import socket, sys\n"
+               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+               "for d in sys.argv[2:]: s.sendto(bytes.fromhex(d), (sys.argv[1], 8285))",
+               target.underlay_ip, *datagrams)
+
+    def counted() -> bool:
+        drops = target.status()["counters"]["drops"]
+        return all(drops[reason] >= before[reason] + 3 for reason in MALFORMED)
+
+    wait_until(counted, 3, "the malformed datagrams counted by reason")
+    pods = cluster.pods
+    assert pods[1].ping(pods[0].address, count=2)[pods[0].address].ok
+
+
 # -- lease lifecycle: each test its own topology --------------------------------------------
 
 
