@@ -69,8 +69,12 @@ class Daemon:
 
     def _write_subnet_env(self, lease: Lease) -> None:
         assert self.config is not None and self.network is not None
-        subnetenv.write(self.opts.subnet_file, subnetenv.render(
-            self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq))
+        try:
+            subnetenv.write(self.opts.subnet_file, subnetenv.render(
+                self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq))
+        except OSError as e:
+            raise UserError(f"cannot write subnet file {self.opts.subnet_file}: "
+                            f"{e.strerror}", exit_code=1) from None
 
     async def run(self) -> int:
         opts = self.opts

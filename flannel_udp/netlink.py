@@ -6,6 +6,7 @@ pyroute2's sync IPRoute must not run on the uvloop thread: async callers use asy
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -77,12 +78,18 @@ def configure_tun(name: str, address: IPv4Interface, mtu: int,
     Path(f"/proc/sys/net/ipv4/conf/{name}/accept_local").write_text("1\n")
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
-        # The default queue of 500 overflows under one TCP stream (drops = retransmits).
-        ipr.link("set", index=index, mtu=mtu, txqlen=TUN_TXQUEUELEN)
-        ipr.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
-        ipr.link("set", index=index, state="up")
-        for dst in routes:
-            ipr.route("replace", dst=str(dst), oif=index)
+        try:
+            # The default queue of 500 overflows under one TCP stream (drops = retransmits).
+            ipr.link("set", index=index, mtu=mtu, txqlen=TUN_TXQUEUELEN)
+            ipr.addr("add", index=index, address=str(address.ip),
+                     prefixlen=address.network.prefixlen)
+            ipr.link("set", index=index, state="up")
+            for dst in routes:
+                ipr.route("replace", dst=str(dst), oif=index)
+        except NetlinkError as e:
+            raise UserError(f"cannot configure {name} ({address}, mtu {mtu}, routes "
+                            f"{', '.join(map(str, routes))}): {os.strerror(e.code)}",
+                            exit_code=1) from None
 
 
 def delete_routes(name: str, routes: list[IPv4Network]) -> None:
