@@ -4,15 +4,11 @@ removes everything it made, also on Ctrl-C or failure. Nothing leaves the demo's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from flannel_udp.netns import (
@@ -24,12 +20,11 @@ from flannel_udp.netns import (
     Topology,
     check_environment,
     remove_stale,
-    wait_until,
+    sigterm_as_interrupt,
 )
 
 HOSTS = 3
 PING_COUNT = 5
-IPERF_PORT = 5201
 
 
 def _say(text: str = "") -> None:
@@ -53,23 +48,6 @@ def _si(n: float) -> str:
     return f"{n:.1f}T"
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let a SIGTERM unwind like Ctrl-C, so that the namespaces are removed either way."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_demo(iperf_seconds: int = 3) -> int:
     """Run the demo; 0 when every ping was answered, 1 when not or on failure, 2 when this
     machine can't run it, 130 on Ctrl-C."""
@@ -81,7 +59,7 @@ def run_demo(iperf_seconds: int = 3) -> int:
     started = time.monotonic()
     topo: Topology | None = None
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             topo = Topology(HOSTS)
             with topo:
                 try:
@@ -189,20 +167,10 @@ def _iperf(client: Pod, server: Pod, seconds: int) -> str:
         return "skipped: iperf_seconds is 0"
     _say(f"  iperf3 {client.label} -> {server.label} ({server.address}), {seconds} s, "
          "one TCP stream ...")
-    srv = server.popen("iperf3", "-s", "-1", "-B", server.address, "-p", str(IPERF_PORT),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: server.run("ss", "-Hltn", f"sport = :{IPERF_PORT}").stdout.strip(), 5,
-               f"iperf3 server in {server.name} to listen")
-    result = client.run("iperf3", "-c", server.address, "-p", str(IPERF_PORT),
-                        "-t", str(seconds), "-J", check=False, timeout=seconds + 30)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        srv.wait(5)
     try:
-        report = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        report = {}
-    if "error" in report or result.returncode != 0 or "end" not in report:
-        line = f"failed: {report.get('error') or result.stderr.strip() or 'no result'}"
+        report = client.iperf3(server, server.address, seconds=seconds)
+    except NetnsError as e:
+        line = f"failed: {e}"
         _say(f"  iperf3 {line}")
         return line
     received = report["end"]["sum_received"]["bits_per_second"] / 1e9

@@ -19,16 +19,20 @@ API (every failure is a NetnsError whose message names the command, namespace an
     remove_stale(pattern)                   delete namespaces/temp dirs of dead earlier runs
     wait_until(predicate, timeout, what)    poll until truthy, else NetnsError naming `what`
     read_subnet_env(path) -> dict
+    sigterm_as_interrupt()                  context: SIGTERM unwinds like Ctrl-C (cleanup runs)
     Netns   .run(*argv) .popen(*argv) .ip_json(*args) .link(dev) .sysctl(key)
             .ping(*dsts) -> {dst: PingResult} .tcp_sink/.tcp_sink_result/.tcp_send/.tcp_connect
+            .iperf3(server, address, *args) -> iperf3's JSON report; .iperf3_start -> Iperf3Run
     Host    (a Netns) .underlay_ip .subnet_file .control_socket .log_path .daemon
             .start_flannel(store, net_config, *extra) .stop_flannel(sig) .wait_ready()
             .flannel(*args) .status() .try_status() .lease() .peer_subnets() .subnet_env()
             .log_tail()
     Pod     (a Netns) .host .address .gateway
+    KernelVxlanNode(host, subnet)           flanneld's kernel VXLAN: .add_peer .remove_peer .remove
     Topology(hosts=3), a context manager: .switch .hosts .host(i) .pods .dir .store_path
-            .write_net_config(config) .start_daemons(config) .wait_peers()
-            .add_pod(host, flannel_subnet=None, mtu=None) .log_tails() .leftovers() .cleanup()
+            .write_net_config(config) .start_daemons(config, store=None) .wait_peers()
+            .add_pod(host, flannel_subnet=None, mtu=None) .remove_pod(pod) .log_tails()
+            .leftovers() .cleanup()
 
 Programs run inside a namespace through `ip netns exec`, which execs the program (no extra
 process), so a tracked Popen's pid is the program itself and signals reach it directly. Children
@@ -61,8 +65,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -75,6 +80,7 @@ UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")
 UNDERLAY_MTU = 1500
 DEFAULT_NETWORK_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 STALE_PATTERN = r"^fu(\d+)-"
+IPERF_PORT = 5201
 # `python -m flannel_udp` rather than the `flannel-udp` script: same interpreter as the harness,
 # no dependence on PATH inside `ip netns exec`.
 FLANNEL_UDP = (sys.executable, "-m", "flannel_udp")
@@ -124,6 +130,24 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
 def read_subnet_env(path: str | os.PathLike) -> dict[str, str]:
     """The variables of a subnet.env file; empty when it does not exist (yet)."""
     return subnetenv.read(path)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let a SIGTERM unwind like Ctrl-C (KeyboardInterrupt), so that a Topology's cleanup runs
+    either way. Only the main thread can set signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _child_env() -> dict[str, str]:
@@ -206,6 +230,41 @@ class PingResult:
     @property
     def avg_rtt_ms(self) -> float | None:
         return sum(self.rtts_ms) / len(self.rtts_ms) if self.rtts_ms else None
+
+
+@dataclass
+class Iperf3Run:
+    """An iperf3 test under way: the client and its one-shot server (`Netns.iperf3_start`)."""
+
+    client: subprocess.Popen
+    server: subprocess.Popen
+    what: str  # names the test in errors, e.g. "[fu12-0-p1] iperf3 -c 10.244.3.2 -P 4"
+    timeout: float
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the test; iperf3's JSON report (`-J`). NetnsError, carrying iperf3's own
+        message, when it failed or outlived `timeout`."""
+        try:
+            out, err = self.client.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.client.kill()
+            self.client.communicate()
+            raise NetnsError(f"{self.what}: timed out after {self.timeout:g} s") from None
+        finally:
+            # A `-1` server exits after its one test; one whose client never came is stopped.
+            try:
+                self.server.wait(5)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait()
+        try:
+            report = json.loads(out)
+        except json.JSONDecodeError:
+            report = {}
+        if "error" in report or self.client.returncode != 0 or "end" not in report:
+            reason = report.get("error") or err.strip() or f"exit {self.client.returncode}"
+            raise NetnsError(f"{self.what}: {reason}")
+        return report
 
 
 class Netns:
@@ -302,6 +361,32 @@ class Netns:
         result = self.run(*PROBE, "tcp-connect", "--to", address, "--port", str(port),
                           "--timeout", str(timeout), timeout=timeout + 15)
         return json.loads(result.stdout)
+
+    def iperf3_start(self, server: Netns, address: str, *args: str, seconds: int = 3,
+                     port: int = IPERF_PORT) -> Iperf3Run:
+        """Start a one-shot iperf3 server on `address` in `server`, wait until it listens, then
+        an iperf3 client here for `seconds` with extra `args` (e.g. "-u", "-P", "4");
+        `.result()` waits for iperf3's JSON report."""
+        srv = server.popen("iperf3", "-s", "-1", "-B", address, "-p", str(port),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: srv.poll() is not None
+                   or server.run("ss", "-Hltn", f"sport = :{port}").stdout
+                   .strip(), 5, f"iperf3 server in {server.name} to listen on {address}:{port}")
+        if srv.poll() is not None:
+            raise NetnsError(f"[{server.name}] iperf3 -s -B {address} -p {port}: exited with "
+                             f"status {srv.returncode}")
+        # --connect-timeout: a path that drops the SYN fails in seconds, not minutes.
+        argv = ["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-J",
+                "--connect-timeout", "5000", *args]
+        client = self.popen(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        return Iperf3Run(client, srv, f"[{self.name}] {_format_cmd(argv)}", seconds + 30)
+
+    def iperf3(self, server: Netns, address: str, *args: str, seconds: int = 3,
+               port: int = IPERF_PORT) -> dict[str, Any]:
+        """Run one iperf3 test from here to a one-shot server on `address` in `server`; iperf3's
+        JSON report. See `iperf3_start`."""
+        return self.iperf3_start(server, address, *args, seconds=seconds, port=port).result()
 
     def tcp_send(self, address: str, port: int, data: bytes, timeout: float = 60) -> dict:
         """Send `data` over one TCP connection; JSON {"bytes": n, "seconds": s} of the send."""
@@ -467,6 +552,11 @@ class KernelVxlanNode:
                      ("bridge", "fdb", "del", vtep_mac, "dev", self.dev, "self")):
             self.host.run(*argv, check=False)
 
+    def remove(self) -> None:
+        """Delete the device (its neighbours, FDB entries and routes go with it), e.g. to free
+        its UDP port for the next dataplane on the same host."""
+        self.host.run("ip", "link", "del", self.dev, check=False)
+
 
 class Pod(Netns):
     """A pod namespace attached to a host by a veth; `address` is its eth0 address."""
@@ -494,6 +584,8 @@ class Topology:
         self.processes: list[subprocess.Popen] = []
         self.hosts: list[Host] = []
         self.pods: list[Pod] = []
+        # Pod indexes are never reused, so a new pod's names can't meet a removed one's remains.
+        self._pod_ids = itertools.count(1)
         self._namespaces: list[str] = []  # in creation order; deleted in reverse
         self._closed = False
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
@@ -583,7 +675,7 @@ class Topology:
             raise NetnsError(f"{host.label} has no subnet.env yet: pass flannel_subnet and mtu")
         gateway = ipaddress.IPv4Interface(flannel_subnet)
         address = ipaddress.IPv4Interface(f"{gateway.ip + 1}/{gateway.network.prefixlen}")
-        index = len(self.pods) + 1
+        index = next(self._pod_ids)
         pod = Pod(f"{self.prefix}-p{index}", index, host, str(address.ip), str(gateway.ip),
                   self.processes)
         self._add_namespace(pod.name)
@@ -599,16 +691,27 @@ class Topology:
         self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
         return pod
 
+    def remove_pod(self, pod: Pod) -> None:
+        """Delete a pod: whatever runs in it, its namespace and its veth (with the host's
+        FLANNEL_SUBNET address), so that its host can take another pod."""
+        # Deleting the host's end removes the pair at once; a deleted namespace's devices are
+        # only torn down later by the kernel.
+        self._ip(pod.host.name, "link", "del", f"pod{pod.index}")
+        _kill_namespace(pod.name)
+        self._namespaces.remove(pod.name)
+        self.pods.remove(pod)
+
     def start_daemons(self, config: dict[str, Any] | str = DEFAULT_NETWORK_CONFIG,
                       hosts: Sequence[Host] | None = None, *extra: str,
-                      timeout: float = 20) -> dict[str, dict[str, Any]]:
-        """Start a daemon in each host (default: all) on the shared store, seeded with
-        `config`; wait until each has its lease and sees every other as a peer. Returns each
-        host's lease (by label)."""
+                      timeout: float = 20, store: str | os.PathLike | None = None
+                      ) -> dict[str, dict[str, Any]]:
+        """Start a daemon in each host (default: all) on the shared store (default
+        `store_path`), seeded with `config`; wait until each has its lease and sees every other
+        as a peer. Returns each host's lease (by label)."""
         hosts = list(self.hosts if hosts is None else hosts)
         net_config = self.write_net_config(config)
         for host in hosts:
-            host.start_flannel(self.store_path, net_config, *extra)
+            host.start_flannel(self.store_path if store is None else store, net_config, *extra)
         for host in hosts:
             host.wait_ready(timeout)
         return self.wait_peers(hosts, timeout)
