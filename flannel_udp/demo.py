@@ -31,7 +31,8 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _table(header: Sequence[str], rows: list[Sequence[Any]], indent: str = "  ") -> str:
+def text_table(header: Sequence[str], rows: list[Sequence[Any]], indent: str = "  ") -> str:
+    """Left-aligned columns under a dashed rule (the demo's and the bench's tables)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -94,10 +95,11 @@ def _run(topo: Topology, iperf_seconds: int) -> int:
          f"lease store {topo.store_path}")
     _say("[2/5] starting a daemon in each host, waiting for leases and peers ...")
     leases = topo.start_daemons(DEFAULT_NETWORK_CONFIG)
-    _say(_table(["host", "namespace", "underlay IP", "subnet", "flannel0", "MTU"],
-                [[h.label, h.name, leases[h.label]["public_ip"], leases[h.label]["subnet"],
-                  leases[h.label]["subnet"].split("/")[0], h.subnet_env().get("FLANNEL_MTU")]
-                 for h in topo.hosts]))
+    _say(text_table(["host", "namespace", "underlay IP", "subnet", "flannel0", "MTU"],
+                    [[h.label, h.name, leases[h.label]["public_ip"],
+                      leases[h.label]["subnet"], leases[h.label]["subnet"].split("/")[0],
+                      h.subnet_env().get("FLANNEL_MTU")]
+                     for h in topo.hosts]))
 
     _say("[3/5] one pod per host, veth to the host, default route via FLANNEL_SUBNET ...")
     pods = [topo.add_pod(host) for host in topo.hosts]
@@ -121,16 +123,17 @@ def _run(topo: Topology, iperf_seconds: int) -> int:
 
     _say("[5/5] summary")
     _say("  ping: loss and average RTT, from each pod (rows) to each target (columns)")
-    _say(_table(["from"] + [c for c, _ in columns],
-                [[pod.label] + [_ping_cell(pings.get((pod.label, c))) for c, _ in columns]
-                 for pod in pods], indent="    "))
+    _say(text_table(["from"] + [c for c, _ in columns],
+                    [[pod.label] + [_ping_cell(pings.get((pod.label, c))) for c, _ in columns]
+                     for pod in pods], indent="    "))
     for (src, column), r in sorted(lost.items()):
         errors = "; ".join(sorted(set(r.errors))) or "no answer"
         _say(f"    {src} -> {column}: {r.received}/{r.sent} answered ({errors})")
     _say(f"  iperf3: {iperf_line}")
     _say("  daemon counters (flannel-udp status --json)")
-    _say(_table(["daemon", "peers", "tx pkts", "tx bytes", "rx pkts", "rx bytes", "icmp sent",
-                 "drops"], [_counter_row(h) for h in topo.hosts], indent="    "))
+    _say(text_table(["daemon", "peers", "tx pkts", "tx bytes", "rx pkts", "rx bytes",
+                     "icmp sent", "drops"], [_counter_row(h) for h in topo.hosts],
+                    indent="    "))
     if lost:
         _say(f"RESULT: FAIL, {len(lost)} of {len(pings)} ping targets lost echoes")
         return 1
