@@ -1,0 +1,129 @@
+"""The dataplanes the bench compares. Each is set up on the same two-host topology and torn down
+again, so that the next finds the hosts as they were (and its UDP port free): the bare underlay,
+kernel VXLAN as flanneld programs it, and flannel-udp's udp and vxlan backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flannel_udp import config
+from flannel_udp.netns import UNDERLAY_MTU, Host, KernelVxlanNode, Netns, Topology
+
+REFERENCE = "kernel-vxlan"
+FLANNEL_NETWORK = "10.244.0.0/16"
+# flanneld would lease these; the kernel case has no daemon, so the bench plays its part.
+KERNEL_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
+VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+
+
+@dataclass
+class Endpoints:
+    """Where a case's traffic goes: from `client` to `address` in `server`."""
+
+    client: Netns
+    server: Netns
+    address: str
+    mtu: int  # of the client's interface
+    path: str  # for people: what the packets cross
+    daemons: list[Host] = field(default_factory=list)  # hosts whose flannel-udp daemon forwards
+
+
+class Case:
+    """One dataplane: `setup` builds it on the topology, `teardown` removes it again."""
+
+    name = ""
+    title = ""
+    kernel = True  # no daemon of ours: CPU and RSS are "n/a"
+
+    def unavailable(self) -> str | None:
+        """Why this case can't run in this tree, or None."""
+        return None
+
+    def setup(self, topo: Topology) -> Endpoints:
+        raise NotImplementedError
+
+    def teardown(self, topo: Topology) -> None:
+        """Undo `setup`, also after it failed half-way."""
+
+
+class Underlay(Case):
+    name = "underlay"
+    title = "bare underlay"
+
+    def setup(self, topo: Topology) -> Endpoints:
+        h1, h2 = topo.hosts
+        return Endpoints(h1, h2, h2.underlay_ip, UNDERLAY_MTU,
+                         f"{h1.label} -> {h2.label} on the underlay (veth, bridge, veth)")
+
+
+class KernelVxlan(Case):
+    name = REFERENCE
+    title = "kernel VXLAN (as flanneld)"
+
+    def __init__(self) -> None:
+        self.nodes: list[KernelVxlanNode] = []
+
+    def setup(self, topo: Topology) -> Endpoints:
+        for host, subnet in zip(topo.hosts, KERNEL_SUBNETS, strict=True):
+            self.nodes.append(KernelVxlanNode(host, subnet))
+        for node in self.nodes:
+            for peer in self.nodes:
+                if peer is not node:
+                    node.add_peer(str(peer.subnet), peer.host.underlay_ip, peer.mac)
+        mtu = UNDERLAY_MTU - VXLAN_OVERHEAD
+        pods = [topo.add_pod(node.host, f"{node.subnet.network_address + 1}/"
+                             f"{node.subnet.prefixlen}", mtu) for node in self.nodes]
+        return Endpoints(pods[0], pods[1], pods[1].address, mtu,
+                         f"pod {pods[0].address} -> pod {pods[1].address} over flannel.1")
+
+    def teardown(self, topo: Topology) -> None:
+        for pod in list(topo.pods):
+            topo.remove_pod(pod)
+        for node in self.nodes:
+            node.remove()
+        self.nodes.clear()
+
+
+class FlannelUdp(Case):
+    """A flannel-udp daemon on each host with `Backend.Type` = `backend`, one pod behind each."""
+
+    kernel = False
+
+    def __init__(self, backend: str) -> None:
+        self.name = backend
+        self.title = f"flannel-udp {backend} backend"
+        self.backend = backend
+
+    def unavailable(self) -> str | None:
+        # Picked up by itself once `flannel-udp run` accepts the backend.
+        if self.backend not in config.IMPLEMENTED_BACKENDS:
+            return (f"flannel-udp run does not accept Backend.Type {self.backend!r} yet "
+                    "(config.IMPLEMENTED_BACKENDS)")
+        return None
+
+    def setup(self, topo: Topology) -> Endpoints:
+        # A store of its own, so that no lease or config of an earlier case is in the way.
+        topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": {"Type": self.backend}},
+                           store=topo.dir / f"store-{self.backend}.msgpack")
+        pods = [topo.add_pod(host) for host in topo.hosts]
+        mtu = int(topo.hosts[0].subnet_env()["FLANNEL_MTU"])
+        return Endpoints(pods[0], pods[1], pods[1].address, mtu,
+                         f"pod {pods[0].address} -> pod {pods[1].address} through the daemons",
+                         list(topo.hosts))
+
+    def teardown(self, topo: Topology) -> None:
+        for pod in list(topo.pods):
+            topo.remove_pod(pod)
+        for host in topo.hosts:
+            if host.daemon is not None:  # stop_flannel only signals one that still runs
+                host.stop_flannel()
+
+
+# In the order they run and are shown: the reference before the cases measured against it.
+CASES: dict[str, Callable[[], Case]] = {
+    "underlay": Underlay,
+    REFERENCE: KernelVxlan,
+    "udp": lambda: FlannelUdp("udp"),
+    "vxlan": lambda: FlannelUdp("vxlan"),
+}

@@ -1,0 +1,246 @@
+"""`python -m bench`: build one two-host namespace topology, measure each selected case on it in
+turn, print the table, write the JSON and the chart, and remove everything it made, also on
+failure, Ctrl-C or SIGTERM. Nothing leaves the bench's namespaces."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench import measure, report
+from bench.cases import CASES, Case, Endpoints
+from flannel_udp.netns import (
+    UNDERLAY_MTU,
+    NetnsError,
+    Topology,
+    check_environment,
+    remove_stale,
+    sigterm_as_interrupt,
+)
+
+SCHEMA = "flannel-udp-bench/1"
+TESTS = ("tcp1", "tcp4", "udp1400", "small", "ping", "rss5000")
+DEFAULT_DURATION = 5
+QUICK_DURATION = 1
+MANY_PEERS = 5000
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PAUSE = 0.2  # s between tests, so that queues of the last one have drained
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"{','.join(unknown) or 'nothing'}: choose from "
+                                             f"{','.join(allowed)}")
+        return names
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure flannel-udp against the bare underlay and kernel VXLAN on one "
+                    "two-host namespace topology (needs root, iperf3, ping).")
+    parser.add_argument("--cases", type=_names(tuple(CASES)), default=list(CASES),
+                        metavar="LIST", help=f"comma-separated, of {','.join(CASES)} "
+                        "(default all; vxlan shows 'not available' until flannel-udp run "
+                        "accepts it)")
+    parser.add_argument("--tests", type=_names(TESTS), default=list(TESTS), metavar="LIST",
+                        help=f"comma-separated, of {','.join(TESTS)} (default all)")
+    parser.add_argument("--duration", type=int, metavar="SECONDS",
+                        help=f"of each iperf3 test and each ping series (default "
+                             f"{DEFAULT_DURATION}; {QUICK_DURATION} with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_DURATION} s per test: everything in under a minute")
+    parser.add_argument("--output", type=Path, metavar="PATH",
+                        help="the JSON file (default bench/results/<timestamp>.json)")
+    parser.add_argument("--chart", type=Path, metavar="PATH",
+                        help="the PNG chart (default: the JSON path with .png)")
+    parser.add_argument("--no-chart", action="store_true", help="draw no chart")
+    return parser
+
+
+def _missing_tools() -> str | None:
+    for tool, package in (("iperf3", "iperf3"), ("ping", "iputils-ping"), ("ss", "iproute2")):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` on PATH (apt-get install {package})"
+    return None
+
+
+def _machine() -> dict[str, Any]:
+    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout
+    return {"cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(),
+            "iperf3": iperf.split()[1] if iperf.split()[1:] else None,
+            "loadavg_start": list(os.getloadavg())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """0 when every selected case and test ran, 1 when some failed, 2 when this machine can't
+    run the bench, 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    if duration < 1:
+        print("python -m bench: --duration must be at least 1 s", file=sys.stderr)
+        return 2
+    problem = check_environment() or _missing_tools()
+    if problem:
+        print(f"python -m bench: {problem}", file=sys.stderr)
+        return 2
+    cases = [name for name in CASES if name in args.cases]  # the reference runs first
+    tests = [name for name in TESTS if name in args.tests]
+    started = datetime.now()
+    output = args.output or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}.json"
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "settings": {"duration_s": duration, "cases": cases, "tests": tests,
+                     "quick": args.quick, "small_packet_method": "iperf3 -u -l 64 -b 0",
+                     "ping_method": f"iputils ping -i {measure.PING_INTERVAL}"},
+        "topology": {"hosts": 2, "underlay": "veth to a bridge in its own namespace",
+                     "underlay_mtu": UNDERLAY_MTU},
+        "cases": {},
+    }
+    remove_stale()
+    clock = time.monotonic()
+    topo: Topology | None = None
+    try:
+        with sigterm_as_interrupt():
+            topo = Topology(2)
+            with topo:
+                _say(f"flannel-udp bench: 2 hosts on a bridge, namespaces {topo.prefix}-*, "
+                     f"{duration} s per test; cases {','.join(cases)}; tests {','.join(tests)}")
+                _run(topo, cases, tests, duration, results)
+                _say(f"removing {len(topo.namespaces)} namespaces ...")
+    except KeyboardInterrupt:
+        _say(f"\ninterrupted: no results written; {_left_behind(topo)}")
+        return 130
+    except NetnsError as e:
+        _say(f"FAILED: {e}; {_left_behind(topo)}")
+        return 1
+    results["seconds"] = round(time.monotonic() - clock, 1)
+    results["machine"]["loadavg_end"] = list(os.getloadavg())
+    results["ratios"] = report.ratios(results)
+    results["targets"] = report.targets(results)
+    chart = None if args.no_chart else (args.chart or output.with_suffix(".png"))
+    why_no_chart = report.write_chart(results, chart) if chart else "--no-chart"
+    results["chart"] = str(chart) if chart and why_no_chart is None else None
+    report.write_json(results, output)
+    _say()
+    _say(report.table(results))
+    _say()
+    _say(f"JSON: {output}")
+    _say(f"chart: {results['chart'] or 'none, ' + why_no_chart}")
+    load = results["machine"]
+    _say(f"done in {results['seconds']:.0f} s; load average {load['loadavg_start'][0]:.2f} "
+         f"before, {load['loadavg_end'][0]:.2f} after; {_left_behind(topo)}")
+    failed = any(c.get("status") == "failed" or any(isinstance(v, dict) and "error" in v
+                                                    for v in c.values())
+                 for c in results["cases"].values())
+    return 1 if failed or "error" in results.get("rss5000", {}) else 0
+
+
+def _left_behind(topo: Topology | None) -> str:
+    leftovers = topo.leftovers() if topo is not None else []
+    if leftovers:
+        return f"could not remove namespaces {', '.join(leftovers)} (ip netns del NAME)"
+    return "removed every namespace, process and file the bench made"
+
+
+def _run(topo: Topology, cases: list[str], tests: list[str], duration: int,
+         results: dict[str, Any]) -> None:
+    path_tests = [t for t in tests if t != "rss5000"]
+    if path_tests:
+        for number, name in enumerate(cases, 1):
+            case = CASES[name]()
+            _say(f"[{number}/{len(cases)}] {name}: {case.title}")
+            started = time.monotonic()
+            results["cases"][name] = _run_case(topo, case, path_tests, duration)
+            results["cases"][name]["seconds"] = round(time.monotonic() - started, 1)
+    if "rss5000" in tests:
+        _say(f"[rss5000] one udp daemon with {MANY_PEERS:,} peers: writing their leases ...")
+        try:
+            results["rss5000"] = measure.many_peers_rss(topo, topo.host(1), MANY_PEERS, _say)
+            _say(f"    peak RSS {results['rss5000']['peak_rss_mb']:.1f} MB")
+        except NetnsError as e:
+            _say(f"    error: {e}")
+            results["rss5000"] = {"peers": MANY_PEERS, "error": str(e)}
+
+
+def _run_case(topo: Topology, case: Case, tests: list[str], duration: int) -> dict[str, Any]:
+    result: dict[str, Any] = {"title": case.title, "kernel": case.kernel}
+    reason = case.unavailable()
+    if reason:
+        _say(f"    not available: {reason}")
+        return {**result, "status": "not available", "reason": reason}
+    try:
+        ends = case.setup(topo)
+    except NetnsError as e:
+        _say(f"    setup failed: {e}")
+        tails = topo.log_tails(10)
+        if tails:
+            _say(tails)
+        case.teardown(topo)
+        return {**result, "status": "failed", "reason": f"setup: {e}"}
+    result.update(status="measured", reason=None, path=ends.path, mtu=ends.mtu)
+    _say(f"    {ends.path}, MTU {ends.mtu}")
+    for test in tests:
+        try:
+            result[test] = _run_test(test, ends, duration)
+        except NetnsError as e:
+            _say(f"    {test}: error: {e}")
+            result[test] = {"error": str(e)}
+        time.sleep(PAUSE)
+    if ends.daemons:
+        try:
+            result["daemons"] = {"peak_rss": measure.daemons_peak_rss(ends.daemons)}
+            _say(f"    daemons' peak RSS {result['daemons']['peak_rss']['each_mb']} MB")
+        except NetnsError as e:
+            result["daemons"] = {"error": str(e)}
+    # Only reached without Ctrl-C: an interrupt leaves the removal to the topology's cleanup.
+    case.teardown(topo)
+    return result
+
+
+def _run_test(test: str, ends: Endpoints, duration: int) -> dict[str, Any]:
+    if test in ("tcp1", "tcp4"):
+        streams = 1 if test == "tcp1" else 4
+        _say(f"    {test:<8} iperf3 TCP, {streams} stream{'s' * (streams > 1)}, {duration} s ...")
+        r = measure.tcp(ends, streams, duration)
+        cpu = (f", daemons {r['cpu_s_per_gb']:.2f} CPU s/GB"
+               if r["cpu_s_per_gb"] is not None else "")
+        _say(f"             {r['gbit_s']:.2f} Gbit/s, {r['retransmits']} retransmits{cpu}")
+        return r
+    if test in ("udp1400", "small"):
+        payload = 1400 if test == "udp1400" else 64
+        _say(f"    {test:<8} iperf3 UDP, {payload} B payloads, -b 0, {duration} s ...")
+        r = measure.udp(ends, payload, duration)
+        loss = "?" if r["loss"] is None else f"{r['loss'] * 100:.2f}%"
+        _say(f"             {r['gbit_s']:.2f} Gbit/s, {r['pps'] / 1000:.0f} kpps received, "
+             f"loss {loss}")
+        return r
+    _say(f"    {test:<8} ping every {measure.PING_INTERVAL * 1000:.0f} ms, {duration} s idle, "
+         f"then {duration} s under one TCP stream ...")
+    r = measure.ping_idle_and_loaded(ends, duration)
+    for when in ("idle", "load"):
+        p = r[when]
+        _say(f"             {when:<5} p50 {p['p50_us']} us, p99 {p['p99_us']} us, "
+             f"{p['received']}/{p['sent']} answered")
+    return r
