@@ -10,18 +10,21 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Awaitable
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TypeVar
 
 from flannel_udp import control
 from flannel_udp.errors import UserError
-from flannel_udp.stores import StoreError
+from flannel_udp.stores import Store, StoreError
 
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
 # Accepted for flanneld compatibility; their features come in later versions.
 NOT_ACTIVE_YET = ("ip_masq", "healthz_port", "iface_regex")
 
 log = logging.getLogger("flannel-udp")
+T = TypeVar("T")
 
 
 def _env(dest: str, default: object = None) -> object:
@@ -67,7 +70,8 @@ def _store_flags(parser: argparse.ArgumentParser) -> None:
          help="the embedded lease store file, used when no --etcd-endpoints is given "
               "(default %(default)s)")
     _add(g, "--etcd-endpoints", "--endpoints", metavar="URLS",
-         help="etcd endpoints (the etcd store is not available in this version)")
+         help="comma-separated etcd endpoints, e.g. https://10.0.0.1:2379; with them the "
+              "leases live in etcd, as flanneld keeps them")
     _add(g, "--etcd-prefix", default="/coreos.com/network", help="etcd prefix")
     _add(g, "--etcd-cafile", "--ca-file", metavar="FILE", help="etcd CA certificate")
     _add(g, "--etcd-certfile", "--cert-file", metavar="FILE", help="etcd client certificate")
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="not active yet (0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
          help="not active yet")
+    _add(run, "--etcd-wait", type=int, default=60, metavar="SECONDS",
+         help="how long to wait at start for an unreachable etcd before exiting; 0 waits for "
+              "ever, as flanneld (default %(default)s)")
     _add(run, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH",
          help="unix socket for `flannel-udp status` (default %(default)s)")
     _add(run, "-v", type=int, default=0, metavar="LEVEL",
@@ -126,13 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_store(args: argparse.Namespace) -> tuple[object, str]:
+def open_store(args: argparse.Namespace) -> tuple[Store, str]:
     """The store the flags name, and a name for it in messages."""
     if args.etcd_endpoints:
-        raise UserError("--etcd-endpoints: the etcd store is not available in this version "
-                        "of flannel-udp yet; use --local-store")
+        from flannel_udp.stores.etcd import EtcdOptions, EtcdStore
+        store = EtcdStore(EtcdOptions.from_flags(
+            args.etcd_endpoints, args.etcd_prefix, args.etcd_cafile, args.etcd_certfile,
+            args.etcd_keyfile, args.etcd_username, args.etcd_password))
+        return store, f"{store.name} (prefix {args.etcd_prefix})"
     from flannel_udp.stores.local import LocalStore
     return LocalStore(args.local_store), f"lease store {args.local_store}"
+
+
+async def _closing(store: Store, work: Awaitable[T]) -> T:
+    """Await `work`, then release the store's connections."""
+    try:
+        return await work
+    finally:
+        await store.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,14 +170,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         public_ip = IPv4Address(args.public_ip) if args.public_ip else None
     except ValueError:
         raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    if args.etcd_wait < 0:
+        raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
     store, name = open_store(args)
     opts = RunOptions(store=store, store_name=name, iface=args.iface, public_ip=public_ip,
                       subnet_file=args.subnet_file,
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
-                      ip_masq=args.ip_masq)
+                      ip_masq=args.ip_masq, store_wait=args.etcd_wait or None)
     import uvloop
-    return uvloop.run(Daemon(opts).run())
+    return uvloop.run(_closing(store, Daemon(opts).run()))
 
 
 def cmd_network(args: argparse.Namespace) -> int:
@@ -167,7 +187,7 @@ def cmd_network(args: argparse.Namespace) -> int:
 
     store, name = open_store(args)
     if args.network_command == "get":
-        raw = asyncio.run(store.get_config())
+        raw = asyncio.run(_closing(store, store.get_config()))
         if raw is None:
             raise UserError(f"no network config in {name}", 1)
         print(raw.decode())
@@ -182,7 +202,7 @@ def cmd_network(args: argparse.Namespace) -> int:
     else:
         raw = args.config.encode()
     config = parse_config(raw)
-    asyncio.run(store.set_config(raw))
+    asyncio.run(_closing(store, store.set_config(raw)))
     print(f"network config written to {name}: Network {config.network}, "
           f"SubnetLen {config.subnet_len}, backend {config.backend_type}")
     return 0

@@ -9,10 +9,11 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from flannel_udp import control, netlink, subnetenv
 from flannel_udp.backends import Network, make_network
@@ -20,11 +21,13 @@ from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 from flannel_udp.manager import LeaseManager
-from flannel_udp.stores import Store, StoreError
+from flannel_udp.stores import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("flannel-udp")
 
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
+START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +41,27 @@ class RunOptions:
     net_config_path: str | None
     control_socket: str
     ip_masq: bool = False
+    # How long to wait at start for a store that does not answer (etcd down); None: for ever.
+    store_wait: float | None = 60.0
+
+
+async def until_available(what: str, step: Callable[[], Awaitable[T]],
+                          wait: float | None) -> T:
+    """`step()`, tried again while the store is unreachable, for up to `wait` seconds (None:
+    for ever, as flanneld); then the store's error, saying how long it waited."""
+    deadline = None if wait is None else time.monotonic() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await step()
+        except StoreUnavailable as e:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StoreUnavailable(f"{e}; gave up after waiting {wait:g} s") from None
+            pause = delay if left is None else min(delay, left)
+            log.warning("%s: %s; trying again in %.1f s", what, e, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, START_RETRY_MAX)
 
 
 async def load_config(store: Store, store_name: str, seed_path: str | None) -> NetworkConfig:
@@ -78,8 +102,10 @@ class Daemon:
 
     async def run(self) -> int:
         opts = self.opts
-        self.config = config = await load_config(opts.store, opts.store_name,
-                                                 opts.net_config_path)
+        self.config = config = await until_available(
+            "reading the network config",
+            lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
+            opts.store_wait)
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
@@ -99,8 +125,11 @@ class Daemon:
         self.manager = manager = LeaseManager(
             opts.store, config, public_ip, network.backend_type, network.backend_data,
             renew_margin=opts.renew_margin_minutes * 60.0)
-        lease = await manager.acquire(subnetenv.previous_subnet(opts.subnet_file))
-        peers = await manager.load_peers()
+        previous = subnetenv.previous_subnet(opts.subnet_file)
+        lease = await until_available("acquiring a lease", lambda: manager.acquire(previous),
+                                      opts.store_wait)
+        peers = await until_available("reading the leases", manager.load_peers,
+                                      opts.store_wait)
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
@@ -139,18 +168,29 @@ class Daemon:
                                          self._own_lease_lost)
             except StoreError as e:
                 log.error("lease store: %s; forwarding on the last known table, retrying", e)
+            while True:  # the store may still be away: keep forwarding until it answers
                 await asyncio.sleep(WATCH_RETRY)
-                await self._resync()
+                try:
+                    await self._resync()
+                    break
+                except StoreError as e:
+                    log.error("lease store: %s; retrying", e)
 
     async def _resync(self) -> None:
-        """Re-read the whole table after a store failure and apply the difference."""
+        """Re-read the whole table after a store failure and apply the difference, our own
+        lease included: it may have gone while we were not following."""
         assert self.manager is not None and self.network is not None
+        assert self.manager.lease is not None
         before = set(self.manager.peers)
-        current = await self.manager.load_peers()
+        await self.manager.load_peers()
+        if not self.manager.holds_lease:
+            log.warning("our lease %s is not in the lease table any more",
+                        self.manager.lease.subnet)
+            await self._own_lease_lost()
         for subnet in before - set(self.manager.peers):
             self.network.remove_peer(subnet)
-        for lease in current:
-            self.network.add_peer(lease)
+        for peer in list(self.manager.peers.values()):
+            self.network.add_peer(peer.lease)
 
     async def _own_lease_lost(self) -> None:
         assert self.manager is not None and self.network is not None

@@ -7,6 +7,7 @@ this module decides. The backend only hears `add_peer`/`remove_peer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from flannel_udp.lease import (
     parse_subnet_key,
     subnet_key,
 )
-from flannel_udp.stores import LeaseRecord, Snapshot, Store, StoreError
+from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, Store, StoreError
 
 log = logging.getLogger("flannel-udp")
 
@@ -55,6 +56,7 @@ class LeaseManager:
         self.lease: Lease | None = None
         self.peers: dict[IPv4Network, Peer] = {}
         self._snapshot: Snapshot | None = None
+        self.holds_lease = False  # our lease was in the table at the last load_peers()
 
     # -- parsing store records, one place --
 
@@ -87,8 +89,9 @@ class LeaseManager:
             leases = self._parse_all(snapshot)
             mine = own_lease(self.config, leases, self.public_ip)
             if mine is not None:
-                expiration = await self.store.put_lease(subnet_key(mine.subnet), self.value,
-                                                        self.ttl)
+                # A reservation (a lease that never expires) stays one, as in flannel.
+                ttl = None if mine.expiration is None else self.ttl
+                expiration = await self.store.put_lease(subnet_key(mine.subnet), self.value, ttl)
                 return self._took(mine.subnet, expiration, "reusing our lease")
             subnet = choose_new_subnet(self.config, leases, preferred)
             if subnet is None:
@@ -130,11 +133,15 @@ class LeaseManager:
     # -- following the table --
 
     async def load_peers(self) -> list[Lease]:
-        """Read the table once: the peers as of now (watch() goes on from here)."""
+        """Read the table once: the peers as of now (watch() goes on from here). Also notes
+        whether our own lease is still in it (`holds_lease`)."""
         self._snapshot = await self.store.list_leases()
         now = time.time()
-        self.peers = {lease.subnet: Peer(lease, now) for lease in self._parse_all(self._snapshot)
-                      if self.lease is None or lease.subnet != self.lease.subnet}
+        leases = self._parse_all(self._snapshot)
+        mine = self.lease.subnet if self.lease is not None else None
+        self.holds_lease = any(lease.subnet == mine and lease.public_ip == self.public_ip
+                               for lease in leases)
+        self.peers = {lease.subnet: Peer(lease, now) for lease in leases if lease.subnet != mine}
         return [p.lease for p in self.peers.values()]
 
     async def watch(self, on_add: Callable[[Lease], None],
@@ -142,26 +149,34 @@ class LeaseManager:
                     on_own_lost: Callable[[], Awaitable[None]]) -> None:
         """Apply lease events for ever. Our own lease going away calls `on_own_lost`."""
         assert self._snapshot is not None, "load_peers() first"
-        async for events in self.store.watch(self._snapshot):
-            for event in events:
-                lease = self._parse(event.record)
-                if lease is None:
-                    continue
-                if self.lease is not None and lease.subnet == self.lease.subnet:
-                    if event.kind == "delete":
-                        log.warning("our lease %s was deleted or expired", lease.subnet)
-                        await on_own_lost()
-                    elif lease.public_ip != self.public_ip:
-                        log.error("our subnet %s is now leased to %s", lease.subnet,
-                                  lease.public_ip)
-                    continue
+        # aclosing: when a handler fails, the store's watch (an etcd stream) ends now, not
+        # whenever the generator is collected.
+        async with contextlib.aclosing(self.store.watch(self._snapshot)) as batches:
+            async for events in batches:
+                await self._apply(events, on_add, on_remove, on_own_lost)
+
+    async def _apply(self, events: list[LeaseEvent], on_add: Callable[[Lease], None],
+                     on_remove: Callable[[IPv4Network], None],
+                     on_own_lost: Callable[[], Awaitable[None]]) -> None:
+        for event in events:
+            lease = self._parse(event.record)
+            if lease is None:
+                continue
+            if self.lease is not None and lease.subnet == self.lease.subnet:
                 if event.kind == "delete":
-                    if self.peers.pop(lease.subnet, None) is not None:
-                        log.info("peer %s (%s) went away", lease.subnet, lease.public_ip)
-                        on_remove(lease.subnet)
-                else:
-                    old = self.peers.get(lease.subnet)
-                    self.peers[lease.subnet] = Peer(lease, time.time())
-                    log.info("peer %s at %s (%s) %s", lease.subnet, lease.public_ip,
-                             lease.backend, "changed" if old else "appeared")
-                    on_add(lease)
+                    log.warning("our lease %s was deleted or expired", lease.subnet)
+                    await on_own_lost()
+                elif lease.public_ip != self.public_ip:
+                    log.error("our subnet %s is now leased to %s", lease.subnet,
+                              lease.public_ip)
+                continue
+            if event.kind == "delete":
+                if self.peers.pop(lease.subnet, None) is not None:
+                    log.info("peer %s (%s) went away", lease.subnet, lease.public_ip)
+                    on_remove(lease.subnet)
+            else:
+                old = self.peers.get(lease.subnet)
+                self.peers[lease.subnet] = Peer(lease, time.time())
+                log.info("peer %s at %s (%s) %s", lease.subnet, lease.public_ip,
+                         lease.backend, "changed" if old else "appeared")
+                on_add(lease)

@@ -1,5 +1,5 @@
-"""Shared fixtures: namespace topologies that are always removed, and the skip of the
-`netns`-marked tests on machines without root, /dev/net/tun or `ip netns`."""
+"""Shared fixtures: namespace topologies and etcd clusters that are always removed, and the
+skip of the `netns`-marked tests on machines without root, /dev/net/tun or `ip netns`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from flannel_udp.etcd_harness import EtcdCluster, etcd_problem
+from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
 from flannel_udp.netns import Topology, check_environment, remove_stale
 
 NETNS_PROBLEM = check_environment()
@@ -61,6 +63,18 @@ def _topologies() -> Iterator[Callable[..., Topology]]:
             _live_topologies.remove(topo)
         leftovers = [n for topo in made for n in topo.leftovers()]
         assert not leftovers, f"cleanup left namespaces behind: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdCluster]:
+    """A one-member etcd on free loopback ports for one module's tests; its process and data
+    dir are removed afterwards. Skips where etcd is not installed."""
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    etcd_remove_stale()
+    with EtcdCluster(1) as cluster:
+        yield cluster.start()
 
 
 @pytest.fixture

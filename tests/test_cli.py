@@ -62,7 +62,7 @@ def test_network_set_and_get_round_trip(tmp_path):
     (["network", "set", '{"Network":"10.9.0.0/16","SubnetLen":31}'], "SubnetLen", 2),
     (["network", "set", "{nope"], "not valid JSON", 2),
     (["network", "get"], "no network config", 1),
-    (["run", "--etcd-endpoints", "http://127.0.0.1:2379"], "etcd", 2),
+    (["run", "--etcd-endpoints", "gopher://127.0.0.1:2379"], "--etcd-endpoints", 2),
     (["run", "--public-ip", "banana"], "--public-ip", 2),
     (["run", "--subnet-lease-renew-margin", "0"], "--subnet-lease-renew-margin", 2),
     (["status", "--control-socket", "/nonexistent/flannel-udp.sock"], "no flannel-udp daemon", 1),

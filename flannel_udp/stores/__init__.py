@@ -36,6 +36,11 @@ class StoreError(Exception):
     """The store could not be reached or read; the message says which and why."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer (e.g. no etcd member reachable): it may come back, so a starting
+    daemon waits for it, while a StoreError of another kind (a refusal) is final."""
+
+
 class Store(Protocol):
     async def get_config(self) -> bytes | None:
         """The network config JSON, or None when none was set."""
@@ -51,8 +56,9 @@ class Store(Protocol):
         """Create the lease only if the key is absent (atomically across hosts); its expiration,
         or None when the key exists already."""
 
-    async def put_lease(self, key: str, value: bytes, ttl: float) -> float:
-        """Create or overwrite the lease with a fresh TTL (renewal); its expiration."""
+    async def put_lease(self, key: str, value: bytes, ttl: float | None) -> float | None:
+        """Create or overwrite the lease with a fresh TTL (renewal); its expiration. With `ttl`
+        None, a reservation: a lease that never expires."""
 
     async def delete_lease(self, key: str) -> None:
         """Remove the lease; no error when it is absent."""

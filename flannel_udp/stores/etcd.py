@@ -1,0 +1,485 @@
+"""The etcd v3 store, in flannel's layout: `<prefix>/config`, and `<prefix>/subnets/<net>-<len>`
+bound to an etcd lease (a key without one is a reservation). Several endpoints, TLS with client
+certificates, user and password.
+
+A small client on grpc.aio, using aetcd's generated etcd v3 stubs (they import with current
+protobuf). Its own channels, because aetcd's client opens insecure ones to one endpoint only.
+A call that fails for want of a member moves on to the next endpoint; when none answers the call
+raises StoreUnavailable. The watch never gives up: it re-watches from the last revision seen + 1
+on any member, and after a compaction lists the table again and reports the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import posixpath
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# grpc's C core logs to stderr by itself (TLS handshake details, reconnects); every failure
+# reaches us as an exception we turn into one line, so it is silenced before grpc loads.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import grpc  # noqa: E402
+from aetcd import rpc  # noqa: E402
+
+from flannel_udp.errors import UserError  # noqa: E402
+from flannel_udp.stores import (  # noqa: E402
+    LeaseEvent,
+    LeaseRecord,
+    Snapshot,
+    StoreError,
+    StoreUnavailable,
+)
+
+log = logging.getLogger("flannel-udp")
+
+DEFAULT_PORT = 2379
+RPC_TIMEOUT = 5.0  # seconds for one call to one member: a silent member is left after this
+WATCH_RETRY_MIN, WATCH_RETRY_MAX = 0.2, 2.0  # seconds between attempts to watch again
+OUTAGE_REPORT_EVERY = 30.0  # seconds between log lines while the watch cannot resume
+TTL_LOOKUPS = 32  # concurrent TimeToLive calls when listing
+_CHANNEL_OPTIONS = [
+    # Reconnect within 2 s of a member coming back (grpc's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # Notice a member that vanished without closing the watch stream. etcd refuses pings more
+    # often than every 5 s, or without a stream open.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.max_receive_message_length", 64 << 20),  # a listing of thousands of leases
+]
+# Only a member that knows the leader may serve a watch, so a member cut off from the cluster
+# ends our stream (and we move on) instead of going silent: etcd's WithRequireLeader.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_TLS_FAILURE = re.compile(r"handshake|ssl|tsi_|certificate", re.IGNORECASE)
+_SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+)(?::\s*([^:]+))?")
+
+
+class EtcdTLSError(StoreError):
+    """The TLS handshake with etcd failed: a setting to fix, not an outage to wait out."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str  # as given, for messages
+    target: str  # host:port for grpc
+    secure: bool
+
+
+def parse_endpoints(text: str) -> list[Endpoint]:
+    """`--etcd-endpoints`: comma-separated http(s)://host[:port] (a bare host:port means http,
+    as etcd's client takes it). UserError (exit 2) naming the bad one."""
+    endpoints = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        url = item if "://" in item else f"http://{item}"
+        try:
+            parts = urlsplit(url)
+            port = parts.port or DEFAULT_PORT
+        except ValueError as e:
+            raise UserError(f"--etcd-endpoints: {item!r} is not a URL ({e})") from None
+        if parts.scheme not in ("http", "https"):
+            raise UserError(f"--etcd-endpoints: {item!r}: the scheme must be http or https")
+        if not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise UserError(f"--etcd-endpoints: {item!r} is not of the form "
+                            "http(s)://host:port")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        endpoints.append(Endpoint(item, f"{host}:{port}", parts.scheme == "https"))
+    if not endpoints:
+        raise UserError("--etcd-endpoints: no endpoint given")
+    return endpoints
+
+
+def _read_pem(flag: str, path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise UserError(f"{flag} {path}: not a PEM file")
+    return data
+
+
+@dataclass(frozen=True)
+class EtcdOptions:
+    """The etcd flags of flanneld, checked; the certificate files read once."""
+
+    endpoints: list[Endpoint]
+    prefix: str = "/coreos.com/network"
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_flags(cls, endpoints: str, prefix: str, cafile: str | None = None,
+                   certfile: str | None = None, keyfile: str | None = None,
+                   username: str | None = None, password: str | None = None) -> EtcdOptions:
+        if bool(certfile) != bool(keyfile):
+            raise UserError("--etcd-certfile and --etcd-keyfile go together: give both or "
+                            "neither")
+        if bool(username) != bool(password):
+            raise UserError("--etcd-username and --etcd-password go together: give both or "
+                            "neither")
+        return cls(parse_endpoints(endpoints), prefix,
+                   _read_pem("--etcd-cafile", cafile), _read_pem("--etcd-certfile", certfile),
+                   _read_pem("--etcd-keyfile", keyfile), username or None, password or None)
+
+
+def _key(*parts: str) -> bytes:
+    # Go's path.Join, as flannel builds its keys: a trailing or doubled '/' in the prefix
+    # does not change them.
+    return posixpath.normpath(posixpath.join(*parts)).encode()
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The end of the key range holding every key that starts with `prefix`."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+def _reason(e: grpc.aio.AioRpcError) -> str:
+    """A grpc failure in a few words."""
+    details = e.details() or e.code().name
+    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {RPC_TIMEOUT:g} s"
+    if "Connection refused" in details:
+        return "connection refused"
+    if _TLS_FAILURE.search(details):
+        m = _SSL_REASON.search(details)
+        if m:
+            return "TLS handshake failed: " + ": ".join(g.strip() for g in m.groups() if g)
+        return "TLS handshake failed: " + details.rsplit(": ", 1)[-1]
+    return details.removeprefix("failed to connect to all addresses; last error: ")
+
+
+@dataclass
+class _Member:
+    """One endpoint: its channel (made on first use, remade after close) and auth token."""
+
+    endpoint: Endpoint
+    credentials: grpc.ChannelCredentials | None
+    channel: grpc.aio.Channel | None = None
+    stubs: dict[str, Any] = field(default_factory=dict)
+    token: str | None = None
+
+    def stub(self, service: str) -> Any:
+        if self.channel is None:
+            if self.endpoint.secure:
+                assert self.credentials is not None
+                self.channel = grpc.aio.secure_channel(self.endpoint.target, self.credentials,
+                                                       options=_CHANNEL_OPTIONS)
+            else:
+                self.channel = grpc.aio.insecure_channel(self.endpoint.target,
+                                                         options=_CHANNEL_OPTIONS)
+            self.stubs = {"KV": rpc.KVStub(self.channel), "Lease": rpc.LeaseStub(self.channel),
+                          "Watch": rpc.WatchStub(self.channel),
+                          "Auth": rpc.AuthStub(self.channel)}
+        return self.stubs[service]
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            channel, self.channel, self.stubs, self.token = self.channel, None, {}, None
+            await channel.close()
+
+
+class EtcdStore:
+    """Store on etcd v3; see `flannel_udp.stores.Store` for the contract of each method."""
+
+    def __init__(self, options: EtcdOptions) -> None:
+        self.options = options
+        self.name = f"etcd {','.join(e.url for e in options.endpoints)}"
+        credentials = None
+        if any(e.secure for e in options.endpoints):
+            # As etcd's client: https endpoints use TLS (the system's CAs unless --etcd-cafile),
+            # http ones do not, whatever certificate files are given.
+            credentials = grpc.ssl_channel_credentials(options.ca, options.key, options.cert)
+        self._members = [_Member(e, credentials) for e in options.endpoints]
+        self._current = 0  # the member that answered last: tried first
+        self._config_key = _key(options.prefix, "config")
+        self._subnets = _key(options.prefix, "subnets") + b"/"
+
+    # -- calls with failover --
+
+    async def _metadata(self, member: _Member) -> tuple[tuple[str, str], ...]:
+        if self.options.username is None:
+            return ()
+        if member.token is None:
+            reply = await member.stub("Auth").Authenticate(
+                rpc.AuthenticateRequest(name=self.options.username,
+                                        password=self.options.password),
+                timeout=RPC_TIMEOUT)
+            member.token = reply.token
+        return (("token", member.token),)
+
+    async def _on_members(self, what: str,
+                          attempt: Callable[[_Member, tuple], Awaitable[Any]]) -> Any:
+        """`attempt(member, metadata)` on the current member, else on each next one; raises
+        StoreUnavailable when no member could serve it, StoreError when one refused it."""
+        failures = []
+        count = len(self._members)
+        for i in range(count):
+            index = (self._current + i) % count
+            member = self._members[index]
+            for retry_auth in (True, False):
+                try:
+                    result = await attempt(member, await self._metadata(member))
+                    self._current = index
+                    return result
+                except grpc.aio.AioRpcError as e:
+                    if (e.code() == grpc.StatusCode.UNAUTHENTICATED and retry_auth
+                            and member.token is not None):
+                        member.token = None  # expired (etcd's simple tokens do): log in again
+                        continue
+                    if e.code() not in _TRANSIENT:
+                        raise StoreError(f"etcd {member.endpoint.url}: {what}: "
+                                         f"{e.details() or e.code().name}") from None
+                    failures.append((member.endpoint.url, _reason(e)))
+                except (StoreUnavailable, asyncio.TimeoutError) as e:
+                    failures.append((member.endpoint.url,
+                                     str(e) or f"no answer within {RPC_TIMEOUT:g} s"))
+                break
+        reasons = "; ".join(f"{url}: {reason}" for url, reason in failures)
+        if all(r.startswith("TLS handshake failed") for _, r in failures):
+            raise EtcdTLSError(f"etcd: {reasons} (check --etcd-cafile, --etcd-certfile and "
+                               "--etcd-keyfile)")
+        raise StoreUnavailable(f"etcd unreachable ({what}): {reasons}")
+
+    async def _call(self, service: str, method: str, request: Any) -> Any:
+        async def attempt(member: _Member, metadata: tuple) -> Any:
+            return await getattr(member.stub(service), method)(request, timeout=RPC_TIMEOUT,
+                                                               metadata=metadata)
+        return await self._on_members(f"{service}.{method}", attempt)
+
+    async def _grant(self, ttl: float) -> tuple[int, float]:
+        """A fresh etcd lease: its id and expiration."""
+        started = time.time()
+        reply = await self._call("Lease", "LeaseGrant",
+                                 rpc.LeaseGrantRequest(TTL=max(1, round(ttl))))
+        return reply.ID, started + reply.TTL
+
+    async def _expiration(self, lease_id: int) -> float | None:
+        """When the key bound to this etcd lease goes; None for a key without one."""
+        if lease_id == 0:
+            return None
+        reply = await self._call("Lease", "LeaseTimeToLive",
+                                 rpc.LeaseTimeToLiveRequest(ID=lease_id))
+        return time.time() + max(reply.TTL, 0)  # -1: expired, about to be deleted
+
+    async def _records(self, kvs: Sequence[Any]) -> list[LeaseRecord]:
+        limit = asyncio.Semaphore(TTL_LOOKUPS)
+
+        async def record(kv: Any) -> LeaseRecord:
+            async with limit:
+                expiration = await self._expiration(kv.lease)
+            return LeaseRecord(kv.key[len(self._subnets):].decode(errors="replace"), kv.value,
+                               expiration)
+        return list(await asyncio.gather(*(record(kv) for kv in kvs)))
+
+    # -- the Store API --
+
+    async def get_config(self) -> bytes | None:
+        reply = await self._call("KV", "Range", rpc.RangeRequest(key=self._config_key))
+        return reply.kvs[0].value if reply.kvs else None
+
+    async def set_config(self, value: bytes, create_only: bool = False) -> bool:
+        put = rpc.PutRequest(key=self._config_key, value=value)
+        if not create_only:
+            await self._call("KV", "Put", put)
+            return True
+        return await self._put_if_absent(self._config_key, put)
+
+    async def _put_if_absent(self, key: bytes, put: Any) -> bool:
+        """flannel's If(Version(key) == 0) Then Put(...) transaction."""
+        reply = await self._call("KV", "Txn", rpc.TxnRequest(
+            compare=[rpc.Compare(key=key, target=rpc.Compare.VERSION,
+                                 result=rpc.Compare.EQUAL, version=0)],
+            success=[rpc.RequestOp(request_put=put)]))
+        return reply.succeeded
+
+    async def list_leases(self) -> Snapshot:
+        reply = await self._call("KV", "Range", rpc.RangeRequest(
+            key=self._subnets, range_end=_range_end(self._subnets)))
+        return Snapshot(reply.header.revision, tuple(await self._records(reply.kvs)))
+
+    async def create_lease(self, key: str, value: bytes, ttl: float) -> float | None:
+        lease_id, expiration = await self._grant(ttl)
+        full_key = self._subnets + key.encode()
+        if await self._put_if_absent(full_key, rpc.PutRequest(key=full_key, value=value,
+                                                              lease=lease_id)):
+            return expiration
+        try:  # lost the race: the fresh etcd lease holds nothing, give it back
+            await self._call("Lease", "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id))
+        except StoreError as e:
+            log.debug("revoking unused etcd lease %x: %s", lease_id, e)
+        return None
+
+    async def put_lease(self, key: str, value: bytes, ttl: float | None) -> float | None:
+        # Renewal as flannel does it: a fresh etcd lease and the value put again with it (the
+        # old etcd lease, now holding nothing, runs out by itself).
+        lease_id, expiration = (0, None) if ttl is None else await self._grant(ttl)
+        await self._call("KV", "Put", rpc.PutRequest(key=self._subnets + key.encode(),
+                                                     value=value, lease=lease_id))
+        return expiration
+
+    async def delete_lease(self, key: str) -> None:
+        await self._call("KV", "DeleteRange",
+                         rpc.DeleteRangeRequest(key=self._subnets + key.encode()))
+
+    async def close(self) -> None:
+        for member in self._members:
+            await member.close()
+
+    # -- the watch --
+
+    async def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
+        known = {r.key: r for r in since.records}
+        revision = since.revision  # every event up to here is in `known`
+        delay = WATCH_RETRY_MIN
+        outage_since: float | None = None
+        last_report = 0.0
+        while True:
+            try:
+                async for batch, seen in self._watch_from(revision, known):
+                    revision = seen
+                    if outage_since is not None:
+                        log.info("etcd watch resumed at revision %d after %.0f s", revision,
+                                 time.time() - outage_since)
+                        outage_since = None
+                    delay = WATCH_RETRY_MIN
+                    if batch:
+                        yield batch
+            except _Compacted as e:
+                log.warning("etcd compacted the lease history past revision %d (to %d): "
+                            "listing the leases again", revision + 1, e.revision)
+                try:
+                    snapshot = await self.list_leases()
+                except StoreError as e2:
+                    error: StoreError = e2
+                else:
+                    batch = _difference(known, snapshot)
+                    known = {r.key: r for r in snapshot.records}
+                    revision = snapshot.revision
+                    if batch:
+                        yield batch
+                    continue
+            except StoreError as e:
+                error = e
+            now = time.time()
+            if outage_since is None:
+                outage_since = last_report = now
+                log.warning("etcd watch interrupted (%s); forwarding on the last known lease "
+                            "table, watching again from revision %d", error, revision + 1)
+            elif now - last_report >= OUTAGE_REPORT_EVERY:
+                last_report = now
+                log.warning("etcd still unreachable after %.0f s (%s); still forwarding",
+                            now - outage_since, error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_RETRY_MAX)
+
+    async def _watch_from(self, revision: int, known: dict[str, LeaseRecord]
+                          ) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
+        """One watch stream from `revision` + 1: (events, revision seen) per response, `known`
+        kept up to date. Ends by raising: StoreError when the stream breaks, _Compacted when
+        the history from `revision` + 1 is gone."""
+        call = None
+
+        async def open_stream(member: _Member, metadata: tuple) -> Any:
+            nonlocal call
+            if call is not None:  # the attempt on the member before
+                call.cancel()
+            call = member.stub("Watch").Watch(metadata=metadata + _REQUIRE_LEADER)
+            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=self._subnets, range_end=_range_end(self._subnets),
+                start_revision=revision + 1, prev_kv=True, progress_notify=True)))
+            reply = await asyncio.wait_for(call.read(), RPC_TIMEOUT)
+            if reply is grpc.aio.EOF:
+                raise StoreUnavailable("the watch stream closed at once")
+            return reply
+
+        try:
+            reply = await self._on_members("Watch", open_stream)
+            while True:
+                if reply.compact_revision:
+                    raise _Compacted(reply.compact_revision)
+                if reply.canceled:
+                    raise StoreUnavailable(f"watch cancelled: {reply.cancel_reason or '?'}")
+                if reply.events:
+                    batch = await self._events(reply.events, known)
+                    revision = max(ev.kv.mod_revision for ev in reply.events)
+                    yield batch, revision
+                elif not reply.created:
+                    # A progress notice: the stream has sent everything up to this revision.
+                    revision = max(revision, reply.header.revision)
+                    yield [], revision
+                else:
+                    yield [], revision
+                try:
+                    reply = await call.read()
+                except grpc.aio.AioRpcError as e:
+                    raise StoreUnavailable(f"watch stream broken: {_reason(e)}") from None
+                if reply is grpc.aio.EOF:
+                    raise StoreUnavailable("the watch stream ended")
+        finally:
+            if call is not None:
+                call.cancel()
+
+    async def _events(self, events: Sequence[Any], known: dict[str, LeaseRecord]
+                      ) -> list[LeaseEvent]:
+        """One response's events as lease events; `known` is updated only once all are made, so
+        that a failure here replays the whole response on the next stream."""
+        puts = await self._records([ev.kv for ev in events if ev.type == rpc.Event.PUT])
+        by_key = iter(puts)
+        batch = []
+        table = dict(known)
+        for ev in events:
+            if ev.type == rpc.Event.PUT:
+                record = next(by_key)
+                table[record.key] = record
+                batch.append(LeaseEvent("put", record))
+            else:
+                key = ev.kv.key[len(self._subnets):].decode(errors="replace")
+                old = table.pop(key, None)
+                if old is None and ev.HasField("prev_kv"):
+                    old = LeaseRecord(key, ev.prev_kv.value, None)
+                if old is not None:  # else never seen, so nobody holds it: nothing to undo
+                    batch.append(LeaseEvent("delete", old))
+        known.clear()
+        known.update(table)
+        return batch
+
+
+class _Compacted(Exception):
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"compacted to revision {revision}")
+        self.revision = revision
+
+
+def _difference(known: dict[str, LeaseRecord], snapshot: Snapshot) -> list[LeaseEvent]:
+    """The events that turn the table `known` into `snapshot`."""
+    now = {r.key: r for r in snapshot.records}
+    events = [LeaseEvent("delete", r) for k, r in known.items() if k not in now]
+    events += [LeaseEvent("put", r) for k, r in now.items()
+               if k not in known or known[k].value != r.value]
+    return events
