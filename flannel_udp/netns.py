@@ -510,7 +510,10 @@ class KernelVxlanNode:
     (bench). `lease_value()` is the lease flanneld would write for it."""
 
     def __init__(self, host: Host, subnet: str, *, vni: int = 1, port: int = 8472,
-                 mac: str | None = None, underlay_dev: str = "eth0") -> None:
+                 mac: str | None = None, underlay_dev: str = "eth0",
+                 udp_csum: bool | None = None) -> None:
+        """`udp_csum` True/False: `udpcsum`/`noudpcsum` on the device (UDP checksums set or
+        zero in the frames it sends); None leaves the kernel's default (set)."""
         self.host = host
         self.subnet = ipaddress.IPv4Network(subnet)
         self.vni = vni
@@ -519,9 +522,10 @@ class KernelVxlanNode:
         # locally administered, unicast, derived from the host so that it is stable
         self.mac = mac or "0e:fa:" + ":".join(
             f"{b:02x}" for b in ipaddress.IPv4Address(host.underlay_ip).packed)
+        csum = [] if udp_csum is None else ["udpcsum" if udp_csum else "noudpcsum"]
         host.run("ip", "link", "add", self.dev, "type", "vxlan", "id", str(vni),
                  "local", host.underlay_ip, "dev", underlay_dev, "dstport", str(port),
-                 "nolearning")
+                 "nolearning", *csum)
         host.run("ip", "link", "set", self.dev, "address", self.mac,
                  "mtu", str(UNDERLAY_MTU - 50))
         host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
