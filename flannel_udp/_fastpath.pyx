@@ -1,22 +1,30 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Native packet fast path of the UDP backend: TUN <-> UDP forwarding in C threads.
+"""Native packet fast path of the udp and vxlan backends: TUN <-> UDP forwarding in C threads.
 
-Two native threads move packets: egress (TUN -> validate/route -> sendmmsg to the peer) and
-ingress (recvmmsg -> validate -> write to the TUN). Every per-packet step is a ``noexcept nogil``
-C function on raw buffers; Python is only touched by the control methods (routes, counters,
-start/stop) and by the test hooks ``process_egress``/``process_ingress``, which run the very same
-C functions as the threads so that ``flannel_udp.packet`` can serve as their oracle.
+Two native threads move packets: egress (TUN -> validate/route -> encapsulate -> sendmmsg to the
+peer) and ingress (recvmmsg -> decapsulate/validate -> write to the TUN). Every per-packet step
+is a ``noexcept nogil`` C function on raw buffers; Python is only touched by the control methods
+(routes, counters, start/stop) and by the test hooks ``process_egress``/``process_ingress``,
+which run the very same C functions as the threads so that ``flannel_udp.packet`` can serve as
+their oracle.
+
+Two wire modes: flannel's UDP (the bare IPv4 packet as payload, TTL decremented each way) and
+VXLAN as Linux's kernel VXLAN speaks it (RFC 7348 header plus an inner Ethernet header; TTL left
+alone). VXLAN egress spreads flows over a pool of UDP sockets bound to ephemeral ports: a plain
+UDP socket can only send from its own port, and receivers spread flows by the source port.
 
 Layout kept open for later work: all state of one TUN queue and its thread pair is one
 ``Queue`` struct (multi-queue = several of them sharing ``Shared``), the wire encapsulation is
-one function each way (``encap_udp``/``decap_udp``; VXLAN would add a header iovec), and the
-batch buffers are plain arrays that offload (IFF_VNET_HDR, UDP GSO/GRO) code can reuse.
+one function per mode and direction (``encap_udp``/``encap_vxlan``, ``decap_udp``/
+``decap_vxlan``), egress reads each packet behind HEADROOM bytes so that a header goes in front
+of it in the same buffer (one contiguous datagram, as UDP GSO will want), and the batch buffers
+are plain arrays that offload (IFF_VNET_HDR, UDP GSO/GRO) code can reuse.
 """
 
 from libc.errno cimport EAGAIN, EINTR, EMSGSIZE, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
 from posix.time cimport timespec
 from posix.unistd cimport close, read, write
 
@@ -57,6 +65,7 @@ cdef extern from "<netinet/in.h>" nogil:
         in_addr sin_addr
     uint16_t htons(uint16_t)
     uint32_t htonl(uint32_t)
+    uint32_t ntohl(uint32_t)
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -118,8 +127,26 @@ cdef extern from "<pthread.h>" nogil:
 cdef enum:
     BATCH = 64                      # packets per read/sendmmsg/recvmmsg batch
     BUF_SIZE = 65536                # one buffer holds the largest IPv4 packet / UDP payload
+    HEADROOM = 64                   # room for the encapsulation in front of an egress packet
+    EGRESS_SLOT = HEADROOM + BUF_SIZE
     ICMP_MAX = 20 + 8 + 60 + 8      # reply IP header + ICMP header + max quoted header + 8
     TABLE_MIN_CAPACITY = 16
+    MAX_SENDERS = 64                # send sockets egress may spread flows over
+
+cdef enum:
+    MODE_UDP = 0                    # flannel's udp backend
+    MODE_VXLAN = 1                  # RFC 7348, as Linux's kernel VXLAN
+
+cdef enum:
+    VXLAN_HDR_LEN = 8
+    ETH_HDR_LEN = 14
+    VXLAN_ENCAP_LEN = VXLAN_HDR_LEN + ETH_HDR_LEN
+    VXLAN_FLAG_I = 0x08
+    ETHERTYPE_IPV4 = 0x0800
+    VNI_MAX = 0xFFFFFF
+
+# Equal to packet.FLOW_HASH_SEED.
+cdef uint32_t FLOW_HASH_SEED = 0x666C7578U
 
 cdef enum:
     ACT_SEND = 0
@@ -138,7 +165,12 @@ cdef enum:
     D_TOO_BIG = 7
     D_SEND_ERROR = 8
     D_TUN_WRITE_ERROR = 9
-    D_COUNT = 10
+    D_VXLAN_SHORT = 10
+    D_VXLAN_BAD_FLAGS = 11
+    D_VXLAN_WRONG_VNI = 12
+    D_VXLAN_WRONG_MAC = 13
+    D_VXLAN_NOT_IPV4 = 14
+    D_COUNT = 15
 
 # Spelled out here rather than imported from packet.py so that the test comparing the two
 # actually checks the C numbering.
@@ -152,6 +184,11 @@ DROP_NAMES = {
     D_TOO_BIG: "too_big",
     D_SEND_ERROR: "send_error",
     D_TUN_WRITE_ERROR: "tun_write_error",
+    D_VXLAN_SHORT: "vxlan_short",
+    D_VXLAN_BAD_FLAGS: "vxlan_bad_flags",
+    D_VXLAN_WRONG_VNI: "vxlan_wrong_vni",
+    D_VXLAN_WRONG_MAC: "vxlan_wrong_mac",
+    D_VXLAN_NOT_IPV4: "vxlan_not_ipv4",
 }
 
 
@@ -162,6 +199,7 @@ ctypedef struct RouteEntry:
     uint32_t subnet         # key: network address, host order
     uint32_t peer           # peer public IPv4, host order
     uint32_t used
+    uint8_t mac[6]          # VXLAN: the peer's VtepMAC
     # tx_* written only by the egress thread, rx_* only by the ingress thread.
     uint64_t tx_packets
     uint64_t tx_bytes
@@ -180,7 +218,12 @@ ctypedef struct Shared:
     uint32_t mask           # lease prefix mask, host order
     uint32_t tun_addr       # source of our ICMP errors, host order
     uint16_t port           # peers' UDP port, network order
-    int udp_fd
+    int mode                # MODE_UDP or MODE_VXLAN
+    uint32_t vni            # VXLAN
+    uint8_t vtep_mac[6]     # VXLAN: ours
+    int udp_fd              # receives (bound to the port)
+    unsigned int n_senders
+    int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
     int stop_fd             # eventfd; readable = threads must exit
 
 ctypedef struct Counters:
@@ -197,13 +240,19 @@ ctypedef struct Verdict:
     RouteEntry* route       # the entry whose counters the packet is charged to (or NULL)
 
 ctypedef struct EgressState:
-    uint8_t* bufs           # BATCH * BUF_SIZE
+    uint8_t* bufs           # BATCH * EGRESS_SLOT; a packet is read HEADROOM bytes into its slot
     size_t lens[BATCH]
-    mmsghdr msgs[BATCH]
+    # Per packet of the batch, filled by the encapsulation: the datagram, where it goes, which
+    # socket sends it, and what it is charged to (inner bytes, so tx matches the peer's rx).
     iovec iov[BATCH]
     sockaddr_in addrs[BATCH]
+    unsigned int sender[BATCH]
     RouteEntry* routes[BATCH]
     size_t sent_lens[BATCH]
+    # In send order, grouped by sender: msgs[j] carries packet order[j].
+    mmsghdr msgs[BATCH]
+    unsigned int order[BATCH]
+    unsigned int run_end[MAX_SENDERS]
     uint8_t reply[ICMP_MAX]
     Counters counters
     pthread_t thread
@@ -278,7 +327,7 @@ cdef int rt_grow(RouteTable* t) noexcept nogil:
     return 0
 
 
-cdef int rt_set(RouteTable* t, uint32_t key, uint32_t peer) noexcept nogil:
+cdef int rt_set(RouteTable* t, uint32_t key, uint32_t peer, const uint8_t* mac) noexcept nogil:
     """Upsert; counters restart when the subnet moves to another peer. -1 on ENOMEM."""
     cdef RouteEntry e
     cdef RouteEntry* found = rt_find(t, key)
@@ -288,6 +337,7 @@ cdef int rt_set(RouteTable* t, uint32_t key, uint32_t peer) noexcept nogil:
             found.subnet = key
             found.peer = peer
             found.used = 1
+        memcpy(found.mac, mac, 6)
         return 0
     if (t.count + 1) * 2 > t.capacity and rt_grow(t) < 0:
         return -1
@@ -295,6 +345,7 @@ cdef int rt_set(RouteTable* t, uint32_t key, uint32_t peer) noexcept nogil:
     e.subnet = key
     e.peer = peer
     e.used = 1
+    memcpy(e.mac, mac, 6)
     rt_place(t, &e)
     return 0
 
@@ -423,7 +474,8 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     """Decide the fate of a packet read from the TUN. Caller holds the route read lock.
 
     The route lookup is done before the TTL is decremented (the order is unobservable except in
-    the ICMP quote, which must show the header as received).
+    the ICMP quote, which must show the header as received). Only UDP mode touches the TTL, as
+    flannel's proxy does; kernel VXLAN leaves it to the kernel's forwarding.
     """
     cdef size_t total_len = 0
     cdef RouteEntry* e
@@ -434,13 +486,14 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     if v.drop != D_NONE:
         v.action = ACT_DROP
         return
-    if pkt[8] <= 1:
+    if s.mode == MODE_UDP and pkt[8] <= 1:
         v.action = ACT_DROP
         v.drop = D_TTL_EXPIRED
         return
     e = rt_find(&s.table, rd32(pkt + 16) & s.mask)
     if e != NULL:
-        ttl_decrement(pkt)
+        if s.mode == MODE_UDP:
+            ttl_decrement(pkt)
         v.action = ACT_SEND
         v.length = total_len
         v.peer = e.peer
@@ -455,20 +508,18 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
 
 
 cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, Verdict* v) noexcept nogil:
-    """Decide the fate of a datagram from a peer. Caller holds the route read lock."""
+    """Decide the fate of a decapsulated packet from a peer. Caller holds the route read lock."""
     cdef size_t total_len = 0
-    v.route = NULL
-    v.peer = 0
-    v.length = 0
     v.drop = ip_validate(pkt, n, &total_len)
     if v.drop != D_NONE:
         v.action = ACT_DROP
         return
-    if pkt[8] <= 1:
-        v.action = ACT_DROP
-        v.drop = D_TTL_EXPIRED
-        return
-    ttl_decrement(pkt)
+    if s.mode == MODE_UDP:
+        if pkt[8] <= 1:
+            v.action = ACT_DROP
+            v.drop = D_TTL_EXPIRED
+            return
+        ttl_decrement(pkt)
     v.action = ACT_TUN
     v.length = total_len
     # Per-peer rx is charged to the lease the inner source belongs to: flannel accepts any
@@ -477,28 +528,123 @@ cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, Verdict* v) noexcept no
 
 
 # ---------------------------------------------------------------------------------------------
-# Encapsulation (one function per direction so that another mode can be slotted in)
+# Encapsulation: one function per mode and direction; ``encap``/``ingress_frame`` dispatch.
 
-cdef inline void encap_udp(Shared* s, EgressState* q, unsigned int k, uint8_t* pkt,
-                           size_t length, uint32_t peer) noexcept nogil:
-    # flannel's UDP mode: the datagram payload is the bare IPv4 packet, no header.
-    q.iov[k].iov_base = pkt
-    q.iov[k].iov_len = length
+cdef inline uint32_t fmix32(uint32_t h) noexcept nogil:
+    # MurmurHash3's finalizer: every input bit affects every output bit.
+    h ^= h >> 16
+    h *= <uint32_t>0x85EBCA6BU
+    h ^= h >> 13
+    h *= <uint32_t>0xC2B2AE35U
+    h ^= h >> 16
+    return h
+
+
+cdef inline bint has_ports(uint32_t proto) noexcept nogil:
+    # TCP, UDP, DCCP, SCTP, UDP-Lite: the first 4 payload bytes are the two ports.
+    return proto == 6 or proto == 17 or proto == 33 or proto == 132 or proto == 136
+
+
+cdef uint32_t hash_flow(const uint8_t* pkt, size_t total_len) noexcept nogil:
+    """Hash of a validated packet's flow (mirror of packet.flow_hash): addresses, protocol, and
+    the ports unless the packet is a fragment (fragments of one datagram must hash alike)."""
+    cdef size_t header_len = <size_t>(pkt[0] & 0x0F) * 4
+    cdef uint32_t proto = pkt[9]
+    cdef uint32_t ports = 0
+    cdef uint32_t h
+    if has_ports(proto) and (rd16(pkt + 6) & 0x3FFF) == 0 and header_len + 4 <= total_len:
+        ports = rd32(pkt + header_len)
+    h = fmix32(FLOW_HASH_SEED ^ rd32(pkt + 12))
+    h = fmix32(h ^ rd32(pkt + 16))
+    h = fmix32(h ^ proto)
+    return fmix32(h ^ ports)
+
+
+cdef inline void address_to(const Shared* s, EgressState* q, unsigned int k,
+                            uint32_t peer) noexcept nogil:
     q.addrs[k].sin_family = AF_INET
     q.addrs[k].sin_port = s.port
     q.addrs[k].sin_addr.s_addr = htonl(peer)
-    q.msgs[k].msg_hdr.msg_name = &q.addrs[k]
-    q.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_in)
-    q.msgs[k].msg_hdr.msg_iov = &q.iov[k]
-    q.msgs[k].msg_hdr.msg_iovlen = 1
-    q.msgs[k].msg_hdr.msg_control = NULL
-    q.msgs[k].msg_hdr.msg_controllen = 0
-    q.msgs[k].msg_hdr.msg_flags = 0
 
 
-cdef inline uint8_t* decap_udp(uint8_t* datagram, size_t n, size_t* inner_len) noexcept nogil:
+cdef inline void encap_udp(const Shared* s, EgressState* q, unsigned int k, uint8_t* pkt,
+                           size_t length, const RouteEntry* e) noexcept nogil:
+    # flannel's UDP mode: the datagram payload is the bare IPv4 packet, no header.
+    q.iov[k].iov_base = pkt
+    q.iov[k].iov_len = length
+    address_to(s, q, k, e.peer)
+    q.sender[k] = 0
+
+
+cdef inline void encap_vxlan(const Shared* s, EgressState* q, unsigned int k, uint8_t* pkt,
+                             size_t length, const RouteEntry* e) noexcept nogil:
+    # RFC 7348 header and the inner Ethernet header, written into the headroom before pkt.
+    cdef uint8_t* h = pkt - VXLAN_ENCAP_LEN
+    wr32(h, <uint32_t>VXLAN_FLAG_I << 24)
+    wr32(h + 4, s.vni << 8)
+    memcpy(h + 8, e.mac, 6)
+    memcpy(h + 14, s.vtep_mac, 6)
+    wr16(h + 20, ETHERTYPE_IPV4)
+    q.iov[k].iov_base = h
+    q.iov[k].iov_len = VXLAN_ENCAP_LEN + length
+    address_to(s, q, k, e.peer)
+    # One socket per flow keeps a flow on one outer source port (and in order).
+    q.sender[k] = <unsigned int>((<uint64_t>hash_flow(pkt, length) * s.n_senders) >> 32)
+
+
+cdef inline void encap(const Shared* s, EgressState* q, unsigned int k, uint8_t* pkt,
+                       size_t length, RouteEntry* e) noexcept nogil:
+    """Make packet k of the batch (HEADROOM bytes of room before ``pkt``) ready to send."""
+    if s.mode == MODE_VXLAN:
+        encap_vxlan(s, q, k, pkt, length, e)
+    else:
+        encap_udp(s, q, k, pkt, length, e)
+    q.routes[k] = e
+    q.sent_lens[k] = length
+
+
+cdef inline int decap_udp(uint8_t* datagram, size_t n, uint8_t** inner,
+                          size_t* inner_len) noexcept nogil:
+    inner[0] = datagram
     inner_len[0] = n
-    return datagram
+    return D_NONE
+
+
+cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_t** inner,
+                            size_t* inner_len) noexcept nogil:
+    # The reserved flag bits are ignored on receipt (RFC 7348); only the I flag must be set.
+    if n < VXLAN_ENCAP_LEN:
+        return D_VXLAN_SHORT
+    if not (datagram[0] & VXLAN_FLAG_I):
+        return D_VXLAN_BAD_FLAGS
+    if (rd32(datagram + 4) >> 8) != s.vni:
+        return D_VXLAN_WRONG_VNI
+    if memcmp(datagram + 8, s.vtep_mac, 6) != 0:
+        return D_VXLAN_WRONG_MAC
+    if rd16(datagram + 20) != ETHERTYPE_IPV4:
+        return D_VXLAN_NOT_IPV4
+    inner[0] = datagram + VXLAN_ENCAP_LEN
+    inner_len[0] = n - VXLAN_ENCAP_LEN
+    return D_NONE
+
+
+cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, Verdict* v) noexcept nogil:
+    """Decapsulate and check a datagram from a peer; the inner packet to write when
+    ``v.action == ACT_TUN``. Caller holds the route read lock."""
+    cdef uint8_t* pkt = NULL
+    cdef size_t inner_len = 0
+    v.route = NULL
+    v.peer = 0
+    v.length = 0
+    if s.mode == MODE_VXLAN:
+        v.drop = decap_vxlan(s, datagram, n, &pkt, &inner_len)
+    else:
+        v.drop = decap_udp(datagram, n, &pkt, &inner_len)
+    if v.drop != D_NONE:
+        v.action = ACT_DROP
+        return NULL
+    ingress_one(s, pkt, inner_len, v)
+    return pkt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -554,18 +700,21 @@ cdef bint wait_writable(int fd, int stop_fd) noexcept nogil:
             return True
 
 
-cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nogil:
-    cdef unsigned int off = 0
-    cdef unsigned int j
+cdef void send_run(Shared* s, EgressState* q, int fd, unsigned int start,
+                   unsigned int end) noexcept nogil:
+    """sendmmsg msgs[start:end] through ``fd``, counting each packet once: sent or dropped."""
+    cdef unsigned int off = start
+    cdef unsigned int j, p
     cdef int r
-    while off < count:
-        r = sendmmsg(s.udp_fd, &q.msgs[off], count - off, 0)
+    while off < end:
+        r = sendmmsg(fd, &q.msgs[off], end - off, 0)
         if r > 0:
             for j in range(off, off + <unsigned int>r):
+                p = q.order[j]
                 q.counters.packets += 1
-                q.counters.bytes += q.sent_lens[j]
-                q.routes[j].tx_packets += 1
-                q.routes[j].tx_bytes += q.sent_lens[j]
+                q.counters.bytes += q.sent_lens[p]
+                q.routes[p].tx_packets += 1
+                q.routes[p].tx_bytes += q.sent_lens[p]
             off += <unsigned int>r
             # A short count means message ``off`` failed and its errno was lost: the next call
             # starts with it and reports the error.
@@ -574,13 +723,44 @@ cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nog
             continue
         # The caller may hand over a nonblocking socket (asyncio's are): wait for room rather
         # than drop a whole batch on a momentarily full send buffer.
-        if r < 0 and errno == EAGAIN and wait_writable(s.udp_fd, s.stop_fd):
+        if r < 0 and errno == EAGAIN and wait_writable(fd, s.stop_fd):
             continue
         if r < 0 and errno == EMSGSIZE:
             q.counters.drops[D_TOO_BIG] += 1
         else:
             q.counters.drops[D_SEND_ERROR] += 1
         off += 1
+
+
+cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nogil:
+    """Send the batch's ``count`` encapsulated packets: one sendmmsg run per sender socket."""
+    cdef unsigned int i, j, sender
+    cdef unsigned int start = 0
+    cdef unsigned int* run_end = q.run_end
+    # Counting sort by sender, stable: a flow has one sender, so it keeps its order.
+    memset(run_end, 0, s.n_senders * sizeof(unsigned int))
+    for i in range(count):
+        run_end[q.sender[i]] += 1
+    for sender in range(s.n_senders):
+        j = run_end[sender]
+        run_end[sender] = start     # where this sender's run begins, advanced while placing
+        start += j
+    for i in range(count):
+        j = run_end[q.sender[i]]
+        run_end[q.sender[i]] = j + 1
+        q.order[j] = i
+        q.msgs[j].msg_hdr.msg_name = &q.addrs[i]
+        q.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        q.msgs[j].msg_hdr.msg_iov = &q.iov[i]
+        q.msgs[j].msg_hdr.msg_iovlen = 1
+        q.msgs[j].msg_hdr.msg_control = NULL
+        q.msgs[j].msg_hdr.msg_controllen = 0
+        q.msgs[j].msg_hdr.msg_flags = 0
+    start = 0
+    for sender in range(s.n_senders):   # run_end[sender] is now where the run ends
+        if run_end[sender] > start:
+            send_run(s, q, s.send_fds[sender], start, run_end[sender])
+        start = run_end[sender]
 
 
 cdef int egress_batch(Queue* qu) noexcept nogil:
@@ -595,7 +775,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
     cdef uint8_t* pkt
     cdef Verdict v
     while n_read < BATCH:
-        r = read(qu.tun_fd, q.bufs + <size_t>n_read * BUF_SIZE, BUF_SIZE)
+        r = read(qu.tun_fd, q.bufs + <size_t>n_read * EGRESS_SLOT + HEADROOM, BUF_SIZE)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -611,12 +791,10 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
     # The read lock spans the sends: the batch holds pointers into the table for its counters.
     pthread_rwlock_rdlock(&s.lock)
     for i in range(n_read):
-        pkt = q.bufs + <size_t>i * BUF_SIZE
+        pkt = q.bufs + <size_t>i * EGRESS_SLOT + HEADROOM
         egress_one(s, pkt, q.lens[i], q.reply, &v)
         if v.action == ACT_SEND:
-            encap_udp(s, q, k, pkt, v.length, v.peer)
-            q.routes[k] = v.route
-            q.sent_lens[k] = v.length
+            encap(s, q, k, pkt, v.length, v.route)
             k += 1
         elif v.action == ACT_REPLY:
             q.counters.drops[D_NO_ROUTE] += 1
@@ -637,7 +815,6 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
     cdef Shared* s = qu.shared
     cdef IngressState* q = &qu.ig
     cdef int r, i
-    cdef size_t inner_len
     cdef uint8_t* pkt
     cdef Verdict v
     while True:
@@ -651,8 +828,7 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
         pthread_rwlock_rdlock(&s.lock)
         for i in range(r):
             # Buffers are larger than any UDP payload, so MSG_TRUNC cannot happen.
-            pkt = decap_udp(q.bufs + <size_t>i * BUF_SIZE, q.msgs[i].msg_len, &inner_len)
-            ingress_one(s, pkt, inner_len, &v)
+            pkt = ingress_frame(s, q.bufs + <size_t>i * BUF_SIZE, q.msgs[i].msg_len, &v)
             if v.action != ACT_TUN:
                 q.counters.drops[v.drop] += 1
             elif write(qu.tun_fd, pkt, v.length) == <ssize_t>v.length:
@@ -738,6 +914,13 @@ cdef str format_ipv4(uint32_t addr):
     return str(ipaddress.IPv4Address(addr))
 
 
+cdef int copy_mac(uint8_t* out, object mac, str what) except -1:
+    if not isinstance(mac, bytes) or len(<bytes>mac) != 6:
+        raise ValueError(f"{what}: expected 6 bytes, got {mac!r}")
+    memcpy(out, <const char*><bytes>mac, 6)
+    return 0
+
+
 cdef dict route_counters(const RouteEntry* e):
     return {
         "tx_packets": e.tx_packets,
@@ -747,8 +930,22 @@ cdef dict route_counters(const RouteEntry* e):
     }
 
 
+def flow_hash(bytes packet) -> int:
+    """Test hook: the C flow hash of an IPv4 packet (ValueError unless its header is sane)."""
+    cdef size_t total_len = 0
+    cdef int drop = ip_validate(<const uint8_t*><const char*>packet, len(packet), &total_len)
+    if drop != D_NONE:
+        raise ValueError(f"not a valid IPv4 packet: {DROP_NAMES[drop]}")
+    return hash_flow(<const uint8_t*><const char*>packet, total_len)
+
+
 cdef class FastPath:
-    """TUN <-> UDP forwarder for one TUN queue; fds are owned (and closed) by the caller."""
+    """TUN <-> UDP forwarder for one TUN queue; fds are owned (and closed) by the caller.
+
+    ``mode`` "udp" is flannel's udp backend; "vxlan" is RFC 7348 with VNI ``vni`` and our
+    ``vtep_mac`` (6 bytes). Egress sends from ``send_fds`` (default: ``udp_fd``), a VXLAN flow
+    always from the same one; ingress receives on ``udp_fd``.
+    """
 
     cdef Shared* shared
     cdef Queue* queue
@@ -780,13 +977,33 @@ cdef class FastPath:
         if self.shared.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())
 
-    def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len):
+    def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
+                 str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None):
+        cdef unsigned int i
         if self.queue.eg.started or self.queue.ig.started:
             raise RuntimeError("FastPath is running")
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
         if not 0 <= subnet_len <= 32:
             raise ValueError(f"subnet_len out of range: {subnet_len}")
+        if mode == "vxlan":
+            if not 1 <= vni <= VNI_MAX:
+                raise ValueError(f"vni out of range: {vni}")
+            copy_mac(self.shared.vtep_mac, vtep_mac, "vtep_mac")
+            self.shared.mode = MODE_VXLAN
+            self.shared.vni = <uint32_t>vni
+        elif mode == "udp":
+            self.shared.mode = MODE_UDP
+        else:
+            raise ValueError(f"mode must be 'udp' or 'vxlan', not {mode!r}")
+        senders = [udp_fd] if send_fds is None else [int(fd) for fd in send_fds]
+        if not 1 <= len(senders) <= MAX_SENDERS:
+            raise ValueError(f"send_fds: 1 to {MAX_SENDERS} sockets, not {len(senders)}")
+        if mode == "udp" and len(senders) != 1:
+            raise ValueError("send_fds: UDP mode sends from one socket")
+        for i in range(len(senders)):
+            self.shared.send_fds[i] = senders[i]
+        self.shared.n_senders = len(senders)
         self.queue.tun_fd = tun_fd
         self.shared.udp_fd = udp_fd
         self.shared.port = htons(<uint16_t>port)
@@ -817,14 +1034,21 @@ cdef class FastPath:
             raise ValueError(f"{subnet} is not a network address of the lease prefix length")
         return key
 
-    def set_route(self, str subnet, str peer_ip) -> None:
-        """Route ``subnet`` (its network address) to ``peer_ip``; replaces an existing route."""
+    def set_route(self, str subnet, str peer_ip, object vtep_mac=None) -> None:
+        """Route ``subnet`` (its network address) to ``peer_ip``, in VXLAN mode to its
+        ``vtep_mac`` (6 bytes) there; replaces an existing route."""
         cdef uint32_t key = self._subnet_key(subnet)
         cdef uint32_t peer = parse_ipv4(peer_ip)
+        cdef uint8_t mac[6]
         cdef int rc
+        memset(mac, 0, 6)
+        if self.shared.mode == MODE_VXLAN:
+            copy_mac(mac, vtep_mac, "vtep_mac")
+        elif vtep_mac is not None:
+            raise ValueError("vtep_mac: only VXLAN routes carry one")
         with nogil:
             pthread_rwlock_wrlock(&self.shared.lock)
-            rc = rt_set(&self.shared.table, key, peer)
+            rc = rt_set(&self.shared.table, key, peer, mac)
             pthread_rwlock_unlock(&self.shared.lock)
         if rc < 0:
             raise MemoryError()
@@ -838,7 +1062,8 @@ cdef class FastPath:
             pthread_rwlock_unlock(&self.shared.lock)
 
     def routes(self) -> list:
-        """[(subnet, peer_ip, {tx_packets, tx_bytes, rx_packets, rx_bytes}), ...] by subnet."""
+        """[(subnet, peer_ip, vtep_mac, {tx_packets, tx_bytes, rx_packets, rx_bytes}), ...] by
+        subnet; vtep_mac is 6 bytes in VXLAN mode, None in UDP mode."""
         cdef RouteEntry* snapshot = NULL
         cdef uint32_t i, n = 0
         cdef RouteTable* t = &self.shared.table
@@ -853,15 +1078,18 @@ cdef class FastPath:
             pthread_rwlock_unlock(&self.shared.lock)
         if snapshot == NULL:
             raise MemoryError()
+        vxlan = self.shared.mode == MODE_VXLAN
         try:
             entries = sorted(
-                [(snapshot[i].subnet, snapshot[i].peer, route_counters(&snapshot[i]))
+                [(snapshot[i].subnet, snapshot[i].peer,
+                  (<char*>snapshot[i].mac)[:6] if vxlan else None, route_counters(&snapshot[i]))
                  for i in range(n)],
                 key=lambda entry: entry[0],
             )
         finally:
             free(snapshot)
-        return [(format_ipv4(subnet), format_ipv4(peer), stats) for subnet, peer, stats in entries]
+        return [(format_ipv4(subnet), format_ipv4(peer), mac, stats)
+                for subnet, peer, mac, stats in entries]
 
     def counters(self) -> dict:
         """Global counters; tx_* = sent to peers, rx_* = written to the TUN (inner bytes)."""
@@ -900,10 +1128,11 @@ cdef class FastPath:
         cdef int rc
         if self.queue.eg.started or self.queue.ig.started:
             return
-        if self.queue.tun_fd < 0 or self.shared.udp_fd < 0:
-            raise ValueError("start() needs a TUN fd and a UDP socket fd")
+        if self.queue.tun_fd < 0 or self.shared.udp_fd < 0 or any(
+                self.shared.send_fds[i] < 0 for i in range(self.shared.n_senders)):
+            raise ValueError("start() needs a TUN fd and UDP socket fds")
         if self.queue.eg.bufs == NULL:
-            self.queue.eg.bufs = <uint8_t*>malloc(<size_t>BATCH * BUF_SIZE)
+            self.queue.eg.bufs = <uint8_t*>malloc(<size_t>BATCH * EGRESS_SLOT)
             self.queue.ig.bufs = <uint8_t*>malloc(<size_t>BATCH * BUF_SIZE)
             if self.queue.eg.bufs == NULL or self.queue.ig.bufs == NULL:
                 free(self.queue.eg.bufs)
@@ -930,33 +1159,41 @@ cdef class FastPath:
             stop_threads(self.queue)
 
     def process_egress(self, bytes packet) -> tuple:
-        """Test hook: (action, data, peer_ip or "", drop or 0) for a packet read from the TUN."""
+        """Test hook: (action, data, peer_ip or "", drop or 0, sender) for a packet read from
+        the TUN; data is the UDP payload to send, or the ICMP reply."""
         cdef size_t n = len(packet)
-        cdef uint8_t* buf = <uint8_t*>malloc(n + 1)
+        cdef uint8_t* buf = <uint8_t*>malloc(HEADROOM + n + 1)
+        cdef uint8_t* pkt = buf + HEADROOM
+        cdef EgressState* q = <EgressState*>malloc(sizeof(EgressState))
         cdef uint8_t reply[ICMP_MAX]
         cdef Verdict v
-        if buf == NULL:
+        if buf == NULL or q == NULL:
+            free(buf)
+            free(q)
             raise MemoryError()
-        memcpy(buf, <const char*>packet, n)
+        memcpy(pkt, <const char*>packet, n)
         try:
             with nogil:
                 pthread_rwlock_rdlock(&self.shared.lock)
-                egress_one(self.shared, buf, n, reply, &v)
+                egress_one(self.shared, pkt, n, reply, &v)
+                if v.action == ACT_SEND:
+                    encap(self.shared, q, 0, pkt, v.length, v.route)
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_SEND:
-                return (v.action, (<char*>buf)[:v.length], format_ipv4(v.peer), 0)
+                return (v.action, (<char*>q.iov[0].iov_base)[:q.iov[0].iov_len],
+                        format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr)), 0, q.sender[0])
             if v.action == ACT_REPLY:
-                return (v.action, (<char*>reply)[:v.length], "", v.drop)
-            return (v.action, b"", "", v.drop)
+                return (v.action, (<char*>reply)[:v.length], "", v.drop, 0)
+            return (v.action, b"", "", v.drop, 0)
         finally:
             free(buf)
+            free(q)
 
     def process_ingress(self, bytes datagram) -> tuple:
-        """Test hook: (action, data, "", drop or 0) for a datagram received from a peer."""
+        """Test hook: (action, data, "", drop or 0, 0) for a datagram received from a peer."""
         cdef size_t n = len(datagram)
         cdef uint8_t* buf = <uint8_t*>malloc(n + 1)
         cdef uint8_t* pkt
-        cdef size_t inner_len
         cdef Verdict v
         if buf == NULL:
             raise MemoryError()
@@ -964,11 +1201,10 @@ cdef class FastPath:
         try:
             with nogil:
                 pthread_rwlock_rdlock(&self.shared.lock)
-                pkt = decap_udp(buf, n, &inner_len)
-                ingress_one(self.shared, pkt, inner_len, &v)
+                pkt = ingress_frame(self.shared, buf, n, &v)
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_TUN:
-                return (v.action, (<char*>pkt)[:v.length], "", 0)
-            return (v.action, b"", "", v.drop)
+                return (v.action, (<char*>pkt)[:v.length], "", 0, 0)
+            return (v.action, b"", "", v.drop, 0)
         finally:
             free(buf)

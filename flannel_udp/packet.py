@@ -1,9 +1,10 @@
-"""Plain-Python reference of the UDP backend's per-packet logic.
+"""Plain-Python reference of the fast path's per-packet logic, UDP and VXLAN modes.
 
 This module is the oracle for the native fast path in ``_fastpath.pyx``: the property tests feed
 the same bytes to both and require identical results, so every rule here (validation order, the
-RFC 1624 incremental checksum, the ICMP error layout) must stay byte-for-byte in step with the C
-code. Pure functions, no I/O. Addresses are IPv4 host-order ints; packets are ``bytes``.
+RFC 1624 incremental checksum, the ICMP error layout, the VXLAN checks and the flow hash) must
+stay byte-for-byte in step with the C code. Pure functions, no I/O. Addresses are IPv4
+host-order ints; packets are ``bytes``; MAC addresses are 6 ``bytes``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")  # what a route table maps a subnet to: a peer (UDP) or a VxlanRoute
 
 IPV4_HEADER_LEN = 20
 PROTO_ICMP = 1
@@ -19,6 +23,17 @@ ICMP_NET_UNREACH = 0
 REPLY_TTL = 64
 # RFC 792: an ICMP error quotes the offending header plus the first 64 bits of its payload.
 ICMP_QUOTE_PAYLOAD = 8
+
+# VXLAN (RFC 7348) as Linux's kernel VXLAN speaks it: VXLAN header, then an Ethernet frame.
+VXLAN_HEADER_LEN = 8
+ETHERNET_HEADER_LEN = 14
+VXLAN_ENCAP_LEN = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN  # in front of the inner IPv4 packet
+VXLAN_FLAG_I = 0x08  # "the VNI is valid"; the other flag bits are reserved, ignored on receipt
+ETHERTYPE_IPV4 = 0x0800
+# Protocols whose first 4 payload bytes are source and destination port: TCP, UDP, DCCP, SCTP,
+# UDP-Lite. Only these add ports to the flow hash.
+PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
+FLOW_HASH_SEED = 0x666C7578  # any constant; equal in C and here
 
 
 class Drop(enum.IntEnum):
@@ -33,6 +48,11 @@ class Drop(enum.IntEnum):
     TOO_BIG = 7  # the kernel refused the send with EMSGSIZE
     SEND_ERROR = 8  # any other send failure
     TUN_WRITE_ERROR = 9
+    VXLAN_SHORT = 10  # shorter than the VXLAN header plus the inner Ethernet header
+    VXLAN_BAD_FLAGS = 11  # the I flag (valid VNI) is not set
+    VXLAN_WRONG_VNI = 12
+    VXLAN_WRONG_MAC = 13  # inner destination MAC is not our VtepMAC
+    VXLAN_NOT_IPV4 = 14  # inner ethertype is not IPv4
 
 
 DROP_NAMES: dict[Drop, str] = {d: d.name.lower() for d in Drop}
@@ -49,12 +69,31 @@ class Action(enum.IntEnum):
 
 @dataclass(frozen=True)
 class Result:
-    """Outcome of processing one packet; ``peer`` is only set for SEND, ``drop`` for REPLY/DROP."""
+    """Outcome of processing one packet; ``peer`` and ``sender`` are only set for SEND, ``drop``
+    for REPLY/DROP. ``sender`` is the index of the socket that sends it (VXLAN: by flow)."""
 
     action: Action
     data: bytes = b""
     peer: int = 0
     drop: Drop | None = None
+    sender: int = 0
+
+
+@dataclass(frozen=True)
+class Vtep:
+    """This node's VXLAN endpoint: VNI, VtepMAC, and how many send sockets flows spread over."""
+
+    vni: int
+    mac: bytes
+    senders: int = 1
+
+
+@dataclass(frozen=True)
+class VxlanRoute:
+    """Where a remote subnet's VXLAN frames go: the peer's PublicIP and VtepMAC."""
+
+    peer: int
+    mac: bytes
 
 
 def prefix_mask(prefix_len: int) -> int:
@@ -126,17 +165,19 @@ def net_unreachable(packet: bytes, tun_addr: int) -> bytes:
     return header + icmp
 
 
-def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: int) -> Result:
-    """Process a packet read from the TUN: where it goes (a peer), or why not."""
+def _route(packet: bytes, routes: Mapping[int, T], subnet_len: int, tun_addr: int,
+           check_ttl: bool) -> tuple[bytes, T] | Result:
+    """Validate a packet read from the TUN and look its destination up: (the packet cut to its
+    total length, its route), or the Result that ends it there."""
     packet, drop = _validate(packet)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
-    if packet[8] <= 1:
+    if check_ttl and packet[8] <= 1:
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
     dst = int.from_bytes(packet[16:20], "big")
-    peer = routes.get(dst & prefix_mask(subnet_len))
-    if peer is not None:
-        return Result(Action.SEND, _decrement_ttl(packet), peer)
+    route = routes.get(dst & prefix_mask(subnet_len))
+    if route is not None:
+        return packet, route
     fragment_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
     # Never answer an ICMP message with an ICMP error (RFC 1122 3.2.2), and only a first
     # fragment carries the transport header the sender needs to match the error.
@@ -145,11 +186,89 @@ def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: 
     return Result(Action.REPLY, net_unreachable(packet, tun_addr), drop=Drop.NO_ROUTE)
 
 
+def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: int) -> Result:
+    """UDP mode: process a packet read from the TUN: where it goes (a peer), or why not."""
+    routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=True)
+    if isinstance(routed, Result):
+        return routed
+    packet, peer = routed
+    return Result(Action.SEND, _decrement_ttl(packet), peer)
+
+
 def ingress(datagram: bytes) -> Result:
-    """Process a datagram from a peer (a bare IPv4 packet) bound for the TUN."""
+    """UDP mode: process a datagram from a peer (a bare IPv4 packet) bound for the TUN."""
     packet, drop = _validate(datagram)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
     if packet[8] <= 1:
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
     return Result(Action.TUN, _decrement_ttl(packet))
+
+
+# --- VXLAN mode: no TTL change (kernel VXLAN leaves it to the kernel's own forwarding) ---------
+
+
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer: every input bit affects every output bit."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def flow_hash(packet: bytes) -> int:
+    """32-bit hash of a validated IPv4 packet's flow: addresses, protocol, and the L4 ports when
+    the protocol has them and the packet is no fragment (all fragments of a datagram must hash
+    alike, and only the first one carries the ports)."""
+    header_len = (packet[0] & 0x0F) * 4
+    total_len = int.from_bytes(packet[2:4], "big")
+    proto = packet[9]
+    ports = 0
+    fragment = int.from_bytes(packet[6:8], "big") & 0x3FFF  # MF or an offset
+    if proto in PORT_PROTOCOLS and not fragment and header_len + 4 <= total_len:
+        ports = int.from_bytes(packet[header_len : header_len + 4], "big")
+    h = _fmix32(FLOW_HASH_SEED ^ int.from_bytes(packet[12:16], "big"))
+    h = _fmix32(h ^ int.from_bytes(packet[16:20], "big"))
+    h = _fmix32(h ^ proto)
+    return _fmix32(h ^ ports)
+
+
+def sender_index(flow: int, senders: int) -> int:
+    """Which of `senders` sockets a flow leaves from (multiply-shift: no modulo bias)."""
+    return (flow * senders) >> 32
+
+
+def vxlan_encap(packet: bytes, vni: int, dst_mac: bytes, src_mac: bytes) -> bytes:
+    """The UDP payload carrying `packet`: VXLAN header (I flag, VNI) and inner Ethernet header."""
+    return (bytes([VXLAN_FLAG_I, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\x00"
+            + dst_mac + src_mac + ETHERTYPE_IPV4.to_bytes(2, "big") + packet)
+
+
+def vxlan_egress(packet: bytes, routes: Mapping[int, VxlanRoute], subnet_len: int,
+                 tun_addr: int, vtep: Vtep) -> Result:
+    """VXLAN mode: process a packet read from the TUN: the frame for its peer, or why not."""
+    routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=False)
+    if isinstance(routed, Result):
+        return routed
+    packet, route = routed
+    return Result(Action.SEND, vxlan_encap(packet, vtep.vni, route.mac, vtep.mac), route.peer,
+                  sender=sender_index(flow_hash(packet), vtep.senders))
+
+
+def vxlan_ingress(datagram: bytes, vtep: Vtep) -> Result:
+    """VXLAN mode: process a datagram from a peer: the inner packet for the TUN, or why not."""
+    if len(datagram) < VXLAN_ENCAP_LEN:
+        return Result(Action.DROP, drop=Drop.VXLAN_SHORT)
+    if not datagram[0] & VXLAN_FLAG_I:
+        return Result(Action.DROP, drop=Drop.VXLAN_BAD_FLAGS)
+    if int.from_bytes(datagram[4:7], "big") != vtep.vni:
+        return Result(Action.DROP, drop=Drop.VXLAN_WRONG_VNI)
+    if datagram[8:14] != vtep.mac:
+        return Result(Action.DROP, drop=Drop.VXLAN_WRONG_MAC)
+    if int.from_bytes(datagram[20:22], "big") != ETHERTYPE_IPV4:
+        return Result(Action.DROP, drop=Drop.VXLAN_NOT_IPV4)
+    packet, drop = _validate(datagram[VXLAN_ENCAP_LEN:])
+    if drop is not None:
+        return Result(Action.DROP, drop=drop)
+    return Result(Action.TUN, packet)

@@ -1,9 +1,9 @@
-"""The native fast path against its Python reference, its route table, and one run on real fds.
+"""The native fast path against its Python reference, its route table, and runs on real fds.
 
 The property tests feed the same bytes to ``flannel_udp.packet`` and to the C functions behind
 ``FastPath.process_egress``/``process_ingress`` (the very ones the I/O threads run) and require
-byte-identical results. The last test runs the threads on a real TUN inside a throwaway network
-namespace and on real UDP sockets.
+byte-identical results, in UDP and in VXLAN mode. The last tests run the threads on a real TUN
+inside a throwaway network namespace and on real UDP sockets.
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flannel_udp import _fastpath, packet
-from flannel_udp.packet import Action, Drop, Result, checksum, prefix_mask
+from flannel_udp.packet import (
+    VXLAN_FLAG_I,
+    Action,
+    Drop,
+    Result,
+    Vtep,
+    VxlanRoute,
+    checksum,
+    prefix_mask,
+)
 
 FastPath = _fastpath.FastPath
 
@@ -54,7 +63,7 @@ def make_fastpath(routes: dict[int, int], subnet_len: int, tun_addr: int) -> Fas
 def as_tuple(result: Result) -> tuple:
     """The reference result in the shape of the FastPath test hooks."""
     peer = dotted(result.peer) if result.action == Action.SEND else ""
-    return (int(result.action), result.data, peer, int(result.drop or 0))
+    return (int(result.action), result.data, peer, int(result.drop or 0), result.sender)
 
 
 def make_packet(src: int, dst: int, ttl: int = 64, proto: int = 17, payload: bytes = b"") -> bytes:
@@ -104,7 +113,7 @@ def ipv4_packets(draw: st.DrawFn, routes: dict[int, int], subnet_len: int) -> by
     else:
         dst = draw(addresses)
     total = ihl * 4 + len(payload)
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.integers(0, 9)) == 9:  # Hypothesis favours small draws: rare = the large one
         total = draw(st.integers(0, 0xFFFF))
     header = bytearray(
         bytes([0x40 | ihl, draw(st.integers(0, 255))])
@@ -174,7 +183,7 @@ def test_fastpath_reply_is_the_reference_icmp_for_a_maximal_header():
     data[2:4] = len(data).to_bytes(2, "big")
     data = bytes(data)
     fastpath = make_fastpath({}, 24, ip("10.5.1.0"))
-    action, reply, _, drop = fastpath.process_egress(data)
+    action, reply, _, drop, _ = fastpath.process_egress(data)
     assert (action, drop) == (Action.REPLY, Drop.NO_ROUTE)
     assert len(reply) == 20 + 8 + 60 + 8
     assert reply == packet.egress(data, {}, 24, ip("10.5.1.0")).data
@@ -195,17 +204,147 @@ def test_process_hooks_leave_the_counters_alone():
     }
 
 
+# --- VXLAN mode == reference -------------------------------------------------------------------
+
+macs = st.binary(min_size=6, max_size=6)
+
+
+def make_vxlan_fastpath(routes: dict[int, VxlanRoute], subnet_len: int, tun_addr: int,
+                        vtep: Vtep) -> FastPath:
+    fastpath = FastPath(-1, -1, 8472, dotted(tun_addr), subnet_len, mode="vxlan", vni=vtep.vni,
+                        vtep_mac=vtep.mac, send_fds=[-1] * vtep.senders)
+    for subnet, route in routes.items():
+        fastpath.set_route(dotted(subnet), dotted(route.peer), route.mac)
+    return fastpath
+
+
+@st.composite
+def vteps(draw: st.DrawFn) -> Vtep:
+    vni = draw(st.one_of(st.sampled_from([1, 0xFFFFFF]), st.integers(1, 0xFFFFFF)))
+    return Vtep(vni, draw(macs), draw(st.one_of(st.just(8), st.integers(1, 64))))
+
+
+@st.composite
+def vxlan_cases(draw: st.DrawFn) -> tuple[int, dict[int, VxlanRoute], int, Vtep, bytes]:
+    """A route table, our VTEP, and a packet read from the TUN (mostly well-formed)."""
+    subnet_len, peers = draw(route_tables())
+    routes = {subnet: VxlanRoute(peer, draw(macs)) for subnet, peer in peers.items()}
+    # Hypothesis favours small draws, so the rare branch goes with the large value.
+    if draw(st.integers(0, 4)) == 4:
+        data = draw(case_with_bytes())[3]
+    else:
+        data = draw(ipv4_packets(routes, subnet_len))
+    return subnet_len, routes, draw(addresses), draw(vteps()), data
+
+
+@st.composite
+def vxlan_frames(draw: st.DrawFn, vtep: Vtep) -> bytes:
+    """Datagrams as peers (or anyone) might send them: well-formed VXLAN (reserved bits random)
+    around a packet, or with one thing wrong: a header field, the length, or all of it."""
+    broken = draw(st.sampled_from(["none", "none", "none", "flags", "vni", "mac", "ethertype",
+                                   "inner", "cut", "random"]))
+    if broken == "random":
+        return draw(st.binary(max_size=60))
+    flags = VXLAN_FLAG_I | draw(st.integers(0, 255))
+    if broken == "flags":
+        flags &= ~VXLAN_FLAG_I
+    vni = vtep.vni
+    if broken == "vni":
+        vni = draw(st.integers(0, 0xFFFFFF).filter(lambda v: v != vtep.vni))
+    dst = draw(macs.filter(lambda m: m != vtep.mac)) if broken == "mac" else vtep.mac
+    ethertype = 0x0800
+    if broken == "ethertype":
+        ethertype = draw(st.one_of(st.sampled_from([0x0806, 0x86DD, 0x8100]),
+                                   st.integers(0, 0xFFFF).filter(lambda e: e != 0x0800)))
+    header = (bytes([flags]) + draw(st.binary(min_size=3, max_size=3)) + vni.to_bytes(3, "big")
+              + draw(st.binary(min_size=1, max_size=1)) + dst + draw(macs)
+              + ethertype.to_bytes(2, "big"))
+    inner = draw(st.binary(max_size=40) if broken == "inner" else ipv4_packets({}, 24))
+    frame = header + inner
+    if broken == "cut":
+        frame = frame[: draw(st.integers(0, len(frame)))]
+    return frame
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vxlan_cases())
+def test_vxlan_egress_agrees_with_reference(case):
+    subnet_len, routes, tun_addr, vtep, data = case
+    fastpath = make_vxlan_fastpath(routes, subnet_len, tun_addr, vtep)
+    assert fastpath.process_egress(data) == as_tuple(
+        packet.vxlan_egress(data, routes, subnet_len, tun_addr, vtep))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_vxlan_ingress_agrees_with_reference(data):
+    vtep = data.draw(vteps())
+    frame = data.draw(vxlan_frames(vtep))
+    fastpath = make_vxlan_fastpath({}, 24, 0, vtep)
+    assert fastpath.process_ingress(frame) == as_tuple(packet.vxlan_ingress(frame, vtep))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(ipv4_packets({}, 24), st.binary(max_size=60)))
+def test_flow_hash_is_the_same_in_c_and_in_the_reference(data):
+    cut, drop = packet._validate(data)
+    if drop is not None:
+        with pytest.raises(ValueError):
+            _fastpath.flow_hash(data)
+    else:
+        assert _fastpath.flow_hash(data) == packet.flow_hash(cut)
+
+
+def test_vxlan_frame_of_the_largest_packet_fits_the_headroom():
+    vtep = Vtep(7, b"\x02" * 6, 1)
+    routes = {ip("10.5.2.0"): VxlanRoute(ip("192.168.0.2"), b"\x04" * 6)}
+    data = make_packet(ip("10.5.1.7"), ip("10.5.2.9"), payload=b"z" * (65535 - 20))
+    action, frame, peer, drop, sender = make_vxlan_fastpath(routes, 24, 0, vtep).process_egress(
+        data)
+    assert (action, peer, drop, sender) == (Action.SEND, "192.168.0.2", 0, 0)
+    assert frame == packet.vxlan_egress(data, routes, 24, 0, vtep).data
+
+
+def test_vxlan_routes_carry_the_peers_vtep_mac():
+    fastpath = make_vxlan_fastpath({}, 24, 0, Vtep(1, b"\x02" * 6))
+    fastpath.set_route("10.5.2.0", "192.168.0.2", b"\x0a" * 6)
+    fastpath.set_route("10.5.2.0", "192.168.0.2", b"\x0b" * 6)  # a new MAC, same node
+    ((subnet, peer, mac, _),) = fastpath.routes()
+    assert (subnet, peer, mac) == ("10.5.2.0", "192.168.0.2", b"\x0b" * 6)
+    with pytest.raises(ValueError):
+        fastpath.set_route("10.5.3.0", "192.168.0.3")  # no MAC
+    with pytest.raises(ValueError):
+        fastpath.set_route("10.5.3.0", "192.168.0.3", b"\x0b" * 5)
+    with pytest.raises(ValueError):
+        make_fastpath({}, 24, 0).set_route("10.5.3.0", "192.168.0.3", b"\x0b" * 6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "vxlan", "vni": 0, "vtep_mac": b"\x02" * 6},
+    {"mode": "vxlan", "vni": 1 << 24, "vtep_mac": b"\x02" * 6},
+    {"mode": "vxlan", "vni": 1, "vtep_mac": None},
+    {"mode": "vxlan", "vni": 1, "vtep_mac": "02:02:02:02:02:02"},
+    {"mode": "vxlan", "vni": 1, "vtep_mac": b"\x02" * 6, "send_fds": []},
+    {"mode": "vxlan", "vni": 1, "vtep_mac": b"\x02" * 6, "send_fds": [-1] * 65},
+    {"mode": "udp", "send_fds": [-1, -1]},
+    {"mode": "gre"},
+])
+def test_constructor_rejects_bad_vxlan_arguments(kwargs):
+    with pytest.raises(ValueError):
+        FastPath(-1, -1, 8472, "10.0.0.0", 24, **kwargs)
+
+
 # --- route table --------------------------------------------------------------------------------
 
 
 def lookup(fastpath: FastPath, dst: int) -> str | None:
     """The peer the fast path routes ``dst`` to, or None."""
-    action, _, peer, _ = fastpath.process_egress(make_packet(ip("10.0.0.1"), dst))
+    action, _, peer, _, _ = fastpath.process_egress(make_packet(ip("10.0.0.1"), dst))
     return peer if action == Action.SEND else None
 
 
 def assert_table_matches(fastpath: FastPath, model: dict[int, int], probes: list[int]) -> None:
-    listed = [(subnet, peer) for subnet, peer, _ in fastpath.routes()]
+    listed = [(subnet, peer) for subnet, peer, _, _ in fastpath.routes()]
     assert listed == [(dotted(s), dotted(p)) for s, p in sorted(model.items())]
     for key in probes:
         expected = dotted(model[key]) if key in model else None
@@ -314,6 +453,7 @@ def test_replacing_a_peer_moves_traffic_and_restarts_its_counters():
         (
             "10.5.2.0",
             "192.168.0.3",
+            None,
             {"tx_packets": 0, "tx_bytes": 0, "rx_packets": 0, "rx_bytes": 0},
         ),
     ]
@@ -372,6 +512,7 @@ class TunRig:
     fastpath_sock: socket.socket  # the fast path's own UDP socket
     peer_sock: socket.socket  # stands in for the remote node
     app_sock: socket.socket  # an application in the namespace, talking through the TUN
+    sender_socks: list[socket.socket]  # VXLAN egress: a pool to send from, one port per socket
 
 
 def ip_cmd(*args: str) -> None:
@@ -396,11 +537,13 @@ def tun_rig() -> Iterator[TunRig]:
         try:  # everything made here belongs to the namespace for good
             tun = pytun.TunTapDevice(name=TUN_NAME, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
             opened.append(tun)
-            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+            socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(7)]
             opened.extend(socks)
         finally:
             netns.popns()
-        fastpath_sock, peer_sock, app_sock = socks
+        fastpath_sock, peer_sock, app_sock, *sender_socks = socks
+        for sock in sender_socks:
+            sock.bind(("127.0.0.1", 0))
         fastpath_sock.bind(("127.0.0.1", 0))
         peer_sock.bind(("127.0.0.1", 0))
         app_sock.bind(("0.0.0.0", 0))
@@ -410,7 +553,7 @@ def tun_rig() -> Iterator[TunRig]:
         ip_cmd("-n", name, "addr", "add", f"{TUN_ADDR}/32", "dev", TUN_NAME)
         ip_cmd("-n", name, "link", "set", TUN_NAME, "up", "mtu", "1472")
         ip_cmd("-n", name, "route", "add", NETWORK, "dev", TUN_NAME)
-        yield TunRig(name, tun, fastpath_sock, peer_sock, app_sock)
+        yield TunRig(name, tun, fastpath_sock, peer_sock, app_sock, sender_socks)
     finally:
         for thing in opened:
             thing.close()
@@ -477,7 +620,7 @@ def test_threads_forward_between_a_real_tun_and_real_udp_sockets(tun_rig):
         assert counters["tx_bytes"] == len(datagram)
         assert counters["rx_packets"] == 1
         assert counters["rx_bytes"] == len(inner)
-        ((subnet, peer, stats),) = fastpath.routes()
+        ((subnet, peer, _, stats),) = fastpath.routes()
         assert (subnet, peer) == (REMOTE_SUBNET, "127.0.0.1")
         # rx is charged to the lease of the inner source address.
         assert stats == {
@@ -573,5 +716,60 @@ def test_unrouted_destination_gets_icmp_net_unreachable_through_the_real_tun(tun
         assert (ee_errno, ee_origin, ee_type, ee_code) == (errno.ENETUNREACH, 2, 3, 0)
         assert wait_for(lambda: fastpath.counters()["icmp_sent"] == 1)
         assert fastpath.counters()["drops"]["no_route"] == 1
+    finally:
+        fastpath.stop()
+
+
+OUR_MAC = bytes.fromhex("0e0000000001")
+PEER_MAC = bytes.fromhex("c6d2326f8f44")
+
+
+@pytest.mark.netns
+def test_vxlan_threads_spread_flows_over_the_sender_ports_and_deliver_frames(tun_rig):
+    rig = tun_rig
+    peer_port = rig.peer_sock.getsockname()[1]
+    sender_ports = [sock.getsockname()[1] for sock in rig.sender_socks]
+    vtep = Vtep(vni=42, mac=OUR_MAC, senders=len(rig.sender_socks))
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24,
+                        mode="vxlan", vni=vtep.vni, vtep_mac=vtep.mac,
+                        send_fds=[sock.fileno() for sock in rig.sender_socks])
+    fastpath.set_route(REMOTE_SUBNET, "127.0.0.1", PEER_MAC)
+    fastpath.start()
+    try:
+        # Egress: 24 flows (destination ports), 2 datagrams each; each frame is the reference's
+        # encapsulation of what the TUN read, and leaves from the socket its flow hashes to.
+        seen: dict[int, set[int]] = {}
+        for _ in range(2):
+            for flow in range(24):
+                rig.app_sock.sendto(b"flow", (REMOTE_POD, 5000 + flow))
+        for _ in range(48):
+            frame, (_, src_port) = rig.peer_sock.recvfrom(65536)
+            inner = frame[22:]
+            assert frame[:22] == packet.vxlan_encap(b"", 42, PEER_MAC, OUR_MAC)
+            assert inner[8] == 64  # no TTL decrement in VXLAN mode
+            assert inner[28:] == b"flow"
+            expected = sender_ports[packet.sender_index(packet.flow_hash(inner), 4)]
+            assert src_port == expected
+            seen.setdefault(int.from_bytes(inner[22:24], "big"), set()).add(src_port)
+        assert all(len(ports) == 1 for ports in seen.values()), "a flow changed its port"
+        assert len({port for ports in seen.values() for port in ports}) >= 2, "no spreading"
+
+        # Ingress: a frame for us reaches the app with the TTL it had; one for another MAC is
+        # counted and dropped.
+        app_port = rig.app_sock.getsockname()[1]
+        udp = struct.pack("!HHHH", 4242, app_port, 8 + 7, 0) + b"ingress"
+        inner = make_packet(ip(REMOTE_POD), ip(TUN_ADDR), ttl=1, payload=udp)
+        frame = packet.vxlan_encap(inner, 42, OUR_MAC, PEER_MAC)
+        rig.peer_sock.sendto(packet.vxlan_encap(inner, 42, PEER_MAC, OUR_MAC),
+                             rig.fastpath_sock.getsockname())
+        rig.peer_sock.sendto(frame, rig.fastpath_sock.getsockname())
+        assert rig.app_sock.recvfrom(65536) == (b"ingress", (REMOTE_POD, 4242))
+        assert wait_for(lambda: fastpath.counters()["drops"]["vxlan_wrong_mac"] == 1)
+        assert wait_for(lambda: fastpath.counters()["tx_packets"] == 48)
+        counters = fastpath.counters()
+        assert counters["rx_packets"] == 1 and counters["rx_bytes"] == len(inner)
+        ((_, _, mac, stats),) = fastpath.routes()
+        assert mac == PEER_MAC
+        assert stats["tx_packets"] == 48 and stats["rx_packets"] == 1
     finally:
         fastpath.stop()

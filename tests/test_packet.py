@@ -11,10 +11,16 @@ from flannel_udp.packet import (
     Action,
     Drop,
     Result,
+    Vtep,
+    VxlanRoute,
     checksum,
     egress,
+    flow_hash,
     ingress,
     prefix_mask,
+    sender_index,
+    vxlan_egress,
+    vxlan_ingress,
 )
 
 
@@ -287,5 +293,120 @@ def test_drop_numbering_and_names_are_stable():
         7: "too_big",
         8: "send_error",
         9: "tun_write_error",
+        10: "vxlan_short",
+        11: "vxlan_bad_flags",
+        12: "vxlan_wrong_vni",
+        13: "vxlan_wrong_mac",
+        14: "vxlan_not_ipv4",
     }
     assert [int(a) for a in (Action.SEND, Action.TUN, Action.REPLY, Action.DROP)] == [0, 1, 2, 3]
+
+
+# --- VXLAN mode ---------------------------------------------------------------------------------
+
+OUR_MAC = bytes.fromhex("0e0000000001")
+PEER_MAC = bytes.fromhex("c6d2326f8f44")
+VTEP = Vtep(vni=0x123456, mac=OUR_MAC, senders=8)
+VXLAN_ROUTES = {ip("10.5.2.0"): VxlanRoute(PEER, PEER_MAC)}
+
+
+def vxlan_frame(packet: bytes, vni: int = VTEP.vni, dst_mac: bytes = OUR_MAC,
+                flags: int = 0x08, ethertype: int = 0x0800) -> bytes:
+    """A frame as a kernel VXLAN peer sends it to us."""
+    return (bytes([flags, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\x00" + dst_mac + PEER_MAC
+            + ethertype.to_bytes(2, "big") + packet)
+
+
+def test_vxlan_egress_is_rfc_7348_header_inner_ethernet_and_the_untouched_packet():
+    packet = make_packet(ttl=64)
+    result = vxlan_egress(packet, VXLAN_ROUTES, 24, TUN_ADDR, VTEP)
+    assert result.action == Action.SEND
+    assert result.peer == PEER
+    assert result.data == (bytes.fromhex("08000000" "12345600") + PEER_MAC + OUR_MAC
+                           + b"\x08\x00" + packet)
+    assert result.sender == sender_index(flow_hash(packet), 8)
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_vxlan_forwards_any_ttl_unchanged_as_kernel_vxlan_does(ttl):
+    packet = make_packet(ttl=ttl)
+    assert vxlan_egress(packet, VXLAN_ROUTES, 24, TUN_ADDR, VTEP).data[22:] == packet
+    assert vxlan_ingress(vxlan_frame(packet), VTEP) == Result(Action.TUN, packet)
+
+
+def test_vxlan_unrouted_packet_gets_the_same_icmp_net_unreachable_as_udp_mode():
+    packet = make_packet(dst=ip("10.5.77.1"))
+    assert vxlan_egress(packet, VXLAN_ROUTES, 24, TUN_ADDR, VTEP) == egress(
+        packet, ROUTES, 24, TUN_ADDR)
+
+
+def test_vxlan_ingress_delivers_the_inner_packet_without_its_trailer():
+    packet = make_packet(src=REMOTE_POD, dst=POD)
+    assert vxlan_ingress(vxlan_frame(packet + b"\x00" * 6), VTEP) == Result(Action.TUN, packet)
+
+
+def test_vxlan_ingress_ignores_the_reserved_flag_bits():
+    # RFC 7348: reserved bits are "ignored on receipt"; only the I flag counts.
+    packet = make_packet()
+    assert vxlan_ingress(vxlan_frame(packet, flags=0xFF), VTEP).action == Action.TUN
+
+
+VXLAN_MALFORMED = {
+    "empty": (b"", Drop.VXLAN_SHORT),
+    "vxlan header only": (vxlan_frame(b"")[:8], Drop.VXLAN_SHORT),
+    "21 bytes": (vxlan_frame(b"")[:21], Drop.VXLAN_SHORT),
+    "no I flag": (vxlan_frame(GOOD, flags=0x00), Drop.VXLAN_BAD_FLAGS),
+    "only reserved flags": (vxlan_frame(GOOD, flags=0xF7), Drop.VXLAN_BAD_FLAGS),
+    "other VNI": (vxlan_frame(GOOD, vni=0x123457), Drop.VXLAN_WRONG_VNI),
+    "VNI 0": (vxlan_frame(GOOD, vni=0), Drop.VXLAN_WRONG_VNI),
+    "broadcast MAC": (vxlan_frame(GOOD, dst_mac=b"\xff" * 6), Drop.VXLAN_WRONG_MAC),
+    "the peer's MAC": (vxlan_frame(GOOD, dst_mac=PEER_MAC), Drop.VXLAN_WRONG_MAC),
+    "ARP": (vxlan_frame(GOOD, ethertype=0x0806), Drop.VXLAN_NOT_IPV4),
+    "IPv6": (vxlan_frame(GOOD, ethertype=0x86DD), Drop.VXLAN_NOT_IPV4),
+    "VLAN tag": (vxlan_frame(GOOD, ethertype=0x8100), Drop.VXLAN_NOT_IPV4),
+    "headers but no packet": (vxlan_frame(b""), Drop.SHORT),
+    "inner version 6": (vxlan_frame(with_bytes(GOOD, b0=0x65)), Drop.NOT_IPV4),
+    "inner total beyond data": (vxlan_frame(with_bytes(GOOD, b3=200)), Drop.BAD_TOTAL_LEN),
+}
+
+
+@pytest.mark.parametrize(("frame", "reason"), VXLAN_MALFORMED.values(),
+                         ids=VXLAN_MALFORMED.keys())
+def test_rejected_vxlan_frames_are_dropped_with_their_reason(frame, reason):
+    assert vxlan_ingress(frame, VTEP) == Result(Action.DROP, drop=reason)
+
+
+def tcp(sport: int, dport: int, frag: int = 0, proto: int = 6) -> bytes:
+    return make_packet(proto=proto, frag=frag,
+                       payload=sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + b"x" * 16)
+
+
+def test_flow_hash_tells_flows_apart_by_ports_for_tcp_and_udp():
+    assert flow_hash(tcp(1000, 80)) == flow_hash(tcp(1000, 80))
+    assert flow_hash(tcp(1000, 80)) != flow_hash(tcp(1001, 80))
+    assert flow_hash(tcp(1000, 80, proto=17)) != flow_hash(tcp(1001, 80, proto=17))
+    assert flow_hash(tcp(1000, 80)) != flow_hash(tcp(1000, 80, proto=17))
+
+
+def test_flow_hash_leaves_out_ports_of_fragments_and_of_protocols_without_ports():
+    # Every fragment of a datagram must take the same socket, and only the first has ports.
+    first = tcp(1000, 80, frag=0x2000, proto=17)
+    later = make_packet(proto=17, frag=0x2000 | 3, payload=b"any other bytes")
+    assert flow_hash(first) == flow_hash(later) == flow_hash(tcp(1, 2, frag=0x0001, proto=17))
+    assert flow_hash(tcp(1000, 80, proto=1)) == flow_hash(tcp(9, 9, proto=1))  # ICMP
+    # DF is no fragment.
+    assert flow_hash(tcp(1000, 80, frag=0x4000)) == flow_hash(tcp(1000, 80))
+
+
+def test_flow_hash_takes_no_ports_from_beyond_the_packet():
+    # 3 bytes of TCP payload: no room for the ports, so none are read (not even the trailer).
+    short = make_packet(proto=6, payload=b"\x01\x02\x03")
+    assert flow_hash(short) == flow_hash(make_packet(proto=6, payload=b"\x09\x09\x09"))
+    assert flow_hash(short + b"\x04") == flow_hash(short)
+
+
+def test_sender_index_spreads_the_hash_range_evenly_over_the_senders():
+    assert sender_index(0, 8) == 0
+    assert sender_index(0xFFFFFFFF, 8) == 7
+    assert [sender_index(k << 29, 8) for k in range(8)] == list(range(8))
+    assert sender_index(0xFFFFFFFF, 1) == 0
