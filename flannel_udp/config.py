@@ -15,7 +15,13 @@ from flannel_udp.errors import UserError
 # Backend types flannel knows; only those in IMPLEMENTED run here, the others are refused clearly.
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tencent-vpc",
                   "alivpc", "aws-vpc", "gce", "extension", "ipsec")
-IMPLEMENTED_BACKENDS = ("udp",)
+IMPLEMENTED_BACKENDS = ("udp", "vxlan")
+
+VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+VNI_MAX = (1 << 24) - 1
+MIN_IPV4_MTU = 68  # RFC 791: the smallest MTU an IPv4 link may have
+DATAPLANES = ("userspace",)  # of the vxlan backend; a kernel one may come later
 
 _TOP_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
                "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend",
@@ -54,12 +60,12 @@ def _canonical_keys(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, An
     return {by_lower.get(k.lower(), k): v for k, v in obj.items()}
 
 
-def _int_field(cfg: dict[str, Any], name: str) -> int | None:
+def _int_field(cfg: dict[str, Any], name: str, label: str | None = None) -> int | None:
     value = cfg.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {json.dumps(value)}")
+        raise ConfigError(f"{label or name}: expected an integer, got {json.dumps(value)}")
     return value
 
 
@@ -121,7 +127,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     backend = cfg.get("Backend") or {}
     if not isinstance(backend, dict):
         raise ConfigError(f"Backend: expected an object, got {json.dumps(backend)}")
-    backend = _canonical_keys(backend, ("Type", "Port", "VNI", "MTU", "DirectRouting"))
+    backend = _canonical_keys(backend, ("Type", "Port", "VNI", "MTU", "DirectRouting",
+                                        "Dataplane"))
     backend_type = backend.get("Type", "udp")
     if not isinstance(backend_type, str):
         raise ConfigError(f"Backend.Type: expected a string, got {json.dumps(backend_type)}")
@@ -133,13 +140,16 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raise ConfigError(f"Backend.Type: {backend_type!r} is not implemented in flannel-udp yet "
                           f"(it runs: {', '.join(IMPLEMENTED_BACKENDS)})")
 
-    return NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
-                         subnet_max=subnet_max, backend_type=backend_type, backend=backend)
+    config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
+                           subnet_max=subnet_max, backend_type=backend_type, backend=backend)
+    if backend_type == "vxlan":
+        vxlan_options(config)  # bad options are refused here, not at every daemon's start
+    return config
 
 
 def backend_port(config: NetworkConfig, default: int) -> int:
     """`Backend.Port`, validated, or the backend's default."""
-    port = _int_field(config.backend, "Port")
+    port = _int_field(config.backend, "Port", "Backend.Port")
     if port is None or port == 0:
         return default
     if not 1 <= port <= 65535:
@@ -147,3 +157,35 @@ def backend_port(config: NetworkConfig, default: int) -> int:
     return port
 
 
+@dataclass(frozen=True)
+class VxlanOptions:
+    """The vxlan backend's options: flannel's VNI, Port and MTU, and flannel-udp's Dataplane."""
+
+    vni: int
+    port: int
+    mtu: int | None  # of the underlay, as flannel's option; None: the interface's
+    dataplane: str
+
+
+def vxlan_options(config: NetworkConfig) -> VxlanOptions:
+    """`Backend.VNI`, `Port`, `MTU` and `Dataplane` of a vxlan config, validated, with
+    flannel's defaults (VNI 1, port 8472, the interface's MTU)."""
+    backend = config.backend
+    vni = _int_field(backend, "VNI", "Backend.VNI")
+    if vni is None:
+        vni = 1
+    elif not 1 <= vni <= VNI_MAX:
+        raise ConfigError(f"Backend.VNI: {vni} is out of range (1..{VNI_MAX})")
+    mtu = _int_field(backend, "MTU", "Backend.MTU") or None  # 0 means the default, as flannel
+    smallest = MIN_IPV4_MTU + VXLAN_OVERHEAD
+    if mtu is not None and mtu < smallest:
+        raise ConfigError(f"Backend.MTU: {mtu} is too small: pods get MTU - {VXLAN_OVERHEAD} "
+                          f"and IPv4 needs {MIN_IPV4_MTU}, so at least {smallest}")
+    if mtu is not None and mtu > 65535:
+        raise ConfigError(f"Backend.MTU: {mtu} is out of range (at most 65535)")
+    dataplane = backend.get("Dataplane", DATAPLANES[0])
+    if not isinstance(dataplane, str) or dataplane.lower() not in DATAPLANES:
+        raise ConfigError(f"Backend.Dataplane: {json.dumps(dataplane)} is not available; "
+                          f"flannel-udp has the {json.dumps(DATAPLANES[0])} one only")
+    return VxlanOptions(vni=vni, port=backend_port(config, VXLAN_DEFAULT_PORT), mtu=mtu,
+                        dataplane=dataplane.lower())

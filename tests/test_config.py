@@ -1,10 +1,11 @@
 """Network config: flannel's defaults, and one clear refusal naming the field for each mistake."""
 
+import json
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_udp.config import ConfigError, backend_port, parse_config
+from flannel_udp.config import ConfigError, VxlanOptions, backend_port, parse_config, vxlan_options
 
 
 def test_defaults_follow_flannel_for_a_slash_16():
@@ -52,7 +53,7 @@ def test_explicit_min_and_max_are_kept():
     ('{"Network": "10.5.0.0/16", "SubnetMin": "10.5.9.0", "SubnetMax": "10.5.3.0"}',
      "SubnetMin:"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "carrier-pigeon"}}', "Backend.Type:"),
-    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan"}}', "not implemented"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}', "not implemented"),
     ('{"Network": "10.5.0.0/16", "Backend": "udp"}', "Backend:"),
     ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6:"),
 ])
@@ -69,3 +70,70 @@ def test_backend_port_out_of_range_is_refused():
     cfg = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Port": 70000}}')
     with pytest.raises(ConfigError, match="Backend.Port"):
         backend_port(cfg, 8285)
+
+
+# --- vxlan options -------------------------------------------------------------------------
+
+
+def vxlan(**options) -> str:
+    return json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", **options}})
+
+
+def test_vxlan_defaults_are_flannels():
+    assert vxlan_options(parse_config(vxlan())) == VxlanOptions(vni=1, port=8472, mtu=None,
+                                                                dataplane="userspace")
+
+
+def test_vxlan_options_are_read_case_insensitively():
+    cfg = parse_config('{"Network": "10.5.0.0/16", "Backend": {"type": "VXLAN", "vni": 4096, '
+                       '"port": 4789, "mtu": 9000, "dataplane": "Userspace"}}')
+    assert cfg.backend_type == "vxlan"
+    assert vxlan_options(cfg) == VxlanOptions(vni=4096, port=4789, mtu=9000,
+                                              dataplane="userspace")
+
+
+def test_vxlan_zero_port_and_mtu_mean_the_defaults_as_in_flannel():
+    assert vxlan_options(parse_config(vxlan(Port=0, MTU=0))) == VxlanOptions(
+        vni=1, port=8472, mtu=None, dataplane="userspace")
+
+
+@pytest.mark.parametrize("vni", [1, 16777215])
+def test_vxlan_vni_range_ends_are_accepted(vni):
+    assert vxlan_options(parse_config(vxlan(VNI=vni))).vni == vni
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"VNI": 0}, "Backend.VNI: 0 is out of range"),
+    ({"VNI": 16777216}, "Backend.VNI: 16777216 is out of range"),
+    ({"VNI": -1}, "Backend.VNI:"),
+    ({"VNI": "1"}, "Backend.VNI: expected an integer"),
+    ({"VNI": 1.5}, "Backend.VNI: expected an integer"),
+    ({"Port": 65536}, "Backend.Port: 65536 is out of range"),
+    ({"Port": -5}, "Backend.Port:"),
+    ({"Port": "8472"}, "Backend.Port: expected an integer"),
+    ({"MTU": 117}, "Backend.MTU: 117 is too small"),
+    ({"MTU": 65536}, "Backend.MTU: 65536 is out of range"),
+    ({"MTU": "1500"}, "Backend.MTU: expected an integer"),
+    ({"MTU": True}, "Backend.MTU: expected an integer"),
+    ({"Dataplane": "kernel"}, 'Backend.Dataplane: "kernel" is not available'),
+    ({"Dataplane": ""}, "Backend.Dataplane:"),
+    ({"Dataplane": 1}, "Backend.Dataplane:"),
+])
+def test_bad_vxlan_options_are_refused_naming_the_field(options, field):
+    # parse_config refuses them, so `network set` does too, before any daemon starts.
+    with pytest.raises(ConfigError) as err:
+        parse_config(vxlan(**options))
+    assert field in str(err.value)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_smallest_vxlan_mtu_leaves_ipv4s_minimum_for_pods():
+    assert vxlan_options(parse_config(vxlan(MTU=118))).mtu == 118
+
+
+def test_vxlan_options_are_not_checked_for_other_backends():
+    # Dataplane and VNI mean nothing to udp; flannel ignores options a backend does not read.
+    cfg = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "VNI": 0, '
+                       '"Dataplane": "kernel"}}')
+    assert cfg.backend_type == "udp"
