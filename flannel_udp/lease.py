@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -85,6 +86,54 @@ def decode_lease(subnet: IPv4Network, value: bytes,
     data = attrs.get("backenddata")
     backend_data = None if data is None else json.dumps(data, separators=(",", ":")).encode()
     return Lease(subnet, public_ip, backend_type, backend_data, expiration)
+
+
+_MAC = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}")
+
+
+def parse_mac(text: object) -> bytes:
+    """A 6-byte MAC from "c6:d2:32:6f:8f:44" (or with "-"), as Go's net.ParseMAC reads it;
+    LeaseValueError for anything else."""
+    if not isinstance(text, str) or not _MAC.fullmatch(text):
+        raise LeaseValueError(f"{json.dumps(text)} is not a MAC address")
+    return bytes.fromhex(text.replace(text[2], ""))
+
+
+def format_mac(mac: bytes) -> str:
+    """"c6:d2:32:6f:8f:44", as Go's net.HardwareAddr.String() writes it."""
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class VxlanLeaseData:
+    """The BackendData of a vxlan lease (flannel's vxlanLeaseAttrs): the node's VNI and the MAC
+    of its VXLAN endpoint, to which inner Ethernet frames must be addressed."""
+
+    vni: int
+    vtep_mac: bytes  # 6 bytes
+
+    def encode(self) -> bytes:
+        """Go's json.Marshal of vxlanLeaseAttrs, field order included."""
+        return f'{{"VNI":{self.vni},"VtepMAC":"{format_mac(self.vtep_mac)}"}}'.encode()
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> VxlanLeaseData:
+        """Parse a vxlan lease's BackendData; LeaseValueError naming what is wrong."""
+        try:
+            attrs = json.loads(data) if data is not None else None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise LeaseValueError(f"BackendData is not JSON ({e})") from None
+        if not isinstance(attrs, dict):
+            raise LeaseValueError("BackendData is not a JSON object")
+        attrs = {k.lower(): v for k, v in attrs.items()}  # Go's json matches names so
+        vni = attrs.get("vni")
+        if isinstance(vni, bool) or not isinstance(vni, int):
+            raise LeaseValueError(f"VNI {json.dumps(vni)} is not an integer")
+        try:
+            mac = parse_mac(attrs.get("vtepmac"))
+        except LeaseValueError as e:
+            raise LeaseValueError(f"VtepMAC {e}") from None
+        return cls(vni, mac)
 
 
 def subnet_is_free(subnet: IPv4Network, leases: Iterable[Lease]) -> bool:

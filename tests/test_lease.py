@@ -1,6 +1,7 @@
 """Lease keys and values as flannel writes them, and the choice of a subnet."""
 
 import random
+import re
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -9,11 +10,14 @@ from flannel_udp.config import parse_config
 from flannel_udp.lease import (
     Lease,
     LeaseValueError,
+    VxlanLeaseData,
     choose_new_subnet,
     decode_lease,
     encode_lease_value,
+    format_mac,
     free_candidates,
     own_lease,
+    parse_mac,
     parse_subnet_key,
     subnet_key,
 )
@@ -94,3 +98,41 @@ def test_a_full_network_has_no_subnet_to_offer():
     small = parse_config('{"Network": "10.5.0.0/28", "SubnetLen": 30}')
     leases = [_lease(f"10.5.0.{i}/30") for i in (4, 8, 12)]
     assert choose_new_subnet(small, leases, None) is None
+
+
+# --- vxlan BackendData ---------------------------------------------------------------------
+
+
+def test_vxlan_backend_data_is_flannels_bytes_and_decodes_back():
+    data = VxlanLeaseData(1, bytes.fromhex("c6d2326f8f44"))
+    assert data.encode() == b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}'
+    assert VxlanLeaseData.decode(data.encode()) == data
+
+
+def test_vxlan_backend_data_of_a_flannel_lease_decodes_with_go_json_leniency():
+    lease = decode_lease(NET, b'{"PublicIP":"192.168.64.3","PublicIPv6":null,'
+                              b'"BackendType":"vxlan","BackendData":{"vni":7,'
+                              b'"vtepmac":"C6-D2-32-6F-8F-44","Extra":true}}')
+    assert VxlanLeaseData.decode(lease.backend_data) == VxlanLeaseData(
+        7, bytes.fromhex("c6d2326f8f44"))
+
+
+@pytest.mark.parametrize("data, message", [
+    (None, "not a JSON object"),
+    (b"[]", "not a JSON object"),
+    (b"{nope", "not JSON"),
+    (b'{"VNI":1}', "VtepMAC null"),
+    (b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f"}', 'VtepMAC "c6:d2:32:6f:8f"'),
+    (b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:4g"}', "is not a MAC address"),
+    (b'{"VNI":1,"VtepMAC":"c6:d2-32:6f:8f:44"}', "is not a MAC address"),
+    (b'{"VNI":1,"VtepMAC":"c6d2.326f.8f44"}', "is not a MAC address"),
+    (b'{"VNI":1,"VtepMAC":12}', "VtepMAC 12"),
+    (b'{"VNI":"1","VtepMAC":"c6:d2:32:6f:8f:44"}', 'VNI "1"'),
+])
+def test_malformed_vxlan_backend_data_is_refused_saying_what_is_wrong(data, message):
+    with pytest.raises(LeaseValueError, match=re.escape(message)):
+        VxlanLeaseData.decode(data)
+
+
+def test_mac_text_round_trip():
+    assert format_mac(parse_mac("0E:FA:C0:A8:4D:0B")) == "0e:fa:c0:a8:4d:0b"
