@@ -229,16 +229,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  expires in {left:.1f} h")
+    vxlan = bool(lease and lease.get("vtep_mac"))
+    if vxlan:
+        print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}")
     c = status["counters"]
     print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
           f"rx {c.get('rx_packets', 0)} pkts / {c.get('rx_bytes', 0)} B   "
           f"icmp unreachable sent {c.get('icmp_sent', 0)}")
     drops = {k: v for k, v in c.get("drops", {}).items() if v}
     print("drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
-    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}{'SINCE':>6}"
+    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
+          + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}")
     for p in status["peers"]:
-        print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}{_age(p['since']):>6}"
+        # A peer's VtepMAC is shown once it has a route ("-": skipped, see the log).
+        print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}"
+              + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}")
     if not status["peers"]:

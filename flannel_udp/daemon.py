@@ -102,6 +102,7 @@ class Daemon:
 
     async def run(self) -> int:
         opts = self.opts
+        log.info("lease store: %s", opts.store_name)
         self.config = config = await until_available(
             "reading the network config",
             lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
@@ -111,7 +112,7 @@ class Daemon:
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
-        self.network = network = make_network(config, ext)
+        self.network = network = make_network(config, ext, public_ip)
         network.open()
         try:
             return await self._serve(config, network, public_ip)
@@ -224,7 +225,8 @@ class Daemon:
         return {
             "lease": None if lease is None else {
                 "subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
-                "backend": self.config.backend_type, "expires": lease.expiration},
+                "backend": self.config.backend_type, "expires": lease.expiration,
+                **stats.get("lease", {})},
             "network": str(self.config.network),
             "started": self.started,
             "peers": peers,

@@ -1,10 +1,10 @@
-"""Backends, registered by flannel's type name. A backend builds a `Network` for one config and
-underlay interface; the daemon drives every backend through this one interface."""
+"""Backends, registered by flannel's type name. A backend builds a `Network` for one config,
+underlay interface and public IP; the daemon drives every backend through this one interface."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
 from flannel_udp.config import NetworkConfig
@@ -33,19 +33,27 @@ class Network(Protocol):
         """A peer went away."""
 
     def stats(self) -> dict[str, Any]:
-        """Counters: {'counters': {...}, 'peers': {subnet_str: {...}}}."""
+        """Counters: {'counters': {...}, 'peers': {subnet_str: {...}}, 'lease': {...}}; 'lease'
+        holds what the backend adds about our own end (e.g. the VtepMAC)."""
 
     def close(self) -> None:
         """Stop forwarding and remove what open() and start() created. Idempotent."""
 
 
-def _udp(config: NetworkConfig, ext: ExtIface) -> Network:
+def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
     from flannel_udp.backends.udp import UdpNetwork
     return UdpNetwork(config, ext)
 
 
-BACKENDS: dict[str, Callable[[NetworkConfig, ExtIface], Network]] = {"udp": _udp}
+def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+    from flannel_udp.backends.vxlan import VxlanNetwork
+    return VxlanNetwork(config, ext, public_ip)
 
 
-def make_network(config: NetworkConfig, ext: ExtIface) -> Network:
-    return BACKENDS[config.backend_type](config, ext)
+BACKENDS: dict[str, Callable[[NetworkConfig, ExtIface, IPv4Address], Network]] = {
+    "udp": _udp, "vxlan": _vxlan}
+
+
+def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+    """The backend the config names; UserError for options it can't work with."""
+    return BACKENDS[config.backend_type](config, ext, public_ip)
