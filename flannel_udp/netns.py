@@ -502,6 +502,16 @@ class Host(Netns):
             self._log = None
 
 
+_TX_CHECKSUM_OFF = """
+import sys
+from pyroute2.ethtool import Ethtool
+with Ethtool() as ethtool:
+    features = ethtool.get_features(sys.argv[1])
+    features.features["tx-checksum-ip-generic"].enable = False
+    ethtool.set_features(sys.argv[1], features)
+"""
+
+
 class KernelVxlanNode:
     """A host's kernel VXLAN device programmed exactly as flanneld's vxlan backend programs it:
     `flannel.<VNI>` with `nolearning`, MTU = underlay - 50, the lease's network address /32,
@@ -511,9 +521,15 @@ class KernelVxlanNode:
 
     def __init__(self, host: Host, subnet: str, *, vni: int = 1, port: int = 8472,
                  mac: str | None = None, underlay_dev: str = "eth0",
-                 udp_csum: bool | None = None) -> None:
+                 udp_csum: bool | None = None, complete_frames: bool = False) -> None:
         """`udp_csum` True/False: `udpcsum`/`noudpcsum` on the device (UDP checksums set or
-        zero in the frames it sends); None leaves the kernel's default (set)."""
+        zero in the frames it sends); None leaves the kernel's default (set).
+
+        `complete_frames`: make the underlay veth finish checksums and segmentation in software,
+        as a NIC does before the wire. A veth hands partial checksums and 64 KB GSO frames to
+        the next namespace, which a kernel receiver accepts but a userspace one (a UDP socket)
+        cannot complete; with a userspace peer the kernel node needs this, a kernel-only
+        network (and the kernel's measured best) does not."""
         self.host = host
         self.subnet = ipaddress.IPv4Network(subnet)
         self.vni = vni
@@ -530,6 +546,9 @@ class KernelVxlanNode:
                  "mtu", str(UNDERLAY_MTU - 50))
         host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
         host.run("ip", "link", "set", self.dev, "up")
+        if complete_frames:
+            # Without checksum offload the kernel also turns TSO off, so it segments too.
+            host.run(sys.executable, "-c", _TX_CHECKSUM_OFF, underlay_dev)
 
     def lease_value(self) -> bytes:
         """The lease JSON flanneld writes for this node, byte for byte."""
