@@ -364,15 +364,14 @@ class EtcdStore:
                 async for batch, seen in self._watch_from(revision, known):
                     revision = seen
                     if outage_since is not None:
-                        log.info("etcd watch resumed at revision %d after %.0f s", revision,
-                                 time.time() - outage_since)
+                        log.info("etcd watch resumed from revision %d after %.1f s",
+                                 revision + 1, time.time() - outage_since)
                         outage_since = None
                     delay = WATCH_RETRY_MIN
                     if batch:
                         yield batch
-            except _Compacted as e:
-                log.warning("etcd compacted the lease history past revision %d (to %d): "
-                            "listing the leases again", revision + 1, e.revision)
+            except _Relist as e:
+                log.warning("%s: listing the leases again", e)
                 try:
                     snapshot = await self.list_leases()
                 except StoreError as e2:
@@ -401,8 +400,8 @@ class EtcdStore:
     async def _watch_from(self, revision: int, known: dict[str, LeaseRecord]
                           ) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
         """One watch stream from `revision` + 1: (events, revision seen) per response, `known`
-        kept up to date. Ends by raising: StoreError when the stream breaks, _Compacted when
-        the history from `revision` + 1 is gone."""
+        kept up to date. Ends by raising: StoreError when the stream breaks, _Relist when the
+        history from `revision` + 1 is gone."""
         call = None
 
         async def open_stream(member: _Member, metadata: tuple) -> Any:
@@ -420,9 +419,15 @@ class EtcdStore:
 
         try:
             reply = await self._on_members("Watch", open_stream)
+            if reply.created and reply.header.revision < revision:
+                # etcd went back in time (restored or rebuilt): watching from a revision it
+                # has not reached would miss everything until it gets there.
+                raise _Relist(f"etcd is at revision {reply.header.revision}, before the "
+                              f"{revision} seen: restored from a backup?")
             while True:
                 if reply.compact_revision:
-                    raise _Compacted(reply.compact_revision)
+                    raise _Relist(f"etcd compacted the lease history past revision "
+                                  f"{revision + 1} (to {reply.compact_revision})")
                 if reply.canceled:
                     raise StoreUnavailable(f"watch cancelled: {reply.cancel_reason or '?'}")
                 if reply.events:
@@ -470,10 +475,8 @@ class EtcdStore:
         return batch
 
 
-class _Compacted(Exception):
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"compacted to revision {revision}")
-        self.revision = revision
+class _Relist(Exception):
+    """The history after the last revision seen is gone: only a fresh listing will do."""
 
 
 def _difference(known: dict[str, LeaseRecord], snapshot: Snapshot) -> list[LeaseEvent]:
