@@ -48,8 +48,10 @@ OUTAGE_REPORT_EVERY = 30.0  # seconds between log lines while the watch cannot r
 TTL_LOOKUPS = 32  # concurrent TimeToLive calls when listing
 _CHANNEL_OPTIONS = [
     # Reconnect within 2 s of a member coming back (grpc's default backoff grows to 120 s).
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
+    # The minimum is also how long one connection attempt may take (grpc's default: 20 s, in
+    # which calls to a silent member wait their whole timeout before moving on).
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 1000),
     ("grpc.max_reconnect_backoff_ms", 2000),
     # Notice a member that vanished without closing the watch stream. etcd refuses pings more
     # often than every 5 s, or without a stream open.
@@ -64,6 +66,7 @@ _REQUIRE_LEADER = (("hasleader", "true"),)
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 _TLS_FAILURE = re.compile(r"handshake|ssl|tsi_|certificate", re.IGNORECASE)
+_ADDRESS_PREFIX = re.compile(r"^[A-Z_]+: (?:ipv4:|ipv6:|dns:)?\S+:\d+: ")
 _SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+)(?::\s*([^:]+))?")
 
 
@@ -171,7 +174,8 @@ def _reason(e: grpc.aio.AioRpcError) -> str:
         if m:
             return "TLS handshake failed: " + ": ".join(g.strip() for g in m.groups() if g)
         return "TLS handshake failed: " + details.rsplit(": ", 1)[-1]
-    return details.removeprefix("failed to connect to all addresses; last error: ")
+    details = details.removeprefix("failed to connect to all addresses; last error: ")
+    return _ADDRESS_PREFIX.sub("", details)  # "UNKNOWN: ipv4:10.0.0.1:2379: " says it twice
 
 
 @dataclass
