@@ -366,6 +366,15 @@ def test_without_a_client_certificate_etcd_refuses_and_it_is_said(tls_etcd):
     assert "TLS handshake failed" in the_error_line(done)
 
 
+def test_a_key_that_is_not_the_certificates_exits_2_before_any_connection(tls_etcd):
+    cluster, pki = tls_etcd
+    done = flannel_udp("network", "get", "--etcd-endpoints", cluster.endpoint_arg,
+                       "--etcd-cafile", str(pki.ca), "--etcd-certfile", str(pki.client_cert),
+                       "--etcd-keyfile", str(pki.server_key))
+    assert done.returncode == 2
+    assert "KEY_VALUES_MISMATCH" in the_error_line(done)
+
+
 def test_user_and_password(tmp_path):
     problem = etcd_problem()
     if problem is not None:

@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -140,9 +141,23 @@ class EtcdOptions:
         if bool(username) != bool(password):
             raise UserError("--etcd-username and --etcd-password go together: give both or "
                             "neither")
+        if certfile and keyfile:
+            _check_key_pair(certfile, keyfile)
         return cls(parse_endpoints(endpoints), prefix,
                    _read_pem("--etcd-cafile", cafile), _read_pem("--etcd-certfile", certfile),
                    _read_pem("--etcd-keyfile", keyfile), username or None, password or None)
+
+
+def _check_key_pair(certfile: str, keyfile: str) -> None:
+    """UserError unless the files hold a certificate and its private key (grpc would only say
+    "Failed to create security handshaker" at the first call)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as e:
+        raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: not a "
+                        f"certificate and its key ({e.reason or e})") from None
+    except OSError as e:
+        raise UserError(f"--etcd-certfile/--etcd-keyfile: {e.filename}: {e.strerror}") from None
 
 
 def _key(*parts: str) -> bytes:
@@ -173,6 +188,9 @@ def _reason(e: grpc.aio.AioRpcError) -> str:
         m = _SSL_REASON.search(details)
         if m:
             return "TLS handshake failed: " + ": ".join(g.strip() for g in m.groups() if g)
+        if "TSI_DATA_CORRUPTED" in details:  # the server's alert, as grpc reports it
+            return ("TLS handshake failed: the server closed the connection (no client "
+                    "certificate it trusts?)")
         return "TLS handshake failed: " + details.rsplit(": ", 1)[-1]
     details = details.removeprefix("failed to connect to all addresses; last error: ")
     return _ADDRESS_PREFIX.sub("", details)  # "UNKNOWN: ipv4:10.0.0.1:2379: " says it twice
@@ -259,7 +277,10 @@ class EtcdStore:
                     if e.code() not in _TRANSIENT:
                         raise StoreError(f"etcd {member.endpoint.url}: {what}: "
                                          f"{e.details() or e.code().name}") from None
-                    failures.append((member.endpoint.url, _reason(e)))
+                    reason = _reason(e)
+                    if reason == "Socket closed" and not member.endpoint.secure:
+                        reason += " (is it an https:// endpoint?)"
+                    failures.append((member.endpoint.url, reason))
                 except (StoreUnavailable, asyncio.TimeoutError) as e:
                     failures.append((member.endpoint.url,
                                      str(e) or f"no answer within {RPC_TIMEOUT:g} s"))
