@@ -11,6 +11,7 @@ lease is put by hand (a UDP socket on its port 8285 shows what reaches it)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
@@ -60,7 +61,6 @@ def put_lease_by_hand(etcd: EtcdCluster, subnet: str, public_ip: str,
 
 def stored_leases(etcd: EtcdCluster) -> dict[str, dict]:
     """key -> {'value': bytes, 'lease': id} for every key under the prefix."""
-    import base64
     out = json.loads(etcd.etcdctl("get", "--prefix", f"{PREFIX}/", "-w", "json").stdout)
     return {base64.b64decode(kv["key"]).decode(): {"value": base64.b64decode(kv["value"]),
                                                    "lease": kv.get("lease", 0)}

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -311,7 +312,7 @@ def test_a_dead_endpoint_is_passed_over_for_a_live_one(etcd):
 
 
 @pytest.fixture(scope="module")
-def tls_etcd(tmp_path_factory) -> tuple[EtcdCluster, TestPKI]:
+def tls_etcd(tmp_path_factory) -> Iterator[tuple[EtcdCluster, TestPKI]]:
     problem = etcd_problem()
     if problem is not None:
         pytest.skip(problem)
