@@ -16,6 +16,8 @@ OVERHEAD = 28  # outer IPv4 + UDP header
 
 
 class UdpNetwork(TunNetwork):
+    """The udp backend's `Network`: the fast path in UDP mode, one route per udp peer."""
+
     backend_type = ""  # flannel's UDP leases carry no BackendType
     backend_data = None
 

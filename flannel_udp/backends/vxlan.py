@@ -41,6 +41,8 @@ def vtep_mac_for(public_ip: IPv4Address, vni: int) -> bytes:
 
 
 class VxlanNetwork(TunNetwork):
+    """The vxlan backend's `Network`: the fast path in VXLAN mode, one route per vxlan peer."""
+
     backend_type = "vxlan"
     send_sockets = SEND_SOCKETS
 
