@@ -1,4 +1,5 @@
-"""Plain-Python reference of the fast path's per-packet logic, UDP and VXLAN modes.
+"""Plain-Python reference of the fast path's per-packet logic, UDP and VXLAN modes, and of its
+offloads (splitting TUN super-packets, coalescing received TCP segments).
 
 This module is the oracle for the native fast path in ``_fastpath.pyx``: the property tests feed
 the same bytes to both and require identical results, so every rule here (validation order, the
@@ -10,6 +11,7 @@ host-order ints; packets are ``bytes``; MAC addresses are 6 ``bytes``.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -53,6 +55,7 @@ class Drop(enum.IntEnum):
     VXLAN_WRONG_VNI = 12
     VXLAN_WRONG_MAC = 13  # inner destination MAC is not our VtepMAC
     VXLAN_NOT_IPV4 = 14  # inner ethertype is not IPv4
+    BAD_GSO = 15  # a virtio header the fast path can't honour (GSO type, sizes, csum offsets)
 
 
 DROP_NAMES: dict[Drop, str] = {d: d.name.lower() for d in Drop}
@@ -272,3 +275,202 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep) -> Result:
     if drop is not None:
         return Result(Action.DROP, drop=drop)
     return Result(Action.TUN, packet)
+
+
+# --- Offloads: the virtio_net_hdr of a TUN opened with IFF_VNET_HDR ---------------------------
+
+VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start/offset
+VNET_F_NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = 0, 1, 5
+GSO_ECN = 0x80
+TSO_MAX_SEGS = 256
+TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
+PROTO_TCP, PROTO_UDP = 6, 17
+ZERO_VNET_HDR = bytes(VNET_HDR.size)
+
+
+def _ones_sum(*parts: bytes | int) -> int:
+    """Ones' complement sum, folded to 16 bits and not inverted, of byte strings (as big-endian
+    16-bit words, odd length zero-padded) and of already folded 16-bit values."""
+    total = 0
+    for part in parts:
+        if isinstance(part, int):
+            total += part
+            continue
+        if len(part) % 2:
+            part += b"\x00"
+        total += sum(int.from_bytes(part[i : i + 2], "big") for i in range(0, len(part), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _pseudo_sum(packet: bytes, proto: int, l4_len: int) -> int:
+    """Folded sum of the IPv4 pseudo-header for `packet`'s L4 part of `l4_len` bytes."""
+    return _ones_sum(packet[12:20], proto, l4_len)
+
+
+def _with_ip_checksum(header: bytes) -> bytes:
+    header = header[:10] + b"\x00\x00" + header[12:]
+    return header[:10] + checksum(header).to_bytes(2, "big") + header[12:]
+
+
+def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes]]:
+    """Split a valid IPv4 packet read from a TUN behind `vnet_hdr` as the fast path does:
+    (None, segments) or (Drop.BAD_GSO, []).
+
+    No GSO: the packet itself, its partial checksum completed if NEEDS_CSUM (0 sent as 0xFFFF).
+    TCPV4/UDP_L4: segments of gso_size payload bytes (the last shorter), headers recomputed from
+    the packet (hdr_len of the virtio header is not trusted): total length, IP id + i, header
+    checksum; TCP seq advanced, FIN/PSH kept on the last segment only and CWR on the first
+    only; UDP length; complete L4 checksums.
+    """
+    flags, gso_type, _hdr_len, mss, csum_start, csum_offset = VNET_HDR.unpack(vnet_hdr)
+    gso_type &= ~GSO_ECN
+    if gso_type == GSO_NONE:
+        if flags & VNET_F_NEEDS_CSUM:
+            at = csum_start + csum_offset
+            if at + 2 > len(packet):
+                return Drop.BAD_GSO, []
+            value = ~_ones_sum(packet[csum_start:]) & 0xFFFF or 0xFFFF
+            packet = packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
+        return None, [packet]
+    ihl = (packet[0] & 0x0F) * 4
+    if mss == 0 or int.from_bytes(packet[6:8], "big") & 0x3FFF:
+        return Drop.BAD_GSO, []
+    if gso_type == GSO_TCPV4:
+        if packet[9] != PROTO_TCP or ihl + 20 > len(packet):
+            return Drop.BAD_GSO, []
+        l4_len = (packet[ihl + 12] >> 4) * 4
+        if l4_len < 20 or ihl + l4_len > len(packet):
+            return Drop.BAD_GSO, []
+    elif gso_type == GSO_UDP_L4:
+        if packet[9] != PROTO_UDP or ihl + 8 > len(packet):
+            return Drop.BAD_GSO, []
+        l4_len = 8
+    else:
+        return Drop.BAD_GSO, []
+    hdr_len = ihl + l4_len
+    payload = packet[hdr_len:]
+    chunks = [payload[i : i + mss] for i in range(0, len(payload), mss)] or [b""]
+    if len(chunks) > TSO_MAX_SEGS:
+        return Drop.BAD_GSO, []
+    ip_id = int.from_bytes(packet[4:6], "big")
+    segments = []
+    for i, chunk in enumerate(chunks):
+        total = hdr_len + len(chunk)
+        ip = bytearray(packet[:ihl])
+        ip[2:4] = total.to_bytes(2, "big")
+        ip[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+        ip = _with_ip_checksum(bytes(ip))
+        l4 = bytearray(packet[ihl:hdr_len])
+        if gso_type == GSO_TCPV4:
+            seq = (int.from_bytes(l4[4:8], "big") + i * mss) & 0xFFFFFFFF
+            l4[4:8] = seq.to_bytes(4, "big")
+            if i + 1 < len(chunks):
+                l4[13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+            if i:
+                l4[13] &= ~TCP_CWR & 0xFF
+            l4[16:18] = b"\x00\x00"
+            value = ~_ones_sum(_pseudo_sum(ip, PROTO_TCP, total - ihl), bytes(l4), chunk)
+            l4[16:18] = (value & 0xFFFF).to_bytes(2, "big")
+        else:
+            l4[4:6] = (total - ihl).to_bytes(2, "big")
+            l4[6:8] = b"\x00\x00"
+            value = ~_ones_sum(_pseudo_sum(ip, PROTO_UDP, total - ihl), bytes(l4), chunk)
+            l4[6:8] = ((value & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+        segments.append(ip + bytes(l4) + chunk)
+    return None, segments
+
+
+def _tcp_candidate(packet: bytes) -> int:
+    """IP + TCP header length if a valid packet may join a coalesced run, else 0: IPv4 without
+    options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right."""
+    n = len(packet)
+    if n < 40 or packet[0] != 0x45 or packet[9] != PROTO_TCP:
+        return 0
+    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+        return 0
+    tcp_len = (packet[32] >> 4) * 4
+    if tcp_len < 20 or 20 + tcp_len >= n or packet[33] not in (TCP_ACK, TCP_ACK | TCP_PSH):
+        return 0
+    if checksum(packet[:20]) != 0:
+        return 0
+    if _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - 20), packet[20:]) != 0xFFFF:
+        return 0
+    return 20 + tcp_len
+
+
+def coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """What ingress writes to a virtio-header TUN for valid IPv4 packets received back to back:
+    [(virtio header, packet)].
+
+    Consecutive TCP segments of one flow (same TOS, IP flags, TTL, addresses, ports, ACK,
+    window, options; each starting at the previous one's end; none carrying more payload than
+    the first) become one packet: the first one's headers with the new total length, a fresh
+    header checksum, PSH if the last had it, the pseudo-header sum in the TCP checksum field,
+    behind a TCPV4 GSO header (NEEDS_CSUM, gso_size = the first one's payload). A PSH or a
+    shorter segment ends a run. Everything else, and a run of one, goes as it came behind a
+    zeroed header.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    run: list[bytes] = []  # the segments of the open run
+    hdr_len = 0
+    closed = False
+
+    def flush() -> None:
+        if not run:
+            return
+        if len(run) == 1:
+            out.append((ZERO_VNET_HDR, run[0]))
+        else:
+            head = bytearray(run[0])
+            for seg in run[1:]:
+                head += seg[hdr_len:]
+            head[33] |= run[-1][33] & TCP_PSH
+            head[2:4] = len(head).to_bytes(2, "big")
+            head[:20] = _with_ip_checksum(bytes(head[:20]))
+            head[36:38] = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - 20).to_bytes(2, "big")
+            vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
+                                 len(run[0]) - hdr_len, 20, 16)
+            out.append((vnet, bytes(head)))
+        run.clear()
+
+    for packet in packets:
+        length = _tcp_candidate(packet)
+        if length and run and not closed and _continues(run, hdr_len, packet, length):
+            run.append(packet)
+            closed = bool(packet[33] & TCP_PSH) or (
+                len(packet) - length < len(run[0]) - hdr_len)
+            continue
+        flush()
+        if not length:
+            out.append((ZERO_VNET_HDR, packet))
+            continue
+        run.append(packet)
+        hdr_len = length
+        closed = bool(packet[33] & TCP_PSH)
+    flush()
+    return out
+
+
+def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bool:
+    """Whether candidate `packet` (headers of `length` bytes) extends the open `run`."""
+    head = run[0]
+    payload = len(packet) - length
+    run_len = hdr_len + sum(len(seg) - hdr_len for seg in run)
+    last = run[-1]
+    next_seq = (int.from_bytes(last[24:28], "big") + len(last) - hdr_len) & 0xFFFFFFFF
+    return (
+        length == hdr_len
+        and payload <= len(head) - hdr_len
+        and run_len + payload <= 0xFFFF
+        and int.from_bytes(packet[24:28], "big") == next_seq
+        and packet[1] == head[1]
+        and packet[6:10] == head[6:10]
+        and packet[12:24] == head[12:24]
+        and packet[28:33] == head[28:33]
+        and packet[33] & ~TCP_PSH == head[33]
+        and packet[34:36] == head[34:36]
+        and packet[40:hdr_len] == head[40:hdr_len]
+    )

@@ -200,6 +200,9 @@ def test_process_hooks_leave_the_counters_alone():
         "rx_packets": 0,
         "rx_bytes": 0,
         "icmp_sent": 0,
+        "tso_split": 0,
+        "gro_coalesced": 0,
+        "gso_fallbacks": 0,
         "drops": {name: 0 for name in packet.DROP_NAMES.values()},
     }
 

@@ -298,6 +298,7 @@ def test_drop_numbering_and_names_are_stable():
         12: "vxlan_wrong_vni",
         13: "vxlan_wrong_mac",
         14: "vxlan_not_ipv4",
+        15: "bad_gso",
     }
     assert [int(a) for a in (Action.SEND, Action.TUN, Action.REPLY, Action.DROP)] == [0, 1, 2, 3]
 
