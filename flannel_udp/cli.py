@@ -238,6 +238,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"icmp unreachable sent {c.get('icmp_sent', 0)}")
     drops = {k: v for k, v in c.get("drops", {}).items() if v}
     print("drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
+    offloads = status.get("offloads") or {}
+    if offloads:
+        print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}")

@@ -231,4 +231,5 @@ class Daemon:
             "started": self.started,
             "peers": peers,
             "counters": stats["counters"],
+            "offloads": stats.get("offloads", {}),
         }

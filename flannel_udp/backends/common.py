@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import socket
+from dataclasses import asdict, dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
@@ -29,15 +30,71 @@ log = logging.getLogger("flannel-udp")
 SOCKET_BUFFER = 8 << 20  # bursts of batched sends overflow the default buffers
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; root may exceed the sysctls
 
+# Offloads (see _fastpath): FLANNEL_UDP_OFFLOADS=0 turns them all off.
+OFFLOADS_ENV = "FLANNEL_UDP_OFFLOADS"
+TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454D0, 0x400454D8  # <linux/if_tun.h>
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
+VNET_HDR_LEN = 10  # struct virtio_net_hdr
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104  # <linux/udp.h>
+# What TUNSETOFFLOAD is offered, best first; EINVAL refuses a set. TSO6 is harmless: the fast
+# path drops IPv6 anyway. USO4/6 only count together.
+TUN_OFFLOAD_SETS = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+    TUN_F_CSUM | TUN_F_TSO4,
+    TUN_F_CSUM,
+)
+
+
+@dataclass
+class Offloads:
+    """Which kernel offloads a TUN backend got (each probed by trying it)."""
+
+    tun_vnet_hdr: bool = False  # IFF_VNET_HDR: a virtio_net_hdr before each TUN packet
+    tso: bool = False  # the TUN hands us TCP super-packets (TUN_F_TSO4)
+    uso: bool = False  # ... and UDP ones (TUN_F_USO4|USO6)
+    udp_gso: bool = False  # UDP_SEGMENT sends
+    udp_gro: bool = False  # UDP_GRO receives
+
+
+def offloads_wanted() -> bool:
+    return os.environ.get(OFFLOADS_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def _try_setsockopt(sock: socket.socket, level: int, option: int, value: int) -> bool:
+    try:
+        sock.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
+
+
+def enable_tun_offloads(tun: pytun.TunTapDevice, offloads: Offloads) -> None:
+    """Set the virtio header size and the best offload set the kernel accepts on a TUN opened
+    with IFF_VNET_HDR; records what it got in `offloads`."""
+    fcntl.ioctl(tun.fileno(), TUNSETVNETHDRSZ, VNET_HDR_LEN.to_bytes(4, "little"))
+    for flags in TUN_OFFLOAD_SETS:
+        try:
+            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, flags)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                continue
+            raise
+        offloads.tso = bool(flags & TUN_F_TSO4)
+        offloads.uso = bool(flags & TUN_F_USO4)
+        return
+
 
 class Unreachable(Exception):
     """A peer's lease this backend cannot forward to; the message says why."""
 
 
-def open_tun(name: str) -> pytun.TunTapDevice:
-    """A non-persistent TUN (it vanishes with its routes when the fd closes), non-blocking."""
+def open_tun(name: str, vnet_hdr: bool = False) -> pytun.TunTapDevice:
+    """A non-persistent TUN (it vanishes with its routes when the fd closes), non-blocking;
+    with `vnet_hdr`, IFF_VNET_HDR (pytun.Error EINVAL if the kernel refuses it)."""
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
     try:
-        tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        tun = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as e:
         code = e.args[0] if e.args and isinstance(e.args[0], int) else None
         if code in (errno.EPERM, errno.EACCES):
@@ -49,6 +106,8 @@ def open_tun(name: str) -> pytun.TunTapDevice:
         if code == errno.ENOENT:
             raise UserError("/dev/net/tun is missing (load the tun module or mount the "
                             "device into the container)") from None
+        if code == errno.EINVAL and vnet_hdr:
+            raise
         raise UserError(f"cannot create TUN {name}: {e}") from None
     flags = fcntl.fcntl(tun.fileno(), fcntl.F_GETFL)
     fcntl.fcntl(tun.fileno(), fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -113,6 +172,7 @@ class TunNetwork:
         self._sock: socket.socket | None = None
         self._senders: list[socket.socket] = []
         self._fastpath: Any = None
+        self.offloads = Offloads()
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:
         """What `FastPath.set_route` needs beyond subnet and PublicIP to reach `lease`'s node;
@@ -132,10 +192,32 @@ class TunNetwork:
         try:
             self._sock = open_udp_socket(self.port)
             self._senders = open_send_sockets(self.send_sockets)
-            self._tun = open_tun(self.tun_name)
+            self._open_tun_with_offloads()
         except BaseException:
             self.close()
             raise
+
+    def _open_tun_with_offloads(self) -> None:
+        """Open the TUN and probe every offload unless FLANNEL_UDP_OFFLOADS=0; log the result."""
+        assert self._sock is not None
+        if not offloads_wanted():
+            self._tun = open_tun(self.tun_name)
+            log.info("offloads off (%s=0)", OFFLOADS_ENV)
+            return
+        off = self.offloads
+        off.udp_gro = _try_setsockopt(self._sock, SOL_UDP, UDP_GRO, 1)
+        # Size 0 = "only when a cmsg asks": a probe that changes nothing.
+        off.udp_gso = all(_try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0)
+                          for sock in self._senders or [self._sock])
+        try:
+            self._tun = open_tun(self.tun_name, vnet_hdr=True)
+            off.tun_vnet_hdr = True
+        except pytun.Error:
+            self._tun = open_tun(self.tun_name)
+        if off.tun_vnet_hdr:
+            enable_tun_offloads(self._tun, off)
+        log.info("offloads: %s", ", ".join(f"{name} {'on' if on else 'off'}"
+                                           for name, on in asdict(off).items()))
 
     def start(self, lease: Lease, peers: list[Lease]) -> None:
         from flannel_udp._fastpath import FastPath
@@ -145,6 +227,9 @@ class TunNetwork:
         self._fastpath = FastPath(self._tun.fileno(), self._sock.fileno(), self.port,
                                   str(lease.subnet.network_address), self.config.subnet_len,
                                   send_fds=[s.fileno() for s in self._senders] or None,
+                                  vnet_hdr=self.offloads.tun_vnet_hdr,
+                                  udp_gso=self.offloads.udp_gso,
+                                  udp_gro=self.offloads.udp_gro,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)
@@ -175,9 +260,18 @@ class TunNetwork:
         if self._fastpath is not None:
             self._fastpath.del_route(str(subnet.network_address))
 
+    @property
+    def running(self) -> bool:
+        """Whether the fast path's threads forward (for /healthz)."""
+        return self._fastpath is not None and bool(self._fastpath.running)
+
     def stats(self) -> dict[str, Any]:
+        offloads = asdict(self.offloads)
         if self._fastpath is None:
-            return {"counters": {}, "peers": {}, "lease": self._lease_stats()}
+            return {"counters": {}, "peers": {}, "lease": self._lease_stats(),
+                    "offloads": offloads}
+        # UDP GSO turns itself off if the kernel refuses it mid-run.
+        offloads["udp_gso"] = self._fastpath.offloads()["udp_gso"]
         peers = {}
         for subnet, _ip, mac, counters in self._fastpath.routes():
             if mac is not None:
@@ -188,7 +282,8 @@ class TunNetwork:
         queue_drops = netlink.tx_dropped(self.tun_name)
         if queue_drops is not None:
             counters["drops"]["tun_queue_full"] = queue_drops
-        return {"counters": counters, "peers": peers, "lease": self._lease_stats()}
+        return {"counters": counters, "peers": peers, "lease": self._lease_stats(),
+                "offloads": offloads}
 
     def close(self) -> None:
         if self._fastpath is not None:
