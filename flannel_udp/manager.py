@@ -57,6 +57,7 @@ class LeaseManager:
         self.peers: dict[IPv4Network, Peer] = {}
         self._snapshot: Snapshot | None = None
         self.holds_lease = False  # our lease was in the table at the last load_peers()
+        self.store_errors = 0  # renewals that failed
 
     # -- parsing store records, one place --
 
@@ -73,6 +74,12 @@ class LeaseManager:
         if not subnet.subnet_of(self.config.network):
             log.warning("lease store: skipping lease %s: outside Network %s",
                         record.key, self.config.network)
+            return None
+        if subnet.prefixlen != self.config.subnet_len:
+            # Leases of another length would overlap ours or each other (and the route table
+            # holds subnets of one length).
+            log.warning("lease store: skipping lease %s: not a /%d subnet (SubnetLen)",
+                        record.key, self.config.subnet_len)
             return None
         return lease
 
@@ -123,6 +130,7 @@ class LeaseManager:
                 new_exp = await self.store.put_lease(subnet_key(self.lease.subnet), self.value,
                                                      self.ttl)
             except StoreError as e:
+                self.store_errors += 1
                 log.error("renewing lease %s failed (%s); retrying in %.0f s",
                           self.lease.subnet, e, RENEW_RETRY)
                 await asyncio.sleep(RENEW_RETRY)

@@ -87,3 +87,21 @@ def test_peer_table_follows_the_store_and_skips_bad_values(tmp_path, caplog):
     assert removed == [IPv4Network("10.5.201.0/24")]
     assert set(m.peers) == {IPv4Network("10.5.202.0/24")}
     assert "10.5.200.0-24" in caplog.text  # the bad value is named in a warning
+
+
+def test_leases_of_another_length_than_subnetlen_are_skipped_naming_the_key(tmp_path, caplog):
+    # A /25 inside a peer's /24 or a /16 over the whole Network would overlap other leases;
+    # neither may become a route.
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        m = manager(store)
+        await m.acquire(None)
+        for key in ("10.5.201.128-25", "10.5.0.0-16", "10.5.202.0-23"):
+            await store.create_lease(key, encode_lease_value(OTHER), 60)
+        await store.create_lease("10.5.203.0-24", encode_lease_value(OTHER), 60)
+        return await m.load_peers()
+
+    peers = asyncio.run(scenario())
+    assert [str(p.subnet) for p in peers] == ["10.5.203.0/24"]
+    for key in ("10.5.201.128-25", "10.5.0.0-16", "10.5.202.0-23"):
+        assert f"skipping lease {key}: not a /24 subnet" in caplog.text
