@@ -21,7 +21,7 @@ from flannel_udp.stores import Store, StoreError
 
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
 # Accepted for flanneld compatibility; their features come in later versions.
-NOT_ACTIVE_YET = ("ip_masq", "healthz_port", "iface_regex")
+NOT_ACTIVE_YET = ("iface_regex",)
 
 log = logging.getLogger("flannel-udp")
 T = TypeVar("T")
@@ -101,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
          help="where to write the lease for the container runtime (default %(default)s)")
     _add(run, "--subnet-lease-renew-margin", type=int, default=60, metavar="MINUTES",
          help="renew the lease this long before it expires (default %(default)s)")
-    _add(run, "--ip-masq", action="store_true", help="not active yet")
-    _add(run, "--healthz-ip", default="0.0.0.0", metavar="IP", help="not active yet")
+    _add(run, "--ip-masq", action="store_true",
+         help="masquerade traffic from pods to outside the Network (flanneld's iptables "
+              "rules; needs iptables)")
+    _add(run, "--healthz-ip", default="0.0.0.0", metavar="IP",
+         help="address of the /healthz and /metrics endpoint (default %(default)s)")
     _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
-         help="not active yet (0 = off)")
+         help="port of the /healthz and /metrics endpoint (default 0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
-         help="not active yet")
+         help="re-check the --ip-masq rules this often (default %(default)s)")
     _add(run, "--etcd-wait", type=int, default=60, metavar="SECONDS",
          help="how long to wait at start for an unreachable etcd before exiting; 0 waits for "
               "ever, as flanneld (default %(default)s)")
@@ -127,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     _store_flags(put)
     put.add_argument("config", nargs="?", metavar="JSON", help="the config as JSON text")
     put.add_argument("--file", metavar="FILE", help="read the config from FILE")
+
+    opts = sub.add_parser(
+        "docker-opts", help="write dockerd options from subnet.env, as mk-docker-opts.sh",
+        description="What flannel's mk-docker-opts.sh writes: DOCKER_OPT_BIP, "
+        "DOCKER_OPT_IPMASQ (only when FLANNEL_IPMASQ=true), DOCKER_OPT_MTU and the combined "
+        "DOCKER_OPTS, from the subnet file into the docker env file.")
+    opts.add_argument("-f", dest="subnet_file", default="/run/flannel/subnet.env",
+                      metavar="FLANNEL-ENV-FILE", help="subnet file (default %(default)s)")
+    opts.add_argument("-d", dest="output", default="/run/docker_opts.env",
+                      metavar="DOCKER-ENV-FILE", help="file to write (default %(default)s)")
+    opts.add_argument("-k", dest="key", default="DOCKER_OPTS", metavar="COMBINED-KEY",
+                      help="name of the combined variable (default %(default)s)")
+    opts.add_argument("-i", dest="individual", action="store_true",
+                      help="write each option as its own variable (DOCKER_OPT_MTU=...)")
+    opts.add_argument("-c", dest="combined", action="store_true",
+                      help="write the combined variable (neither -i nor -c: both)")
+    opts.add_argument("-m", dest="no_ipmasq", action="store_true",
+                      help="do not write --ip-masq (for older Docker versions)")
 
     demo = sub.add_parser("demo", help="three hosts as namespaces on one machine, end to end")
     demo.add_argument("--iperf-seconds", type=int, default=3, metavar="N")
@@ -172,12 +193,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
     if args.etcd_wait < 0:
         raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
+    if not 0 <= args.healthz_port <= 65535:
+        raise UserError(f"--healthz-port {args.healthz_port}: must be 0 (off) to 65535")
+    if args.iptables_resync < 1:
+        raise UserError("--iptables-resync: must be 1 second or more")
     store, name = open_store(args)
     opts = RunOptions(store=store, store_name=name, iface=args.iface, public_ip=public_ip,
                       subnet_file=args.subnet_file,
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
-                      ip_masq=args.ip_masq, store_wait=args.etcd_wait or None)
+                      ip_masq=args.ip_masq, store_wait=args.etcd_wait or None,
+                      iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
+                      healthz_port=args.healthz_port)
     import uvloop
     return uvloop.run(_closing(store, Daemon(opts).run()))
 
@@ -255,12 +282,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docker_opts(args: argparse.Namespace) -> int:
+    from flannel_udp.dockeropts import DockerOptsOptions, write_docker_opts
+
+    write_docker_opts(DockerOptsOptions(
+        subnet_file=args.subnet_file, output=args.output, key=args.key,
+        individual=args.individual, combined=args.combined, ipmasq=not args.no_ipmasq))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flannel_udp.demo import run_demo
     return run_demo(iperf_seconds=args.iperf_seconds)
 
 
-COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo": cmd_demo,
+            "docker-opts": cmd_docker_opts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flannel_udp import control, netlink, subnetenv
+from flannel_udp import control, healthz, netlink, sdnotify, subnetenv
 from flannel_udp.backends import Network, make_network
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.errors import UserError
+from flannel_udp.ipmasq import IpMasq, IptablesError, resync_forever
 from flannel_udp.lease import Lease
 from flannel_udp.manager import LeaseManager
 from flannel_udp.stores import Store, StoreError, StoreUnavailable
@@ -43,6 +44,9 @@ class RunOptions:
     ip_masq: bool = False
     # How long to wait at start for a store that does not answer (etcd down); None: for ever.
     store_wait: float | None = 60.0
+    iptables_resync: float = 5.0  # seconds between checks of the --ip-masq rules
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0  # 0: no /healthz and /metrics endpoint
 
 
 async def until_available(what: str, step: Callable[[], Awaitable[T]],
@@ -90,6 +94,9 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.network: Network | None = None
         self.manager: LeaseManager | None = None
+        self.ipmasq: IpMasq | None = None
+        self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
+        self._reacquiring = False  # our lease went away and is being taken again
 
     def _write_subnet_env(self, lease: Lease) -> None:
         assert self.config is not None and self.network is not None
@@ -101,6 +108,27 @@ class Daemon:
                             f"{e.strerror}", exit_code=1) from None
 
     async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        starting = asyncio.current_task()
+        assert starting is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Until _serve takes the signals over: a stop while waiting (e.g. for etcd) is a
+            # clean exit, with whatever was set up undone by the finally blocks.
+            loop.add_signal_handler(sig, starting.cancel)
+        health_server = None
+        if self.opts.healthz_port:  # first: it answers 503 while we wait for the store
+            health_server = await healthz.serve(self.opts.healthz_ip, self.opts.healthz_port,
+                                                self.status)
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            log.info("signal received while starting; exiting")
+            return 0
+        finally:
+            if health_server is not None:
+                health_server.close()
+
+    async def _run(self) -> int:
         opts = self.opts
         log.info("lease store: %s", opts.store_name)
         self.config = config = await until_available(
@@ -112,6 +140,8 @@ class Daemon:
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
+        if opts.ip_masq:  # no iptables: say so before taking anything
+            self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
         self.network = network = make_network(config, ext, public_ip)
         network.open()
         try:
@@ -135,6 +165,12 @@ class Daemon:
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
         server = await control.serve(opts.control_socket, self.handle_request)
+        if self.ipmasq is not None:
+            try:
+                await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
+            except IptablesError as e:
+                server.close()
+                raise UserError(f"--ip-masq: {e}", exit_code=1) from None
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -143,8 +179,12 @@ class Daemon:
         tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
                  asyncio.create_task(self._follow(), name="watch"),
                  asyncio.create_task(stop.wait(), name="stop")]
+        if self.ipmasq is not None:
+            tasks.append(asyncio.create_task(
+                resync_forever(self.ipmasq, opts.iptables_resync), name="ip-masq"))
         log.info("running: %d peers; status: flannel-udp status --control-socket %s",
                  len(peers), opts.control_socket)
+        sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -153,10 +193,16 @@ class Daemon:
             log.info("signal received, shutting down")
             return 0
         finally:
+            sdnotify.notify("STOPPING=1")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             server.close()
+            if self.ipmasq is not None:
+                try:
+                    await asyncio.to_thread(self.ipmasq.teardown)
+                except IptablesError as e:
+                    log.error("ip-masq: removing the rules failed: %s", e)
             with contextlib.suppress(OSError):
                 Path(opts.control_socket).unlink()
 
@@ -168,6 +214,7 @@ class Daemon:
                 await self.manager.watch(self.network.add_peer, self.network.remove_peer,
                                          self._own_lease_lost)
             except StoreError as e:
+                self.store_errors += 1
                 log.error("lease store: %s; forwarding on the last known table, retrying", e)
             while True:  # the store may still be away: keep forwarding until it answers
                 await asyncio.sleep(WATCH_RETRY)
@@ -175,6 +222,7 @@ class Daemon:
                     await self._resync()
                     break
                 except StoreError as e:
+                    self.store_errors += 1
                     log.error("lease store: %s; retrying", e)
 
     async def _resync(self) -> None:
@@ -197,13 +245,19 @@ class Daemon:
         assert self.manager is not None and self.network is not None
         old = self.manager.lease
         assert old is not None
-        lease = await self.manager.acquire(old.subnet)
-        if lease.subnet != old.subnet:
-            log.warning("subnet %s is gone; moving to %s", old.subnet, lease.subnet)
-            peers = await self.manager.load_peers()
-            await asyncio.to_thread(self.network.close)
-            await asyncio.to_thread(self.network.open)
-            await asyncio.to_thread(self.network.start, lease, peers)
+        self._reacquiring = True
+        try:
+            lease = await self.manager.acquire(old.subnet)
+            if lease.subnet != old.subnet:
+                log.warning("subnet %s is gone; moving to %s", old.subnet, lease.subnet)
+                peers = await self.manager.load_peers()
+                await asyncio.to_thread(self.network.close)
+                await asyncio.to_thread(self.network.open)
+                await asyncio.to_thread(self.network.start, lease, peers)
+                if self.ipmasq is not None:
+                    await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
+        finally:
+            self._reacquiring = False
         self._write_subnet_env(lease)
         log.info("lease %s re-acquired; %s rewritten", lease.subnet, self.opts.subnet_file)
 
@@ -212,8 +266,22 @@ class Daemon:
             return {"error": f"unknown command {request.get('cmd')!r}"}
         return self.status()
 
+    def health(self) -> dict[str, bool]:
+        """The checks behind /healthz: we hold an unexpired lease, and the data plane runs
+        (a backend without a `running` flag forwards in the kernel once started)."""
+        lease = self.manager.lease if self.manager is not None else None
+        held = (lease is not None and not self._reacquiring
+                and (lease.expiration is None or lease.expiration > time.time()))
+        running = (self.network is not None and lease is not None
+                   and bool(getattr(self.network, "running", True)))
+        return {"lease": held, "dataplane": running}
+
     def status(self) -> dict[str, Any]:
-        assert self.manager is not None and self.network is not None and self.config
+        if self.manager is None or self.network is None or self.config is None:
+            # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
+            return {"lease": None, "network": str(self.config.network) if self.config else None,
+                    "started": self.started, "peers": [], "counters": {},
+                    "health": self.health(), "store_errors": self.store_errors}
         lease = self.manager.lease
         stats = self.network.stats()
         peers = []
@@ -232,4 +300,7 @@ class Daemon:
             "peers": peers,
             "counters": stats["counters"],
             "offloads": stats.get("offloads", {}),
+            "health": self.health(),
+            "store_errors": self.store_errors + self.manager.store_errors,
+            "ip_masq": self.ipmasq is not None,
         }

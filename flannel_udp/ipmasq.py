@@ -1,0 +1,219 @@
+"""`--ip-masq`: flanneld's iptables rules (chains FLANNEL-POSTRTG in nat, FLANNEL-FWD in filter),
+installed after the lease is taken, re-checked every `--iptables-resync` seconds and removed on
+shutdown.
+
+It drives the `iptables` and `iptables-restore` commands, as flanneld does (through
+go-iptables): they work with both kernel back ends (nf_tables and legacy) and take the xtables
+lock (`-w`) that other rule writers (kube-proxy, docker) also take. python-iptables binds
+libiptc, which knows only the legacy back end, so on a Debian host (iptables-nft) its rules would
+land in tables nobody reads.
+
+The rules and their order are flannel's; the check is flannel's too: every rule is looked up with
+`iptables -C`, and if any is missing the chains are rewritten in one `iptables-restore --noflush`
+transaction (declaring a chain there empties it), because the RETURN rules only work in front of
+the MASQUERADE ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from flannel_udp.errors import UserError
+
+log = logging.getLogger("flannel-udp")
+
+MASQ_CHAIN = "FLANNEL-POSTRTG"
+FORWARD_CHAIN = "FLANNEL-FWD"
+MASQ_COMMENT = "flanneld masq"
+FORWARD_COMMENT = "flanneld forward"
+# kube-proxy marks what it masquerades itself; flannel leaves it alone (no double NAT).
+KUBE_PROXY_MARK = "0x4000/0x4000"
+MULTICAST = "224.0.0.0/4"
+RANDOM_FULLY_SINCE = (1, 6, 2)  # iptables version that knows MASQUERADE --random-fully
+LOCK_WAIT = "5"  # seconds to wait for the xtables lock
+
+
+class IptablesError(Exception):
+    """An iptables command failed; the message quotes it and its stderr."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    table: str
+    chain: str
+    spec: tuple[str, ...]
+
+    def restore_line(self, action: str = "-A") -> str:
+        """The rule as a line of iptables-restore input."""
+        return " ".join([action, self.chain, *(_quote(a) for a in self.spec)])
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+    """flanneld's nat rules for Network `network` and our lease `subnet`, in order; the first
+    is the jump from POSTROUTING."""
+    n, s = str(network), str(subnet)
+    comment = ("-m", "comment", "--comment", MASQ_COMMENT)
+    masq = ("-j", "MASQUERADE", "--random-fully") if random_fully else ("-j", "MASQUERADE")
+
+    def rule(*spec: str) -> Rule:
+        return Rule("nat", MASQ_CHAIN, spec)
+
+    return [
+        Rule("nat", "POSTROUTING", (*comment, "-j", MASQ_CHAIN)),
+        rule("-m", "mark", "--mark", KUBE_PROXY_MARK, *comment, "-j", "RETURN"),
+        rule("-s", s, "-d", n, *comment, "-j", "RETURN"),  # pod to pod: no NAT
+        rule("-s", n, "-d", s, *comment, "-j", "RETURN"),
+        # outside traffic to our pods arriving through a node that owns the pod address
+        rule("!", "-s", n, "-d", s, *comment, "-j", "RETURN"),
+        rule("-s", n, "!", "-d", MULTICAST, *comment, *masq),  # pods to the world
+        rule("!", "-s", n, "-d", n, *comment, *masq),  # the host to remote pods
+    ]
+
+
+def forward_rules(network: IPv4Network) -> list[Rule]:
+    """flanneld's filter rules: forward whatever comes from or goes to the Network."""
+    comment = ("-m", "comment", "--comment", FORWARD_COMMENT)
+    return [
+        Rule("filter", "FORWARD", (*comment, "-j", FORWARD_CHAIN)),
+        Rule("filter", FORWARD_CHAIN, ("-s", str(network), *comment, "-j", "ACCEPT")),
+        Rule("filter", FORWARD_CHAIN, ("-d", str(network), *comment, "-j", "ACCEPT")),
+    ]
+
+
+def restore_input(rules: Sequence[Rule], present: Sequence[Rule] = ()) -> str:
+    """iptables-restore --noflush input that puts `rules` in place exactly once and in order:
+    our chains are declared (created, or emptied); the rules in built-in chains that are
+    `present` already (our jumps) are deleted first."""
+    text = []
+    for table in dict.fromkeys(r.table for r in rules):
+        mine = [r for r in rules if r.table == table]
+        chains = dict.fromkeys(r.chain for r in mine if r.chain.startswith("FLANNEL-"))
+        text.append(f"*{table}")
+        text += [f":{chain} - [0:0]" for chain in chains]
+        text += [r.restore_line("-D") for r in present
+                 if r.table == table and r.chain not in chains]
+        text += [r.restore_line() for r in mine]
+        text.append("COMMIT")
+    return "\n".join(text) + "\n"
+
+
+def _run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise IptablesError(f"{argv[0]}: not installed") from None
+    except subprocess.TimeoutExpired:
+        raise IptablesError(f"{' '.join(argv)}: no answer within 30 s") from None
+
+
+def iptables_version() -> tuple[int, ...]:
+    """The iptables version, e.g. (1, 8, 9); UserError when iptables is missing or broken."""
+    for tool in ("iptables", "iptables-restore"):
+        if shutil.which(tool) is None:
+            raise UserError(f"--ip-masq needs the {tool} command: install iptables "
+                            "(e.g. apt-get install iptables)", exit_code=1)
+    result = _run("iptables", "--version")
+    match = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise UserError(f"--ip-masq: `iptables --version` failed: "
+                        f"{(result.stderr or result.stdout).strip()}", exit_code=1)
+    return tuple(int(g or 0) for g in match.groups())
+
+
+class IpMasq:
+    """The rules of one node; `setup`, `ensure` (periodically) and `teardown` block on the
+    iptables commands: call them from a worker thread."""
+
+    def __init__(self, network: IPv4Network, random_fully: bool) -> None:
+        self.network = network
+        self.random_fully = random_fully
+        self.subnet: IPv4Network | None = None
+        self.rules: list[Rule] = []
+
+    @classmethod
+    def probe(cls, network: IPv4Network) -> IpMasq:
+        """Check that iptables is usable here (UserError if not) and what it supports."""
+        version = iptables_version()
+        ipm = cls(network, random_fully=version >= RANDOM_FULLY_SINCE)
+        # A harmless lookup proves we may read the nat table (root, modules, a working back end).
+        result = _run("iptables", "-w", LOCK_WAIT, "-t", "nat", "-S", "POSTROUTING")
+        if result.returncode != 0:
+            raise UserError(f"--ip-masq: iptables cannot read the nat table: "
+                            f"{result.stderr.strip()}", exit_code=1)
+        return ipm
+
+    def setup(self, subnet: IPv4Network) -> None:
+        """Install the rules for our lease `subnet` (replacing those of an earlier subnet)."""
+        self.subnet = subnet
+        self.rules = (masq_rules(self.network, subnet, self.random_fully)
+                      + forward_rules(self.network))
+        self._rewrite()
+        log.info("ip-masq: %s and %s rules in place for %s in %s%s", MASQ_CHAIN, FORWARD_CHAIN,
+                 subnet, self.network, " (--random-fully)" if self.random_fully else "")
+
+    def missing(self) -> list[Rule]:
+        """The rules that are not there now."""
+        return [r for r in self.rules if not self._exists(r)]
+
+    def ensure(self) -> bool:
+        """Put the rules back if any went missing; True when it had to."""
+        gone = self.missing()
+        if not gone:
+            return False
+        log.warning("ip-masq: %d iptables rule(s) missing (e.g. %s in %s); rewriting %s and %s",
+                    len(gone), gone[0].restore_line(), gone[0].table, MASQ_CHAIN, FORWARD_CHAIN)
+        self._rewrite()
+        return True
+
+    def teardown(self) -> None:
+        """Remove our jumps and chains; what is already gone is no error."""
+        for table, parent, chain, comment in (("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT),
+                                              ("filter", "FORWARD", FORWARD_CHAIN,
+                                               FORWARD_COMMENT)):
+            jump = ("-m", "comment", "--comment", comment, "-j", chain)
+            while _run("iptables", "-w", LOCK_WAIT, "-t", table, "-D", parent,
+                       *jump).returncode == 0:
+                pass  # a jump added twice by hand goes too
+            _run("iptables", "-w", LOCK_WAIT, "-t", table, "-F", chain)
+            _run("iptables", "-w", LOCK_WAIT, "-t", table, "-X", chain)
+        log.info("ip-masq: removed %s and %s", MASQ_CHAIN, FORWARD_CHAIN)
+
+    def _exists(self, rule: Rule) -> bool:
+        result = _run("iptables", "-w", LOCK_WAIT, "-t", rule.table, "-C", rule.chain,
+                      *rule.spec)
+        if result.returncode in (0, 1):  # 1: no such rule (or chain)
+            return result.returncode == 0
+        if "does not exist" in result.stderr:  # the jump's target chain is gone (nf_tables)
+            return False
+        raise IptablesError(f"iptables -t {rule.table} -C {rule.restore_line()[3:]}: "
+                            f"{result.stderr.strip()}")
+
+    def _rewrite(self) -> None:
+        # Jumps already present are deleted first so that the transaction adds each once.
+        present = [r for r in self.rules if not r.chain.startswith("FLANNEL-")
+                   and self._exists(r)]
+        text = restore_input(self.rules, present)
+        result = _run("iptables-restore", "-w", LOCK_WAIT, "--noflush", input=text)
+        if result.returncode != 0:
+            raise IptablesError(f"iptables-restore --noflush: {result.stderr.strip()}")
+
+
+async def resync_forever(ipm: IpMasq, period: float) -> None:
+    """Every `period` seconds put back what went missing; failures are logged and retried."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await asyncio.to_thread(ipm.ensure)
+        except IptablesError as e:
+            log.error("ip-masq: %s; retrying in %g s", e, period)
