@@ -420,23 +420,35 @@ class Host(Netns):
         return self.run(*FLANNEL_UDP, *args, check=check, timeout=timeout)
 
     def start_flannel(self, store: str | os.PathLike, net_config: str | os.PathLike | None = None,
-                      *extra: str, iface: str = "eth0") -> subprocess.Popen:
+                      *extra: str, iface: str = "eth0", env: dict[str, str] | None = None,
+                      env_only: bool = False) -> subprocess.Popen:
         """Start `flannel-udp run` in the foreground of this host, logging to `log_path`;
-        `extra` is appended to its arguments (e.g. "-v", "1")."""
+        `extra` is appended to its arguments (e.g. "-v", "1"), `env` to its environment (e.g.
+        NOTIFY_SOCKET). With `env_only` the settings go as FLANNELD_* variables instead of
+        flags, as a container entrypoint gets them."""
         if self.daemon is not None and self.daemon.poll() is None:
             raise NetnsError(f"{self.label}: a daemon runs already (pid {self.daemon.pid})")
-        argv = ["run", "--local-store", str(store), "--iface", iface,
-                "--subnet-file", str(self.subnet_file),
-                "--control-socket", str(self.control_socket)]
+        settings = {"local-store": str(store), "iface": iface,
+                    "subnet-file": str(self.subnet_file),
+                    "control-socket": str(self.control_socket)}
         if net_config is not None:
-            argv += ["--net-config-path", str(net_config)]
+            settings["net-config-path"] = str(net_config)
+        child_env = _child_env()
+        child_env.update(env or {})
+        if env_only:
+            argv = ["run"]
+            child_env.update({f"FLANNELD_{k.upper().replace('-', '_')}": v
+                              for k, v in settings.items()})
+        else:
+            argv = ["run", *(a for k, v in settings.items() for a in (f"--{k}", v))]
         argv += extra
         if self._log is None:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by Topology.cleanup
-        self._log.write(f"--- start: flannel-udp {_format_cmd(argv)}\n".encode())
+        shown = [f"{k}={v}" for k, v in child_env.items() if k.startswith("FLANNELD_")]
+        self._log.write(f"--- start: {_format_cmd([*shown, 'flannel-udp', *argv])}\n".encode())
         self._log.flush()
         self.daemon = self.popen(*FLANNEL_UDP, *argv, stdin=subprocess.DEVNULL,
-                                 stdout=self._log, stderr=subprocess.STDOUT)
+                                 stdout=self._log, stderr=subprocess.STDOUT, env=child_env)
         return self.daemon
 
     def stop_flannel(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
