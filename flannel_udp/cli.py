@@ -258,7 +258,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{lease['backend']}  expires in {left:.1f} h")
     vxlan = bool(lease and lease.get("vtep_mac"))
     if vxlan:
-        print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}")
+        print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}"
+              + (f"  dataplane {lease['dataplane']}" if lease.get("dataplane") else ""))
     c = status["counters"]
     print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
           f"rx {c.get('rx_packets', 0)} pkts / {c.get('rx_bytes', 0)} B   "
@@ -270,13 +271,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
-          f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}")
+          f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")
     for p in status["peers"]:
         # A peer's VtepMAC is shown once it has a route ("-": skipped, see the log).
         print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}"
               + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
-              f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}")
+              f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"
+              # host-gw, direct, vxlan or unreachable, for the routing-model backends
+              f"  {p.get('path', '-')}")
     if not status["peers"]:
         print("(no peers)")
     return 0

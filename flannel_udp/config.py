@@ -15,7 +15,7 @@ from flannel_udp.errors import UserError
 # Backend types flannel knows; only those in IMPLEMENTED run here, the others are refused clearly.
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tencent-vpc",
                   "alivpc", "aws-vpc", "gce", "extension", "ipsec")
-IMPLEMENTED_BACKENDS = ("udp", "vxlan")
+IMPLEMENTED_BACKENDS = ("udp", "vxlan", "host-gw")
 
 VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14

@@ -143,7 +143,8 @@ class Daemon:
         if opts.ip_masq:  # no iptables: say so before taking anything
             self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
         self.network = network = make_network(config, ext, public_ip)
-        network.open()
+        # Backends may create devices over netlink, which can't run on the loop thread.
+        await asyncio.to_thread(network.open)
         try:
             return await self._serve(config, network, public_ip)
         finally:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
 from flannel_udp.errors import UserError
 
 TUN_TXQUEUELEN = 5000
+RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
 
 
 @dataclass(frozen=True)
@@ -125,3 +127,195 @@ def tx_dropped(name: str) -> int | None:
         return int(Path(f"/sys/class/net/{name}/statistics/tx_dropped").read_text())
     except (OSError, ValueError):
         return None
+
+
+# -- kernel routing state of the routing-model backends (host-gw, DirectRouting, kernel VXLAN) --
+
+
+@dataclass(frozen=True)
+class Route:
+    """`dst via gateway dev oif`; `onlink`: the gateway need not be on a connected subnet."""
+
+    dst: IPv4Network
+    gateway: IPv4Address
+    oif: int
+    onlink: bool = False
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A permanent ARP entry `address -> mac` on device `ifindex`."""
+
+    address: IPv4Address
+    mac: bytes
+    ifindex: int
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    """A permanent forwarding entry `mac -> dst` on VXLAN device `ifindex` (bridge fdb ... self)."""
+
+    mac: bytes
+    dst: IPv4Address
+    ifindex: int
+
+
+KernelEntry = Route | Neighbour | FdbEntry
+_GONE = (errno.ESRCH, errno.ENOENT, errno.ENODEV)
+
+
+def _mac_text(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def describe(entry: KernelEntry) -> str:
+    """An entry as `ip` would show it, for logs."""
+    if isinstance(entry, Route):
+        return (f"route {entry.dst} via {entry.gateway} dev #{entry.oif}"
+                + (" onlink" if entry.onlink else ""))
+    if isinstance(entry, Neighbour):
+        return f"neighbour {entry.address} lladdr {_mac_text(entry.mac)} dev #{entry.ifindex}"
+    return f"fdb {_mac_text(entry.mac)} dst {entry.dst} dev #{entry.ifindex}"
+
+
+def _install(ipr: IPRoute, entry: KernelEntry) -> None:
+    if isinstance(entry, Route):
+        ipr.route("replace", dst=str(entry.dst), gateway=str(entry.gateway), oif=entry.oif,
+                  flags=RTNH_F_ONLINK if entry.onlink else 0)
+    elif isinstance(entry, Neighbour):
+        ipr.neigh("replace", dst=str(entry.address), lladdr=_mac_text(entry.mac),
+                  ifindex=entry.ifindex, state=NUD_PERMANENT)
+    else:
+        ipr.fdb("replace", ifindex=entry.ifindex, lladdr=_mac_text(entry.mac),
+                dst=str(entry.dst), state=NUD_PERMANENT, flags=NTF_SELF)
+
+
+def _withdraw(ipr: IPRoute, entry: KernelEntry) -> None:
+    if isinstance(entry, Route):
+        ipr.route("del", dst=str(entry.dst), gateway=str(entry.gateway), oif=entry.oif)
+    elif isinstance(entry, Neighbour):
+        ipr.neigh("del", dst=str(entry.address), lladdr=_mac_text(entry.mac),
+                  ifindex=entry.ifindex)
+    else:
+        ipr.fdb("del", ifindex=entry.ifindex, lladdr=_mac_text(entry.mac), dst=str(entry.dst))
+
+
+def install(entries: list[KernelEntry]) -> list[tuple[KernelEntry, str]]:
+    """Add or replace each entry, in order; the ones that failed, with the reason."""
+    failed = []
+    with IPRoute() as ipr:
+        for entry in entries:
+            try:
+                _install(ipr, entry)
+            except NetlinkError as e:
+                failed.append((entry, os.strerror(e.code)))
+    return failed
+
+
+def withdraw(entries: list[KernelEntry]) -> None:
+    """Remove each entry, in order; those already gone (or whose device is) are fine."""
+    with IPRoute() as ipr:
+        for entry in entries:
+            try:
+                _withdraw(ipr, entry)
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+
+
+def missing(entries: list[KernelEntry]) -> list[KernelEntry]:
+    """Those of `entries` the kernel does not hold now (e.g. deleted by hand)."""
+    have: set[KernelEntry] = set()
+    with IPRoute() as ipr:
+        if any(isinstance(e, Route) for e in entries):
+            for r in ipr.get_routes(family=socket.AF_INET, table=254):
+                if r.get("RTA_GATEWAY") and r.get("RTA_DST"):
+                    have.add(Route(IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
+                                   IPv4Address(r.get("RTA_GATEWAY")), r.get("RTA_OIF"),
+                                   bool(r["flags"] & RTNH_F_ONLINK)))
+        for ifindex in {e.ifindex for e in entries if not isinstance(e, Route)}:
+            try:
+                for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=ifindex):
+                    if n.get("NDA_DST") and n.get("NDA_LLADDR"):
+                        have.add(Neighbour(IPv4Address(n.get("NDA_DST")),
+                                           bytes.fromhex(n.get("NDA_LLADDR").replace(":", "")),
+                                           ifindex))
+                for f in ipr.fdb("dump", ifindex=ifindex):
+                    if f.get("NDA_DST") and f.get("NDA_LLADDR"):
+                        have.add(FdbEntry(bytes.fromhex(f.get("NDA_LLADDR").replace(":", "")),
+                                          IPv4Address(f.get("NDA_DST")), ifindex))
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+    return [e for e in entries if e not in have]
+
+
+def direct_route_to(address: IPv4Address) -> tuple[int | None, str]:
+    """(the outgoing interface, "") when the kernel reaches `address` by a directly connected,
+    gateway-less route (flannel's ip.DirectRouting); else (None, why not)."""
+    with IPRoute() as ipr:
+        try:
+            found = ipr.route("get", dst=str(address))
+        except NetlinkError as e:
+            return None, f"no route to it ({os.strerror(e.code)})"
+    route = found[0]
+    if route["type"] != RTN_UNICAST:
+        return None, "it is one of this host's own addresses"
+    gateway = route.get("RTA_GATEWAY")
+    if gateway:
+        return None, f"it is reached through gateway {gateway}"
+    return route.get("RTA_OIF"), ""
+
+
+def link_kind(name: str) -> str | None:
+    """The kind of device `name` ('vxlan', 'bridge', '' for a plain one), None if absent."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        info = ipr.get_links(found[0])[0].get("IFLA_LINKINFO")
+        return (info.get("IFLA_INFO_KIND") if info else None) or ""
+
+
+def delete_link(name: str) -> None:
+    """Delete device `name`; one already gone is fine."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+
+
+def create_vxlan(name: str, vni: int, local: IPv4Address, underlay: int, port: int,
+                 mac: bytes, mtu: int, address: IPv4Interface) -> int:
+    """A kernel VXLAN device as flanneld makes it (nolearning, local address, underlay device,
+    port, MAC, MTU), holding `address`, up; its index. NetlinkError when the kernel refuses
+    (no vxlan module, no permission, the port taken)."""
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local),
+                 vxlan_link=underlay, vxlan_port=port, vxlan_learning=0,
+                 address=_mac_text(mac), mtu=mtu)
+        index = ipr.link_lookup(ifname=name)[0]
+        try:
+            ipr.addr("add", index=index, address=str(address.ip),
+                     prefixlen=address.network.prefixlen)
+            # Up binds the UDP port: EADDRINUSE shows here.
+            ipr.link("set", index=index, state="up")
+        except NetlinkError:
+            ipr.link("del", index=index)
+            raise
+        return index
+
+
+def link_counters(name: str) -> dict[str, int]:
+    """A device's packet and byte counters, as `status` shows them ({} if it is gone)."""
+    counters = {}
+    for key in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "tx_dropped", "rx_dropped"):
+        try:
+            counters[key] = int(Path(f"/sys/class/net/{name}/statistics/{key}").read_text())
+        except (OSError, ValueError):
+            return {}
+    return counters

@@ -5,7 +5,8 @@ every namespace, process and file it made, also when something fails.
 Layout of a `Topology` (nothing is created in the root namespace; `ip netns add` only leaves a
 mount file under /run/netns):
 
-    <prefix>-sw   switch: bridge br0 with one port h<i> per host
+    <prefix>-sw   switch: bridge br0 with one port h<i> per host (br<k> per extra segment k)
+    <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 on br<k>
     <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24, MTU 1500, ip_forward on; runs a daemon
     <prefix>-p<i> pod on a host: eth0 = second address of the host's flannel subnet, default
                   route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET)
@@ -29,7 +30,8 @@ API (every failure is a NetnsError whose message names the command, namespace an
             .log_tail()
     Pod     (a Netns) .host .address .gateway
     KernelVxlanNode(host, subnet)           flanneld's kernel VXLAN: .add_peer .remove_peer .remove
-    Topology(hosts=3), a context manager: .switch .hosts .host(i) .pods .dir .store_path
+    Topology(hosts=3, segments=None), a context manager: .switch .router .segments .hosts
+            .host(i) .pods .dir .store_path
             .write_net_config(config) .start_daemons(config, store=None) .wait_peers()
             .add_pod(host, flannel_subnet=None, mtu=None) .remove_pod(pod) .log_tails()
             .leftovers() .cleanup()
@@ -76,7 +78,12 @@ from flannel_udp import subnetenv
 
 T = TypeVar("T")
 
-UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")
+UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")  # segment 0; segment k is 192.168.77+k
+
+
+def segment_net(segment: int) -> ipaddress.IPv4Network:
+    """The underlay subnet of segment `segment` (bridge br<segment>; the router is .1)."""
+    return ipaddress.IPv4Network((int(UNDERLAY_NET.network_address) + (segment << 8), 24))
 UNDERLAY_MTU = 1500
 DEFAULT_NETWORK_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 STALE_PATTERN = r"^fu(\d+)-"
@@ -399,10 +406,11 @@ class Host(Netns):
     """A host namespace: underlay eth0, and the files and process of its flannel-udp daemon."""
 
     def __init__(self, name: str, index: int, directory: Path,
-                 processes: list[subprocess.Popen]) -> None:
+                 processes: list[subprocess.Popen], segment: int = 0) -> None:
         super().__init__(name, processes)
         self.index = index
-        self.underlay_ip = str(UNDERLAY_NET.network_address + 10 + index)
+        self.segment = segment
+        self.underlay_ip = str(segment_net(segment).network_address + 10 + index)
         self.dir = directory
         self.subnet_file = directory / "subnet.env"
         self.control_socket = directory / "control.sock"
@@ -508,6 +516,12 @@ class Host(Netns):
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def complete_frames(self, dev: str = "eth0") -> None:
+        """Make `dev` finish checksums and segmentation in software, as a NIC does before the
+        wire, for a host whose kernel VXLAN sends to a userspace receiver (see
+        KernelVxlanNode). Without checksum offload the kernel also turns TSO off."""
+        self.run(sys.executable, "-c", _TX_CHECKSUM_OFF, dev)
+
     def close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -559,8 +573,7 @@ class KernelVxlanNode:
         host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
         host.run("ip", "link", "set", self.dev, "up")
         if complete_frames:
-            # Without checksum offload the kernel also turns TSO off, so it segments too.
-            host.run(sys.executable, "-c", _TX_CHECKSUM_OFF, underlay_dev)
+            host.complete_frames(underlay_dev)
 
     def lease_value(self) -> bytes:
         """The lease JSON flanneld writes for this node, byte for byte."""
@@ -612,7 +625,12 @@ class Pod(Netns):
 class Topology:
     """Hosts on one bridge, plus pods added later; a context manager that always cleans up."""
 
-    def __init__(self, hosts: int = 3, prefix: str | None = None) -> None:
+    def __init__(self, hosts: int = 3, prefix: str | None = None,
+                 segments: Sequence[int] | None = None) -> None:
+        """`segments`: the underlay segment of each host (default all 0); with more than one
+        segment a router namespace `<prefix>-rt` joins them and every host routes the other
+        segments through it, so hosts on different segments reach each other only via a
+        gateway."""
         if not 1 <= hosts <= 200:
             raise ValueError("hosts must be between 1 and 200")
         self.prefix = prefix or f"fu{os.getpid()}-{next(_topology_ids)}"
@@ -627,7 +645,7 @@ class Topology:
         self.store_path = self.dir / "store.msgpack"
         self.switch = Netns(f"{self.prefix}-sw", self.processes)
         try:
-            self._build(hosts)
+            self._build(hosts, list(segments or [0] * hosts))
         except BaseException:
             self.cleanup()
             raise
@@ -655,19 +673,44 @@ class Topology:
         if result.returncode != 0:
             raise NetnsError(f"{_format_cmd(cmd)}: {result.stderr.strip()}")
 
-    def _build(self, count: int) -> None:
+    def _build(self, count: int, segments: list[int]) -> None:
+        if len(segments) != count:
+            raise ValueError(f"segments names {len(segments)} hosts' segments, not {count}")
         sw = self.switch.name
         self._add_namespace(sw)
         self._ip(sw, "link", "set", "lo", "up")
-        self._ip(sw, "link", "add", "br0", "type", "bridge")
-        self._ip(sw, "link", "set", "br0", "up")
+        self.segments = sorted(set(segments) | {0})
+        for segment in self.segments:
+            self._ip(sw, "link", "add", f"br{segment}", "type", "bridge")
+            self._ip(sw, "link", "set", f"br{segment}", "up")
+        self.router: Netns | None = None
+        if len(self.segments) > 1:
+            self._add_router()
         for i in range(1, count + 1):
-            self.add_host(i)
+            self.add_host(i, segments[i - 1])
 
-    def add_host(self, index: int) -> Host:
+    def _add_router(self) -> None:
+        """A namespace forwarding between the segments: leg eth<k> = .1 of segment k."""
+        self.router = Netns(f"{self.prefix}-rt", self.processes)
+        self._add_namespace(self.router.name)
+        sw, rt = self.switch.name, self.router.name
+        self._ip(rt, "link", "set", "lo", "up")
+        for segment in self.segments:
+            net = segment_net(segment)
+            self._ip(sw, "link", "add", f"rt{segment}", "mtu", str(UNDERLAY_MTU), "type", "veth",
+                     "peer", "name", f"eth{segment}", "mtu", str(UNDERLAY_MTU), "netns", rt)
+            self._ip(sw, "link", "set", f"rt{segment}", "master", f"br{segment}", "up")
+            self._ip(rt, "addr", "add", f"{net.network_address + 1}/{net.prefixlen}",
+                     "dev", f"eth{segment}")
+            self._ip(rt, "link", "set", f"eth{segment}", "up")
+        self.router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def add_host(self, index: int, segment: int = 0) -> Host:
+        if segment not in self.segments:
+            raise NetnsError(f"no segment {segment} (this topology has {self.segments})")
         directory = self.dir / f"h{index}"
         directory.mkdir()
-        host = Host(f"{self.prefix}-h{index}", index, directory, self.processes)
+        host = Host(f"{self.prefix}-h{index}", index, directory, self.processes, segment)
         self._add_namespace(host.name)
         self.hosts.append(host)
         sw = self.switch.name
@@ -675,11 +718,15 @@ class Topology:
         # host: it never exists in the root namespace.
         self._ip(sw, "link", "add", f"h{index}", "mtu", str(UNDERLAY_MTU), "type", "veth",
                  "peer", "name", "eth0", "mtu", str(UNDERLAY_MTU), "netns", host.name)
-        self._ip(sw, "link", "set", f"h{index}", "master", "br0", "up")
+        self._ip(sw, "link", "set", f"h{index}", "master", f"br{segment}", "up")
         self._ip(host.name, "link", "set", "lo", "up")
-        self._ip(host.name, "addr", "add", f"{host.underlay_ip}/{UNDERLAY_NET.prefixlen}",
-                 "dev", "eth0")
+        net = segment_net(segment)
+        self._ip(host.name, "addr", "add", f"{host.underlay_ip}/{net.prefixlen}", "dev", "eth0")
         self._ip(host.name, "link", "set", "eth0", "up")
+        for other in self.segments if self.router is not None else ():
+            if other != segment:
+                self._ip(host.name, "route", "add", str(segment_net(other)),
+                         "via", str(net.network_address + 1))
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         return host
 

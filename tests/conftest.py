@@ -4,6 +4,7 @@ skip of the `netns`-marked tests on machines without root, /dev/net/tun or `ip n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -49,8 +50,8 @@ def netns_session() -> Iterator[None]:
 def _topologies() -> Iterator[Callable[..., Topology]]:
     made: list[Topology] = []
 
-    def make(hosts: int = 3) -> Topology:
-        topo = Topology(hosts)
+    def make(hosts: int = 3, **kwargs: Any) -> Topology:
+        topo = Topology(hosts, **kwargs)
         made.append(topo)
         _live_topologies.append(topo)
         return topo

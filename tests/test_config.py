@@ -53,7 +53,7 @@ def test_explicit_min_and_max_are_kept():
     ('{"Network": "10.5.0.0/16", "SubnetMin": "10.5.9.0", "SubnetMax": "10.5.3.0"}',
      "SubnetMin:"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "carrier-pigeon"}}', "Backend.Type:"),
-    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw"}}', "not implemented"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard"}}', "not implemented"),
     ('{"Network": "10.5.0.0/16", "Backend": "udp"}', "Backend:"),
     ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6:"),
 ])

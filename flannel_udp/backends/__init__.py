@@ -50,8 +50,13 @@ def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Netw
     return VxlanNetwork(config, ext, public_ip)
 
 
+def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+    from flannel_udp.backends.hostgw import HostGwNetwork
+    return HostGwNetwork(config, ext)
+
+
 BACKENDS: dict[str, Callable[[NetworkConfig, ExtIface, IPv4Address], Network]] = {
-    "udp": _udp, "vxlan": _vxlan}
+    "udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:

@@ -1,0 +1,192 @@
+"""Kernel routing state that follows the peers' leases, for the routing-model backends (host-gw,
+DirectRouting, the kernel VXLAN dataplane): a backend says how one lease becomes kernel entries
+(a `Plan`), and `PeerRoutes` keeps them in place.
+
+netlink may not run on the event loop, and deciding whether a peer is directly reachable asks
+the kernel, so one worker thread does all of it: a lease's entries are planned and installed as
+soon as it arrives, withdrawn when it goes, and every `resync` seconds every peer is planned
+again (reachability can change) and its entries re-checked, so that a route deleted by hand
+comes back (flannel's host-gw checks its routes every 10 s).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+
+from flannel_udp import netlink
+from flannel_udp.errors import UserError
+from flannel_udp.lease import Lease
+from flannel_udp.netlink import KernelEntry, Route
+
+log = logging.getLogger("flannel-udp")
+
+RESYNC_ENV = "FLANNEL_UDP_ROUTE_RESYNC"  # seconds; tests shorten it
+DEFAULT_RESYNC = 10.0  # as flannel's host-gw
+FIRST_PASS_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a peer's lease becomes: kernel entries (installed in order), the path its packets
+    take (shown in `status`), and why it can't be reached (logged as a warning) when not."""
+
+    entries: tuple[KernelEntry, ...]
+    path: str  # e.g. "host-gw", "direct", "vxlan", "unreachable", "ignored"
+    problem: str | None = None
+
+    @property
+    def reachable(self) -> bool:
+        return self.problem is None
+
+
+def resync_period() -> float:
+    """Seconds between re-checks: FLANNEL_UDP_ROUTE_RESYNC, default 10."""
+    text = os.environ.get(RESYNC_ENV, "").strip()
+    if not text:
+        return DEFAULT_RESYNC
+    try:
+        period = float(text)
+    except ValueError:
+        period = 0.0
+    if not 0.05 <= period <= 86400:
+        raise UserError(f"{RESYNC_ENV}={text!r}: expected seconds between 0.05 and 86400")
+    return period
+
+
+def direct_route(lease: Lease) -> Route | str:
+    """flannel's DirectRouting test: the route `<subnet> via <PublicIP>` when the kernel reaches
+    the PublicIP by a gateway-less route, else why not. Asks the kernel: worker thread only."""
+    oif, why = netlink.direct_route_to(lease.public_ip)
+    if oif is None:
+        return why
+    return Route(lease.subnet, lease.public_ip, oif)
+
+
+class PeerRoutes:
+    """The kernel entries of every peer, kept by one worker thread; see the module docstring."""
+
+    def __init__(self, plan: Callable[[Lease], Plan], resync: float | None = None) -> None:
+        self._plan_of = plan
+        self.resync = resync_period() if resync is None else resync
+        self._cond = threading.Condition()
+        self._pending: dict[IPv4Network, Lease | None] = {}  # None: the peer went away
+        self._leases: dict[IPv4Network, Lease] = {}  # worker thread only
+        self._installed: dict[IPv4Network, tuple[KernelEntry, ...]] = {}  # worker thread only
+        self.plans: dict[IPv4Network, Plan] = {}  # read by status, replaced whole
+        self._stop = False
+        self._first_pass = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, peers: list[Lease]) -> None:
+        """Start the worker with the current peers; returns once their entries are in."""
+        for lease in peers:
+            self._pending[lease.subnet] = lease
+        self._thread = threading.Thread(target=self._run, name="peer-routes", daemon=True)
+        self._thread.start()
+        self._first_pass.wait(FIRST_PASS_TIMEOUT)
+
+    def set_peer(self, lease: Lease) -> None:
+        with self._cond:
+            self._pending[lease.subnet] = lease
+            self._cond.notify()
+
+    def remove_peer(self, subnet: IPv4Network) -> None:
+        with self._cond:
+            self._pending[subnet] = None
+            self._cond.notify()
+
+    def plan(self, subnet: IPv4Network) -> Plan | None:
+        """The peer's current plan; None until the worker has seen it."""
+        return self.plans.get(subnet)
+
+    def close(self) -> None:
+        """Stop the worker and withdraw every entry it installed. Idempotent."""
+        if self._thread is not None:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._thread.join()
+            self._thread = None
+        for entries in self._installed.values():
+            self._withdraw(entries)
+        self._installed.clear()
+        self.plans = {}
+
+    # -- the worker --
+
+    def _run(self) -> None:
+        full = False
+        while True:
+            with self._cond:
+                # The first pass runs at once: start() waits for it.
+                if not self._pending and not self._stop and self._first_pass.is_set():
+                    full = not self._cond.wait(self.resync)
+                if self._stop:
+                    return
+                changes, self._pending = self._pending, {}
+            try:
+                self._apply(changes)
+                if full:
+                    self._resync()
+            except Exception:  # the thread must survive a bad pass: the next one retries
+                log.exception("updating the kernel's routes failed; retrying at the next pass")
+            self._first_pass.set()
+
+    def _apply(self, changes: dict[IPv4Network, Lease | None]) -> None:
+        for subnet, lease in changes.items():
+            if lease is None:
+                self._leases.pop(subnet, None)
+                self._withdraw(self._installed.pop(subnet, ()))
+                plans = dict(self.plans)
+                plans.pop(subnet, None)
+                self.plans = plans
+            else:
+                self._leases[subnet] = lease
+                self._update(lease)
+
+    def _update(self, lease: Lease) -> None:
+        plan = self._plan_of(lease)
+        old = self.plans.get(lease.subnet)
+        if old is None or (old.path, old.problem) != (plan.path, plan.problem):
+            # Said once per change, not at every pass.
+            if plan.problem is not None:
+                log.warning("peer %s at %s: %s; skipped", lease.subnet, lease.public_ip,
+                            plan.problem)
+            else:
+                log.info("peer %s at %s: %s", lease.subnet, lease.public_ip, plan.path)
+        before = self._installed.get(lease.subnet, ())
+        self._withdraw(tuple(e for e in before if e not in plan.entries))
+        if plan.entries != before:
+            self._install(lease, plan.entries)
+        self._installed[lease.subnet] = plan.entries
+        self.plans = {**self.plans, lease.subnet: plan}
+
+    def _resync(self) -> None:
+        """Plan every peer again, then put back what vanished from the kernel."""
+        for lease in list(self._leases.values()):
+            self._update(lease)
+        wanted = [e for entries in self._installed.values() for e in entries]
+        gone = netlink.missing(wanted) if wanted else []
+        if gone:
+            log.warning("re-adding what was removed behind our back: %s",
+                        "; ".join(netlink.describe(e) for e in gone))
+            for entry, why in netlink.install(gone):
+                log.error("cannot re-add %s: %s", netlink.describe(entry), why)
+
+    def _install(self, lease: Lease, entries: tuple[KernelEntry, ...]) -> None:
+        for entry, why in netlink.install(list(entries)):
+            # Kept as wanted: the next resync tries again.
+            log.error("peer %s: cannot add %s: %s", lease.subnet, netlink.describe(entry), why)
+
+    @staticmethod
+    def _withdraw(entries: tuple[KernelEntry, ...]) -> None:
+        """Remove entries given in install order: the last one (the route) goes first."""
+        try:
+            netlink.withdraw(list(reversed(entries)))
+        except Exception as e:  # a leftover entry is logged, not fatal
+            log.error("cannot remove %s: %s", "; ".join(map(netlink.describe, entries)), e)
