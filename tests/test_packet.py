@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 import pytest
 
 from flannel_udp.packet import (
     DROP_NAMES,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    VNET_F_NEEDS_CSUM,
+    VNET_HDR,
+    ZERO_VNET_HDR,
     Action,
     Drop,
     Result,
     Vtep,
     VxlanRoute,
     checksum,
+    coalesce,
     egress,
     flow_hash,
     ingress,
     prefix_mask,
+    segment_tso,
     sender_index,
     vxlan_egress,
     vxlan_ingress,
@@ -299,6 +308,8 @@ def test_drop_numbering_and_names_are_stable():
         13: "vxlan_wrong_mac",
         14: "vxlan_not_ipv4",
         15: "bad_gso",
+        16: "unknown_sender",
+        17: "spoofed_inner_source",
     }
     assert [int(a) for a in (Action.SEND, Action.TUN, Action.REPLY, Action.DROP)] == [0, 1, 2, 3]
 
@@ -411,3 +422,153 @@ def test_sender_index_spreads_the_hash_range_evenly_over_the_senders():
     assert sender_index(0xFFFFFFFF, 8) == 7
     assert [sender_index(k << 29, 8) for k in range(8)] == list(range(8))
     assert sender_index(0xFFFFFFFF, 1) == 0
+
+
+# --- Offloads: splitting TUN super-packets, coalescing received segments ----------------------
+
+FIN, PSH, ACK, CWR = 0x01, 0x08, 0x10, 0x80
+
+
+def l4_checksum(packet: bytes) -> int:
+    """The checksum over the pseudo-header and the L4 part as it stands: 0 when it verifies."""
+    ihl = (packet[0] & 0x0F) * 4
+    pseudo = packet[12:20] + bytes([0, packet[9]]) + (len(packet) - ihl).to_bytes(2, "big")
+    return checksum(pseudo + packet[ihl:])
+
+
+def with_l4_checksum(packet: bytes, at: int) -> bytes:
+    """`packet` with its L4 checksum (at offset `at` of the L4 header) made right."""
+    ihl = (packet[0] & 0x0F) * 4
+    cleared = packet[: ihl + at] + b"\x00\x00" + packet[ihl + at + 2 :]
+    value = l4_checksum(cleared)
+    return cleared[: ihl + at] + value.to_bytes(2, "big") + cleared[ihl + at + 2 :]
+
+
+def tcp_packet(payload: bytes, seq: int = 1000, flags: int = ACK | PSH, tcp_options: bytes = b"",
+               ack: int = 77, window: int = 500, sport: int = 40000, **ip: int | bytes) -> bytes:
+    """A TCP/IPv4 packet with right checksums (options: multiples of 4 bytes)."""
+    doff = (20 + len(tcp_options)) // 4
+    tcp = (struct.pack("!HHIIBBHHH", sport, 80, seq, ack, doff << 4, flags, window, 0, 0)
+           + tcp_options + payload)
+    return with_l4_checksum(make_packet(proto=6, payload=tcp, frag=0x4000, **ip), 16)
+
+
+def udp_packet(payload: bytes, **ip: int | bytes) -> bytes:
+    udp = struct.pack("!HHHH", 5000, 53, 8 + len(payload), 0) + payload
+    return with_l4_checksum(make_packet(proto=17, payload=udp, **ip), 6)
+
+
+def vnet(gso_type: int = GSO_TCPV4, gso_size: int = 1000, flags: int = VNET_F_NEEDS_CSUM,
+         csum_start: int = 20, csum_offset: int = 16, hdr_len: int = 0) -> bytes:
+    return VNET_HDR.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+TS_OPTION = b"\x01\x01\x08\x0a" + bytes(range(8))  # NOP NOP timestamp
+
+
+def test_tso_segments_carry_mss_payloads_advanced_seqs_ids_and_right_checksums():
+    payload = bytes(range(256)) * 20  # 5120 bytes: 5 segments of 1000 and one of 120
+    big = tcp_packet(payload, seq=0xFFFFF000, flags=ACK | PSH | FIN | CWR, tcp_options=TS_OPTION)
+    drop, segments = segment_tso(vnet(hdr_len=9999), big)  # hdr_len is not trusted
+    assert drop is None
+    assert [len(s) - 52 for s in segments] == [1000] * 5 + [120]
+    assert b"".join(s[52:] for s in segments) == payload
+    for i, seg in enumerate(segments):
+        assert header_ok(seg) and l4_checksum(seg) == 0
+        assert int.from_bytes(seg[2:4], "big") == len(seg)
+        assert int.from_bytes(seg[4:6], "big") == 0x1234 + i
+        assert int.from_bytes(seg[24:28], "big") == (0xFFFFF000 + 1000 * i) & 0xFFFFFFFF
+        assert seg[40:52] == TS_OPTION
+    assert [s[33] for s in segments] == [ACK | CWR] + [ACK] * 4 + [ACK | PSH | FIN]
+
+
+def test_tso_keeps_ipv4_options_in_every_segment():
+    options = b"\x94\x04\x00\x00"  # router alert
+    drop, segments = segment_tso(vnet(gso_size=100), tcp_packet(bytes(250), options=options))
+    assert drop is None and len(segments) == 3
+    assert all(s[0] == 0x46 and s[20:24] == options and header_ok(s) and l4_checksum(s) == 0
+               for s in segments)
+
+
+def test_uso_splits_a_udp_super_packet_into_datagrams_with_their_own_lengths():
+    payload = bytes(range(250)) * 10
+    drop, segments = segment_tso(vnet(GSO_UDP_L4, 1200, csum_offset=6), udp_packet(payload))
+    assert drop is None
+    assert [int.from_bytes(s[24:26], "big") for s in segments] == [1208, 1208, 108]
+    assert b"".join(s[28:] for s in segments) == payload
+    assert all(header_ok(s) and l4_checksum(s) == 0 for s in segments)
+
+
+def test_a_partial_checksum_without_gso_is_completed_at_csum_start_plus_offset():
+    right = tcp_packet(b"hello")
+    pseudo = right[12:20] + b"\x00\x06" + (len(right) - 20).to_bytes(2, "big")
+    pseudo_sum = ~checksum(pseudo) & 0xFFFF  # what the kernel leaves in the field
+    partial = right[:36] + pseudo_sum.to_bytes(2, "big") + right[38:]
+    assert segment_tso(vnet(GSO_NONE, 0), partial) == (None, [right])
+    assert segment_tso(vnet(GSO_NONE, 0, flags=0), partial) == (None, [partial])
+
+
+@pytest.mark.parametrize("header, packet", [
+    (vnet(GSO_NONE, 0, csum_start=20, csum_offset=len(tcp_packet(b"x")) - 21), tcp_packet(b"x")),
+    (vnet(gso_size=0), tcp_packet(bytes(3000))),
+    (vnet(GSO_UDP_L4), tcp_packet(bytes(3000))),  # GSO type and protocol disagree
+    (vnet(GSO_TCPV4), udp_packet(bytes(3000))),
+    (vnet(4), tcp_packet(bytes(3000))),  # TCPV6
+    (vnet(3), udp_packet(bytes(3000))),  # UFO
+    (vnet(), make_packet(proto=6, payload=bytes(3000), frag=0x2000)),  # a fragment
+    (vnet(), make_packet(proto=6, payload=bytes(19))),  # no room for a TCP header
+    (vnet(gso_size=1), tcp_packet(bytes(300))),  # more segments than the fast path takes
+], ids=["csum-beyond-end", "gso-size-0", "uso-on-tcp", "tso-on-udp", "tcpv6", "ufo",
+        "fragment", "short-tcp", "too-many-segments"])
+def test_virtio_headers_that_cannot_be_honoured_are_bad_gso(header, packet):
+    assert segment_tso(header, packet) == (Drop.BAD_GSO, [])
+
+
+def test_a_super_packet_no_larger_than_the_mss_is_one_segment_with_fresh_checksums():
+    packet = tcp_packet(bytes(500))
+    broken = packet[:36] + b"\x00\x00" + packet[38:]
+    assert segment_tso(vnet(gso_size=1000), broken) == (None, [packet])
+
+
+def test_coalescing_the_segments_of_a_super_packet_gives_it_back_with_a_gso_header():
+    payload = bytes(range(256)) * 20
+    big = tcp_packet(payload, tcp_options=TS_OPTION)
+    _, segments = segment_tso(vnet(), big)
+    [(header, merged)] = coalesce(segments)
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(header)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (
+        VNET_F_NEEDS_CSUM, GSO_TCPV4, 52, 1000, 20, 16)
+    assert merged[:36] == big[:36] and merged[38:] == big[38:] and header_ok(merged)
+    # The checksum field holds the pseudo-header sum, which the kernel completes.
+    assert coalesce(segments) == [(header, merged)]
+    assert segment_tso(header, merged) == (None, segments)
+
+
+def test_a_psh_or_a_short_segment_ends_a_run():
+    segs = [tcp_packet(bytes(100), seq=1000 + 100 * i, flags=ACK) for i in range(6)]
+    segs[2] = tcp_packet(bytes(100), seq=1200, flags=ACK | PSH)
+    segs[4] = tcp_packet(bytes(50), seq=1400, flags=ACK)
+    segs[5] = tcp_packet(bytes(100), seq=1450, flags=ACK)
+    out = coalesce(segs)
+    assert [len(p) - 40 for _, p in out] == [300, 150, 100]
+    assert out[0][1][33] == ACK | PSH and out[2] == (ZERO_VNET_HDR, segs[5])
+
+
+@pytest.mark.parametrize("change", [
+    dict(seq=1150), dict(ack=78), dict(window=501), dict(sport=40001), dict(flags=ACK | FIN),
+    dict(ttl=63), dict(src=POD + 1), dict(tcp_options=TS_OPTION), dict(payload=bytes(101)),
+], ids=["seq-gap", "ack", "window", "port", "fin", "ttl", "address", "options", "longer"])
+def test_segments_that_do_not_continue_the_run_are_not_merged(change):
+    first = tcp_packet(bytes(100), seq=1000, flags=ACK)
+    fields = dict(payload=bytes(100), seq=1100, flags=ACK) | change
+    second = tcp_packet(**fields)
+    assert coalesce([first, second]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, second)]
+
+
+def test_bad_checksums_ip_options_and_other_protocols_pass_through_unmerged():
+    first = tcp_packet(bytes(100), seq=1000, flags=ACK)
+    bad = tcp_packet(bytes(100), seq=1100, flags=ACK)
+    bad = bad[:-1] + b"\x01"  # payload changed, checksum not: must not be laundered
+    with_options = tcp_packet(bytes(100), seq=1100, flags=ACK, options=b"\x01\x01\x01\x00")
+    for other in (bad, with_options, udp_packet(bytes(100))):
+        assert coalesce([first, other]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, other)]
