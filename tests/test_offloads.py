@@ -21,8 +21,8 @@ TRANSFER = 100 * 1024 * 1024
 @pytest.mark.parametrize("offloads", [True, False], ids=["offloads-on", "offloads-off"])
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
 def test_100_mb_tcp_transfer_arrives_intact(topology, monkeypatch, backend, offloads):
-    if not offloads:
-        monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "0")  # the daemons inherit it
+    # The daemons inherit it; set either way so that a whole run with it at 0 still tests both.
+    monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1" if offloads else "0")
     topo = topology(2)
     topo.start_daemons({"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
     sender, receiver = topo.add_pod(topo.hosts[0]), topo.add_pod(topo.hosts[1])
