@@ -104,7 +104,9 @@ class FlannelUdp(Case):
 
     def setup(self, topo: Topology) -> Endpoints:
         # A store of its own, so that no lease or config of an earlier case is in the way.
-        topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": {"Type": self.backend}},
+        # Dataplane userspace: "auto" would measure the kernel's VXLAN device again.
+        backend = {"Type": self.backend, "Dataplane": "userspace"}
+        topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": backend},
                            store=topo.dir / f"store-{self.backend}.msgpack")
         pods = [topo.add_pod(host) for host in topo.hosts]
         mtu = int(topo.hosts[0].subnet_env()["FLANNEL_MTU"])

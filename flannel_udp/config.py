@@ -21,7 +21,9 @@ VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 VNI_MAX = (1 << 24) - 1
 MIN_IPV4_MTU = 68  # RFC 791: the smallest MTU an IPv4 link may have
-DATAPLANES = ("userspace",)  # of the vxlan backend; a kernel one may come later
+# Of the vxlan backend: "auto" (the default) takes the kernel's VXLAN device when it can be
+# created and the userspace one otherwise.
+DATAPLANES = ("auto", "userspace", "kernel")
 
 _TOP_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
                "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend",
@@ -165,11 +167,13 @@ class VxlanOptions:
     port: int
     mtu: int | None  # of the underlay, as flannel's option; None: the interface's
     dataplane: str
+    direct_routing: bool = False
 
 
 def vxlan_options(config: NetworkConfig) -> VxlanOptions:
-    """`Backend.VNI`, `Port`, `MTU` and `Dataplane` of a vxlan config, validated, with
-    flannel's defaults (VNI 1, port 8472, the interface's MTU)."""
+    """`Backend.VNI`, `Port`, `MTU`, `DirectRouting` and `Dataplane` of a vxlan config,
+    validated, with flannel's defaults (VNI 1, port 8472, the interface's MTU, no direct
+    routing) and flannel-udp's (Dataplane "auto")."""
     backend = config.backend
     vni = _int_field(backend, "VNI", "Backend.VNI")
     if vni is None:
@@ -185,7 +189,11 @@ def vxlan_options(config: NetworkConfig) -> VxlanOptions:
         raise ConfigError(f"Backend.MTU: {mtu} is out of range (at most 65535)")
     dataplane = backend.get("Dataplane", DATAPLANES[0])
     if not isinstance(dataplane, str) or dataplane.lower() not in DATAPLANES:
-        raise ConfigError(f"Backend.Dataplane: {json.dumps(dataplane)} is not available; "
-                          f"flannel-udp has the {json.dumps(DATAPLANES[0])} one only")
+        raise ConfigError(f"Backend.Dataplane: {json.dumps(dataplane)} is not one of "
+                          + ", ".join(json.dumps(d) for d in DATAPLANES))
+    direct_routing = backend.get("DirectRouting", False)
+    if not isinstance(direct_routing, bool):
+        raise ConfigError(f"Backend.DirectRouting: expected true or false, got "
+                          f"{json.dumps(direct_routing)}")
     return VxlanOptions(vni=vni, port=backend_port(config, VXLAN_DEFAULT_PORT), mtu=mtu,
-                        dataplane=dataplane.lower())
+                        dataplane=dataplane.lower(), direct_routing=direct_routing)

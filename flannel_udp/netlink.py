@@ -290,24 +290,37 @@ def delete_link(name: str) -> None:
 
 
 def create_vxlan(name: str, vni: int, local: IPv4Address, underlay: int, port: int,
-                 mac: bytes, mtu: int, address: IPv4Interface) -> int:
+                 mac: bytes, mtu: int) -> int:
     """A kernel VXLAN device as flanneld makes it (nolearning, local address, underlay device,
-    port, MAC, MTU), holding `address`, up; its index. NetlinkError when the kernel refuses
-    (no vxlan module, no permission, the port taken)."""
+    port, MAC, MTU), up; its index. OSError when the kernel refuses (no vxlan module, no
+    permission, the name or the port taken); then nothing is left behind."""
     with IPRoute() as ipr:
-        ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local),
-                 vxlan_link=underlay, vxlan_port=port, vxlan_learning=0,
-                 address=_mac_text(mac), mtu=mtu)
+        try:
+            ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local),
+                     vxlan_link=underlay, vxlan_port=port, vxlan_learning=0,
+                     address=_mac_text(mac), mtu=mtu)
+        except NetlinkError as e:
+            raise OSError(e.code, os.strerror(e.code)) from None
         index = ipr.link_lookup(ifname=name)[0]
         try:
-            ipr.addr("add", index=index, address=str(address.ip),
-                     prefixlen=address.network.prefixlen)
             # Up binds the UDP port: EADDRINUSE shows here.
             ipr.link("set", index=index, state="up")
-        except NetlinkError:
+        except NetlinkError as e:
             ipr.link("del", index=index)
-            raise
+            raise OSError(e.code, os.strerror(e.code)) from None
         return index
+
+
+def add_address(name: str, address: IPv4Interface) -> None:
+    """Give device `name` an address (one it holds already is fine)."""
+    with IPRoute() as ipr:
+        try:
+            ipr.addr("add", index=ipr.link_lookup(ifname=name)[0], address=str(address.ip),
+                     prefixlen=address.network.prefixlen)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise UserError(f"cannot add {address} to {name}: {os.strerror(e.code)}",
+                                exit_code=1) from None
 
 
 def link_counters(name: str) -> dict[str, int]:

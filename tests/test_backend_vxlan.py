@@ -19,6 +19,7 @@ PUBLIC_IP = IPv4Address("192.168.77.13")
 
 
 def network(mtu: int = 1500, **options) -> VxlanNetwork:
+    options.setdefault("Dataplane", "userspace")
     config = parse_config(json.dumps({"Network": "10.244.0.0/16",
                                       "Backend": {"Type": "vxlan", **options}}))
     ext = ExtIface(name="eth0", index=2, address=PUBLIC_IP, mtu=mtu)

@@ -81,7 +81,7 @@ def vxlan(**options) -> str:
 
 def test_vxlan_defaults_are_flannels():
     assert vxlan_options(parse_config(vxlan())) == VxlanOptions(vni=1, port=8472, mtu=None,
-                                                                dataplane="userspace")
+                                                                dataplane="auto")
 
 
 def test_vxlan_options_are_read_case_insensitively():
@@ -94,7 +94,7 @@ def test_vxlan_options_are_read_case_insensitively():
 
 def test_vxlan_zero_port_and_mtu_mean_the_defaults_as_in_flannel():
     assert vxlan_options(parse_config(vxlan(Port=0, MTU=0))) == VxlanOptions(
-        vni=1, port=8472, mtu=None, dataplane="userspace")
+        vni=1, port=8472, mtu=None, dataplane="auto")
 
 
 @pytest.mark.parametrize("vni", [1, 16777215])
@@ -115,7 +115,9 @@ def test_vxlan_vni_range_ends_are_accepted(vni):
     ({"MTU": 65536}, "Backend.MTU: 65536 is out of range"),
     ({"MTU": "1500"}, "Backend.MTU: expected an integer"),
     ({"MTU": True}, "Backend.MTU: expected an integer"),
-    ({"Dataplane": "kernel"}, 'Backend.Dataplane: "kernel" is not available'),
+    ({"Dataplane": "ebpf"}, 'Backend.Dataplane: "ebpf" is not one of "auto", "userspace", '
+                            '"kernel"'),
+    ({"DirectRouting": "yes"}, "Backend.DirectRouting: expected true or false"),
     ({"Dataplane": ""}, "Backend.Dataplane:"),
     ({"Dataplane": 1}, "Backend.Dataplane:"),
 ])
@@ -126,6 +128,12 @@ def test_bad_vxlan_options_are_refused_naming_the_field(options, field):
     assert field in str(err.value)
     assert "\n" not in str(err.value)
     assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("dataplane", ["auto", "userspace", "Kernel"])
+def test_vxlan_dataplanes_and_direct_routing_are_read(dataplane):
+    options = vxlan_options(parse_config(vxlan(Dataplane=dataplane, DirectRouting=True)))
+    assert options.dataplane == dataplane.lower() and options.direct_routing
 
 
 def test_smallest_vxlan_mtu_leaves_ipv4s_minimum_for_pods():

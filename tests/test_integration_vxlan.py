@@ -42,7 +42,8 @@ from flannel_udp.stores.local import LocalStore
 pytestmark = pytest.mark.netns
 
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
-VXLAN_CONFIG = {"Network": str(NETWORK), "Backend": {"Type": "vxlan"}}
+# The userspace dataplane by name: "auto", the default, would take the kernel's VXLAN device.
+VXLAN_CONFIG = {"Network": str(NETWORK), "Backend": {"Type": "vxlan", "Dataplane": "userspace"}}
 KERNEL_SUBNETS = ("10.244.201.0/24", "10.244.202.0/24")
 POD_MTU = 1500 - 50
 TUN = "flvx.1"
@@ -340,7 +341,8 @@ def run_expecting_user_error(host: Host, topo: Topology, config: dict) -> str:
 
 
 @pytest.mark.parametrize("options, field", [
-    ({"Dataplane": "kernel"}, "Backend.Dataplane"),
+    ({"Dataplane": "ebpf"}, "Backend.Dataplane"),
+    ({"DirectRouting": 1}, "Backend.DirectRouting"),
     ({"VNI": 0}, "Backend.VNI"),
     ({"Port": 70000}, "Backend.Port"),
     ({"MTU": "1500"}, "Backend.MTU"),

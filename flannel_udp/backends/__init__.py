@@ -7,7 +7,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
 
-from flannel_udp.config import NetworkConfig
+from flannel_udp.config import NetworkConfig, vxlan_options
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import ExtIface
 
@@ -47,7 +47,14 @@ def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Networ
 
 def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
     from flannel_udp.backends.vxlan import VxlanNetwork
-    return VxlanNetwork(config, ext, public_ip)
+    from flannel_udp.backends.vxlan_kernel import AutoVxlanNetwork, KernelVxlanNetwork
+    dataplane = vxlan_options(config).dataplane
+    if dataplane == "userspace":
+        return VxlanNetwork(config, ext, public_ip)
+    if dataplane == "kernel":
+        return KernelVxlanNetwork(config, ext, public_ip)
+    return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip),
+                            VxlanNetwork(config, ext, public_ip))
 
 
 def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:

@@ -15,8 +15,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network
+from typing import Any
 
 from flannel_udp import netlink
 from flannel_udp.errors import UserError
@@ -38,6 +39,7 @@ class Plan:
     entries: tuple[KernelEntry, ...]
     path: str  # e.g. "host-gw", "direct", "vxlan", "unreachable", "ignored"
     problem: str | None = None
+    shown: dict[str, Any] = field(default_factory=dict, compare=False)  # more for `status`
 
     @property
     def reachable(self) -> bool:
