@@ -144,6 +144,9 @@ cdef extern from "<signal.h>" nogil:
 
 cdef extern from "<time.h>" nogil:
     int nanosleep(const timespec* req, timespec* rem)
+    int clock_gettime(int clock_id, timespec* tp)
+    enum:
+        CLOCK_MONOTONIC
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -181,6 +184,10 @@ cdef enum:
     ICMP_MAX = 20 + 8 + 60 + 8      # reply IP header + ICMP header + max quoted header + 8
     TABLE_MIN_CAPACITY = 16
     MAX_SENDERS = 64                # send sockets egress may spread flows over
+    # ICMP errors a peer's traffic can make us write: a token bucket, ICMP_RATE per second with
+    # bursts of ICMP_BURST (the kernel's own icmp_msgs_per_sec is 1000, burst 50).
+    ICMP_RATE = 100
+    ICMP_BURST = 100
 
 # Offloads. The virtio_net_hdr (<linux/virtio_net.h>) precedes every packet on a TUN opened
 # with IFF_VNET_HDR; its u16 fields are in host order.
@@ -245,7 +252,9 @@ cdef enum:
     D_VXLAN_WRONG_MAC = 13
     D_VXLAN_NOT_IPV4 = 14
     D_BAD_GSO = 15
-    D_COUNT = 16
+    D_UNKNOWN_SENDER = 16
+    D_SPOOFED_INNER_SOURCE = 17
+    D_COUNT = 18
 
 # Spelled out here rather than imported from packet.py so that the test comparing the two
 # actually checks the C numbering.
@@ -265,6 +274,8 @@ DROP_NAMES = {
     D_VXLAN_WRONG_MAC: "vxlan_wrong_mac",
     D_VXLAN_NOT_IPV4: "vxlan_not_ipv4",
     D_BAD_GSO: "bad_gso",
+    D_UNKNOWN_SENDER: "unknown_sender",
+    D_SPOOFED_INNER_SOURCE: "spoofed_inner_source",
 }
 
 
@@ -304,11 +315,15 @@ ctypedef struct Shared:
     unsigned int n_senders
     int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
     int stop_fd             # eventfd; readable = threads must exit
+    # Source validation: only a lease holder's PublicIP may send, only from its own subnet.
+    int source_check
+    RouteTable senders      # peers' PublicIPs (in .subnet), .peer = how many subnets each holds
 
 ctypedef struct Counters:
     uint64_t packets
     uint64_t bytes
     uint64_t icmp_sent
+    uint64_t icmp_suppressed    # ICMP errors not sent: over the rate limit
     uint64_t offloaded      # egress: super-packets split; ingress: coalesced packets written
     uint64_t gso_fallbacks  # egress: UDP_SEGMENT sends refused, sent datagram by datagram
     uint64_t drops[D_COUNT]
@@ -353,6 +368,8 @@ ctypedef struct EgressState:
     unsigned int run_end[MAX_SENDERS]
     uint8_t reply[VNET_HDR_LEN + ICMP_MAX]  # the ICMP error, behind room for a virtio header
     Counters counters
+    double icmp_tokens      # the ICMP token bucket (egress thread only)
+    uint64_t icmp_stamp     # ns (CLOCK_MONOTONIC) of the last refill; 0: not started
     pthread_t thread
     int started
 
@@ -379,6 +396,7 @@ ctypedef struct IngressState:
     uint8_t* bufs           # BATCH * ING_SLOT; datagrams land ING_HEADROOM bytes into a slot
     mmsghdr msgs[BATCH]
     iovec iov[BATCH]
+    sockaddr_in names[BATCH]    # the datagrams' senders, for source validation
     uint64_t ctrl[BATCH * CTRL_WORDS]
     Coalescer co
     Counters counters
@@ -467,6 +485,28 @@ cdef int rt_set(RouteTable* t, uint32_t key, uint32_t peer, const uint8_t* mac) 
     memcpy(e.mac, mac, 6)
     rt_place(t, &e)
     return 0
+
+
+cdef int senders_add(RouteTable* t, uint32_t peer) noexcept nogil:
+    """Count one more subnet leased to ``peer``; -1 on ENOMEM."""
+    cdef RouteEntry* e = rt_find(t, peer)
+    cdef uint8_t no_mac[6]
+    if e != NULL:
+        e.peer += 1
+        return 0
+    memset(no_mac, 0, 6)
+    return rt_set(t, peer, 1, no_mac)
+
+
+cdef void senders_remove(RouteTable* t, uint32_t peer) noexcept nogil:
+    """Count one subnet less leased to ``peer``; it is forgotten with its last one."""
+    cdef RouteEntry* e = rt_find(t, peer)
+    if e == NULL:
+        return
+    if e.peer > 1:
+        e.peer -= 1
+    else:
+        rt_delete(t, peer)
 
 
 cdef int rt_delete(RouteTable* t, uint32_t key) noexcept nogil:
@@ -874,12 +914,22 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     v.length = build_net_unreachable(reply, pkt, total_len, s.tun_addr)
 
 
-cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, Verdict* v) noexcept nogil:
-    """Decide the fate of a decapsulated packet from a peer. Caller holds the route read lock."""
+cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
+                      Verdict* v) noexcept nogil:
+    """Decide the fate of a decapsulated packet from ``sender`` (the outer source, host order).
+    Caller holds the route read lock."""
     cdef size_t total_len = 0
+    cdef RouteEntry* e
     v.drop = ip_validate(pkt, n, &total_len)
     if v.drop != D_NONE:
         v.action = ACT_DROP
+        return
+    # The inner source must lie in a subnet leased to the sender (its tunnel address, the
+    # subnet's network address, is inside too).
+    e = rt_find(&s.table, rd32(pkt + 12) & s.mask)
+    if s.source_check and (e == NULL or e.peer != sender):
+        v.action = ACT_DROP
+        v.drop = D_SPOOFED_INNER_SOURCE
         return
     if s.mode == MODE_UDP:
         if pkt[8] <= 1:
@@ -889,9 +939,9 @@ cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, Verdict* v) noexcept no
         ttl_decrement(pkt)
     v.action = ACT_TUN
     v.length = total_len
-    # Per-peer rx is charged to the lease the inner source belongs to: flannel accepts any
-    # datagram from anyone, so the outer source says nothing reliable.
-    v.route = rt_find(&s.table, rd32(pkt + 12) & s.mask)
+    # Per-peer rx is charged to the lease the inner source belongs to (without the source
+    # check, whoever sent it).
+    v.route = e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1040,14 +1090,20 @@ cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_
     return D_NONE
 
 
-cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, Verdict* v) noexcept nogil:
-    """Decapsulate and check a datagram from a peer; the inner packet to write when
-    ``v.action == ACT_TUN``. Caller holds the route read lock."""
+cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, uint32_t sender,
+                           Verdict* v) noexcept nogil:
+    """Decapsulate and check a datagram from ``sender`` (outer source address, host order);
+    the inner packet to write when ``v.action == ACT_TUN``. Caller holds the route read lock."""
     cdef uint8_t* pkt = NULL
     cdef size_t inner_len = 0
     v.route = NULL
     v.peer = 0
     v.length = 0
+    # Before any parsing: whoever holds no lease gets nothing looked at.
+    if s.source_check and rt_find(&s.senders, sender) == NULL:
+        v.action = ACT_DROP
+        v.drop = D_UNKNOWN_SENDER
+        return NULL
     if s.mode == MODE_VXLAN:
         v.drop = decap_vxlan(s, datagram, n, &pkt, &inner_len)
     else:
@@ -1055,7 +1111,7 @@ cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, Verdict* v) 
     if v.drop != D_NONE:
         v.action = ACT_DROP
         return NULL
-    ingress_one(s, pkt, inner_len, v)
+    ingress_one(s, pkt, inner_len, sender, v)
     return pkt
 
 
@@ -1276,6 +1332,26 @@ cdef inline bint tun_write(const Shared* s, int fd, uint8_t* pkt, size_t n) noex
     return write(fd, pkt, n) == <ssize_t>n
 
 
+cdef bint icmp_allowed(EgressState* q) noexcept nogil:
+    """Take a token from the ICMP bucket if there is one (refilled at ICMP_RATE per second up
+    to ICMP_BURST): a peer's or a pod's flood to unleased addresses can't make us flood back."""
+    cdef timespec ts
+    cdef uint64_t now
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    now = <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+    if q.icmp_stamp == 0:
+        q.icmp_tokens = ICMP_BURST
+    else:
+        q.icmp_tokens += (now - q.icmp_stamp) * (ICMP_RATE / 1e9)
+        if q.icmp_tokens > ICMP_BURST:
+            q.icmp_tokens = ICMP_BURST
+    q.icmp_stamp = now
+    if q.icmp_tokens < 1.0:
+        return False
+    q.icmp_tokens -= 1.0
+    return True
+
+
 cdef int egress_batch(Queue* qu) noexcept nogil:
     """Read up to BATCH packets from the TUN and forward them; -1 on a TUN read error."""
     cdef Shared* s = qu.shared
@@ -1321,7 +1397,9 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
                 k += 1
         elif v.action == ACT_REPLY:
             q.counters.drops[D_NO_ROUTE] += 1
-            if tun_write(s, qu.tun_fd, q.reply + VNET_HDR_LEN, v.length):
+            if not icmp_allowed(q):
+                q.counters.icmp_suppressed += 1
+            elif tun_write(s, qu.tun_fd, q.reply + VNET_HDR_LEN, v.length):
                 q.counters.icmp_sent += 1
             else:
                 q.counters.drops[D_TUN_WRITE_ERROR] += 1
@@ -1356,6 +1434,7 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
     cdef uint8_t* base
     cdef uint8_t* pkt
     cdef size_t n, off, size, step
+    cdef uint32_t sender
     cdef Verdict v
     while True:
         if s.udp_gro:
@@ -1376,11 +1455,13 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
             size = gro_size(&q.msgs[i].msg_hdr) if s.udp_gro else 0
             if size == 0:
                 size = n
+            # A GRO read holds datagrams of one flow: one sender.
+            sender = ntohl(q.names[i].sin_addr.s_addr)
             off = 0
             while True:
                 # A GRO read holds datagrams of ``size`` bytes, the last one possibly shorter.
                 step = n - off if n - off < size else size
-                pkt = ingress_frame(s, base + off, step, &v)
+                pkt = ingress_frame(s, base + off, step, sender, &v)
                 if v.action != ACT_TUN:
                     q.counters.drops[v.drop] += 1
                 else:
@@ -1439,6 +1520,8 @@ cdef void queue_init_ingress(Queue* qu) noexcept nogil:
         q.iov[i].iov_len = BUF_SIZE
         q.msgs[i].msg_hdr.msg_iov = &q.iov[i]
         q.msgs[i].msg_hdr.msg_iovlen = 1
+        q.msgs[i].msg_hdr.msg_name = &q.names[i]
+        q.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
         if qu.shared.udp_gro:
             q.msgs[i].msg_hdr.msg_control = &q.ctrl[i * CTRL_WORDS]
     q.co.tun_fd = qu.tun_fd
@@ -1608,7 +1691,8 @@ cdef class FastPath:
         self.shared.udp_fd = -1
         self.queue.tun_fd = -1
         self.queue.shared = self.shared
-        if rt_init(&self.shared.table, TABLE_MIN_CAPACITY) < 0:
+        if (rt_init(&self.shared.table, TABLE_MIN_CAPACITY) < 0
+                or rt_init(&self.shared.senders, TABLE_MIN_CAPACITY) < 0):
             raise MemoryError()
         pthread_rwlockattr_init(&attr)
         # glibc rwlocks prefer readers by default; two I/O threads whose read sections overlap
@@ -1625,7 +1709,8 @@ cdef class FastPath:
 
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
                  str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None,
-                 bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False):
+                 bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
+                 bint source_check=False):
         cdef unsigned int i
         if self.queue.eg.started or self.queue.ig.started:
             raise RuntimeError("FastPath is running")
@@ -1656,6 +1741,7 @@ cdef class FastPath:
         self.shared.port = htons(<uint16_t>port)
         self.shared.tun_addr = parse_ipv4(tun_addr)
         self.shared.mask = 0 if subnet_len == 0 else (<uint32_t>0xFFFFFFFF) << (32 - subnet_len)
+        self.shared.source_check = source_check
         self.shared.vnet = vnet_hdr
         self.shared.udp_gso = udp_gso
         self.shared.udp_gro = udp_gro
@@ -1676,6 +1762,7 @@ cdef class FastPath:
             if self.lock_ready:
                 pthread_rwlock_destroy(&self.shared.lock)
             free(self.shared.table.slots)
+            free(self.shared.senders.slots)
             free(self.shared)
             self.shared = NULL
 
@@ -1697,9 +1784,22 @@ cdef class FastPath:
             copy_mac(mac, vtep_mac, "vtep_mac")
         elif vtep_mac is not None:
             raise ValueError("vtep_mac: only VXLAN routes carry one")
+        cdef RouteEntry* old
+        cdef uint32_t old_peer = 0
+        cdef bint moved
         with nogil:
             pthread_rwlock_wrlock(&self.shared.lock)
-            rc = rt_set(&self.shared.table, key, peer, mac)
+            old = rt_find(&self.shared.table, key)
+            moved = old == NULL or old.peer != peer
+            if old != NULL:
+                old_peer = old.peer
+            rc = senders_add(&self.shared.senders, peer) if moved else 0
+            if rc == 0:
+                rc = rt_set(&self.shared.table, key, peer, mac)
+                if rc < 0 and moved:
+                    senders_remove(&self.shared.senders, peer)
+                elif moved and old_peer != 0:
+                    senders_remove(&self.shared.senders, old_peer)
             pthread_rwlock_unlock(&self.shared.lock)
         if rc < 0:
             raise MemoryError()
@@ -1707,8 +1807,12 @@ cdef class FastPath:
     def del_route(self, str subnet) -> None:
         """Forget the route of ``subnet``; no-op if there is none."""
         cdef uint32_t key = self._subnet_key(subnet)
+        cdef RouteEntry* e
         with nogil:
             pthread_rwlock_wrlock(&self.shared.lock)
+            e = rt_find(&self.shared.table, key)
+            if e != NULL:
+                senders_remove(&self.shared.senders, e.peer)
             rt_delete(&self.shared.table, key)
             pthread_rwlock_unlock(&self.shared.lock)
 
@@ -1752,6 +1856,10 @@ cdef class FastPath:
             "rx_packets": ig.packets,
             "rx_bytes": ig.bytes,
             "icmp_sent": eg.icmp_sent,
+            "icmp_suppressed": eg.icmp_suppressed,
+            # Per direction, so that what came in can be balanced against what became of it.
+            "ingress_drops": {name: ig.drops[code] for code, name in DROP_NAMES.items()},
+            "egress_drops": {name: eg.drops[code] for code, name in DROP_NAMES.items()},
             "tso_split": eg.offloaded,
             "gro_coalesced": ig.offloaded,
             "gso_fallbacks": eg.gso_fallbacks,
@@ -1881,8 +1989,10 @@ cdef class FastPath:
             free(q.arena)
             free(q)
 
-    def process_ingress(self, bytes datagram) -> tuple:
-        """Test hook: (action, data, "", drop or 0, 0) for a datagram received from a peer."""
+    def process_ingress(self, bytes datagram, str sender="0.0.0.0") -> tuple:
+        """Test hook: (action, data, "", drop or 0, 0) for a datagram received from
+        ``sender``."""
+        cdef uint32_t outer = parse_ipv4(sender)
         cdef size_t n = len(datagram)
         cdef uint8_t* buf = <uint8_t*>malloc(n + 1)
         cdef uint8_t* pkt
@@ -1893,7 +2003,7 @@ cdef class FastPath:
         try:
             with nogil:
                 pthread_rwlock_rdlock(&self.shared.lock)
-                pkt = ingress_frame(self.shared, buf, n, &v)
+                pkt = ingress_frame(self.shared, buf, n, outer, &v)
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_TUN:
                 return (v.action, (<char*>pkt)[:v.length], "", 0, 0)

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="port of the /healthz and /metrics endpoint (default 0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
          help="re-check the --ip-masq rules this often (default %(default)s)")
+    _add(run, "--no-source-check", action="store_true",
+         help="forward datagrams from anyone, not only from lease holders with a source "
+              "inside their subnet, as flanneld does (for debugging)")
+    _add(run, "--drop-log-interval", type=float, default=10.0, metavar="SECONDS",
+         help="log the growth of the drop counters at most this often per reason (default "
+              "%(default)s)")
     _add(run, "--etcd-wait", type=int, default=60, metavar="SECONDS",
          help="how long to wait at start for an unreachable etcd before exiting; 0 waits for "
               "ever, as flanneld (default %(default)s)")
@@ -193,6 +199,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
     if args.etcd_wait < 0:
         raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
+    if not args.drop_log_interval > 0:
+        raise UserError("--drop-log-interval: must be more than 0 seconds")
     if not 0 <= args.healthz_port <= 65535:
         raise UserError(f"--healthz-port {args.healthz_port}: must be 0 (off) to 65535")
     if args.iptables_resync < 1:
@@ -203,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
                       ip_masq=args.ip_masq, store_wait=args.etcd_wait or None,
+                      source_check=not args.no_source_check,
+                      drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
                       healthz_port=args.healthz_port)
     import uvloop

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from flannel_udp import control, healthz, netlink, sdnotify, subnetenv
 from flannel_udp.backends import Network, make_network
 from flannel_udp.config import NetworkConfig, parse_config
+from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
 from flannel_udp.ipmasq import IpMasq, IptablesError, resync_forever
 from flannel_udp.lease import Lease
@@ -44,6 +45,9 @@ class RunOptions:
     ip_masq: bool = False
     # How long to wait at start for a store that does not answer (etcd down); None: for ever.
     store_wait: float | None = 60.0
+    # Accept a datagram only from a lease holder, carrying a source inside its subnet.
+    source_check: bool = True
+    drop_log_interval: float = 10.0  # seconds; at most one line per drop reason this often
     iptables_resync: float = 5.0  # seconds between checks of the --ip-masq rules
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0  # 0: no /healthz and /metrics endpoint
@@ -143,6 +147,11 @@ class Daemon:
         if opts.ip_masq:  # no iptables: say so before taking anything
             self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
         self.network = network = make_network(config, ext, public_ip)
+        if hasattr(network, "source_check"):  # backends with a data plane of their own
+            network.source_check = opts.source_check
+            if not opts.source_check:
+                log.warning("source check off (--no-source-check): datagrams from anyone are "
+                            "forwarded into the pod network")
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:
@@ -179,6 +188,7 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
                  asyncio.create_task(self._follow(), name="watch"),
+                 asyncio.create_task(self._log_drops(), name="drop-log"),
                  asyncio.create_task(stop.wait(), name="stop")]
         if self.ipmasq is not None:
             tasks.append(asyncio.create_task(
@@ -225,6 +235,24 @@ class Daemon:
                 except StoreError as e:
                     self.store_errors += 1
                     log.error("lease store: %s; retrying", e)
+
+    async def _log_drops(self) -> None:
+        """Log the drop counters' growth, one line at most every `drop_log_interval` seconds
+        per reason, so that a flood of bad datagrams shows without flooding the log."""
+        assert self.network is not None
+        drop_log = DropLog(self.opts.drop_log_interval)
+        while True:
+            try:
+                # stats() asks netlink for the TUN's queue drops: not on the loop thread.
+                stats = await asyncio.to_thread(self.network.stats)
+            except Exception as e:  # a report that failed must not stop the daemon
+                log.debug("reading the drop counters failed: %s", e)
+            else:
+                line = drop_log.update(stats.get("counters", {}).get("drops", {}),
+                                       time.monotonic())
+                if line:
+                    log.warning("%s", line)
+            await asyncio.sleep(self.opts.drop_log_interval)
 
     async def _resync(self) -> None:
         """Re-read the whole table after a store failure and apply the difference, our own

@@ -56,6 +56,8 @@ class Drop(enum.IntEnum):
     VXLAN_WRONG_MAC = 13  # inner destination MAC is not our VtepMAC
     VXLAN_NOT_IPV4 = 14  # inner ethertype is not IPv4
     BAD_GSO = 15  # a virtio header the fast path can't honour (GSO type, sizes, csum offsets)
+    UNKNOWN_SENDER = 16  # the outer source is no lease holder's PublicIP
+    SPOOFED_INNER_SOURCE = 17  # the inner source is outside the subnets leased to the sender
 
 
 DROP_NAMES: dict[Drop, str] = {d: d.name.lower() for d in Drop}
@@ -97,6 +99,16 @@ class VxlanRoute:
 
     peer: int
     mac: bytes
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent a datagram (its outer source address) and the leases to check it against:
+    the route table as subnet -> peer PublicIP, and the lease prefix length."""
+
+    address: int
+    routes: Mapping[int, int]
+    subnet_len: int
 
 
 def prefix_mask(prefix_len: int) -> int:
@@ -189,6 +201,20 @@ def _route(packet: bytes, routes: Mapping[int, T], subnet_len: int, tun_addr: in
     return Result(Action.REPLY, net_unreachable(packet, tun_addr), drop=Drop.NO_ROUTE)
 
 
+def _unknown(sender: Sender | None) -> bool:
+    """Whether the outer source holds no lease: nothing it sends is looked at."""
+    return sender is not None and sender.address not in sender.routes.values()
+
+
+def _spoofed(packet: bytes, sender: Sender | None) -> bool:
+    """Whether a validated packet's inner source lies outside the subnets leased to its
+    sender (a lease's own tunnel address, its network address, is inside)."""
+    if sender is None:
+        return False
+    src = int.from_bytes(packet[12:16], "big")
+    return sender.routes.get(src & prefix_mask(sender.subnet_len)) != sender.address
+
+
 def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: int) -> Result:
     """UDP mode: process a packet read from the TUN: where it goes (a peer), or why not."""
     routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=True)
@@ -198,11 +224,16 @@ def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: 
     return Result(Action.SEND, _decrement_ttl(packet), peer)
 
 
-def ingress(datagram: bytes) -> Result:
-    """UDP mode: process a datagram from a peer (a bare IPv4 packet) bound for the TUN."""
+def ingress(datagram: bytes, sender: Sender | None = None) -> Result:
+    """UDP mode: process a datagram from a peer (a bare IPv4 packet) bound for the TUN;
+    with `sender`, only if it comes from a lease holder and from inside its subnet."""
+    if _unknown(sender):
+        return Result(Action.DROP, drop=Drop.UNKNOWN_SENDER)
     packet, drop = _validate(datagram)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
+    if _spoofed(packet, sender):
+        return Result(Action.DROP, drop=Drop.SPOOFED_INNER_SOURCE)
     if packet[8] <= 1:
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
     return Result(Action.TUN, _decrement_ttl(packet))
@@ -259,8 +290,11 @@ def vxlan_egress(packet: bytes, routes: Mapping[int, VxlanRoute], subnet_len: in
                   sender=sender_index(flow_hash(packet), vtep.senders))
 
 
-def vxlan_ingress(datagram: bytes, vtep: Vtep) -> Result:
-    """VXLAN mode: process a datagram from a peer: the inner packet for the TUN, or why not."""
+def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> Result:
+    """VXLAN mode: process a datagram from a peer: the inner packet for the TUN, or why not;
+    with `sender`, only if it comes from a lease holder and from inside its subnet."""
+    if _unknown(sender):
+        return Result(Action.DROP, drop=Drop.UNKNOWN_SENDER)
     if len(datagram) < VXLAN_ENCAP_LEN:
         return Result(Action.DROP, drop=Drop.VXLAN_SHORT)
     if not datagram[0] & VXLAN_FLAG_I:
@@ -274,6 +308,8 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep) -> Result:
     packet, drop = _validate(datagram[VXLAN_ENCAP_LEN:])
     if drop is not None:
         return Result(Action.DROP, drop=drop)
+    if _spoofed(packet, sender):
+        return Result(Action.DROP, drop=Drop.SPOOFED_INNER_SOURCE)
     return Result(Action.TUN, packet)
 
 

@@ -161,6 +161,9 @@ class TunNetwork:
     backend_type = ""  # published in our lease
     backend_data: bytes | None = None
     send_sockets = 0  # 0: send from the receiving socket
+    # Forward a datagram only from a lease holder's PublicIP with an inner source inside that
+    # lease's subnet (the daemon turns it off for --no-source-check).
+    source_check = True
 
     def __init__(self, config: NetworkConfig, ext: ExtIface) -> None:
         self.config = config
@@ -230,6 +233,7 @@ class TunNetwork:
                                   vnet_hdr=self.offloads.tun_vnet_hdr,
                                   udp_gso=self.offloads.udp_gso,
                                   udp_gro=self.offloads.udp_gro,
+                                  source_check=self.source_check,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)
