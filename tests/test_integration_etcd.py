@@ -161,6 +161,7 @@ def test_etcd_down_for_20_s_traffic_flows_and_a_lease_added_after_is_picked_up(
         cluster: Cluster):
     h1, h2 = cluster.daemons
     p1, p2 = cluster.pods
+    subnets = {host.label: host.lease()["subnet"] for host in (h1, h2)}
     result: dict = {}
     pinger = threading.Thread(target=lambda: result.update(
         p1.ping(p2.address, count=240, interval=0.1, timeout=1.0)))
@@ -187,6 +188,14 @@ def test_etcd_down_for_20_s_traffic_flows_and_a_lease_added_after_is_picked_up(
     for host in (h1, h2):
         log = host.log_path.read_text()
         assert "etcd watch interrupted" in log and "etcd watch resumed" in log
+    # No lease lost, no exit: each daemon's key is still its own, bound to a 24 h etcd lease.
+    stored = stored_leases(cluster.etcd)
+    for host in (h1, h2):
+        assert host.daemon.poll() is None, f"{host.label} exited: {host.log_tail(3)}"
+        assert host.lease()["subnet"] == subnets[host.label]
+        key = f"{PREFIX}/subnets/{subnets[host.label].replace('/', '-')}"
+        assert stored[key]["value"] == lease_value(host.underlay_ip).encode()
+        assert stored[key]["lease"] != 0
     cluster.etcd.etcdctl("del", f"{PREFIX}/subnets/10.244.201.0-24")
 
 
