@@ -273,7 +273,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     c = status["counters"]
     print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
           f"rx {c.get('rx_packets', 0)} pkts / {c.get('rx_bytes', 0)} B   "
-          f"icmp unreachable sent {c.get('icmp_sent', 0)}")
+          f"icmp unreachable sent {c.get('icmp_sent', 0)}"
+          + (f" (suppressed {c['icmp_suppressed']})" if c.get("icmp_suppressed") else ""))
     drops = {k: v for k, v in c.get("drops", {}).items() if v}
     print("drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     offloads = status.get("offloads") or {}

@@ -74,6 +74,9 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{PREFIX}_icmp_unreachable_sent",
                               "ICMP net unreachable answers written back into the TUN",
                               value=counters.get("icmp_sent", 0))
+    yield CounterMetricFamily(f"{PREFIX}_icmp_unreachable_suppressed",
+                              "ICMP net unreachable answers not written: over the rate limit",
+                              value=counters.get("icmp_suppressed", 0))
 
     peers = status.get("peers") or []
     yield GaugeMetricFamily(f"{PREFIX}_peers", "peers' leases in the table",

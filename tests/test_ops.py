@@ -210,6 +210,15 @@ def test_metrics_carry_the_status_counters_per_direction_peer_reason_and_offload
     assert {k: got.get(k) for k in expected} == expected
 
 
+def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():
+    status = {**STATUS, "counters": {**STATUS["counters"], "icmp_suppressed": 7,
+                                     "drops": {"unknown_sender": 5, "spoofed_inner_source": 6}}}
+    got = samples(metrics.render(status))
+    assert got[("flannel_udp_drops_total", (("reason", "unknown_sender"),))] == 5
+    assert got[("flannel_udp_drops_total", (("reason", "spoofed_inner_source"),))] == 6
+    assert got[("flannel_udp_icmp_unreachable_suppressed_total", ())] == 7
+
+
 def test_metrics_of_a_status_without_offloads_or_lease_still_render():
     got = samples(metrics.render({"lease": None, "peers": [], "counters": {},
                                   "health": {"lease": False, "dataplane": False}}))
