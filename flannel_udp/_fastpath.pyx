@@ -1786,19 +1786,20 @@ cdef class FastPath:
             raise ValueError("vtep_mac: only VXLAN routes carry one")
         cdef RouteEntry* old
         cdef uint32_t old_peer = 0
-        cdef bint moved
+        cdef bint had_old, moved
         with nogil:
             pthread_rwlock_wrlock(&self.shared.lock)
             old = rt_find(&self.shared.table, key)
-            moved = old == NULL or old.peer != peer
-            if old != NULL:
-                old_peer = old.peer
+            had_old = old != NULL
+            moved = not had_old or old.peer != peer
+            if had_old:
+                old_peer = old.peer   # rt_set may move the entry: keep what it said
             rc = senders_add(&self.shared.senders, peer) if moved else 0
             if rc == 0:
                 rc = rt_set(&self.shared.table, key, peer, mac)
                 if rc < 0 and moved:
                     senders_remove(&self.shared.senders, peer)
-                elif moved and old_peer != 0:
+                elif moved and had_old:
                     senders_remove(&self.shared.senders, old_peer)
             pthread_rwlock_unlock(&self.shared.lock)
         if rc < 0:
