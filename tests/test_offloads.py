@@ -24,7 +24,9 @@ def test_100_mb_tcp_transfer_arrives_intact(topology, monkeypatch, backend, offl
     # The daemons inherit it; set either way so that a whole run with it at 0 still tests both.
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1" if offloads else "0")
     topo = topology(2)
-    topo.start_daemons({"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
+    # Dataplane userspace: vxlan's default, "auto", would take the kernel's VXLAN device.
+    topo.start_daemons({"Network": "10.244.0.0/16",
+                        "Backend": {"Type": backend, "Dataplane": "userspace"}})
     sender, receiver = topo.add_pod(topo.hosts[0]), topo.add_pod(topo.hosts[1])
     data = os.urandom(TRANSFER)
     sink = receiver.tcp_sink(receiver.address, 7000)
