@@ -1003,19 +1003,25 @@ cdef inline void encap_header(const Shared* s, uint8_t* pkt, const RouteEntry* e
         encap_udp(s, pkt, e)
 
 
+cdef inline uint32_t flow_of(const Shared* s, const uint8_t* pkt, size_t length) noexcept nogil:
+    """The flow hash that picks a packet's send socket (VXLAN only), taken from the packet as
+    read: before a partial checksum is completed, wherever its offset points."""
+    return hash_flow(pkt, length) if s.mode == MODE_VXLAN else 0
+
+
 cdef void add_message(const Shared* s, EgressState* q, unsigned int k, uint8_t* first,
                       size_t wire_len, unsigned int segs, uint32_t gso_size, size_t inner_len,
-                      RouteEntry* e) noexcept nogil:
+                      RouteEntry* e, uint32_t flow) noexcept nogil:
     """Message k of the send round: ``segs`` encapsulated datagrams of ``gso_size`` bytes
-    (the last may be shorter), ``wire_len`` in all, the first one's inner packet at ``first``."""
+    (the last may be shorter), ``wire_len`` in all, the first one's inner packet at ``first``,
+    of the flow hashed ``flow``."""
     q.iov[k].iov_base = first - encap_len(s)
     q.iov[k].iov_len = wire_len
     q.addrs[k].sin_family = AF_INET
     q.addrs[k].sin_port = s.port
     q.addrs[k].sin_addr.s_addr = htonl(e.peer)
     # VXLAN: one socket per flow keeps a flow on one outer source port (and in order).
-    q.sender[k] = (<unsigned int>((<uint64_t>hash_flow(first, rd16(first + 2)) * s.n_senders)
-                                  >> 32) if s.mode == MODE_VXLAN else 0)
+    q.sender[k] = <unsigned int>((<uint64_t>flow * s.n_senders) >> 32)
     q.routes[k] = e
     q.sent_lens[k] = inner_len
     q.segs[k] = segs
@@ -1023,15 +1029,15 @@ cdef void add_message(const Shared* s, EgressState* q, unsigned int k, uint8_t* 
 
 
 cdef inline void encap(const Shared* s, EgressState* q, unsigned int k, uint8_t* pkt,
-                       size_t length, RouteEntry* e) noexcept nogil:
+                       size_t length, RouteEntry* e, uint32_t flow) noexcept nogil:
     """Make packet ``pkt`` (room for the wire header before it) message k of the round."""
     encap_header(s, pkt, e)
-    add_message(s, q, k, pkt, encap_len(s) + length, 1, 0, length, e)
+    add_message(s, q, k, pkt, encap_len(s) + length, 1, 0, length, e, flow)
 
 
 cdef unsigned int encap_segments(const Shared* s, EgressState* q, unsigned int k,
-                                 uint8_t* first, const GsoPlan* plan,
-                                 RouteEntry* e) noexcept nogil:
+                                 uint8_t* first, const GsoPlan* plan, RouteEntry* e,
+                                 uint32_t flow) noexcept nogil:
     """Encapsulate the segments gso_write put at ``first`` (each behind encap_len bytes) as
     messages k, k+1...: UDP_SEGMENT runs within its limits, or one datagram each when GSO is
     off. Returns the next free message index."""
@@ -1058,7 +1064,7 @@ cdef unsigned int encap_segments(const Shared* s, EgressState* q, unsigned int k
             encap_header(s, first + (j - i) * stride, e)
             wire += gap + seg_len
             inner += seg_len
-        add_message(s, q, k, first, wire, n, <uint32_t>stride, inner, e)
+        add_message(s, q, k, first, wire, n, <uint32_t>stride, inner, e, flow)
         k += 1
         i += n
         first += n * stride
@@ -1303,12 +1309,13 @@ cdef unsigned int egress_offloaded(Shared* s, EgressState* q, unsigned int k, ui
     far to make room."""
     cdef GsoPlan plan
     cdef size_t need
+    cdef uint32_t flow = flow_of(s, pkt, length)
     cdef int drop = gso_plan(pkt - VNET_HDR_LEN, pkt, length, &plan)
     if drop != D_NONE:
         q.counters.drops[drop] += 1
         return k
     if plan.count == 0:
-        encap(s, q, k, pkt, length, e)
+        encap(s, q, k, pkt, length, e, flow)
         return k + 1
     need = gso_bytes(&plan, encap_len(s))
     if q.arena_used + need > ARENA_SIZE or k + plan.count > MSG_MAX:
@@ -1317,7 +1324,7 @@ cdef unsigned int egress_offloaded(Shared* s, EgressState* q, unsigned int k, ui
         k = 0
         q.arena_used = 0
     gso_write(&plan, pkt, q.arena + q.arena_used, encap_len(s))
-    k = encap_segments(s, q, k, q.arena + q.arena_used + encap_len(s), &plan, e)
+    k = encap_segments(s, q, k, q.arena + q.arena_used + encap_len(s), &plan, e, flow)
     q.arena_used += need
     q.counters.offloaded += 1
     return k
@@ -1393,7 +1400,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
             if s.vnet:
                 k = egress_offloaded(s, q, k, pkt, v.length, v.route)
             else:
-                encap(s, q, k, pkt, v.length, v.route)
+                encap(s, q, k, pkt, v.length, v.route, flow_of(s, pkt, v.length))
                 k += 1
         elif v.action == ACT_REPLY:
             q.counters.drops[D_NO_ROUTE] += 1
@@ -1969,7 +1976,8 @@ cdef class FastPath:
                             v.action = ACT_DROP
                             v.drop = D_BAD_GSO
                     else:
-                        encap(self.shared, q, 0, pkt, v.length, v.route)
+                        encap(self.shared, q, 0, pkt, v.length, v.route,
+                              flow_of(self.shared, pkt, v.length))
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_SEND:
                 peer = format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr))
