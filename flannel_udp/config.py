@@ -100,6 +100,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if "Network" not in cfg:
         raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
     try:
+        if not isinstance(cfg["Network"], str):
+            raise TypeError
         network = IPv4Network(cfg["Network"], strict=False)
     except (ValueError, TypeError):
         raise ConfigError(f"Network: {json.dumps(cfg['Network'])} is not an IPv4 CIDR") from None
@@ -126,7 +128,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if subnet_min > subnet_max:
         raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
 
-    backend = cfg.get("Backend") or {}
+    backend = cfg.get("Backend")
+    backend = {} if backend is None else backend
     if not isinstance(backend, dict):
         raise ConfigError(f"Backend: expected an object, got {json.dumps(backend)}")
     backend = _canonical_keys(backend, ("Type", "Port", "VNI", "MTU", "DirectRouting",

@@ -44,6 +44,8 @@ def test_explicit_min_and_max_are_kept():
     ('{"SubnetLen": 24}', "Network: missing"),
     ('{"Network": "10.5.0.0/33"}', "Network:"),
     ('{"Network": "banana"}', "Network:"),
+    ('{"Network": 5}', "is not an IPv4 CIDR"),
+    ('{"Network": "10.5.0.0/16", "Backend": []}', "Backend:"),
     ('{"Network": "10.5.0.0/29"}', "Network:"),
     ('{"Network": "10.5.0.0/16", "SubnetLen": 40}', "SubnetLen:"),
     ('{"Network": "10.5.0.0/16", "SubnetLen": 12}', "SubnetLen:"),
