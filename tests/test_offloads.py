@@ -45,3 +45,8 @@ def test_100_mb_tcp_transfer_arrives_intact(topology, monkeypatch, backend, offl
     assert rx["counters"]["rx_bytes"] == tx["counters"]["tx_bytes"]
     assert not any(rx["counters"]["drops"].values())
     assert not any(tx["counters"]["drops"].values())
+    text = topo.hosts[0].flannel("status", "--control-socket", topo.hosts[0].control_socket)
+    state = "on" if offloads else "off"
+    assert (f"offloads tun_vnet_hdr {state}, tso {state}, uso {state}, udp_gso {state}, "
+            f"udp_gro {state}") in text.stdout
+
