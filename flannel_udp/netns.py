@@ -69,12 +69,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from flannel_udp import subnetenv
+from flannel_udp.packet import checksum as inet_checksum
 
 T = TypeVar("T")
 
@@ -132,6 +133,19 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise NetnsError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def ping_failures(pods: Mapping[str, Pod], count: int = 3) -> list[str]:
+    """Every namespace pings the `address` of every other; one line per target that did not
+    answer every echo (empty when all did). `pods` maps a label to each."""
+    failures = []
+    for label, pod in pods.items():
+        targets = [p.address for p in pods.values() if p is not pod]
+        for dst, result in pod.ping(*targets, count=count).items():
+            if not result.ok:
+                failures.append(f"{label} -> {dst}: {result.received}/{result.sent} answered "
+                                f"{result.errors}")
+    return failures
 
 
 def read_subnet_env(path: str | os.PathLike) -> dict[str, str]:
@@ -861,19 +875,10 @@ _UNREACH_CODES = {0: "net unreachable", 1: "host unreachable", 2: "protocol unre
                   "prohibited"}
 
 
-def _inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def _echo_request(ident: int, seq: int) -> bytes:
     payload = b"flannel-udp-probe"
     header = struct.pack("!BBHHH", _ICMP_ECHO, 0, 0, ident, seq)
-    checksum = _inet_checksum(header + payload)
+    checksum = inet_checksum(header + payload)
     return struct.pack("!BBHHH", _ICMP_ECHO, 0, checksum, ident, seq) + payload
 
 

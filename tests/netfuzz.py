@@ -16,18 +16,11 @@ import struct
 import sys
 import time
 
+from flannel_udp.packet import checksum
+
 IP_HDRINCL = 3
 VXLAN_FLAG_I = 0x08
 ETHERTYPE_IPV4 = 0x0800
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def ipv4(src: str, dst: str, proto: int = 17, payload: bytes = b"", ttl: int = 64,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flannel_udp.netns import Host, Pod, Topology, wait_until
+from flannel_udp.netns import Host, Pod, Topology, ping_failures, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -62,12 +62,7 @@ def test_peers_on_the_segment_are_direct_and_those_behind_the_router_vxlan(clust
 
 
 def test_every_pod_reaches_every_other_on_either_path(cluster: Cluster):
-    failures = []
-    for label, pod in cluster.pods.items():
-        targets = [p.address for p in cluster.pods.values() if p is not pod]
-        for dst, result in pod.ping(*targets, count=3).items():
-            if not result.ok:
-                failures.append(f"{label} -> {dst}: {result}")
+    failures = ping_failures(cluster.pods)
     assert not failures, "\n".join(failures)
 
 

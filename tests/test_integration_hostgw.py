@@ -18,7 +18,7 @@ import pytest
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
 from flannel_udp.lease import LEASE_TTL
-from flannel_udp.netns import FLANNEL_UDP, Host, Pod, Topology, wait_until
+from flannel_udp.netns import FLANNEL_UDP, Host, Pod, Topology, ping_failures, wait_until
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
@@ -62,12 +62,7 @@ def wait_path(host: Host, subnet: str, path: str) -> dict:
 
 def test_pods_on_one_segment_reach_each_other_and_a_tcp_transfer_arrives_intact(
         cluster: Cluster):
-    failures = []
-    for label, pod in cluster.pods.items():
-        targets = [p.address for p in cluster.pods.values() if p is not pod]
-        for dst, result in pod.ping(*targets, count=3).items():
-            if not result.ok:
-                failures.append(f"{label} -> {dst}: {result}")
+    failures = ping_failures(cluster.pods)
     assert not failures, "\n".join(failures)
     src, dst = cluster.pods["h1"], cluster.pods["h3"]
     data = os.urandom(4 * 1024 * 1024)

@@ -35,6 +35,7 @@ from flannel_udp.netns import (
     KernelVxlanNode,
     Pod,
     Topology,
+    ping_failures,
     wait_until,
 )
 from flannel_udp.stores.local import LocalStore
@@ -114,13 +115,7 @@ def vtep_mac_of(host: Host) -> str:
 
 def test_every_pod_reaches_every_other_pod_across_kernel_and_userspace_vxlan_nodes(
         cluster: Cluster):
-    failures = []
-    for label, pod in cluster.pods.items():
-        targets = [p.address for p in cluster.pods.values() if p is not pod]
-        for dst, result in pod.ping(*targets, count=3).items():
-            if not result.ok:
-                failures.append(f"{label} -> {dst}: {result.received}/{result.sent} answered "
-                                f"{result.errors}")
+    failures = ping_failures(cluster.pods)
     assert not failures, "\n".join(failures)
 
 

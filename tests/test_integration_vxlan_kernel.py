@@ -20,7 +20,15 @@ import pytest
 from test_integration_vxlan import program_from_store, publish, store_values
 
 from flannel_udp.lease import LEASE_TTL
-from flannel_udp.netns import FLANNEL_UDP, Host, KernelVxlanNode, Pod, Topology, wait_until
+from flannel_udp.netns import (
+    FLANNEL_UDP,
+    Host,
+    KernelVxlanNode,
+    Pod,
+    Topology,
+    ping_failures,
+    wait_until,
+)
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
@@ -118,12 +126,7 @@ def test_the_kernel_device_is_programmed_as_flanneld_programs_it(cluster: Cluste
 
 def test_every_pod_reaches_every_other_across_kernel_userspace_and_flanneld_nodes(
         cluster: Cluster):
-    failures = []
-    for label, pod in cluster.pods.items():
-        targets = [p.address for p in cluster.pods.values() if p is not pod]
-        for dst, result in pod.ping(*targets, count=3).items():
-            if not result.ok:
-                failures.append(f"{label} -> {dst}: {result}")
+    failures = ping_failures(cluster.pods)
     assert not failures, "\n".join(failures)
 
 
