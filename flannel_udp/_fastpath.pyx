@@ -116,6 +116,29 @@ cdef extern from *:
     """
     uint32_t fu_sum16(const uint8_t* p, size_t n) noexcept nogil
 
+cdef extern from *:
+    """
+    /* The trace rings' handshake: the producer (an I/O thread) writes a slot, then publishes
+       head with a release store; the consumer (Python) reads head with acquire, then the slots,
+       then gives them back by a release store of tail. trace_every is read relaxed. */
+    static inline uint32_t fu_load_acquire(const uint32_t* p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void fu_store_release(uint32_t* p, uint32_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    static inline uint32_t fu_load_relaxed(const uint32_t* p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+    static inline void fu_store_relaxed(uint32_t* p, uint32_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELAXED);
+    }
+    """
+    uint32_t fu_load_acquire(const uint32_t* p) noexcept nogil
+    void fu_store_release(uint32_t* p, uint32_t v) noexcept nogil
+    uint32_t fu_load_relaxed(const uint32_t* p) noexcept nogil
+    void fu_store_relaxed(uint32_t* p, uint32_t v) noexcept nogil
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -147,6 +170,7 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clock_id, timespec* tp)
     enum:
         CLOCK_MONOTONIC
+        CLOCK_REALTIME_COARSE
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -188,6 +212,7 @@ cdef enum:
     # bursts of ICMP_BURST (the kernel's own icmp_msgs_per_sec is 1000, burst 50).
     ICMP_RATE = 100
     ICMP_BURST = 100
+    TRACE_SLOTS = 4096              # records per trace ring (power of two)
 
 # Offloads. The virtio_net_hdr (<linux/virtio_net.h>) precedes every packet on a TUN opened
 # with IFF_VNET_HDR; its u16 fields are in host order.
@@ -279,6 +304,10 @@ DROP_NAMES = {
 }
 
 
+VERDICT_NAMES = {ACT_SEND: "sent", ACT_TUN: "to_tun", ACT_REPLY: "icmp_unreachable",
+                 ACT_DROP: "dropped"}
+
+
 # ---------------------------------------------------------------------------------------------
 # C state
 
@@ -299,6 +328,27 @@ ctypedef struct RouteTable:
     uint32_t count
     uint32_t shift          # 32 - log2(capacity), for Fibonacci hashing
 
+ctypedef struct TraceRecord:
+    # One per-packet decision, for `flannel-udp trace`.
+    uint64_t ns             # CLOCK_REALTIME_COARSE, when the decision was taken
+    uint8_t dir             # 0 egress, 1 ingress
+    uint8_t verdict         # ACT_*
+    uint8_t drop            # D_*
+    uint8_t proto           # inner IP protocol (0: no inner packet parsed)
+    uint32_t src            # inner addresses, host order (0: none)
+    uint32_t dst
+    uint32_t peer           # egress: the peer sent to; ingress: the outer sender
+    uint16_t length         # inner (or datagram) length
+
+ctypedef struct TraceRing:
+    # Single producer (one I/O thread), single consumer (FastPath.trace_drain, under the GIL).
+    TraceRecord slots[TRACE_SLOTS]
+    uint32_t head           # written by the producer only (release)
+    uint32_t tail           # written by the consumer only (release)
+    uint32_t skip           # sampling countdown (producer only)
+    uint64_t taken          # records written (producer only)
+    uint64_t lost           # sampled but the ring was full (producer only)
+
 ctypedef struct Shared:
     RouteTable table
     pthread_rwlock_t lock   # readers: I/O threads per batch; writers: set_route/del_route
@@ -318,6 +368,7 @@ ctypedef struct Shared:
     # Source validation: only a lease holder's PublicIP may send, only from its own subnet.
     int source_check
     RouteTable senders      # peers' PublicIPs (in .subnet), .peer = how many subnets each holds
+    uint32_t trace_every    # 0: no tracer; N: one decision in N goes to the trace rings
 
 ctypedef struct Counters:
     uint64_t packets
@@ -409,6 +460,8 @@ ctypedef struct Queue:
     int tun_fd
     EgressState eg
     IngressState ig
+    TraceRing eg_trace
+    TraceRing ig_trace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1359,6 +1412,43 @@ cdef bint icmp_allowed(EgressState* q) noexcept nogil:
     return True
 
 
+cdef void trace_record(TraceRing* r, uint32_t every, uint8_t direction, const uint8_t* pkt,
+                       size_t n, const Verdict* v, uint32_t peer) noexcept nogil:
+    """Sample one decision in ``every`` into the ring; a full ring loses it (counted). Called
+    only while tracing: off, the I/O loops skip it on one branch."""
+    cdef TraceRecord* rec
+    cdef uint32_t head
+    cdef timespec ts
+    if r.skip >= every:         # left by an earlier, sparser tracer
+        r.skip = 0
+    if r.skip:
+        r.skip -= 1
+        return
+    r.skip = every - 1
+    head = r.head
+    if head - fu_load_acquire(&r.tail) >= TRACE_SLOTS:
+        r.lost += 1
+        return
+    rec = &r.slots[head & (TRACE_SLOTS - 1)]
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts)
+    rec.ns = <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+    rec.dir = direction
+    rec.verdict = <uint8_t>v.action
+    rec.drop = <uint8_t>v.drop
+    rec.peer = peer
+    rec.length = <uint16_t>(n if n < 65535 else 65535)
+    if pkt != NULL and n >= 20 and (pkt[0] >> 4) == 4:
+        rec.proto = pkt[9]
+        rec.src = rd32(pkt + 12)
+        rec.dst = rd32(pkt + 16)
+    else:
+        rec.proto = 0
+        rec.src = 0
+        rec.dst = 0
+    r.taken += 1
+    fu_store_release(&r.head, head + 1)
+
+
 cdef int egress_batch(Queue* qu) noexcept nogil:
     """Read up to BATCH packets from the TUN and forward them; -1 on a TUN read error."""
     cdef Shared* s = qu.shared
@@ -1371,6 +1461,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
     cdef int failed = 0
     cdef uint8_t* pkt
     cdef Verdict v
+    cdef uint32_t every = fu_load_relaxed(&s.trace_every)
     while n_read < BATCH:
         # The virtio header (if any) lands in the headroom, the packet HEADROOM bytes in.
         r = read(qu.tun_fd, q.bufs + <size_t>n_read * EGRESS_SLOT + HEADROOM - vnet_len,
@@ -1396,6 +1487,8 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
     for i in range(n_read):
         pkt = q.bufs + <size_t>i * EGRESS_SLOT + HEADROOM
         egress_one(s, pkt, q.lens[i], q.reply + VNET_HDR_LEN, &v)
+        if every:
+            trace_record(&qu.eg_trace, every, 0, pkt, q.lens[i], &v, v.peer)
         if v.action == ACT_SEND:
             if s.vnet:
                 k = egress_offloaded(s, q, k, pkt, v.length, v.route)
@@ -1443,7 +1536,9 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
     cdef size_t n, off, size, step
     cdef uint32_t sender
     cdef Verdict v
+    cdef uint32_t every
     while True:
+        every = fu_load_relaxed(&s.trace_every)
         if s.udp_gro:
             for i in range(BATCH):  # the kernel shrinks it to what it wrote
                 q.msgs[i].msg_hdr.msg_controllen = CTRL_WORDS * sizeof(uint64_t)
@@ -1469,6 +1564,9 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
                 # A GRO read holds datagrams of ``size`` bytes, the last one possibly shorter.
                 step = n - off if n - off < size else size
                 pkt = ingress_frame(s, base + off, step, sender, &v)
+                if every:
+                    trace_record(&qu.ig_trace, every, 1, pkt,
+                                 v.length if v.action == ACT_TUN else step, &v, sender)
                 if v.action != ACT_TUN:
                     q.counters.drops[v.drop] += 1
                 else:
@@ -1873,6 +1971,46 @@ cdef class FastPath:
             "gso_fallbacks": eg.gso_fallbacks,
             "drops": {name: eg.drops[code] + ig.drops[code] for code, name in DROP_NAMES.items()},
         }
+
+    def set_trace(self, int every) -> None:
+        """Sample one packet decision in ``every`` into the trace rings; 0 turns tracing off
+        (the I/O threads then skip it on one branch per packet)."""
+        if every < 0:
+            raise ValueError(f"every must be >= 0, not {every}")
+        fu_store_relaxed(&self.shared.trace_every, <uint32_t>every)
+
+    def trace_drain(self) -> list:
+        """The trace records published since the last call, egress then ingress: [(ns,
+        direction "egress"/"ingress", verdict "sent"/"to_tun"/"icmp_unreachable"/"dropped",
+        drop reason or "", proto, src, dst, peer, length), ...]; addresses as text, "" for
+        none. One consumer only (the caller holds the GIL)."""
+        cdef TraceRing* rings[2]
+        cdef TraceRing* r
+        cdef TraceRecord* rec
+        cdef uint32_t head, tail
+        rings[0] = &self.queue.eg_trace
+        rings[1] = &self.queue.ig_trace
+        out = []
+        for k in range(2):
+            r = rings[k]
+            head = fu_load_acquire(&r.head)
+            tail = r.tail
+            while tail != head:
+                rec = &r.slots[tail & (TRACE_SLOTS - 1)]
+                out.append((rec.ns, "egress" if rec.dir == 0 else "ingress",
+                            VERDICT_NAMES.get(rec.verdict, "?"), DROP_NAMES.get(rec.drop, ""),
+                            rec.proto, format_ipv4(rec.src) if rec.src else "",
+                            format_ipv4(rec.dst) if rec.dst else "",
+                            format_ipv4(rec.peer) if rec.peer else "", rec.length))
+                tail += 1
+            fu_store_release(&r.tail, tail)
+        return out
+
+    def trace_info(self) -> dict:
+        """Whether tracing is on (every, 0 = off) and the records taken and lost (ring full)."""
+        return {"every": fu_load_relaxed(&self.shared.trace_every),
+                "records": self.queue.eg_trace.taken + self.queue.ig_trace.taken,
+                "lost": self.queue.eg_trace.lost + self.queue.ig_trace.lost}
 
     def _table_info(self) -> dict:
         """Diagnostics of the route hash table: capacity, count, longest probe sequence."""

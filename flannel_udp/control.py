@@ -1,5 +1,8 @@
 """The local control socket: one msgpack request and one msgpack reply per connection, each
-framed by a 4-byte big-endian length. `flannel-udp status` is its client."""
+framed by a 4-byte big-endian length. `flannel-udp status` is its client.
+
+A streaming command (`trace`) answers with a sequence of frames instead, until the client
+closes the connection: the server stops the stream when it sees EOF."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,38 @@ def _answers(path: str) -> bool:
     return True
 
 
-async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
-                ) -> asyncio.AbstractServer:
-    """Serve `handler` on a unix socket at `path`; a stale socket file is replaced, a live one
-    is a UserError."""
+Stream = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
+
+
+async def _stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  frames: AsyncIterator[dict[str, Any]]) -> None:
+    """Write `frames` until they end or the client goes away (EOF or a failed write); the
+    generator is closed either way, so that its cleanup runs."""
+    async def pump() -> None:
+        async for frame in frames:
+            writer.write(_pack(frame))
+            await writer.drain()
+
+    pumping = asyncio.create_task(pump())
+    # A client sends nothing after its request: EOF (or anything else) ends the stream.
+    hangup = asyncio.create_task(reader.read(1))
+    try:
+        await asyncio.wait({pumping, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, hangup):
+            task.cancel()
+        await asyncio.gather(pumping, hangup, return_exceptions=True)
+        aclose = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
+                streams: dict[str, Stream] | None = None) -> asyncio.AbstractServer:
+    """Serve `handler` on a unix socket at `path`, and the streaming commands `streams` (cmd ->
+    request -> async iterator of frames); a stale socket file is replaced, a live one is a
+    UserError."""
+    streams = streams or {}
     if os.path.exists(path):
         if _answers(path):
             raise UserError(f"control socket {path} is served by another running daemon "
@@ -57,6 +88,12 @@ async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]]
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(_read_frame(reader), 5)
+            if isinstance(request, dict) and request.get("cmd") in streams:
+                try:
+                    await _stream(reader, writer, streams[request["cmd"]](request))
+                finally:
+                    writer.close()
+                return
             reply = handler(request) if isinstance(request, dict) else {"error": "bad request"}
         except (asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError,
                 msgpack.UnpackException):
@@ -94,3 +131,26 @@ def request(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[st
     if len(data) < _LEN.size or len(data) != _LEN.size + _LEN.unpack_from(data)[0]:
         raise UserError(f"the daemon on {path} sent a truncated reply", 1)
     return msgpack.unpackb(data[_LEN.size:], raw=False)
+
+
+def stream(path: str, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Send a streaming request to the daemon at `path` and yield its frames until it closes
+    the connection; leaving the loop closes it, which ends the stream on the daemon's side."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise UserError(f"no flannel-udp daemon answers on {path} (is `flannel-udp run` "
+                            "running? --control-socket names another socket)", 1) from None
+        except PermissionError:
+            raise UserError(f"no permission to open {path} (run as root)", 1) from None
+        s.sendall(_pack(message))
+        s.settimeout(None)
+        with s.makefile("rb") as f:
+            while head := f.read(_LEN.size):
+                (size,) = _LEN.unpack(head) if len(head) == _LEN.size else (-1,)
+                body = f.read(size) if 0 <= size <= MAX_FRAME else b""
+                if size < 0 or len(body) != size:
+                    raise UserError(f"the daemon on {path} sent a truncated frame", 1)
+                yield msgpack.unpackb(body, raw=False)

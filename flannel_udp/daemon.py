@@ -9,7 +9,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -27,6 +27,8 @@ from flannel_udp.stores import Store, StoreError, StoreUnavailable
 
 log = logging.getLogger("flannel-udp")
 
+TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
+TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
 T = TypeVar("T")
@@ -101,6 +103,9 @@ class Daemon:
         self.ipmasq: IpMasq | None = None
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
+        # `flannel-udp trace` clients: each one's sampling rate and the records not sent yet.
+        self._tracers: dict[object, tuple[int, list[tuple[Any, ...]]]] = {}
+        self._trace_lost = 0  # records dropped because a tracer's buffer was full
 
     def _write_subnet_env(self, lease: Lease) -> None:
         assert self.config is not None and self.network is not None
@@ -174,7 +179,8 @@ class Daemon:
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
-        server = await control.serve(opts.control_socket, self.handle_request)
+        server = await control.serve(opts.control_socket, self.handle_request,
+                                     {"trace": self.trace})
         if self.ipmasq is not None:
             try:
                 await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
@@ -295,6 +301,73 @@ class Daemon:
             return {"error": f"unknown command {request.get('cmd')!r}"}
         return self.status()
 
+    def _apply_trace(self) -> None:
+        """Sample at the finest rate any tracer asked for; 0 (off) with none left."""
+        assert self.network is not None
+        self.network.set_trace(min((every for every, _ in self._tracers.values()), default=0))
+
+    def _trace_poll(self) -> None:
+        """Drain the fast path's rings into every tracer's buffer (one consumer: whichever
+        tracer polls first takes the records for all)."""
+        assert self.network is not None
+        self._apply_trace()  # again: a re-acquired lease may have made a new fast path
+        records = sorted(self.network.trace_drain(), key=lambda r: r[0])  # merge directions
+        for _, pending in self._tracers.values():
+            room = TRACE_BUFFER - len(pending)
+            pending.extend(records[:room])
+            self._trace_lost += max(0, len(records) - room)
+
+    async def trace(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The `trace` stream: {"tracing": every} first, then every TRACE_POLL seconds a frame
+        {"records": [...], "more": K} with at most `max_rate` records a second (K: left out by
+        the rate limit) and "lost" (ring or buffer full, all tracers), until the client
+        leaves; then tracing is off again unless another tracer remains."""
+        every, max_rate = request.get("every", 1), request.get("max_rate", 100)
+        if not (isinstance(every, int) and every >= 1 and isinstance(max_rate, (int, float))
+                and max_rate > 0):
+            yield {"error": "trace: every must be an integer >= 1 and max_rate > 0"}
+            return
+        if self.network is None or not hasattr(self.network, "trace_drain"):
+            backend = self.config.backend_type if self.config else "?"
+            yield {"error": f"backend {backend} forwards in the kernel: nothing to trace "
+                            "(only the userspace data plane traces)"}
+            return
+        key = object()
+        if not self._tracers:
+            self.network.trace_drain()  # records of an earlier tracer: not ours
+        pending: list[tuple[Any, ...]] = []
+        self._tracers[key] = (every, pending)
+        try:
+            self._apply_trace()
+            yield {"tracing": every}
+            tokens, last = float(max_rate), time.monotonic()
+            lost_seen = self._lost()
+            while True:
+                await asyncio.sleep(TRACE_POLL)
+                self._trace_poll()
+                now = time.monotonic()
+                tokens = min(float(max_rate), tokens + (now - last) * max_rate)
+                last = now
+                take = min(len(pending), int(tokens))
+                tokens -= take
+                frame: dict[str, Any] = {"records": [list(r) for r in pending[:take]],
+                                         "more": len(pending) - take}
+                pending.clear()
+                lost = self._lost()
+                if lost > lost_seen:
+                    frame["lost"] = lost - lost_seen
+                lost_seen = lost
+                if frame["records"] or frame["more"] or "lost" in frame:
+                    yield frame
+        finally:
+            del self._tracers[key]
+            if self.network is not None:
+                self._apply_trace()
+
+    def _lost(self) -> int:
+        info = self.network.trace_info() if self.network is not None else {}
+        return int(info.get("lost", 0)) + self._trace_lost
+
     def health(self) -> dict[str, bool]:
         """The checks behind /healthz: we hold an unexpired lease, and the data plane runs
         (a backend without a `running` flag forwards in the kernel once started)."""
@@ -332,4 +405,5 @@ class Daemon:
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,
             "ip_masq": self.ipmasq is not None,
+            "trace": stats.get("trace", {}),
         }

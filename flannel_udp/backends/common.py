@@ -287,7 +287,19 @@ class TunNetwork:
         if queue_drops is not None:
             counters["drops"]["tun_queue_full"] = queue_drops
         return {"counters": counters, "peers": peers, "lease": self._lease_stats(),
-                "offloads": offloads}
+                "offloads": offloads, "trace": self._fastpath.trace_info()}
+
+    # `flannel-udp trace`: the fast path samples its per-packet decisions into rings while
+    # `every` > 0; the daemon drains them (one consumer).
+    def set_trace(self, every: int) -> None:
+        if self._fastpath is not None:
+            self._fastpath.set_trace(every)
+
+    def trace_drain(self) -> list[tuple[Any, ...]]:
+        return [] if self._fastpath is None else self._fastpath.trace_drain()
+
+    def trace_info(self) -> dict[str, int]:
+        return {} if self._fastpath is None else self._fastpath.trace_info()
 
     def close(self) -> None:
         if self._fastpath is not None:
