@@ -1185,12 +1185,13 @@ cdef void backoff() noexcept nogil:
     nanosleep(&ts, NULL)
 
 
-cdef int wait_readable(int fd, int stop_fd) noexcept nogil:
-    """1 when ``fd`` is readable (or in error), 0 when asked to stop, -1 when fd is invalid."""
+cdef int wait_ready(int fd, short events, int stop_fd) noexcept nogil:
+    """1 when ``fd`` has one of ``events`` (or is in error), 0 when asked to stop, -1 when fd is
+    invalid or poll fails."""
     cdef pollfd fds[2]
     while True:
         fds[0].fd = fd
-        fds[0].events = POLLIN
+        fds[0].events = events
         fds[0].revents = 0
         fds[1].fd = stop_fd
         fds[1].events = POLLIN
@@ -1205,26 +1206,6 @@ cdef int wait_readable(int fd, int stop_fd) noexcept nogil:
             return -1
         if fds[0].revents:
             return 1
-
-
-cdef bint wait_writable(int fd, int stop_fd) noexcept nogil:
-    """True once ``fd`` can take a datagram; False when asked to stop or on a poll failure."""
-    cdef pollfd fds[2]
-    while True:
-        fds[0].fd = fd
-        fds[0].events = POLLOUT
-        fds[0].revents = 0
-        fds[1].fd = stop_fd
-        fds[1].events = POLLIN
-        fds[1].revents = 0
-        if poll(fds, 2, -1) < 0:
-            if errno == EINTR:
-                continue
-            return False
-        if fds[1].revents or fds[0].revents & POLLNVAL:
-            return False
-        if fds[0].revents:
-            return True
 
 
 cdef void count_sent(EgressState* q, unsigned int p, unsigned int segs,
@@ -1249,7 +1230,7 @@ cdef int send_one(Shared* s, int fd, msghdr* m) noexcept nogil:
             continue
         # The caller may hand over a nonblocking socket (asyncio's are): wait for room rather
         # than drop a whole batch on a momentarily full send buffer.
-        if errno == EAGAIN and wait_writable(fd, s.stop_fd):
+        if errno == EAGAIN and wait_ready(fd, POLLOUT, s.stop_fd) == 1:
             continue
         return errno
 
@@ -1298,7 +1279,7 @@ cdef void send_run(Shared* s, EgressState* q, int fd, unsigned int start,
             continue
         if r < 0 and errno == EINTR:
             continue
-        if r < 0 and errno == EAGAIN and wait_writable(fd, s.stop_fd):
+        if r < 0 and errno == EAGAIN and wait_ready(fd, POLLOUT, s.stop_fd) == 1:
             continue
         err = errno if r < 0 else EIO
         p = q.order[off]
@@ -1593,7 +1574,7 @@ cdef void* egress_main(void* arg) noexcept nogil:
     cdef int ready
     thread_setup("flannel-egress")
     while True:
-        ready = wait_readable(qu.tun_fd, qu.shared.stop_fd)
+        ready = wait_ready(qu.tun_fd, POLLIN, qu.shared.stop_fd)
         if ready <= 0:
             break
         if egress_batch(qu) < 0:
@@ -1606,7 +1587,7 @@ cdef void* ingress_main(void* arg) noexcept nogil:
     cdef int ready
     thread_setup("flannel-ingress")
     while True:
-        ready = wait_readable(qu.shared.udp_fd, qu.shared.stop_fd)
+        ready = wait_ready(qu.shared.udp_fd, POLLIN, qu.shared.stop_fd)
         if ready <= 0:
             break
         if ingress_batch(qu) < 0:

@@ -108,17 +108,22 @@ async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
     return server
 
 
+def _connect(s: socket.socket, path: str) -> None:
+    """Connect to the daemon's socket, or a UserError saying why not."""
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UserError(f"no flannel-udp daemon answers on {path} (is `flannel-udp run` "
+                        "running? --control-socket names another socket)", 1) from None
+    except PermissionError:
+        raise UserError(f"no permission to open {path} (run as root)", 1) from None
+
+
 def request(path: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """Send one request to the daemon at `path` and return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise UserError(f"no flannel-udp daemon answers on {path} (is `flannel-udp run` "
-                            "running? --control-socket names another socket)", 1) from None
-        except PermissionError:
-            raise UserError(f"no permission to open {path} (run as root)", 1) from None
+        _connect(s, path)
         s.sendall(_pack(message))
         chunks = []
         try:
@@ -138,13 +143,7 @@ def stream(path: str, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
     the connection; leaving the loop closes it, which ends the stream on the daemon's side."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise UserError(f"no flannel-udp daemon answers on {path} (is `flannel-udp run` "
-                            "running? --control-socket names another socket)", 1) from None
-        except PermissionError:
-            raise UserError(f"no permission to open {path} (run as root)", 1) from None
+        _connect(s, path)
         s.sendall(_pack(message))
         s.settimeout(None)
         with s.makefile("rb") as f:
