@@ -797,8 +797,10 @@ def test_threads_forward_between_a_real_tun_and_real_udp_sockets(tun_rig):
         def settled() -> bool:
             drops = fastpath.counters()["drops"]
             # tx counters are bumped after sendmmsg returns, maybe after the peer has the packet.
-            tx_done = fastpath.counters()["tx_packets"] == 1
-            return tx_done and drops["short"] == 1 and drops["ttl_expired"] == 1
+            # rx likewise after the TUN write, maybe after the app has read the packet.
+            counters = fastpath.counters()
+            done = counters["tx_packets"] == 1 and counters["rx_packets"] == 1
+            return done and drops["short"] == 1 and drops["ttl_expired"] == 1
 
         assert wait_for(settled)
         counters = fastpath.counters()
@@ -952,6 +954,8 @@ def test_vxlan_threads_spread_flows_over_the_sender_ports_and_deliver_frames(tun
         assert rig.app_sock.recvfrom(65536) == (b"ingress", (REMOTE_POD, 4242))
         assert wait_for(lambda: fastpath.counters()["drops"]["vxlan_wrong_mac"] == 1)
         assert wait_for(lambda: fastpath.counters()["tx_packets"] == 48)
+        # The ingress thread counts after its write returns: the app may see the packet first.
+        assert wait_for(lambda: fastpath.counters()["rx_packets"] == 1)
         counters = fastpath.counters()
         assert counters["rx_packets"] == 1 and counters["rx_bytes"] == len(inner)
         ((_, _, mac, stats),) = fastpath.routes()
