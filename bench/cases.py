@@ -15,6 +15,9 @@ FLANNEL_NETWORK = "10.244.0.0/16"
 # flanneld would lease these; the kernel case has no daemon, so the bench plays its part.
 KERNEL_SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+# --busy-poll of the "-busypoll" cases: twice the bench's ping interval, so that a thread is
+# still polling when the next echo request comes.
+BUSY_POLL_US = 20_000
 
 
 @dataclass
@@ -86,14 +89,17 @@ class KernelVxlan(Case):
 
 
 class FlannelUdp(Case):
-    """A flannel-udp daemon on each host with `Backend.Type` = `backend`, one pod behind each."""
+    """A flannel-udp daemon on each host with `Backend.Type` = `backend`, one pod behind each;
+    with `busy_poll_us`, run with --busy-poll."""
 
     kernel = False
 
-    def __init__(self, backend: str) -> None:
-        self.name = backend
-        self.title = f"flannel-udp {backend} backend"
+    def __init__(self, backend: str, busy_poll_us: int = 0) -> None:
+        self.name = f"{backend}-busypoll" if busy_poll_us else backend
+        self.title = f"flannel-udp {backend} backend" + (
+            f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
         self.backend = backend
+        self.extra = ("--busy-poll", str(busy_poll_us)) if busy_poll_us else ()
 
     def unavailable(self) -> str | None:
         # Picked up by itself once `flannel-udp run` accepts the backend.
@@ -106,8 +112,8 @@ class FlannelUdp(Case):
         # A store of its own, so that no lease or config of an earlier case is in the way.
         # Dataplane userspace: "auto" would measure the kernel's VXLAN device again.
         backend = {"Type": self.backend, "Dataplane": "userspace"}
-        topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": backend},
-                           store=topo.dir / f"store-{self.backend}.msgpack")
+        topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": backend}, None, *self.extra,
+                           store=topo.dir / f"store-{self.name}.msgpack")
         pods = [topo.add_pod(host) for host in topo.hosts]
         mtu = int(topo.hosts[0].subnet_env()["FLANNEL_MTU"])
         return Endpoints(pods[0], pods[1], pods[1].address, mtu,
@@ -128,4 +134,6 @@ CASES: dict[str, Callable[[], Case]] = {
     REFERENCE: KernelVxlan,
     "udp": lambda: FlannelUdp("udp"),
     "vxlan": lambda: FlannelUdp("vxlan"),
+    "udp-busypoll": lambda: FlannelUdp("udp", BUSY_POLL_US),
+    "vxlan-busypoll": lambda: FlannelUdp("vxlan", BUSY_POLL_US),
 }

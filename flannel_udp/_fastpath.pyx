@@ -151,6 +151,9 @@ cdef extern from "<poll.h>" nogil:
         POLLOUT
         POLLNVAL
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     enum:
@@ -180,6 +183,10 @@ cdef extern from "<pthread.h>" nogil:
         pass
     ctypedef struct pthread_rwlockattr_t:
         pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
     int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
                        void* (*start)(void*) noexcept nogil, void* arg)
     int pthread_join(pthread_t thread, void** retval)
@@ -193,6 +200,11 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_rdlock(pthread_rwlock_t* lock)
     int pthread_rwlock_wrlock(pthread_rwlock_t* lock)
     int pthread_rwlock_unlock(pthread_rwlock_t* lock)
+    int pthread_mutex_init(pthread_mutex_t* mutex, const pthread_mutexattr_t* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_trylock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
     enum:
         PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
 
@@ -213,6 +225,7 @@ cdef enum:
     ICMP_RATE = 100
     ICMP_BURST = 100
     TRACE_SLOTS = 4096              # records per trace ring (power of two)
+    BUSY_POLL_MAX_US = 1000000
 
 # Offloads. The virtio_net_hdr (<linux/virtio_net.h>) precedes every packet on a TUN opened
 # with IFF_VNET_HDR; its u16 fields are in host order.
@@ -316,7 +329,7 @@ ctypedef struct RouteEntry:
     uint32_t peer           # peer public IPv4, host order
     uint32_t used
     uint8_t mac[6]          # VXLAN: the peer's VtepMAC
-    # tx_* written only by the egress thread, rx_* only by the ingress thread.
+    # tx_* written only under the egress half's mutex, rx_* only under the ingress half's.
     uint64_t tx_packets
     uint64_t tx_bytes
     uint64_t rx_packets
@@ -455,13 +468,19 @@ ctypedef struct IngressState:
     int started
 
 ctypedef struct Queue:
-    # One TUN queue and its thread pair; egress and ingress halves are written by one thread each.
+    # One TUN queue and its thread pair. Each half (its state, counters and trace ring) is
+    # worked under its mutex: by its own thread, and by the other one while that busy-polls.
     Shared* shared
     int tun_fd
     EgressState eg
     IngressState ig
     TraceRing eg_trace
     TraceRing ig_trace
+    pthread_mutex_t eg_mutex
+    pthread_mutex_t ig_mutex
+    pthread_mutex_t poll_mutex  # held by the thread that busy-polls: one at a time
+    uint64_t busy_poll_ns   # after forwarding, poll both halves this long before sleeping
+    uint64_t busy_polled    # batches forwarded while busy-polling (under poll_mutex)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1373,13 +1392,16 @@ cdef inline bint tun_write(const Shared* s, int fd, uint8_t* pkt, size_t n) noex
     return write(fd, pkt, n) == <ssize_t>n
 
 
+cdef inline uint64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
 cdef bint icmp_allowed(EgressState* q) noexcept nogil:
     """Take a token from the ICMP bucket if there is one (refilled at ICMP_RATE per second up
     to ICMP_BURST): a peer's or a pod's flood to unleased addresses can't make us flood back."""
-    cdef timespec ts
-    cdef uint64_t now
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    now = <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+    cdef uint64_t now = monotonic_ns()
     if q.icmp_stamp == 0:
         q.icmp_tokens = ICMP_BURST
     else:
@@ -1508,10 +1530,11 @@ cdef size_t gro_size(msghdr* m) noexcept nogil:
 
 
 cdef int ingress_batch(Queue* qu) noexcept nogil:
-    """Drain the UDP socket into the TUN in batches; -1 on a socket error."""
+    """Drain the UDP socket into the TUN in batches; the reads' count, -1 on a socket error."""
     cdef Shared* s = qu.shared
     cdef IngressState* q = &qu.ig
     cdef int r, i
+    cdef int total = 0
     cdef uint8_t* base
     cdef uint8_t* pkt
     cdef size_t n, off, size, step
@@ -1528,8 +1551,9 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
-                return 0
+                return total
             return -1
+        total += r
         pthread_rwlock_rdlock(&s.lock)
         for i in range(r):
             # Buffers are larger than any UDP payload, so MSG_TRUNC cannot happen.
@@ -1558,7 +1582,7 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
             co_flush(&q.co)     # runs never span buffers: they are coalesced in place
         pthread_rwlock_unlock(&s.lock)
         if r < BATCH:
-            return 0
+            return total
 
 
 cdef void thread_setup(const char* name) noexcept nogil:
@@ -1569,29 +1593,88 @@ cdef void thread_setup(const char* name) noexcept nogil:
     pthread_setname_np(pthread_self(), name)
 
 
-cdef void* egress_main(void* arg) noexcept nogil:
-    cdef Queue* qu = <Queue*>arg
-    cdef int ready
-    thread_setup("flannel-egress")
+cdef int run_half(Queue* qu, bint egress, bint wait) noexcept nogil:
+    """One batch of a half under its mutex: the batch's count (-1 on an fd error), or 0 at
+    once if ``wait`` is false and the other thread is working it."""
+    cdef pthread_mutex_t* mutex = &qu.eg_mutex if egress else &qu.ig_mutex
+    cdef int n
+    if wait:
+        pthread_mutex_lock(mutex)
+    elif pthread_mutex_trylock(mutex) != 0:
+        return 0
+    n = egress_batch(qu) if egress else ingress_batch(qu)
+    pthread_mutex_unlock(mutex)
+    return n
+
+
+cdef void poll_halves(Queue* qu) noexcept nogil:
+    """Poll both halves, working whichever is ready, until busy_poll_ns pass with nothing to
+    do or the threads are asked to stop."""
+    cdef pollfd fds[3]
+    cdef uint64_t now
+    cdef uint64_t deadline = monotonic_ns() + qu.busy_poll_ns
+    cdef int worked, i, n
+    fds[0].fd = qu.tun_fd
+    fds[1].fd = qu.shared.udp_fd
+    fds[2].fd = qu.shared.stop_fd
     while True:
-        ready = wait_ready(qu.tun_fd, POLLIN, qu.shared.stop_fd)
-        if ready <= 0:
-            break
-        if egress_batch(qu) < 0:
+        for i in range(3):
+            fds[i].events = POLLIN
+            fds[i].revents = 0
+        if poll(fds, 3, 0) < 0 and errno != EINTR:
+            return
+        if fds[2].revents:
+            return
+        worked = 0
+        for i in range(2):
+            if fds[i].revents:
+                n = run_half(qu, i == 0, False)
+                if n < 0:
+                    return      # the owner thread's loop sees the error and backs off
+                if n > 0:
+                    qu.busy_polled += 1
+                    worked = 1
+        now = monotonic_ns()
+        if worked:
+            deadline = now + qu.busy_poll_ns
+        elif now >= deadline:
+            return
+        else:
+            sched_yield()   # a thread woken on this CPU (an iperf3, a pinger) goes first
+
+
+cdef void busy_poll(Queue* qu) noexcept nogil:
+    """After a thread forwarded something, poll both halves for a while before sleeping (off
+    when busy_poll_ns is 0; a no-op while the other thread does it). A sleeping thread on an
+    idle vCPU takes tens of microseconds to wake, and an idle round trip wakes four of them
+    (both halves on both hosts); a thread that is still polling answers at once. The cost is
+    CPU: polling through the gaps between a flow's packets keeps up to one core busy."""
+    if qu.busy_poll_ns == 0 or pthread_mutex_trylock(&qu.poll_mutex) != 0:
+        return
+    poll_halves(qu)
+    pthread_mutex_unlock(&qu.poll_mutex)
+
+
+cdef void io_loop(Queue* qu, bint egress) noexcept nogil:
+    """A thread's life: sleep until its fd is ready, forward a batch, busy-poll, again."""
+    cdef int fd = qu.tun_fd if egress else qu.shared.udp_fd
+    cdef int n
+    thread_setup("flannel-egress" if egress else "flannel-ingress")
+    while wait_ready(fd, POLLIN, qu.shared.stop_fd) > 0:
+        n = run_half(qu, egress, True)
+        if n < 0:
             backoff()
+        elif n > 0:
+            busy_poll(qu)
+
+
+cdef void* egress_main(void* arg) noexcept nogil:
+    io_loop(<Queue*>arg, True)
     return NULL
 
 
 cdef void* ingress_main(void* arg) noexcept nogil:
-    cdef Queue* qu = <Queue*>arg
-    cdef int ready
-    thread_setup("flannel-ingress")
-    while True:
-        ready = wait_ready(qu.shared.udp_fd, POLLIN, qu.shared.stop_fd)
-        if ready <= 0:
-            break
-        if ingress_batch(qu) < 0:
-            backoff()
+    io_loop(<Queue*>arg, False)
     return NULL
 
 
@@ -1759,7 +1842,8 @@ cdef class FastPath:
     ``vtep_mac`` (6 bytes). Egress sends from ``send_fds`` (default: ``udp_fd``), a VXLAN flow
     always from the same one; ingress receives on ``udp_fd``. Offloads the caller has set up:
     ``vnet_hdr`` (the TUN has IFF_VNET_HDR), ``udp_gso`` (the kernel takes UDP_SEGMENT),
-    ``udp_gro`` (``udp_fd`` has UDP_GRO on).
+    ``udp_gro`` (``udp_fd`` has UDP_GRO on). ``busy_poll_us``: after forwarding, a thread
+    polls both directions this long before it sleeps (0: it sleeps at once).
     """
 
     cdef Shared* shared
@@ -1788,6 +1872,9 @@ cdef class FastPath:
         pthread_rwlockattr_destroy(&attr)
         if rc != 0:
             raise OSError(rc, strerror(rc).decode())
+        pthread_mutex_init(&self.queue.eg_mutex, NULL)
+        pthread_mutex_init(&self.queue.ig_mutex, NULL)
+        pthread_mutex_init(&self.queue.poll_mutex, NULL)
         self.lock_ready = True
         self.shared.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.shared.stop_fd < 0:
@@ -1796,7 +1883,7 @@ cdef class FastPath:
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
                  str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None,
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
-                 bint source_check=False):
+                 bint source_check=False, int busy_poll_us=0):
         cdef unsigned int i
         if self.queue.eg.started or self.queue.ig.started:
             raise RuntimeError("FastPath is running")
@@ -1804,6 +1891,8 @@ cdef class FastPath:
             raise ValueError(f"port out of range: {port}")
         if not 0 <= subnet_len <= 32:
             raise ValueError(f"subnet_len out of range: {subnet_len}")
+        if not 0 <= busy_poll_us <= BUSY_POLL_MAX_US:
+            raise ValueError(f"busy_poll_us: 0 to {BUSY_POLL_MAX_US}, not {busy_poll_us}")
         if mode == "vxlan":
             if not 1 <= vni <= VNI_MAX:
                 raise ValueError(f"vni out of range: {vni}")
@@ -1831,6 +1920,7 @@ cdef class FastPath:
         self.shared.vnet = vnet_hdr
         self.shared.udp_gso = udp_gso
         self.shared.udp_gro = udp_gro
+        self.queue.busy_poll_ns = <uint64_t>busy_poll_us * 1000
 
     def __dealloc__(self):
         if self.queue != NULL:
@@ -1840,6 +1930,10 @@ cdef class FastPath:
             free(self.queue.eg.bufs)
             free(self.queue.eg.arena)
             free(self.queue.ig.bufs)
+            if self.lock_ready:
+                pthread_mutex_destroy(&self.queue.eg_mutex)
+                pthread_mutex_destroy(&self.queue.ig_mutex)
+                pthread_mutex_destroy(&self.queue.poll_mutex)
             free(self.queue)
             self.queue = NULL
         if self.shared != NULL:
@@ -1950,6 +2044,7 @@ cdef class FastPath:
             "tso_split": eg.offloaded,
             "gro_coalesced": ig.offloaded,
             "gso_fallbacks": eg.gso_fallbacks,
+            "busy_poll_batches": self.queue.busy_polled,
             "drops": {name: eg.drops[code] + ig.drops[code] for code, name in DROP_NAMES.items()},
         }
 

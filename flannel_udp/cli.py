@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--no-source-check", action="store_true",
          help="forward datagrams from anyone, not only from lease holders with a source "
               "inside their subnet, as flanneld does (for debugging)")
+    _add(run, "--busy-poll", type=int, default=0, metavar="USEC",
+         help="after forwarding, keep a fast-path thread polling this long before it sleeps: "
+              "lower latency for traffic with gaps shorter than USEC, at the cost of up to "
+              "one CPU core while it polls (default 0 = sleep at once; not flanneld's)")
     _add(run, "--drop-log-interval", type=float, default=10.0, metavar="SECONDS",
          help="log the growth of the drop counters at most this often per reason (default "
               "%(default)s)")
@@ -217,6 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--drop-log-interval: must be more than 0 seconds")
     if not 0 <= args.healthz_port <= 65535:
         raise UserError(f"--healthz-port {args.healthz_port}: must be 0 (off) to 65535")
+    if not 0 <= args.busy_poll <= 1_000_000:
+        raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to 1000000 us")
     if args.iptables_resync < 1:
         raise UserError("--iptables-resync: must be 1 second or more")
     store, name = open_store(args)
@@ -225,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
                       ip_masq=args.ip_masq, store_wait=args.etcd_wait or None,
-                      source_check=not args.no_source_check,
+                      source_check=not args.no_source_check, busy_poll_us=args.busy_poll,
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
                       healthz_port=args.healthz_port)
@@ -294,6 +300,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     offloads = status.get("offloads") or {}
     if offloads:
         print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
+    if status.get("busy_poll_us"):
+        print(f"busy-poll {status['busy_poll_us']} us, "
+              f"{c.get('busy_poll_batches', 0)} batches forwarded while polling")
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")

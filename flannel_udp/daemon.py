@@ -49,6 +49,8 @@ class RunOptions:
     store_wait: float | None = 60.0
     # Accept a datagram only from a lease holder, carrying a source inside its subnet.
     source_check: bool = True
+    # After forwarding, a fast-path thread polls this long (us) before it sleeps; 0: at once.
+    busy_poll_us: int = 0
     drop_log_interval: float = 10.0  # seconds; at most one line per drop reason this often
     iptables_resync: float = 5.0  # seconds between checks of the --ip-masq rules
     healthz_ip: str = "0.0.0.0"
@@ -154,6 +156,7 @@ class Daemon:
         self.network = network = make_network(config, ext, public_ip)
         if hasattr(network, "source_check"):  # backends with a data plane of their own
             network.source_check = opts.source_check
+            network.busy_poll_us = opts.busy_poll_us
             if not opts.source_check:
                 log.warning("source check off (--no-source-check): datagrams from anyone are "
                             "forwarded into the pod network")
@@ -406,4 +409,5 @@ class Daemon:
             "store_errors": self.store_errors + self.manager.store_errors,
             "ip_masq": self.ipmasq is not None,
             "trace": stats.get("trace", {}),
+            "busy_poll_us": stats.get("busy_poll_us", 0),
         }

@@ -206,6 +206,7 @@ def test_process_hooks_leave_the_counters_alone():
         "tso_split": 0,
         "gro_coalesced": 0,
         "gso_fallbacks": 0,
+        "busy_poll_batches": 0,
         "drops": {name: 0 for name in packet.DROP_NAMES.values()},
     }
 

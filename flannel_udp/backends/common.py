@@ -164,6 +164,7 @@ class TunNetwork:
     # Forward a datagram only from a lease holder's PublicIP with an inner source inside that
     # lease's subnet (the daemon turns it off for --no-source-check).
     source_check = True
+    busy_poll_us = 0  # --busy-poll: how long a thread polls after forwarding before it sleeps
 
     def __init__(self, config: NetworkConfig, ext: ExtIface) -> None:
         self.config = config
@@ -234,6 +235,7 @@ class TunNetwork:
                                   udp_gso=self.offloads.udp_gso,
                                   udp_gro=self.offloads.udp_gro,
                                   source_check=self.source_check,
+                                  busy_poll_us=self.busy_poll_us,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)
@@ -287,7 +289,8 @@ class TunNetwork:
         if queue_drops is not None:
             counters["drops"]["tun_queue_full"] = queue_drops
         return {"counters": counters, "peers": peers, "lease": self._lease_stats(),
-                "offloads": offloads, "trace": self._fastpath.trace_info()}
+                "offloads": offloads, "trace": self._fastpath.trace_info(),
+                "busy_poll_us": self.busy_poll_us}
 
     # `flannel-udp trace`: the fast path samples its per-packet decisions into rings while
     # `every` > 0; the daemon drains them (one consumer).

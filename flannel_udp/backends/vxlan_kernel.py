@@ -120,6 +120,11 @@ class KernelVxlanNetwork:
             self._index = 0
 
 
+def _userspace_setting(name: str) -> property:
+    return property(lambda self: getattr(self._userspace, name),
+                    lambda self, value: setattr(self._userspace, name, value))
+
+
 class AutoVxlanNetwork:
     """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
     publish the same lease (same VtepMAC), so peers can't tell which was taken."""
@@ -133,13 +138,9 @@ class AutoVxlanNetwork:
         self.backend_data = kernel.backend_data
         self.mtu = kernel.mtu
 
-    @property
-    def source_check(self) -> bool:
-        return self._userspace.source_check
-
-    @source_check.setter
-    def source_check(self, value: bool) -> None:
-        self._userspace.source_check = value  # the kernel's VXLAN has no such check
+    # Settings of the userspace dataplane only: the kernel's VXLAN has no such things.
+    source_check = _userspace_setting("source_check")
+    busy_poll_us = _userspace_setting("busy_poll_us")
 
     def open(self) -> None:
         try:
