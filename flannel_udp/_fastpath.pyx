@@ -479,6 +479,8 @@ ctypedef struct Queue:
     pthread_mutex_t eg_mutex
     pthread_mutex_t ig_mutex
     pthread_mutex_t poll_mutex  # held by the thread that busy-polls: one at a time
+    uint32_t poller         # 0, or 1 + the thread (0 egress, 1 ingress) that busy-polls
+    int park_fds[2]         # eventfds: a thread sleeps on its own while the other polls
     uint64_t busy_poll_ns   # after forwarding, poll both halves this long before sleeping
     uint64_t busy_polled    # batches forwarded while busy-polling (under poll_mutex)
 
@@ -1643,38 +1645,55 @@ cdef void poll_halves(Queue* qu) noexcept nogil:
             sched_yield()   # a thread woken on this CPU (an iperf3, a pinger) goes first
 
 
-cdef void busy_poll(Queue* qu) noexcept nogil:
-    """After a thread forwarded something, poll both halves for a while before sleeping (off
-    when busy_poll_ns is 0; a no-op while the other thread does it). A sleeping thread on an
-    idle vCPU takes tens of microseconds to wake, and an idle round trip wakes four of them
-    (both halves on both hosts); a thread that is still polling answers at once. The cost is
-    CPU: polling through the gaps between a flow's packets keeps up to one core busy."""
+cdef void busy_poll(Queue* qu, int me) noexcept nogil:
+    """After thread ``me`` forwarded something, poll both halves for a while before sleeping
+    (off when busy_poll_ns is 0; a no-op while the other thread does it). A sleeping thread on
+    an idle vCPU takes tens of microseconds to wake, and an idle round trip wakes four of them
+    (both halves on both hosts); a thread that is still polling answers at once. Meanwhile the
+    other thread sleeps on its park eventfd, not on its fd, so that packets the poller takes
+    don't wake it. The cost is CPU: polling through the gaps between a flow's packets keeps one
+    core busy, and under load one thread carries both halves."""
+    cdef uint64_t one = 1
     if qu.busy_poll_ns == 0 or pthread_mutex_trylock(&qu.poll_mutex) != 0:
         return
+    fu_store_release(&qu.poller, <uint32_t>me + 1)
     poll_halves(qu)
+    fu_store_release(&qu.poller, 0)
+    write(qu.park_fds[1 - me], &one, sizeof(one))
     pthread_mutex_unlock(&qu.poll_mutex)
 
 
-cdef void io_loop(Queue* qu, bint egress) noexcept nogil:
-    """A thread's life: sleep until its fd is ready, forward a batch, busy-poll, again."""
-    cdef int fd = qu.tun_fd if egress else qu.shared.udp_fd
+cdef void io_loop(Queue* qu, int me) noexcept nogil:
+    """Thread ``me`` (0 egress, 1 ingress): sleep until its fd is ready, forward a batch,
+    busy-poll, again; while the other thread busy-polls, sleep until it stops."""
+    cdef int fd = qu.tun_fd if me == 0 else qu.shared.udp_fd
+    cdef uint64_t drained
     cdef int n
-    thread_setup("flannel-egress" if egress else "flannel-ingress")
-    while wait_ready(fd, POLLIN, qu.shared.stop_fd) > 0:
-        n = run_half(qu, egress, True)
+    thread_setup("flannel-egress" if me == 0 else "flannel-ingress")
+    while True:
+        if fu_load_acquire(&qu.poller) == <uint32_t>(2 - me):     # the other one polls
+            if wait_ready(qu.park_fds[me], POLLIN, qu.shared.stop_fd) <= 0:
+                break
+            read(qu.park_fds[me], &drained, sizeof(drained))
+            continue
+        if wait_ready(fd, POLLIN, qu.shared.stop_fd) <= 0:
+            break
+        if fu_load_acquire(&qu.poller) == <uint32_t>(2 - me):
+            continue    # it takes this packet: don't queue up behind it on the mutex
+        n = run_half(qu, me == 0, True)
         if n < 0:
             backoff()
         elif n > 0:
-            busy_poll(qu)
+            busy_poll(qu, me)
 
 
 cdef void* egress_main(void* arg) noexcept nogil:
-    io_loop(<Queue*>arg, True)
+    io_loop(<Queue*>arg, 0)
     return NULL
 
 
 cdef void* ingress_main(void* arg) noexcept nogil:
-    io_loop(<Queue*>arg, False)
+    io_loop(<Queue*>arg, 1)
     return NULL
 
 
@@ -1860,6 +1879,7 @@ cdef class FastPath:
         self.shared.stop_fd = -1
         self.shared.udp_fd = -1
         self.queue.tun_fd = -1
+        self.queue.park_fds[0] = self.queue.park_fds[1] = -1
         self.queue.shared = self.shared
         if (rt_init(&self.shared.table, TABLE_MIN_CAPACITY) < 0
                 or rt_init(&self.shared.senders, TABLE_MIN_CAPACITY) < 0):
@@ -1877,7 +1897,9 @@ cdef class FastPath:
         pthread_mutex_init(&self.queue.poll_mutex, NULL)
         self.lock_ready = True
         self.shared.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.shared.stop_fd < 0:
+        self.queue.park_fds[0] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        self.queue.park_fds[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.shared.stop_fd < 0 or self.queue.park_fds[0] < 0 or self.queue.park_fds[1] < 0:
             raise OSError(errno, strerror(errno).decode())
 
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
@@ -1930,6 +1952,9 @@ cdef class FastPath:
             free(self.queue.eg.bufs)
             free(self.queue.eg.arena)
             free(self.queue.ig.bufs)
+            for fd in self.queue.park_fds:
+                if fd >= 0:
+                    close(fd)
             if self.lock_ready:
                 pthread_mutex_destroy(&self.queue.eg_mutex)
                 pthread_mutex_destroy(&self.queue.ig_mutex)

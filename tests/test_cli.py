@@ -65,6 +65,8 @@ def test_network_set_and_get_round_trip(tmp_path):
     (["run", "--etcd-endpoints", "gopher://127.0.0.1:2379"], "--etcd-endpoints", 2),
     (["run", "--public-ip", "banana"], "--public-ip", 2),
     (["run", "--subnet-lease-renew-margin", "0"], "--subnet-lease-renew-margin", 2),
+    (["run", "--busy-poll", "-1"], "--busy-poll", 2),
+    (["run", "--busy-poll", "1000001"], "--busy-poll", 2),
     (["status", "--control-socket", "/nonexistent/flannel-udp.sock"], "no flannel-udp daemon", 1),
 ])
 def test_user_errors_are_one_line_and_a_nonzero_exit(tmp_path, argv, message, code):

@@ -851,6 +851,60 @@ def test_packet_too_big_for_a_udp_datagram_is_counted_and_later_packets_still_go
 
 
 @pytest.mark.netns
+def test_a_busy_polling_thread_forwards_both_ways_and_stops_when_asked(tun_rig):
+    rig = tun_rig
+    peer_port = rig.peer_sock.getsockname()[1]
+    # A second of polling after each packet: every exchange below is carried by a polling
+    # thread, the other one parked, with the turns of the two halves interleaved.
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24,
+                        busy_poll_us=1_000_000)
+    fastpath.set_route(REMOTE_SUBNET, "127.0.0.1")
+    app_port = rig.app_sock.getsockname()[1]
+    rounds = 200
+    fastpath.start()
+    try:
+        for i in range(rounds):
+            out = b"out %d" % i
+            rig.app_sock.sendto(out, (REMOTE_POD, 4242))
+            assert rig.peer_sock.recv(65536)[28:] == out
+            back = b"back %d" % i
+            udp = struct.pack("!HHHH", 4242, app_port, 8 + len(back), 0) + back
+            rig.peer_sock.sendto(make_packet(ip(REMOTE_POD), ip(TUN_ADDR), payload=udp),
+                                 rig.fastpath_sock.getsockname())
+            assert rig.app_sock.recvfrom(65536) == (back, (REMOTE_POD, 4242))
+
+        def settled() -> bool:
+            counters = fastpath.counters()
+            return counters["tx_packets"] == counters["rx_packets"] == rounds
+        assert wait_for(settled)
+        counters = fastpath.counters()
+        # The kernel's own IPv6 chatter on a new TUN (not_ipv4) is all that may be dropped.
+        assert not any(v for k, v in counters["drops"].items() if k != "not_ipv4")
+        # Most exchanges came while a thread was polling (the first one woke a sleeper).
+        assert counters["busy_poll_batches"] >= rounds
+    finally:
+        fastpath.stop()  # the polling thread sees the stop signal, not only its deadline
+    assert not fastpath.running
+    # Off (the default), nothing is forwarded by polling.
+    plain = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24)
+    plain.set_route(REMOTE_SUBNET, "127.0.0.1")
+    plain.start()
+    try:
+        rig.app_sock.sendto(b"plain", (REMOTE_POD, 4242))
+        assert rig.peer_sock.recv(65536)[28:] == b"plain"
+        assert wait_for(lambda: plain.counters()["tx_packets"] == 1)
+        assert plain.counters()["busy_poll_batches"] == 0
+    finally:
+        plain.stop()
+
+
+@pytest.mark.parametrize("busy_poll_us", [-1, 1_000_001])
+def test_constructor_rejects_a_busy_poll_out_of_range(busy_poll_us):
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        FastPath(-1, -1, 8472, "10.0.0.0", 24, busy_poll_us=busy_poll_us)
+
+
+@pytest.mark.netns
 def test_dropping_a_running_fastpath_stops_its_threads(tun_rig):
     rig = tun_rig
     fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), 1, TUN_ADDR, 24)
