@@ -1,0 +1,205 @@
+"""UDP GSO refused by the kernel mid-run, on real sockets: the fast path's fallback (send_run in
+_fastpath.pyx) must send a refused run one datagram at a time and count it, stop using
+UDP_SEGMENT after an EIO, and `status` must say so.
+
+What makes the kernel refuse: udp_send_skb returns EIO for a UDP_SEGMENT send from a UDP-Lite
+socket or through an IPsec (xfrm) route, and before Linux 6.11 also when the egress device
+could not checksum (skb->ip_summed != CHECKSUM_PARTIAL, e.g. a veth with tx-checksumming off).
+Commit 10154dbded6d ("udp: Allow GSO transmit from devices with no checksum offload") dropped
+that last condition: the GSO stack now checksums the segments in software. So:
+
+- test_tx_checksum_off: host 0's underlay veth loses TX checksum offload after its daemon has
+  probed UDP_SEGMENT (a setsockopt, which can't see the device). The kernel's answer to a
+  UDP_SEGMENT send through that device, asked directly, decides what the daemon must show:
+  fallbacks and udp_gso off where it says EIO; where it sends (6.11 and later), GSO on and no
+  fallback. Either way the data must arrive intact (on a new kernel: the software checksums).
+- test_eio_falls_back: the daemons' UDP sockets are UDP-Lite (a sitecustomize on their
+  PYTHONPATH; nothing else changes), so host 0's UDP_SEGMENT sends get the kernel's own EIO,
+  after the setsockopt probe passed. The xfrm way needs ESP, AH or IPCOMP, which kernels built
+  without them (and without modules, as on the VMs these were written on) can't offer.
+- test_path_mtu_below_segments: the underlay MTU shrinks under a running daemon, so a run's
+  segments no longer fit: the kernel refuses the run whole (EINVAL in older kernels, EMSGSIZE
+  in newer ones), while the same datagrams sent singly are fragmented and get through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import flannel_udp
+from flannel_udp.netns import Host, Pod
+
+pytestmark = pytest.mark.netns
+
+TRANSFER = 20 * 1024 * 1024
+IPPROTO_UDP, IPPROTO_UDPLITE = 17, 136
+PACKAGE_ROOT = Path(flannel_udp.__file__).resolve().parent.parent
+
+# One 3-segment UDP_SEGMENT send from inside a host to `dst`; prints "ok" or the errno's name.
+_GSO_SEND = """
+import errno, socket, struct, sys
+proto, dst = int(sys.argv[1]), sys.argv[2]
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, proto)
+try:
+    sock.sendmsg([bytes(3 * 1400)], [(17, 103, struct.pack("H", 1400))], 0, (dst, 9))
+    print("ok")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+_TX_CHECKSUMMING = """
+import sys
+from pyroute2.ethtool import Ethtool
+with Ethtool() as ethtool:
+    print(ethtool.get_features(sys.argv[1]).features["tx-checksum-ip-generic"].enable)
+"""
+
+# The daemons' AF_INET datagram sockets become UDP-Lite: same API, full checksum coverage by
+# default, but the kernel refuses UDP_SEGMENT on them with EIO after accepting the sockopt.
+_UDPLITE_SITECUSTOMIZE = f"""
+import socket
+
+
+class _UdpLiteSocket(socket.socket):
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if (fileno is None and family == socket.AF_INET and type == socket.SOCK_DGRAM
+                and proto in (-1, 0)):
+            proto = {IPPROTO_UDPLITE}
+        super().__init__(family, type, proto, fileno)
+
+
+socket.socket = _UdpLiteSocket
+"""
+
+
+def gso_send(host: Host, dst: str, proto: int = IPPROTO_UDP) -> str:
+    """What the kernel in `host` says to a UDP_SEGMENT send to `dst`: "ok" or an errno name."""
+    return host.run(sys.executable, "-c", _GSO_SEND, str(proto), dst).stdout.strip()
+
+
+def network_config(backend: str) -> dict:
+    # Dataplane userspace: vxlan's default, "auto", would take the kernel's VXLAN device.
+    return {"Network": "10.244.0.0/16", "Backend": {"Type": backend, "Dataplane": "userspace"}}
+
+
+def transfer(sender: Pod, receiver: Pod, port: int, size: int = TRANSFER,
+             timeout: float = 60) -> None:
+    """`size` random bytes over one TCP connection, checked byte for byte."""
+    data = os.urandom(size)
+    sink = receiver.tcp_sink(receiver.address, port, timeout)
+    sent = sender.tcp_send(receiver.address, port, data, timeout)
+    got = receiver.tcp_sink_result(sink, timeout)
+    assert sent["bytes"] == got["bytes"] == size
+    assert got["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def status_text(host: Host) -> str:
+    return host.flannel("status", "--control-socket", host.control_socket).stdout
+
+
+def offloads_line(udp_gso: bool) -> str:
+    state = "on" if udp_gso else "off"
+    return f"offloads tun_vnet_hdr on, tso on, uso on, udp_gso {state}, udp_gro on"
+
+
+def assert_no_drops(*hosts: Host) -> dict:
+    """Every host's status; none may have dropped anything (send_error, too_big...)."""
+    statuses = [host.status() for host in hosts]
+    for host, status in zip(hosts, statuses, strict=True):
+        drops = {k: v for k, v in status["counters"]["drops"].items() if v}
+        assert not drops, f"{host.label} dropped {drops}"
+    return statuses[0]
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_tx_checksum_off(topology, monkeypatch, backend):
+    monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
+    topo = topology(2)
+    h0, h1 = topo.hosts
+    topo.start_daemons(network_config(backend))
+    assert h0.status()["offloads"]["udp_gso"] is True
+    h0.complete_frames("eth0")
+    assert h0.run(sys.executable, "-c", _TX_CHECKSUMMING, "eth0").stdout.strip() == "False"
+    kernel = gso_send(h0, h1.underlay_ip)
+    assert kernel in ("ok", "EIO"), f"UDP_SEGMENT through eth0 without TX checksumming: {kernel}"
+    refused = kernel == "EIO"
+
+    transfer(topo.add_pod(h0), topo.add_pod(h1), 7000)
+    tx = assert_no_drops(h0, h1)
+    assert tx["counters"]["tso_split"] > 0  # super-packets were split into UDP_SEGMENT runs
+    if refused:
+        assert tx["counters"]["gso_fallbacks"] > 0
+    else:
+        assert tx["counters"]["gso_fallbacks"] == 0
+    assert tx["offloads"]["udp_gso"] is not refused
+    assert offloads_line(udp_gso=not refused) in status_text(h0)
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
+    monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
+    (tmp_path / "sitecustomize.py").write_text(_UDPLITE_SITECUSTOMIZE)
+    pythonpath = [str(PACKAGE_ROOT), str(tmp_path),
+                  *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    topo = topology(2)
+    h0, h1 = topo.hosts
+    # Topology.start_daemons, with the UDP-Lite sitecustomize on both (host 1 must receive
+    # UDP-Lite, protocol 136, and its ACKs come back the same way).
+    net_config = topo.write_net_config(network_config(backend))
+    for host in topo.hosts:
+        host.start_flannel(topo.store_path, net_config,
+                           env={"PYTHONPATH": os.pathsep.join(pythonpath)})
+    for host in topo.hosts:
+        host.wait_ready()
+    topo.wait_peers()
+    assert gso_send(h0, h1.underlay_ip, IPPROTO_UDPLITE) == "EIO"  # what the daemon will get
+    before = h0.status()
+    assert before["offloads"]["udp_gso"] is True  # the setsockopt probe passed
+    assert before["counters"]["gso_fallbacks"] == 0
+
+    sender, receiver = topo.add_pod(h0), topo.add_pod(h1)
+    transfer(sender, receiver, 7000)
+    tx, rx = assert_no_drops(h0, h1), h1.status()
+    counters = tx["counters"]
+    fallbacks = counters["gso_fallbacks"]
+    assert counters["tso_split"] > 0
+    assert fallbacks > 0
+    # EIO (unlike EINVAL) turns UDP GSO off for good; the other offloads stay.
+    assert tx["offloads"] == {"tun_vnet_hdr": True, "tso": True, "uso": True,
+                              "udp_gso": False, "udp_gro": True}
+    assert offloads_line(udp_gso=False) in status_text(h0)
+    # The refused runs went out datagram by datagram, each counted once.
+    assert rx["counters"]["rx_packets"] == counters["tx_packets"]
+    assert rx["counters"]["rx_bytes"] == counters["tx_bytes"]
+
+    # No later round tries UDP_SEGMENT again.
+    transfer(sender, receiver, 7001, 4 * 1024 * 1024)
+    after = assert_no_drops(h0, h1)
+    assert after["counters"]["gso_fallbacks"] == fallbacks
+    assert after["offloads"]["udp_gso"] is False
+
+
+def test_path_mtu_below_segments(topology, monkeypatch, request):
+    monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
+    topo = topology(2)
+    h0, h1 = topo.hosts
+    topo.start_daemons(network_config("udp"))
+    h0.run("ip", "link", "set", "eth0", "mtu", "1400")
+    kernel = gso_send(h0, h1.underlay_ip)
+    assert kernel in ("EINVAL", "EMSGSIZE")
+    if kernel == "EMSGSIZE":
+        # A known fast-path bug: remove this marker with its fix (EMSGSIZE handled as EINVAL
+        # in send_run). Until then 1 MB does not get through in 5 s: the runs are dropped as
+        # too_big and TCP crawls on retransmitted single segments. With it: 0.3 s.
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
+            "send_run falls back to single datagrams on EIO and EINVAL only: a run refused with "
+            "EMSGSIZE is dropped (too_big)")))
+    transfer(topo.add_pod(h0), topo.add_pod(h1), 7000, 1024 * 1024, timeout=5)
+    tx = assert_no_drops(h0, h1)
+    assert tx["counters"]["gso_fallbacks"] > 0
+    assert tx["offloads"]["udp_gso"] is True  # a path's MTU is no reason to stop GSO for all
