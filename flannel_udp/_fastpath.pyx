@@ -373,7 +373,8 @@ ctypedef struct Shared:
     uint8_t vtep_mac[6]     # VXLAN: ours
     int udp_fd              # receives (bound to the port)
     int vnet                # the TUN carries a virtio_net_hdr before each packet
-    int udp_gso             # send segments with UDP_SEGMENT; cleared if the kernel refuses
+    uint32_t udp_gso        # send segments with UDP_SEGMENT; cleared if the kernel refuses
+                            # (atomic, relaxed: status reads it while egress may clear it)
     int udp_gro             # udp_fd has UDP_GRO: a read may hold several datagrams
     unsigned int n_senders
     int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
@@ -1121,7 +1122,7 @@ cdef unsigned int encap_segments(const Shared* s, EgressState* q, unsigned int k
     cdef unsigned int j, n, limit
     cdef size_t wire, inner, seg_len
     limit = 1
-    if s.udp_gso:
+    if fu_load_relaxed(&s.udp_gso):
         limit = <unsigned int>(GSO_MAX_BYTES // stride)
         if limit > GSO_MAX_SEGS:
             limit = GSO_MAX_SEGS
@@ -1304,12 +1305,14 @@ cdef void send_run(Shared* s, EgressState* q, int fd, unsigned int start,
             continue
         err = errno if r < 0 else EIO
         p = q.order[off]
-        if q.gso_size[p] and (err == EIO or err == EINVAL):
-            # EIO: the route's device can't checksum UDP GSO. EINVAL: this run broke one of its
-            # rules (e.g. a segment above the MTU). Either way its datagrams go singly; after
-            # EIO no later run tries again.
-            if err == EIO and s.udp_gso:
-                s.udp_gso = 0
+        if q.gso_size[p] and (err == EIO or err == EINVAL or err == EMSGSIZE):
+            # EIO: this socket or route can't do UDP GSO (UDP-Lite, IPsec; before Linux 6.11
+            # also a device without checksum offload). EINVAL (older kernels) or EMSGSIZE
+            # (newer ones): a segment is above the path's MTU, which fragmentation handles for
+            # single datagrams. Either way this run's datagrams go singly; after EIO no later
+            # run tries again (a path's MTU concerns one peer only).
+            if err == EIO:
+                fu_store_relaxed(&s.udp_gso, 0)
             q.counters.gso_fallbacks += 1
             send_datagrams(s, q, fd, off)
         else:
@@ -1940,7 +1943,7 @@ cdef class FastPath:
         self.shared.mask = 0 if subnet_len == 0 else (<uint32_t>0xFFFFFFFF) << (32 - subnet_len)
         self.shared.source_check = source_check
         self.shared.vnet = vnet_hdr
-        self.shared.udp_gso = udp_gso
+        self.shared.udp_gso = 1 if udp_gso else 0
         self.shared.udp_gro = udp_gro
         self.queue.busy_poll_ns = <uint64_t>busy_poll_us * 1000
 
@@ -2129,7 +2132,7 @@ cdef class FastPath:
 
     def offloads(self) -> dict:
         """Offloads in use now (udp_gso turns off for good if the kernel refuses it)."""
-        return {"tun_vnet_hdr": bool(self.shared.vnet), "udp_gso": bool(self.shared.udp_gso),
+        return {"tun_vnet_hdr": bool(self.shared.vnet), "udp_gso": bool(fu_load_relaxed(&self.shared.udp_gso)),
                 "udp_gro": bool(self.shared.udp_gro)}
 
     @property

@@ -250,6 +250,7 @@ class Daemon:
         per reason, so that a flood of bad datagrams shows without flooding the log."""
         assert self.network is not None
         drop_log = DropLog(self.opts.drop_log_interval)
+        gso_was_on = False
         while True:
             try:
                 # stats() asks netlink for the TUN's queue drops: not on the loop thread.
@@ -261,6 +262,11 @@ class Daemon:
                                        time.monotonic())
                 if line:
                     log.warning("%s", line)
+                gso_on = bool(stats.get("offloads", {}).get("udp_gso"))
+                if gso_was_on and not gso_on:
+                    log.warning("UDP GSO off: the kernel refused a UDP_SEGMENT send (EIO); "
+                                "sending datagram by datagram from now on")
+                gso_was_on = gso_on
             await asyncio.sleep(self.opts.drop_log_interval)
 
     async def _resync(self) -> None:

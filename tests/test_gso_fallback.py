@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 import flannel_udp
-from flannel_udp.netns import Host, Pod
+from flannel_udp.netns import Host, Pod, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -152,7 +152,7 @@ def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
     # UDP-Lite, protocol 136, and its ACKs come back the same way).
     net_config = topo.write_net_config(network_config(backend))
     for host in topo.hosts:
-        host.start_flannel(topo.store_path, net_config,
+        host.start_flannel(topo.store_path, net_config, "--drop-log-interval", "1",
                            env={"PYTHONPATH": os.pathsep.join(pythonpath)})
     for host in topo.hosts:
         host.wait_ready()
@@ -173,6 +173,8 @@ def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
     assert tx["offloads"] == {"tun_vnet_hdr": True, "tso": True, "uso": True,
                               "udp_gso": False, "udp_gro": True}
     assert offloads_line(udp_gso=False) in status_text(h0)
+    wait_until(lambda: "UDP GSO off" in h0.log_path.read_text(), 5,
+               "the daemon to log that UDP GSO is off")
     # The refused runs went out datagram by datagram, each counted once.
     assert rx["counters"]["rx_packets"] == counters["tx_packets"]
     assert rx["counters"]["rx_bytes"] == counters["tx_bytes"]
@@ -184,7 +186,7 @@ def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
     assert after["offloads"]["udp_gso"] is False
 
 
-def test_path_mtu_below_segments(topology, monkeypatch, request):
+def test_path_mtu_below_segments(topology, monkeypatch):
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
     topo = topology(2)
     h0, h1 = topo.hosts
@@ -192,13 +194,8 @@ def test_path_mtu_below_segments(topology, monkeypatch, request):
     h0.run("ip", "link", "set", "eth0", "mtu", "1400")
     kernel = gso_send(h0, h1.underlay_ip)
     assert kernel in ("EINVAL", "EMSGSIZE")
-    if kernel == "EMSGSIZE":
-        # A known fast-path bug: remove this marker with its fix (EMSGSIZE handled as EINVAL
-        # in send_run). Until then 1 MB does not get through in 5 s: the runs are dropped as
-        # too_big and TCP crawls on retransmitted single segments. With it: 0.3 s.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "send_run falls back to single datagrams on EIO and EINVAL only: a run refused with "
-            "EMSGSIZE is dropped (too_big)")))
+    # Were the refused runs dropped (too_big) rather than sent singly, 1 MB would not get
+    # through in 5 s: TCP would crawl on retransmitted single segments. Sent singly: 0.3 s.
     transfer(topo.add_pod(h0), topo.add_pod(h1), 7000, 1024 * 1024, timeout=5)
     tx = assert_no_drops(h0, h1)
     assert tx["counters"]["gso_fallbacks"] > 0
