@@ -635,6 +635,17 @@ class Pod(Netns):
     def label(self) -> str:
         return f"p{self.index}"
 
+    def tcp_transfer(self, dst: Pod, port: int, size: int,
+                     timeout: float = 60) -> dict[str, Any]:
+        """`size` random bytes from this pod to a one-connection sink in `dst` on `port`:
+        {"sent": bytes, "received": bytes, "intact": the SHA-256 of both ends agree}."""
+        data = os.urandom(size)
+        sink = dst.tcp_sink(dst.address, port, timeout)
+        sent = self.tcp_send(dst.address, port, data, timeout)
+        got = dst.tcp_sink_result(sink, timeout)
+        return {"sent": sent["bytes"], "received": got["bytes"],
+                "intact": got["sha256"] == hashlib.sha256(data).hexdigest()}
+
 
 class Topology:
     """Hosts on one bridge, plus pods added later; a context manager that always cleans up."""
