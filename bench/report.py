@@ -189,11 +189,12 @@ def table(results: dict[str, Any]) -> str:
                          f"{many['seconds_to_list_all']:.1f} s after its start")
     if results.get("targets"):
         lines.append("\n  targets of issue 5 (reported, not enforced):")
+        width = max(len(t["case"]) for t in results["targets"])
         for t in results["targets"]:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
             value = (t.get("reason") if t["value"] is None
                      else f"{t['value']:g}{'x' if t['unit'] == 'x' else ' ' + t['unit']}")
-            lines.append(f"    {verdict}  {t['case']:<6} {t['target']:<42} {value}")
+            lines.append(f"    {verdict}  {t['case']:<{width}} {t['target']:<42} {value}")
     return "\n".join(lines)
 
 
@@ -203,7 +204,7 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 COLORS = {"underlay": "tab:gray", REFERENCE: "tab:blue", "udp": "tab:orange",
-          "vxlan": "tab:green"}
+          "vxlan": "tab:green", "udp-busypoll": "tab:red", "vxlan-busypoll": "tab:olive"}
 
 
 def _grouped(ax: Any, title: str, groups: list[str],
