@@ -56,23 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Measure flannel-udp against the bare underlay and kernel VXLAN on one "
                     "two-host namespace topology (needs root, iperf3, ping).")
-    parser.add_argument("--cases", type=_names(tuple(CASES)), default=list(CASES),
-                        metavar="LIST", help=f"comma-separated, of {','.join(CASES)} "
-                        "(default all; vxlan shows 'not available' until flannel-udp run "
-                        "accepts it)")
+    parser.add_argument("--cases", type=_names(tuple(CASES)), metavar="LIST",
+                        help=f"comma-separated, of {','.join(CASES)} (default all; with "
+                        "--quick all but the -busypoll ones)")
     parser.add_argument("--tests", type=_names(TESTS), default=list(TESTS), metavar="LIST",
                         help=f"comma-separated, of {','.join(TESTS)} (default all)")
     parser.add_argument("--duration", type=int, metavar="SECONDS",
                         help=f"of each iperf3 test and each ping series (default "
                              f"{DEFAULT_DURATION}; {QUICK_DURATION} with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_DURATION} s per test: everything in under a minute")
+                        help=f"{QUICK_DURATION} s per test, and no -busypoll cases unless "
+                             "--cases names them: under a minute")
     parser.add_argument("--output", type=Path, metavar="PATH",
                         help="the JSON file (default bench/results/<timestamp>.json)")
     parser.add_argument("--chart", type=Path, metavar="PATH",
                         help="the PNG chart (default: the JSON path with .png)")
     parser.add_argument("--no-chart", action="store_true", help="draw no chart")
     return parser
+
+
+def selected_cases(requested: list[str] | None, quick: bool) -> list[str]:
+    """The cases to run, in CASES order (the reference first): those requested, else all but,
+    with --quick, the -busypoll ones."""
+    return [name for name in CASES if name in requested] if requested else [
+        name for name in CASES if not (quick and name.endswith("-busypoll"))]
 
 
 def _missing_tools() -> str | None:
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"python -m bench: {problem}", file=sys.stderr)
         return 2
-    cases = [name for name in CASES if name in args.cases]  # the reference runs first
+    cases = selected_cases(args.cases, args.quick)
     tests = [name for name in TESTS if name in args.tests]
     started = datetime.now()
     output = args.output or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}.json"

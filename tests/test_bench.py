@@ -107,3 +107,12 @@ def test_targets_are_judged_against_kernel_vxlan():
     assert verdicts[("vxlan", "TCP")] == (None, None)
     assert verdicts[("udp", "5,000-peer")] == (70.0, False)
     assert "0.30x" in report.table({**results, "settings": {"tests": ["tcp1"]}})
+
+
+def test_quick_leaves_the_busypoll_cases_out_unless_asked_for():
+    from bench.cli import selected_cases
+    everything = ["underlay", "kernel-vxlan", "udp", "vxlan", "udp-busypoll", "vxlan-busypoll"]
+    assert selected_cases(None, quick=False) == everything
+    assert selected_cases(None, quick=True) == everything[:4]
+    assert selected_cases(["vxlan-busypoll", "kernel-vxlan"], quick=True) == [
+        "kernel-vxlan", "vxlan-busypoll"]
