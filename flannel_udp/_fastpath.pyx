@@ -226,6 +226,7 @@ cdef enum:
     ICMP_BURST = 100
     TRACE_SLOTS = 4096              # records per trace ring (power of two)
     BUSY_POLL_MAX_US = 1000000
+    PARK_CHECK_MS = 1               # a parked thread looks at its own half this often
 
 # Offloads. The virtio_net_hdr (<linux/virtio_net.h>) precedes every packet on a TUN opened
 # with IFF_VNET_HDR; its u16 fields are in host order.
@@ -317,6 +318,9 @@ DROP_NAMES = {
 }
 
 
+MAX_BUSY_POLL_US = BUSY_POLL_MAX_US  # FastPath's busy_poll_us, run's --busy-poll
+
+
 VERDICT_NAMES = {ACT_SEND: "sent", ACT_TUN: "to_tun", ACT_REPLY: "icmp_unreachable",
                  ACT_DROP: "dropped"}
 
@@ -354,7 +358,8 @@ ctypedef struct TraceRecord:
     uint16_t length         # inner (or datagram) length
 
 ctypedef struct TraceRing:
-    # Single producer (one I/O thread), single consumer (FastPath.trace_drain, under the GIL).
+    # Single producer (whichever thread holds its half's mutex), single consumer
+    # (FastPath.trace_drain, under the GIL).
     TraceRecord slots[TRACE_SLOTS]
     uint32_t head           # written by the producer only (release)
     uint32_t tail           # written by the consumer only (release)
@@ -433,7 +438,7 @@ ctypedef struct EgressState:
     unsigned int run_end[MAX_SENDERS]
     uint8_t reply[VNET_HDR_LEN + ICMP_MAX]  # the ICMP error, behind room for a virtio header
     Counters counters
-    double icmp_tokens      # the ICMP token bucket (egress thread only)
+    double icmp_tokens      # the ICMP token bucket (under the egress mutex)
     uint64_t icmp_stamp     # ns (CLOCK_MONOTONIC) of the last refill; 0: not started
     pthread_t thread
     int started
@@ -483,7 +488,7 @@ ctypedef struct Queue:
     uint32_t poller         # 0, or 1 + the thread (0 egress, 1 ingress) that busy-polls
     int park_fds[2]         # eventfds: a thread sleeps on its own while the other polls
     uint64_t busy_poll_ns   # after forwarding, poll both halves this long before sleeping
-    uint64_t busy_polled    # batches forwarded while busy-polling (under poll_mutex)
+    uint64_t busy_polled    # batches worked while busy-polling (some may only drop) (under poll_mutex)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1207,10 +1212,11 @@ cdef void backoff() noexcept nogil:
     nanosleep(&ts, NULL)
 
 
-cdef int wait_ready(int fd, short events, int stop_fd) noexcept nogil:
+cdef int wait_ready(int fd, short events, int stop_fd, int timeout_ms=-1) noexcept nogil:
     """1 when ``fd`` has one of ``events`` (or is in error), 0 when asked to stop, -1 when fd is
-    invalid or poll fails."""
+    invalid or poll fails, 2 after ``timeout_ms`` (-1: none) with neither."""
     cdef pollfd fds[2]
+    cdef int r
     while True:
         fds[0].fd = fd
         fds[0].events = events
@@ -1218,10 +1224,13 @@ cdef int wait_ready(int fd, short events, int stop_fd) noexcept nogil:
         fds[1].fd = stop_fd
         fds[1].events = POLLIN
         fds[1].revents = 0
-        if poll(fds, 2, -1) < 0:
+        r = poll(fds, 2, timeout_ms)
+        if r < 0:
             if errno == EINTR:
                 continue
             return -1
+        if r == 0:
+            return 2
         if fds[1].revents:
             return 0
         if fds[0].revents & POLLNVAL:
@@ -1534,8 +1543,9 @@ cdef size_t gro_size(msghdr* m) noexcept nogil:
     return 0
 
 
-cdef int ingress_batch(Queue* qu) noexcept nogil:
-    """Drain the UDP socket into the TUN in batches; the reads' count, -1 on a socket error."""
+cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
+    """Move the UDP socket's datagrams into the TUN, a batch at a time until the socket is empty
+    if ``drain``, else one batch; the datagrams read, -1 on a socket error."""
     cdef Shared* s = qu.shared
     cdef IngressState* q = &qu.ig
     cdef int r, i
@@ -1586,7 +1596,7 @@ cdef int ingress_batch(Queue* qu) noexcept nogil:
                     break
             co_flush(&q.co)     # runs never span buffers: they are coalesced in place
         pthread_rwlock_unlock(&s.lock)
-        if r < BATCH:
+        if r < BATCH or not drain:
             return total
 
 
@@ -1599,15 +1609,17 @@ cdef void thread_setup(const char* name) noexcept nogil:
 
 
 cdef int run_half(Queue* qu, bint egress, bint wait) noexcept nogil:
-    """One batch of a half under its mutex: the batch's count (-1 on an fd error), or 0 at
-    once if ``wait`` is false and the other thread is working it."""
+    """A half's work under its mutex: the packets or datagrams read (-1 on an fd error). With
+    ``wait`` (its own thread), wait for the mutex and drain the socket; without (the other
+    thread, busy-polling), 0 at once if the mutex is taken, and one batch, so that a flood on
+    one half can't keep the poller from the other."""
     cdef pthread_mutex_t* mutex = &qu.eg_mutex if egress else &qu.ig_mutex
     cdef int n
     if wait:
         pthread_mutex_lock(mutex)
     elif pthread_mutex_trylock(mutex) != 0:
         return 0
-    n = egress_batch(qu) if egress else ingress_batch(qu)
+    n = egress_batch(qu) if egress else ingress_batch(qu, wait)
     pthread_mutex_unlock(mutex)
     return n
 
@@ -1622,11 +1634,14 @@ cdef void poll_halves(Queue* qu) noexcept nogil:
     fds[0].fd = qu.tun_fd
     fds[1].fd = qu.shared.udp_fd
     fds[2].fd = qu.shared.stop_fd
+    for i in range(3):
+        fds[i].events = POLLIN
     while True:
         for i in range(3):
-            fds[i].events = POLLIN
             fds[i].revents = 0
-        if poll(fds, 3, 0) < 0 and errno != EINTR:
+        if poll(fds, 3, 0) < 0:
+            if errno == EINTR:
+                continue
             return
         if fds[2].revents:
             return
@@ -1675,9 +1690,15 @@ cdef void io_loop(Queue* qu, int me) noexcept nogil:
     thread_setup("flannel-egress" if me == 0 else "flannel-ingress")
     while True:
         if fu_load_acquire(&qu.poller) == <uint32_t>(2 - me):     # the other one polls
-            if wait_ready(qu.park_fds[me], POLLIN, qu.shared.stop_fd) <= 0:
+            n = wait_ready(qu.park_fds[me], POLLIN, qu.shared.stop_fd, PARK_CHECK_MS)
+            if n <= 0:
                 break
-            read(qu.park_fds[me], &drained, sizeof(drained))
+            if n == 1:
+                read(qu.park_fds[me], &drained, sizeof(drained))
+            else:
+                # The poller may be held up in the other half (a flood, a send buffer full):
+                # take what waits in ours meanwhile, if it is not at it.
+                run_half(qu, me == 0, False)
             continue
         if wait_ready(fd, POLLIN, qu.shared.stop_fd) <= 0:
             break
@@ -1955,9 +1976,10 @@ cdef class FastPath:
             free(self.queue.eg.bufs)
             free(self.queue.eg.arena)
             free(self.queue.ig.bufs)
-            for fd in self.queue.park_fds:
-                if fd >= 0:
-                    close(fd)
+            if self.queue.park_fds[0] >= 0:
+                close(self.queue.park_fds[0])
+            if self.queue.park_fds[1] >= 0:
+                close(self.queue.park_fds[1])
             if self.lock_ready:
                 pthread_mutex_destroy(&self.queue.eg_mutex)
                 pthread_mutex_destroy(&self.queue.ig_mutex)
@@ -2132,7 +2154,8 @@ cdef class FastPath:
 
     def offloads(self) -> dict:
         """Offloads in use now (udp_gso turns off for good if the kernel refuses it)."""
-        return {"tun_vnet_hdr": bool(self.shared.vnet), "udp_gso": bool(fu_load_relaxed(&self.shared.udp_gso)),
+        return {"tun_vnet_hdr": bool(self.shared.vnet),
+                "udp_gso": bool(fu_load_relaxed(&self.shared.udp_gso)),
                 "udp_gro": bool(self.shared.udp_gro)}
 
     @property
@@ -2164,6 +2187,8 @@ cdef class FastPath:
                 raise MemoryError()
             queue_init_ingress(self.queue)
         read(self.shared.stop_fd, &drained, sizeof(drained))  # re-arm after a previous stop()
+        read(self.queue.park_fds[0], &drained, sizeof(drained))
+        read(self.queue.park_fds[1], &drained, sizeof(drained))
         rc = pthread_create(&self.queue.eg.thread, NULL, egress_main, self.queue)
         if rc == 0:
             self.queue.eg.started = 1

@@ -221,8 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--drop-log-interval: must be more than 0 seconds")
     if not 0 <= args.healthz_port <= 65535:
         raise UserError(f"--healthz-port {args.healthz_port}: must be 0 (off) to 65535")
-    if not 0 <= args.busy_poll <= 1_000_000:
-        raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to 1000000 us")
+    from flannel_udp._fastpath import MAX_BUSY_POLL_US
+    if not 0 <= args.busy_poll <= MAX_BUSY_POLL_US:
+        raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to {MAX_BUSY_POLL_US} us")
     if args.iptables_resync < 1:
         raise UserError("--iptables-resync: must be 1 second or more")
     store, name = open_store(args)
@@ -302,7 +303,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
-              f"{c.get('busy_poll_batches', 0)} batches forwarded while polling")
+              f"{c.get('busy_poll_batches', 0)} batches handled while polling")
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")

@@ -1,6 +1,6 @@
 """`run --busy-poll USEC` end to end: daemons whose fast-path threads poll for 20 ms after each
 packet carry pings and a TCP transfer intact, both backends, say so in `status`, count the
-batches forwarded while polling, and still stop at once on SIGTERM. What it buys (latency) is
+batches handled while polling, and still stop at once on SIGTERM. What it buys (latency) is
 the bench's to show, not a test's."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_busy_polling_daemons_carry_traffic_and_stop(topology, backend):
         assert not any(counters["drops"].values()), counters["drops"]
     text = topo.hosts[0].flannel("status", "--control-socket",
                                  topo.hosts[0].control_socket).stdout
-    assert "busy-poll 20000 us, " in text and " batches forwarded while polling" in text
+    assert "busy-poll 20000 us, " in text and " batches handled while polling" in text
 
     # Stop while a thread polls (traffic a moment ago): the stop signal ends the polling.
     pods["p0"].ping(pods["p1"].address, count=2)
