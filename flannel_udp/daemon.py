@@ -160,6 +160,9 @@ class Daemon:
             if not opts.source_check:
                 log.warning("source check off (--no-source-check): datagrams from anyone are "
                             "forwarded into the pod network")
+        elif opts.busy_poll_us:
+            log.warning("--busy-poll: no effect on backend %s, which forwards in the kernel",
+                        config.backend_type)
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:

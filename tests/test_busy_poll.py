@@ -53,3 +53,17 @@ def test_without_busy_poll_status_says_nothing_of_it(topology):
     text = topo.hosts[0].flannel("status", "--control-socket",
                                  topo.hosts[0].control_socket).stdout
     assert "busy-poll" not in text
+
+
+@pytest.mark.parametrize("backend, warning", [
+    ({"Type": "host-gw"}, "--busy-poll: no effect on backend host-gw"),
+    ({"Type": "vxlan", "Dataplane": "auto"},
+     "--busy-poll: no effect on the kernel's VXLAN dataplane"),
+], ids=["host-gw", "vxlan-auto-kernel"])
+def test_busy_poll_on_a_kernel_dataplane_says_it_does_nothing(topology, backend, warning):
+    topo = topology(2)
+    topo.start_daemons({"Network": "10.244.0.0/16", "Backend": backend}, None,
+                       "--busy-poll", "1000")
+    pods = {f"p{i}": topo.add_pod(host) for i, host in enumerate(topo.hosts)}
+    assert not ping_failures(pods)
+    assert warning in topo.hosts[0].log_path.read_text()

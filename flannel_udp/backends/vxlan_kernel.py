@@ -152,6 +152,9 @@ class AutoVxlanNetwork:
         else:
             log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
                      self._kernel.device)
+            if self.busy_poll_us:
+                log.warning("--busy-poll: no effect on the kernel's VXLAN dataplane "
+                            "(Backend.Dataplane \"userspace\" has it)")
             self._chosen = self._kernel
             return
         self._userspace.open()
