@@ -1669,8 +1669,8 @@ cdef void busy_poll(Queue* qu, int me) noexcept nogil:
     an idle vCPU takes tens of microseconds to wake, and an idle round trip wakes four of them
     (both halves on both hosts); a thread that is still polling answers at once. Meanwhile the
     other thread sleeps on its park eventfd, not on its fd, so that packets the poller takes
-    don't wake it. The cost is CPU: polling through the gaps between a flow's packets keeps one
-    core busy, and under load one thread carries both halves."""
+    don't wake it (it still looks at its own half every PARK_CHECK_MS). The cost is CPU:
+    polling through the gaps between a flow's packets keeps one core busy."""
     cdef uint64_t one = 1
     if qu.busy_poll_ns == 0 or pthread_mutex_trylock(&qu.poll_mutex) != 0:
         return
