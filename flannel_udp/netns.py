@@ -94,7 +94,9 @@ IPERF_PORT = 5201
 FLANNEL_UDP = (sys.executable, "-m", "flannel_udp")
 PROBE = (sys.executable, "-m", "flannel_udp.netns")
 # Children import the same flannel_udp as the harness, installed or not (e.g. a source tree
-# under pytest): its parent directory goes first on their PYTHONPATH.
+# under pytest): its parent directory goes first on their PYTHONPATH, and is their working
+# directory, because `python -m` puts the working directory before PYTHONPATH: started from a
+# clone's root, the unbuilt source tree would shadow the installed package.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 _topology_ids = itertools.count()
@@ -309,7 +311,8 @@ class Netns:
         cmd = self.argv(*argv)
         try:
             result = subprocess.run(cmd, capture_output=True, timeout=timeout, input=input,
-                                    text=text, start_new_session=True, env=_child_env())
+                                    text=text, start_new_session=True, env=_child_env(),
+                                    cwd=_PACKAGE_ROOT)
         except subprocess.TimeoutExpired:
             if check:
                 raise NetnsError(f"[{self.name}] {_format_cmd(argv)}: timed out after "
@@ -325,6 +328,7 @@ class Netns:
         """Start a command in the namespace; it is tracked so that cleanup stops it."""
         kw.setdefault("start_new_session", True)
         kw.setdefault("env", _child_env())
+        kw.setdefault("cwd", _PACKAGE_ROOT)
         proc = subprocess.Popen(self.argv(*argv), **kw)
         self._processes.append(proc)
         return proc
