@@ -1,8 +1,12 @@
 """Shared fixtures: namespace topologies and etcd clusters that are always removed, and the
-skip of the `netns`-marked tests on machines without root, /dev/net/tun or `ip netns`."""
+skip of the `netns`-marked tests on machines without root, /dev/net/tun or `ip netns`.
+
+Under CI (`CI=true`) or with `FLANNEL_UDP_NO_SKIP=1` a skipped test fails instead, naming why
+it would have skipped: a green run there means every test ran."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +17,8 @@ from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
 from flannel_udp.netns import Topology, check_environment, remove_stale
 
 NETNS_PROBLEM = check_environment()
+NO_SKIP = (os.environ.get("CI", "").lower() == "true"
+           or os.environ.get("FLANNEL_UDP_NO_SKIP", "") not in ("", "0"))
 
 # Topologies alive right now, so that a failing test's report carries the daemon logs (they are
 # deleted with the topology's temp dir at teardown).
@@ -32,6 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()
+    if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"skipped, which fails the run under CI=true or "
+                           f"FLANNEL_UDP_NO_SKIP=1: {reason}")
     if report.failed and _live_topologies:
         logs = "\n".join(t.log_tails(40) for t in _live_topologies).strip()
         if logs:
