@@ -488,7 +488,9 @@ ctypedef struct Queue:
     uint32_t poller         # 0, or 1 + the thread (0 egress, 1 ingress) that busy-polls
     int park_fds[2]         # eventfds: a thread sleeps on its own while the other polls
     uint64_t busy_poll_ns   # after forwarding, poll both halves this long before sleeping
-    uint64_t busy_polled    # batches worked while busy-polling (some may only drop) (under poll_mutex)
+    # Batches worked while busy-polling (some may only drop), per half (0 egress, 1 ingress)
+    # (under poll_mutex)
+    uint64_t busy_polled[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1652,7 +1654,7 @@ cdef void poll_halves(Queue* qu) noexcept nogil:
                 if n < 0:
                     return      # the owner thread's loop sees the error and backs off
                 if n > 0:
-                    qu.busy_polled += 1
+                    qu.busy_polled[i] += 1
                     worked = 1
         now = monotonic_ns()
         if worked:
@@ -2094,7 +2096,9 @@ cdef class FastPath:
             "tso_split": eg.offloaded,
             "gro_coalesced": ig.offloaded,
             "gso_fallbacks": eg.gso_fallbacks,
-            "busy_poll_batches": self.queue.busy_polled,
+            "busy_poll_batches": self.queue.busy_polled[0] + self.queue.busy_polled[1],
+            "busy_poll_egress_batches": self.queue.busy_polled[0],
+            "busy_poll_ingress_batches": self.queue.busy_polled[1],
             "drops": {name: eg.drops[code] + ig.drops[code] for code, name in DROP_NAMES.items()},
         }
 

@@ -241,6 +241,9 @@ class PingResult:
     received: int
     rtts_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # e.g. "net unreachable from 10.244.3.0"
+    # [n, t] per answered echo: the n-th echo to this destination (from 1) was answered at
+    # time.monotonic() t (CLOCK_MONOTONIC: the same clock in every process of the machine).
+    answered: list[list[float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -928,8 +931,10 @@ def _parse_icmp(packet: bytes, ident: int) -> tuple[int, str | None] | None:
 def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     ident = os.getpid() & 0xFFFF
-    results = [{"dst": d, "sent": 0, "received": 0, "rtts_ms": [], "errors": []} for d in dsts]
+    results = [{"dst": d, "sent": 0, "received": 0, "rtts_ms": [], "errors": [], "answered": []}
+               for d in dsts]
     pending: dict[int, tuple[int, float]] = {}  # seq -> (destination index, send time)
+    numbers: dict[int, int] = {}  # seq -> the echo's number for its destination
     probes = [(i, d) for _ in range(count) for i, d in enumerate(dsts)]
     seq = 0
     next_send = time.monotonic()
@@ -942,6 +947,7 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
             try:
                 sock.sendto(_echo_request(ident, seq), (dst, 0))
                 pending[seq] = (index, now)
+                numbers[seq] = results[index]["sent"] + 1
             except OSError as e:  # e.g. no route in this namespace
                 results[index]["errors"].append(e.strerror or str(e))
             results[index]["sent"] += 1
@@ -960,8 +966,10 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
             continue
         index, sent_at = pending.pop(answer[0])
         if answer[1] is None:
+            now = time.monotonic()
             results[index]["received"] += 1
-            results[index]["rtts_ms"].append(round((time.monotonic() - sent_at) * 1000, 3))
+            results[index]["rtts_ms"].append(round((now - sent_at) * 1000, 3))
+            results[index]["answered"].append([numbers[answer[0]], now])
         else:
             results[index]["errors"].append(answer[1])
     print(json.dumps(results))

@@ -880,10 +880,19 @@ def test_a_busy_polling_thread_forwards_both_ways_and_stops_when_asked(tun_rig):
         counters = fastpath.counters()
         # The kernel's own IPv6 chatter on a new TUN (not_ipv4) is all that may be dropped.
         assert not any(v for k, v in counters["drops"].items() if k != "not_ipv4")
-        # Most exchanges came while a thread was polling (the first one woke a sleeper).
-        assert counters["busy_poll_batches"] >= rounds
+        # Most exchanges came while a thread was polling (the first one woke a sleeper), in
+        # each direction: the poller took packets from the TUN and datagrams from the socket.
+        polled = (counters["busy_poll_egress_batches"], counters["busy_poll_ingress_batches"])
+        assert min(polled) >= rounds // 2, f"(egress, ingress) batches polled: {polled}"
+        assert counters["busy_poll_batches"] == sum(polled)
+        # Stop while the poller is a second from its deadline: the stop signal ends it.
+        rig.app_sock.sendto(b"last", (REMOTE_POD, 4242))
+        assert rig.peer_sock.recv(65536)[28:] == b"last"
+        stopping = time.monotonic()
     finally:
-        fastpath.stop()  # the polling thread sees the stop signal, not only its deadline
+        fastpath.stop()
+    took = time.monotonic() - stopping
+    assert took < 0.5, f"stop() took {took:.3f} s with a 1 s busy-poll window"
     assert not fastpath.running
     # Off (the default), nothing is forwarded by polling.
     plain = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24)

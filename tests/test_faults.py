@@ -38,6 +38,13 @@ def first_answer(src: Pod, dst: Pod, timeout: float) -> float:
     return wait_until(answered, timeout, f"{src.label} to reach {dst.label}", interval=0)
 
 
+def cut_then_back(ping: PingResult, after: float) -> tuple[int, float | None]:
+    """How many echoes were lost, and when (monotonic) the first echo answered after `after`
+    came back (None: none did)."""
+    back = [t for _, t in ping.answered if t > after]
+    return ping.sent - ping.received, min(back) if back else None
+
+
 def background_ping(src: Pod, dst: Pod, count: int) -> tuple[threading.Thread, dict]:
     result: dict[str, PingResult] = {}
     thread = threading.Thread(target=lambda: result.update(
@@ -46,10 +53,15 @@ def background_ping(src: Pod, dst: Pod, count: int) -> tuple[threading.Thread, d
     return thread, result
 
 
-def test_kill_9_under_traffic_leaves_no_tun_and_a_restart_resumes_within_2_s(topology):
+RESTART_BOUND = 5.0  # s from the restart to traffic again (docs/testing.md), loaded machine
+
+
+def test_kill_9_under_traffic_leaves_no_tun_and_a_restart_resumes_within_5_s(topology):
     topo, leases, p1, p2 = two_hosts_with_pods(topology)
     h1 = topo.hosts[0]
-    pinger, pings = background_ping(p2, p1, count=160)  # 8 s of traffic through h1
+    # 15 s of echoes through h1, 20 a second, by one process: the first answer after the
+    # restart is seen within 50 ms, with no process started per probe.
+    pinger, pings = background_ping(p2, p1, count=300)
     try:
         time.sleep(1.0)
         assert h1.stop_flannel(signal.SIGKILL) == -signal.SIGKILL
@@ -63,18 +75,21 @@ def test_kill_9_under_traffic_leaves_no_tun_and_a_restart_resumes_within_2_s(top
         h1.start_flannel(topo.store_path)
         h1.wait_ready()
         ready_at = time.monotonic()
-        resumed_at = first_answer(p2, p1, 5)
     finally:
-        pinger.join(30)
-    print(f"restart: ready after {ready_at - restart_at:.2f} s, traffic "
-          f"{resumed_at - ready_at:.2f} s later")
-    assert resumed_at - ready_at < 2.0, f"traffic resumed {resumed_at - ready_at:.2f} s late"
+        pinger.join(60)
+    lost, resumed_at = cut_then_back(pings[p1.address], restart_at)
+    assert lost > 0, "the kill did not cut the traffic"
+    assert resumed_at is not None, (f"no echo answered after the restart ({lost} of "
+                                    f"{pings[p1.address].sent} lost)")
+    print(f"restart: ready after {ready_at - restart_at:.2f} s, traffic again "
+          f"{resumed_at - restart_at:.2f} s after the restart")
+    assert resumed_at - restart_at < RESTART_BOUND, (
+        f"traffic came back {resumed_at - restart_at:.2f} s after the restart "
+        f"(ready after {ready_at - restart_at:.2f} s)")
     assert h1.lease()["subnet"] == leases["h1"]["subnet"]
     assert [r["dev"] for r in h1.ip_json("route", "show", NETWORK)] == ["flannel0"]
     assert len([link for link in h1.ip_json("link", "show")
                 if link["ifname"].startswith("flannel")]) == 1
-    ping = pings[p1.address]
-    assert 0 < ping.received < ping.sent, "the traffic was cut by the kill and then came back"
 
 
 def test_a_peers_lease_expiring_and_coming_back(topology):
@@ -101,17 +116,18 @@ def test_a_peers_lease_expiring_and_coming_back(topology):
 def test_underlay_link_down_and_up_traffic_resumes(topology):
     topo, _, p1, p2 = two_hosts_with_pods(topology)
     h1, h2 = topo.hosts
-    pinger, pings = background_ping(p1, p2, count=120)  # 6 s
+    pinger, pings = background_ping(p1, p2, count=200)  # 10 s
     try:
         time.sleep(1.0)
         h1.run("ip", "link", "set", "eth0", "down")
         time.sleep(2.0)
         h1.run("ip", "link", "set", "eth0", "up")
-        first_answer(p1, p2, 5)
+        up_at = time.monotonic()
         first_answer(p2, p1, 5)
     finally:
-        pinger.join(30)
+        pinger.join(60)
     for host in (h1, h2):
         assert host.daemon is not None and host.daemon.poll() is None, host.log_tail(5)
-    ping = pings[p2.address]
-    assert 0 < ping.received < ping.sent
+    lost, resumed_at = cut_then_back(pings[p2.address], up_at)
+    assert lost > 0, "taking the link down did not cut the traffic"
+    assert resumed_at is not None, f"no echo answered after the link came up ({lost} lost)"
