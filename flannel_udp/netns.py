@@ -74,7 +74,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from flannel_udp import subnetenv
+from flannel_udp import control, subnetenv
+from flannel_udp.errors import UserError
 from flannel_udp.packet import checksum as inet_checksum
 
 T = TypeVar("T")
@@ -88,6 +89,9 @@ def segment_net(segment: int) -> ipaddress.IPv4Network:
 UNDERLAY_MTU = 1500
 DEFAULT_NETWORK_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 STALE_PATTERN = r"^fu(\d+)-"
+# The docs' promise: a lease put, deleted or expired in the store is in (or out of) every
+# daemon's route table within a second.
+LEASE_EVENT_BOUND = 1.0
 IPERF_PORT = 5201
 # `python -m flannel_udp` rather than the `flannel-udp` script: same interpreter as the harness,
 # no dependence on PATH inside `ip netns exec`.
@@ -121,6 +125,15 @@ def check_environment() -> str | None:
     if probe.returncode != 0:
         return f"`ip netns` does not work here: {probe.stderr.strip()}"
     return None
+
+
+def seconds_until(predicate: Callable[[], object], timeout: float, what: str,
+                  interval: float = 0.02) -> float:
+    """How long `predicate` took to become truthy, from this call (NetnsError naming `what`
+    after `timeout`): a test asserts a promised bound on it and says what it measured."""
+    started = time.monotonic()
+    wait_until(predicate, timeout, what, interval)
+    return time.monotonic() - started
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str,
@@ -502,16 +515,25 @@ class Host(Netns):
         return read_subnet_env(self.subnet_file)
 
     def status(self) -> dict[str, Any]:
-        """`flannel-udp status --json` of this host's daemon."""
-        return json.loads(self.flannel("status", "--control-socket", self.control_socket,
-                                       "--json").stdout)
+        """What `flannel-udp status --json` prints for this host's daemon, asked over its
+        control socket from this process (the socket is a file, reachable from any
+        namespace): no process started per look, so a test can poll it every few ms."""
+        self._check_daemon_alive()
+        try:
+            answer = control.request(str(self.control_socket), {"cmd": "status"})
+        except UserError as e:
+            raise NetnsError(f"{self.label}: status: {e}") from None
+        if "error" in answer:
+            raise NetnsError(f"{self.label}: status: daemon: {answer['error']}")
+        return json.loads(json.dumps(answer))  # as the CLI prints it: tuples become lists
 
     def try_status(self) -> dict[str, Any] | None:
         """Like `status`, None while no daemon answers; raises if the daemon has died."""
-        self._check_daemon_alive()
-        result = self.flannel("status", "--control-socket", self.control_socket, "--json",
-                              check=False)
-        return json.loads(result.stdout) if result.returncode == 0 else None
+        try:
+            return self.status()
+        except NetnsError:
+            self._check_daemon_alive()
+            return None
 
     def peer_subnets(self) -> set[str]:
         return {p["subnet"] for p in self.status()["peers"]}

@@ -91,7 +91,7 @@ def test_after_a_store_outage_the_daemon_applies_the_changes_and_retakes_its_lea
         await other.delete_lease(f"{mine.subnet.network_address}-24")
         await other.delete_lease("10.5.201.0-24")
         await other.create_lease("10.5.202.0-24", encode_lease_value(IPv4Address("10.0.0.2")), 60)
-        await asyncio.sleep(0.5)  # the watch broke; resyncs fail meanwhile
+        await until(lambda: daemon.store_errors >= 3)  # the watch broke, then resyncs failed
         assert not follow.done(), follow
         assert set(network.routes) == {IPv4Network("10.5.201.0/24")}  # the last known table
         store.down = False

@@ -51,7 +51,12 @@ def test_renewal_happens_at_the_margin(tmp_path):
         m = manager(store, ttl=1.0, margin=0.7)
         lease = await m.acquire(None)
         task = asyncio.create_task(m.renew_forever())
-        await asyncio.sleep(1.5)  # past the first expiry: only alive if renewed
+        deadline = time.monotonic() + 10
+        # Wait for the renewal itself, then past the first expiry: only there if renewed.
+        while (records := (await store.list_leases()).records) and \
+                records[0].expiration <= lease.expiration and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, lease.expiration - time.time() + 0.1))
         task.cancel()
         return lease, (await store.list_leases()).records
 
@@ -78,7 +83,10 @@ def test_peer_table_follows_the_store_and_skips_bad_values(tmp_path, caplog):
         await store.create_lease("10.5.202.0-24", encode_lease_value(IPv4Address("192.168.0.6")),
                                  60)
         await store.delete_lease("10.5.201.0-24")
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while not (added and removed) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # a second event (there must be none) would come by now
         task.cancel()
         return added, removed, m
 
