@@ -127,6 +127,21 @@ def test_docker_opts_without_a_subnet_file_is_one_line_and_exit_1(tmp_path: Path
         write_docker_opts(DockerOptsOptions(subnet_file=str(tmp_path), key="not a name"))
 
 
+@pytest.mark.parametrize("content", ["", "# nothing here\nOTHER=1\n",
+                                     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPMASQ=true\n"])
+def test_docker_opts_refuses_a_subnet_file_with_no_options_in_it_and_writes_nothing(
+        tmp_path: Path, capsys, content):
+    subnet_env = tmp_path / "subnet.env"
+    subnet_env.write_text(content)
+    out = tmp_path / "docker_opts.env"
+    out.write_text("KEPT=1\n")
+    code = main(["docker-opts", "-f", str(subnet_env), "-d", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert str(subnet_env) in err and "FLANNEL_SUBNET" in err
+    assert out.read_text() == "KEPT=1\n"
+
+
 # -- sd_notify --------------------------------------------------------------------------------
 
 
