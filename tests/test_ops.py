@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -240,6 +241,14 @@ def test_metrics_of_a_status_without_offloads_or_lease_still_render():
     assert got[("flannel_udp_healthy", (("check", "all"),))] == 0
     assert got[("flannel_udp_peers", ())] == 0
     assert not any(name.startswith("flannel_udp_offload") for name, _ in got)
+
+
+def test_every_metric_the_documentation_names_is_one_metrics_serves():
+    root = Path(__file__).resolve().parent.parent
+    docs = [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
+    named = {m for doc in docs for m in re.findall(r"\bflannel_udp_[a-z_]+\b", doc.read_text())}
+    served = {name for name, _ in samples(metrics.render(STATUS))}
+    assert named and sorted(named - served) == []
 
 
 @pytest.mark.parametrize("checks, code, body", [
