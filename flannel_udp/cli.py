@@ -305,6 +305,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  expires in {left:.1f} h")
+    if status.get("ip_forward") is False:
+        print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
+              "(sysctl -w net.ipv4.ip_forward=1)")
     vxlan = bool(lease and lease.get("vtep_mac"))
     if vxlan:
         print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}"

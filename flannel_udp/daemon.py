@@ -31,6 +31,9 @@ TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
 TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
+IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between this host's pods "
+                  "and the overlay, so they get no traffic; turn it on with "
+                  "`sysctl -w net.ipv4.ip_forward=1`")
 T = TypeVar("T")
 
 
@@ -151,6 +154,8 @@ class Daemon:
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
+        if netlink.ip_forward() is False:  # refused by none: host-gw needs it as much
+            log.warning("%s", IP_FORWARD_OFF)
         if opts.ip_masq:  # no iptables: say so before taking anything
             self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
         self.network = network = make_network(config, ext, public_ip)
@@ -395,7 +400,8 @@ class Daemon:
             # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
             return {"lease": None, "network": str(self.config.network) if self.config else None,
                     "started": self.started, "peers": [], "counters": {},
-                    "health": self.health(), "store_errors": self.store_errors}
+                    "health": self.health(), "store_errors": self.store_errors,
+                    "ip_forward": netlink.ip_forward()}
         lease = self.manager.lease
         stats = self.network.stats()
         peers = []
@@ -419,4 +425,5 @@ class Daemon:
             "ip_masq": self.ipmasq is not None,
             "trace": stats.get("trace", {}),
             "busy_poll_us": stats.get("busy_poll_us", 0),
+            "ip_forward": netlink.ip_forward(),  # read when asked: it may be turned on later
         }

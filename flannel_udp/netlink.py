@@ -21,6 +21,7 @@ from flannel_udp.errors import UserError
 TUN_TXQUEUELEN = 5000
 RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
 IFF_LOOPBACK = 0x8  # <linux/if.h>
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,16 @@ def find_interface(spec: str | None) -> ExtIface:
             raise UserError(f"{flag}: {address} is a loopback address, which other hosts cannot "
                             "reach; name the underlay interface or its address")
         return ExtIface(name=name, index=index, address=address, mtu=link.get("IFLA_MTU"))
+
+
+def ip_forward() -> bool | None:
+    """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward); None when it can't
+    be read. Off, the kernel passes nothing between the pods' interfaces and the overlay, for
+    every backend (host-gw's routes as much as a TUN)."""
+    try:
+        return IP_FORWARD.read_text().strip() != "0"
+    except OSError:
+        return None
 
 
 def _as_ipv4(text: str | None) -> IPv4Address | None:

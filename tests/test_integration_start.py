@@ -51,3 +51,24 @@ def test_a_loopback_underlay_or_public_ip_is_refused_before_any_lease(topology, 
     assert topo.store_path.read_bytes() == store_before
     assert not h1.subnet_file.exists()
     assert h1.link("flannel0") is None
+
+
+@pytest.mark.parametrize("backend", [{"Type": "udp"}, {"Type": "vxlan"}, {"Type": "host-gw"}],
+                         ids=["udp", "vxlan", "host-gw"])
+def test_forwarding_off_is_warned_of_at_start_and_shown_by_status_not_refused(topology, backend):
+    topo: Topology = topology(1)
+    h1 = topo.host(1)
+    h1.run("sysctl", "-qw", "net.ipv4.ip_forward=0")
+    topo.start_daemons({"Network": NETWORK, "Backend": backend})  # it runs
+    warnings = [line for line in h1.log_path.read_text().splitlines()
+                if " W " in line and "net.ipv4.ip_forward" in line]
+    assert len(warnings) == 1, h1.log_tail(20)
+    assert "sysctl -w net.ipv4.ip_forward=1" in warnings[0]
+    assert h1.status()["ip_forward"] is False
+    text = h1.flannel("status", "--control-socket", h1.control_socket).stdout
+    assert "net.ipv4.ip_forward=0" in text, text
+    # status reads it when asked: turned on later, it says so.
+    h1.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    assert h1.status()["ip_forward"] is True
+    text = h1.flannel("status", "--control-socket", h1.control_socket).stdout
+    assert "ip_forward" not in text, text
