@@ -15,7 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flannel_udp import control, healthz, netlink, sdnotify, subnetenv
+from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
 from flannel_udp.backends import Network, make_network
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
@@ -418,7 +418,7 @@ class Daemon:
             "network": str(self.config.network),
             "started": self.started,
             "peers": peers,
-            "counters": stats["counters"],
+            "counters": droplog.countable(stats["counters"], self.config.backend_type),
             "offloads": stats.get("offloads", {}),
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,

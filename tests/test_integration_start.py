@@ -72,3 +72,21 @@ def test_forwarding_off_is_warned_of_at_start_and_shown_by_status_not_refused(to
     assert h1.status()["ip_forward"] is True
     text = h1.flannel("status", "--control-socket", h1.control_socket).stdout
     assert "ip_forward" not in text, text
+
+
+def test_a_udp_node_lists_only_the_drop_reasons_udp_can_count(topology):
+    topo: Topology = topology(2)
+    h1, h2 = topo.hosts
+    udp_store, vxlan_store = str(topo.dir / "udp.msgpack"), str(topo.dir / "vxlan.msgpack")
+    set_config(h1, udp_store, {"Type": "udp"})
+    set_config(h2, vxlan_store, {"Type": "vxlan", "Dataplane": "userspace"})
+    h1.start_flannel(udp_store)
+    h2.start_flannel(vxlan_store)
+    h1.wait_ready()
+    h2.wait_ready()
+    udp, vxlan = h1.status()["counters"], h2.status()["counters"]
+    for key in ("drops", "ingress_drops", "egress_drops"):
+        assert [r for r in udp[key] if r.startswith("vxlan_")] == [], udp[key]
+        assert {"unknown_sender", "no_route", "ttl_expired"} <= set(udp[key])
+        # The userspace vxlan node still counts them, under the same names.
+        assert {"vxlan_short", "vxlan_wrong_vni", "unknown_sender"} <= set(vxlan[key])
