@@ -144,7 +144,7 @@ class Daemon:
 
     async def _run(self) -> int:
         opts = self.opts
-        log.info("lease store: %s", opts.store_name)
+        log.info("using %s", opts.store_name)  # the name says what kind of store it is
         self.config = config = await until_available(
             "reading the network config",
             lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
@@ -243,7 +243,8 @@ class Daemon:
                                          self._own_lease_lost)
             except StoreError as e:
                 self.store_errors += 1
-                log.error("lease store: %s; forwarding on the last known table, retrying", e)
+                log.error("following the leases: %s; forwarding on the last known table, "
+                          "retrying", e)
             while True:  # the store may still be away: keep forwarding until it answers
                 await asyncio.sleep(WATCH_RETRY)
                 try:
@@ -251,7 +252,7 @@ class Daemon:
                     break
                 except StoreError as e:
                     self.store_errors += 1
-                    log.error("lease store: %s; retrying", e)
+                    log.error("reading the leases again: %s; retrying", e)
 
     async def _log_drops(self) -> None:
         """Log the drop counters' growth, one line at most every `drop_log_interval` seconds

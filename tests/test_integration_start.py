@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from flannel_udp.netns import Host, Topology
+from flannel_udp.netns import Host, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -90,3 +90,16 @@ def test_a_udp_node_lists_only_the_drop_reasons_udp_can_count(topology):
         assert {"unknown_sender", "no_route", "ttl_expired"} <= set(udp[key])
         # The userspace vxlan node still counts them, under the same names.
         assert {"vxlan_short", "vxlan_wrong_vni", "unknown_sender"} <= set(vxlan[key])
+
+
+def test_the_start_log_names_the_store_once_and_so_do_store_errors(topology):
+    topo: Topology = topology(1)
+    h1 = topo.host(1)
+    topo.start_daemons()
+    log = h1.log_path.read_text()
+    assert str(topo.store_path) in log
+    # A store that goes bad while the daemon runs: its error is logged, the daemon forwards on.
+    topo.store_path.write_bytes(b"\x00garbage")
+    wait_until(lambda: "corrupt" in h1.log_path.read_text(), 10, "the corrupt store logged")
+    log = h1.log_path.read_text()
+    assert "lease store: lease store" not in log, log
