@@ -1,5 +1,5 @@
 """The `flannel-udp` command: flanneld's flags (also as FLANNELD_<FLAG> variables, the command
-line winning) and the subcommands run, status, network and demo."""
+line winning) and the subcommands run, status, trace, network (get, set), docker-opts and demo."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from flannel_udp.errors import UserError
 from flannel_udp.stores import Store, StoreError
 
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
+EXAMPLE_CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}'
 # Accepted for flanneld compatibility; their features come in later versions.
 NOT_ACTIVE_YET = ("iface_regex",)
 
@@ -152,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _store_flags(get)
     put = net_sub.add_parser("set", help="validate and write the network config")
     _store_flags(put)
-    put.add_argument("config", nargs="?", metavar="JSON", help="the config as JSON text")
-    put.add_argument("--file", metavar="FILE", help="read the config from FILE")
+    put.add_argument("config", nargs="?", metavar="JSON",
+                     help="the config as JSON text; - reads it from standard input")
+    put.add_argument("--file", metavar="FILE", help="read the config from FILE (- for standard "
+                     "input)")
 
     opts = sub.add_parser(
         "docker-opts", help="write dockerd options from subnet.env, as mk-docker-opts.sh",
@@ -215,6 +218,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         public_ip = IPv4Address(args.public_ip) if args.public_ip else None
     except ValueError:
         raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    if public_ip is not None and public_ip.is_loopback:
+        raise UserError(f"--public-ip {public_ip}: a loopback address, which other hosts cannot "
+                        "reach; give an address of the underlay interface")
     if args.etcd_wait < 0:
         raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
     if not args.drop_log_interval > 0:
@@ -247,12 +253,18 @@ def cmd_network(args: argparse.Namespace) -> int:
     if args.network_command == "get":
         raw = asyncio.run(_closing(store, store.get_config()))
         if raw is None:
-            raise UserError(f"no network config in {name}", 1)
+            raise UserError(f"no network config in {name}: set one with flannel-udp network "
+                            f"set '{EXAMPLE_CONFIG}'", 1)
         print(raw.decode())
         return 0
-    if (args.config is None) == (args.file is None):
+    if args.config is None and args.file is None:
+        raise UserError(f"network set: give the config as JSON text (e.g. '{EXAMPLE_CONFIG}'), "
+                        "'-' to read it from standard input, or --file FILE")
+    if args.config is not None and args.file is not None:
         raise UserError("network set: give the config as JSON text or with --file, not both")
-    if args.file is not None:
+    if "-" in (args.config, args.file):
+        raw = sys.stdin.buffer.read()
+    elif args.file is not None:
         try:
             raw = Path(args.file).read_bytes()
         except OSError as e:
@@ -276,9 +288,15 @@ def _age(since: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = control.request(args.control_socket, {"cmd": "status"})
-    if "error" in status:
-        raise UserError(f"daemon: {status['error']}", 1)
+    try:
+        status = control.request(args.control_socket, {"cmd": "status"})
+        if "error" in status:
+            raise UserError(f"daemon: {status['error']}", 1)
+    except UserError as e:
+        if not args.json:
+            raise
+        print(json.dumps({"error": str(e)}))  # what a script reads, where it reads it
+        return e.exit_code
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
         return 0
@@ -287,6 +305,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  expires in {left:.1f} h")
+    if status.get("ip_forward") is False:
+        print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
+              "(sysctl -w net.ipv4.ip_forward=1)")
     vxlan = bool(lease and lease.get("vtep_mac"))
     if vxlan:
         print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}"

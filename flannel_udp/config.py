@@ -17,6 +17,7 @@ KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tenc
                   "alivpc", "aws-vpc", "gce", "extension", "ipsec")
 IMPLEMENTED_BACKENDS = ("udp", "vxlan", "host-gw")
 
+UDP_DEFAULT_PORT = 8285  # flannel's udp backend
 VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 VNI_MAX = (1 << 24) - 1
@@ -147,8 +148,12 @@ def parse_config(text: str | bytes) -> NetworkConfig:
 
     config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
                            subnet_max=subnet_max, backend_type=backend_type, backend=backend)
+    # Bad options are refused here (so by `network set`), not at every daemon's start. host-gw
+    # reads none, as flannel's.
     if backend_type == "vxlan":
-        vxlan_options(config)  # bad options are refused here, not at every daemon's start
+        vxlan_options(config)
+    elif backend_type == "udp":
+        backend_port(config, UDP_DEFAULT_PORT)
     return config
 
 

@@ -15,7 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flannel_udp import control, healthz, netlink, sdnotify, subnetenv
+from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
 from flannel_udp.backends import Network, make_network
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
@@ -31,6 +31,9 @@ TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
 TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
+IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between this host's pods "
+                  "and the overlay, so they get no traffic; turn it on with "
+                  "`sysctl -w net.ipv4.ip_forward=1`")
 T = TypeVar("T")
 
 
@@ -141,7 +144,7 @@ class Daemon:
 
     async def _run(self) -> int:
         opts = self.opts
-        log.info("lease store: %s", opts.store_name)
+        log.info("using %s", opts.store_name)  # the name says what kind of store it is
         self.config = config = await until_available(
             "reading the network config",
             lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
@@ -151,6 +154,8 @@ class Daemon:
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
+        if netlink.ip_forward() is False:  # refused by none: host-gw needs it as much
+            log.warning("%s", IP_FORWARD_OFF)
         if opts.ip_masq:  # no iptables: say so before taking anything
             self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
         self.network = network = make_network(config, ext, public_ip)
@@ -238,7 +243,8 @@ class Daemon:
                                          self._own_lease_lost)
             except StoreError as e:
                 self.store_errors += 1
-                log.error("lease store: %s; forwarding on the last known table, retrying", e)
+                log.error("following the leases: %s; forwarding on the last known table, "
+                          "retrying", e)
             while True:  # the store may still be away: keep forwarding until it answers
                 await asyncio.sleep(WATCH_RETRY)
                 try:
@@ -246,7 +252,7 @@ class Daemon:
                     break
                 except StoreError as e:
                     self.store_errors += 1
-                    log.error("lease store: %s; retrying", e)
+                    log.error("reading the leases again: %s; retrying", e)
 
     async def _log_drops(self) -> None:
         """Log the drop counters' growth, one line at most every `drop_log_interval` seconds
@@ -395,7 +401,8 @@ class Daemon:
             # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
             return {"lease": None, "network": str(self.config.network) if self.config else None,
                     "started": self.started, "peers": [], "counters": {},
-                    "health": self.health(), "store_errors": self.store_errors}
+                    "health": self.health(), "store_errors": self.store_errors,
+                    "ip_forward": netlink.ip_forward()}
         lease = self.manager.lease
         stats = self.network.stats()
         peers = []
@@ -412,11 +419,12 @@ class Daemon:
             "network": str(self.config.network),
             "started": self.started,
             "peers": peers,
-            "counters": stats["counters"],
+            "counters": droplog.countable(stats["counters"], self.config.backend_type),
             "offloads": stats.get("offloads", {}),
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,
             "ip_masq": self.ipmasq is not None,
             "trace": stats.get("trace", {}),
             "busy_poll_us": stats.get("busy_poll_us", 0),
+            "ip_forward": netlink.ip_forward(),  # read when asked: it may be turned on later
         }

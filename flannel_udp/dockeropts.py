@@ -10,8 +10,9 @@ As in the script: DOCKER_OPT_IPMASQ appears only when FLANNEL_IPMASQ=true (flann
 so docker must not; otherwise docker's own default, true, stands), the individual variables
 come in alphabetical order, and the combined value starts with the current value of the
 combined key's environment variable and a space, each option followed by a space. Two
-differences, both deliberate: a missing subnet file is an error (the script writes empty
-options), and `-m` works (the script documents it but leaves it out of its getopts string).
+differences, both deliberate: a missing subnet file, or one with no FLANNEL_SUBNET or
+FLANNEL_MTU line, is an error (the script writes empty options), and `-m` works (the script
+documents it but leaves it out of its getopts string).
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def write_docker_opts(opts: DockerOptsOptions) -> str:
     except OSError as e:
         raise UserError(f"-f {opts.subnet_file}: {e.strerror} (has `flannel-udp run` written "
                         "it yet?)", exit_code=1) from None
-    text = render(subnetenv.read(opts.subnet_file), opts)
+    env = subnetenv.read(opts.subnet_file)
+    if not (env.get("FLANNEL_SUBNET") or env.get("FLANNEL_MTU")):
+        raise UserError(f"-f {opts.subnet_file}: no FLANNEL_SUBNET or FLANNEL_MTU line, so no "
+                        "option to write (is it the subnet file `flannel-udp run` writes?)",
+                        exit_code=1)
+    text = render(env, opts)
     try:
         subnetenv.write(opts.output, text)
     except OSError as e:

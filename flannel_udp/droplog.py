@@ -1,5 +1,6 @@
 """Rate-limited logging of the fast path's drop counters: a flood of bad datagrams must show in
-the log without flooding it. Pure: the daemon feeds it counter snapshots and the clock.
+the log without flooding it; and which drop reasons a backend can count at all. Pure: the
+daemon feeds it counter snapshots and the clock.
 
 Every reason is reported at most once per interval, all reasons that grew in one line, e.g.
 ``dropped in the last 10 s: unknown_sender +120345, vxlan_wrong_vni +3``.
@@ -8,8 +9,25 @@ Every reason is reported at most once per interval, all reasons that grew in one
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
+
+from flannel_udp.packet import DROP_NAMES, Drop
 
 DEFAULT_INTERVAL = 10.0  # seconds between two lines naming the same reason
+# Counted only by the VXLAN mode of the fast path: its checks of the VXLAN header.
+VXLAN_DROPS = frozenset(DROP_NAMES[d] for d in (
+    Drop.VXLAN_SHORT, Drop.VXLAN_BAD_FLAGS, Drop.VXLAN_WRONG_VNI, Drop.VXLAN_WRONG_MAC,
+    Drop.VXLAN_NOT_IPV4))
+DROP_KEYS = ("drops", "ingress_drops", "egress_drops")  # the fast path's counters by reason
+
+
+def countable(counters: dict[str, Any], backend_type: str) -> dict[str, Any]:
+    """The fast path's `counters` without the drop reasons `backend_type` can never count (a
+    udp node makes no VXLAN header checks); the other reasons keep their names."""
+    if backend_type == "vxlan":
+        return counters
+    return {key: ({r: n for r, n in value.items() if r not in VXLAN_DROPS}
+                  if key in DROP_KEYS else value) for key, value in counters.items()}
 
 
 class DropLog:

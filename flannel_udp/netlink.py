@@ -20,6 +20,8 @@ from flannel_udp.errors import UserError
 
 TUN_TXQUEUELEN = 5000
 RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
+IFF_LOOPBACK = 0x8  # <linux/if.h>
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class ExtIface:
 
 
 def find_interface(spec: str | None) -> ExtIface:
-    """The interface named `spec`, or holding address `spec`, or of the default route."""
+    """The interface named `spec`, or holding address `spec`, or of the default route; never
+    the loopback interface, which other hosts cannot reach."""
     wanted = _as_ipv4(spec)
     with IPRoute() as ipr:
         if spec is None:
@@ -55,13 +58,30 @@ def find_interface(spec: str | None) -> ExtIface:
             index = matches[0]
         link = ipr.get_links(index)[0]
         name = link.get("IFLA_IFNAME")
+        flag = f"--iface {spec}" if spec is not None else "the default route's interface"
+        if link["flags"] & IFF_LOOPBACK:
+            raise UserError(f"{flag}: {name} is the loopback interface, which other hosts "
+                            "cannot reach; name the underlay interface or its address")
         addresses = [IPv4Address(a.get("IFA_ADDRESS"))
                      for a in ipr.get_addr(family=socket.AF_INET, index=index)]
         if not addresses:
             raise UserError(f"interface {name} has no IPv4 address; give it one or pick "
                             "another with --iface")
-        return ExtIface(name=name, index=index, address=wanted or addresses[0],
-                        mtu=link.get("IFLA_MTU"))
+        address = wanted or addresses[0]
+        if address.is_loopback:
+            raise UserError(f"{flag}: {address} is a loopback address, which other hosts cannot "
+                            "reach; name the underlay interface or its address")
+        return ExtIface(name=name, index=index, address=address, mtu=link.get("IFLA_MTU"))
+
+
+def ip_forward() -> bool | None:
+    """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward); None when it can't
+    be read. Off, the kernel passes nothing between the pods' interfaces and the overlay, for
+    every backend (host-gw's routes as much as a TUN)."""
+    try:
+        return IP_FORWARD.read_text().strip() != "0"
+    except OSError:
+        return None
 
 
 def _as_ipv4(text: str | None) -> IPv4Address | None:

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from flannel_udp.cli import build_parser
+from flannel_udp import cli
+from flannel_udp.cli import COMMANDS, build_parser
 
 
 def flannel_udp(*argv, env=None, cwd=None):
@@ -86,3 +87,65 @@ def test_a_corrupt_store_is_named_and_kept(tmp_path):
     assert str(store) in done.stderr and "corrupt" in done.stderr
     assert "Traceback" not in done.stderr
     assert store.read_bytes() == b"\x00garbage"
+
+
+def test_network_set_refuses_a_bad_udp_port_and_writes_nothing(tmp_path):
+    store = tmp_path / "leases"
+    for port in ("70000", '"x"'):
+        done = flannel_udp("network", "set",
+                           f'{{"Network":"10.9.0.0/16","Backend":{{"Type":"udp","Port":{port}}}}}',
+                           "--local-store", str(store))
+        assert done.returncode == 2, done.stderr
+        assert "Backend.Port" in done.stderr and done.stderr.count("\n") == 1
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("argv", [["network", "set", "-"], ["network", "set", "--file", "-"]])
+def test_network_set_reads_the_config_from_stdin_with_a_dash(tmp_path, argv):
+    store = str(tmp_path / "leases")
+    done = subprocess.run([sys.executable, "-m", "flannel_udp", *argv, "--local-store", store],
+                          input='{"Network":"10.9.0.0/16"}', capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = flannel_udp("network", "get", "--local-store", store)
+    assert json.loads(got.stdout) == {"Network": "10.9.0.0/16"}
+
+
+def test_network_set_with_no_config_says_what_to_give_and_with_two_not_both(tmp_path):
+    store = str(tmp_path / "leases")
+    done = flannel_udp("network", "set", "--local-store", store)
+    assert done.returncode == 2
+    assert "not both" not in done.stderr
+    assert "JSON" in done.stderr and "'-'" in done.stderr and "--file" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    cfg = tmp_path / "net.json"
+    cfg.write_text('{"Network":"10.8.0.0/16"}')
+    done = flannel_udp("network", "set", '{"Network":"10.9.0.0/16"}', "--file", str(cfg),
+                       "--local-store", store)
+    assert done.returncode == 2
+    assert "not both" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "leases").exists()
+
+
+def test_network_get_on_an_empty_store_says_how_to_set_one(tmp_path):
+    done = flannel_udp("network", "get", "--local-store", str(tmp_path / "leases"))
+    assert done.returncode == 1
+    assert "no network config" in done.stderr and "flannel-udp network set" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not (tmp_path / "leases").exists()
+
+
+def test_status_json_prints_its_error_as_json_and_exits_non_zero(tmp_path):
+    done = flannel_udp("status", "--json", "--control-socket", str(tmp_path / "none.sock"))
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert "no flannel-udp daemon" in error and str(tmp_path / "none.sock") in error
+    assert "Traceback" not in done.stderr
+
+
+def test_the_module_docstring_names_every_subcommand():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(commands) == set(COMMANDS)
+    described = cli.__doc__.replace("\n", " ")
+    assert [c for c in commands if c not in described] == []

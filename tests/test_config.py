@@ -68,10 +68,20 @@ def test_bad_config_is_refused_naming_the_field(text, field):
     assert err.value.exit_code == 2
 
 
-def test_backend_port_out_of_range_is_refused():
-    cfg = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Port": 70000}}')
-    with pytest.raises(ConfigError, match="Backend.Port"):
-        backend_port(cfg, 8285)
+@pytest.mark.parametrize("port, field", [
+    (70000, "Backend.Port: 70000 is out of range (1..65535)"),
+    (-1, "Backend.Port: -1 is out of range"),
+    ("x", 'Backend.Port: expected an integer, got "x"'),
+    ("8285", 'Backend.Port: expected an integer, got "8285"'),
+    (True, "Backend.Port: expected an integer, got true"),
+])
+def test_bad_udp_port_is_refused_when_the_config_is_parsed(port, field):
+    # As vxlan's options: `network set` refuses it, not every daemon at its start.
+    text = json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Port": port}})
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert field in str(err.value)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
 
 
 # --- vxlan options -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,6 +128,21 @@ def test_docker_opts_without_a_subnet_file_is_one_line_and_exit_1(tmp_path: Path
         write_docker_opts(DockerOptsOptions(subnet_file=str(tmp_path), key="not a name"))
 
 
+@pytest.mark.parametrize("content", ["", "# nothing here\nOTHER=1\n",
+                                     "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_IPMASQ=true\n"])
+def test_docker_opts_refuses_a_subnet_file_with_no_options_in_it_and_writes_nothing(
+        tmp_path: Path, capsys, content):
+    subnet_env = tmp_path / "subnet.env"
+    subnet_env.write_text(content)
+    out = tmp_path / "docker_opts.env"
+    out.write_text("KEPT=1\n")
+    code = main(["docker-opts", "-f", str(subnet_env), "-d", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert str(subnet_env) in err and "FLANNEL_SUBNET" in err
+    assert out.read_text() == "KEPT=1\n"
+
+
 # -- sd_notify --------------------------------------------------------------------------------
 
 
@@ -225,6 +241,14 @@ def test_metrics_of_a_status_without_offloads_or_lease_still_render():
     assert got[("flannel_udp_healthy", (("check", "all"),))] == 0
     assert got[("flannel_udp_peers", ())] == 0
     assert not any(name.startswith("flannel_udp_offload") for name, _ in got)
+
+
+def test_every_metric_the_documentation_names_is_one_metrics_serves():
+    root = Path(__file__).resolve().parent.parent
+    docs = [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
+    named = {m for doc in docs for m in re.findall(r"\bflannel_udp_[a-z_]+\b", doc.read_text())}
+    served = {name for name, _ in samples(metrics.render(STATUS))}
+    assert named and sorted(named - served) == []
 
 
 @pytest.mark.parametrize("checks, code, body", [

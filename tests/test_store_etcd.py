@@ -426,6 +426,20 @@ def test_bad_tls_or_auth_flags_exit_2_naming_them(flags, named):
     assert named in the_error_line(done)
 
 
+@pytest.mark.parametrize("missing", ["--etcd-certfile", "--etcd-keyfile"])
+def test_a_missing_client_certificate_or_key_file_is_named(tmp_path, missing):
+    present = tmp_path / "present.pem"
+    present.write_text("-----BEGIN CERTIFICATE-----\n")
+    files = {"--etcd-certfile": str(present), "--etcd-keyfile": str(present),
+             missing: str(tmp_path / "absent.pem")}
+    done = flannel_udp("network", "get", "--etcd-endpoints", "https://127.0.0.1:2379",
+                       *(a for flag, path in files.items() for a in (flag, path)))
+    assert done.returncode == 2, done.stderr
+    line = the_error_line(done)
+    assert f"{missing} {tmp_path / 'absent.pem'}: No such file or directory" in line, line
+    assert "None" not in line
+
+
 def test_an_unreachable_etcd_fails_a_command_at_once_in_one_line():
     done = flannel_udp("network", "get", "--etcd-endpoints", f"127.0.0.1:{closed_port()}")
     assert done.returncode == 1

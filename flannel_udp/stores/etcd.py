@@ -141,11 +141,13 @@ class EtcdOptions:
         if bool(username) != bool(password):
             raise UserError("--etcd-username and --etcd-password go together: give both or "
                             "neither")
+        # Read first: a missing file is then named by its flag and path (the pair check's
+        # OSError carries no file name).
+        cert, key = _read_pem("--etcd-certfile", certfile), _read_pem("--etcd-keyfile", keyfile)
         if certfile and keyfile:
             _check_key_pair(certfile, keyfile)
-        return cls(parse_endpoints(endpoints), prefix,
-                   _read_pem("--etcd-cafile", cafile), _read_pem("--etcd-certfile", certfile),
-                   _read_pem("--etcd-keyfile", keyfile), username or None, password or None)
+        return cls(parse_endpoints(endpoints), prefix, _read_pem("--etcd-cafile", cafile),
+                   cert, key, username or None, password or None)
 
 
 def _check_key_pair(certfile: str, keyfile: str) -> None:
@@ -157,7 +159,8 @@ def _check_key_pair(certfile: str, keyfile: str) -> None:
         raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: not a "
                         f"certificate and its key ({e.reason or e})") from None
     except OSError as e:
-        raise UserError(f"--etcd-certfile/--etcd-keyfile: {e.filename}: {e.strerror}") from None
+        raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: "
+                        f"{e.strerror}") from None
 
 
 def _key(*parts: str) -> bytes:
