@@ -23,6 +23,7 @@ API (every failure is a NetnsError whose message names the command, namespace an
     sigterm_as_interrupt()                  context: SIGTERM unwinds like Ctrl-C (cleanup runs)
     Netns   .run(*argv) .popen(*argv) .ip_json(*args) .link(dev) .sysctl(key)
             .ping(*dsts) -> {dst: PingResult} .tcp_sink/.tcp_sink_result/.tcp_send/.tcp_connect
+            .set_features(dev, {name: on})  ethtool features, e.g. {"rx-gro": False}
             .iperf3(server, address, *args) -> iperf3's JSON report; .iperf3_start -> Iperf3Run
     Host    (a Netns) .underlay_ip .subnet_file .control_socket .log_path .daemon
             .start_flannel(store, net_config, *extra) .stop_flannel(sig) .wait_ready()
@@ -365,6 +366,11 @@ class Netns:
     def sysctl(self, key: str) -> str:
         return self.run("sysctl", "-n", key).stdout.strip()
 
+    def set_features(self, dev: str, features: Mapping[str, bool]) -> None:
+        """Turn ethtool features of `dev` on or off by their kernel names, as `ethtool -k`
+        lists them (e.g. "tx-checksum-ip-generic", "rx-gro")."""
+        self.run(sys.executable, "-c", _SET_FEATURES, dev, json.dumps(dict(features)))
+
     def ping(self, *dsts: str, count: int = 3, interval: float = 0.05,
              timeout: float = 1.0) -> dict[str, PingResult]:
         """ICMP-echo each destination `count` times (`interval` s apart, all destinations at
@@ -563,7 +569,7 @@ class Host(Netns):
         """Make `dev` finish checksums and segmentation in software, as a NIC does before the
         wire, for a host whose kernel VXLAN sends to a userspace receiver (see
         KernelVxlanNode). Without checksum offload the kernel also turns TSO off."""
-        self.run(sys.executable, "-c", _TX_CHECKSUM_OFF, dev)
+        self.set_features(dev, {"tx-checksum-ip-generic": False})
 
     def close_log(self) -> None:
         if self._log is not None:
@@ -571,12 +577,13 @@ class Host(Netns):
             self._log = None
 
 
-_TX_CHECKSUM_OFF = """
-import sys
+_SET_FEATURES = """
+import json, sys
 from pyroute2.ethtool import Ethtool
 with Ethtool() as ethtool:
     features = ethtool.get_features(sys.argv[1])
-    features.features["tx-checksum-ip-generic"].enable = False
+    for name, enable in json.loads(sys.argv[2]).items():
+        features.features[name].enable = enable
     ethtool.set_features(sys.argv[1], features)
 """
 
