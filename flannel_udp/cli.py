@@ -301,6 +301,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     offloads = status.get("offloads") or {}
     if offloads:
         print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
+    if status.get("source_check") is False:
+        print("source check off (--no-source-check): datagrams from anyone are forwarded")
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")

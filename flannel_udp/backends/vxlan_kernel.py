@@ -17,6 +17,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from flannel_udp import netlink
+from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.vxlan import VxlanNetwork, plan_vxlan_peer, vxlan_settings
 from flannel_udp.config import NetworkConfig
@@ -36,7 +37,7 @@ class KernelVxlanUnavailable(UserError):
         super().__init__(message, exit_code=1)
 
 
-class KernelVxlanNetwork:
+class KernelVxlanNetwork(Network):
     """The vxlan backend's `Network` on a kernel VXLAN device; entries kept by `PeerRoutes`."""
 
     backend_type = "vxlan"
@@ -111,6 +112,9 @@ class KernelVxlanNetwork:
                           "dataplane": "kernel", "device": self.device,
                           "direct_routing": self.settings.direct_routing}}
 
+    def userspace(self) -> UserspaceDataplane | None:
+        return None  # the kernel forwards
+
     def close(self) -> None:
         if self._routes is not None:
             self._routes.close()
@@ -120,14 +124,10 @@ class KernelVxlanNetwork:
             self._index = 0
 
 
-def _userspace_setting(name: str) -> property:
-    return property(lambda self: getattr(self._userspace, name),
-                    lambda self, value: setattr(self._userspace, name, value))
-
-
-class AutoVxlanNetwork:
+class AutoVxlanNetwork(Network):
     """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
-    publish the same lease (same VtepMAC), so peers can't tell which was taken."""
+    publish the same lease (same VtepMAC), so peers can't tell which was taken. Whatever the
+    chosen one offers, `userspace()` included, is the chosen one's."""
 
     backend_type = "vxlan"
 
@@ -137,10 +137,6 @@ class AutoVxlanNetwork:
         self._chosen: KernelVxlanNetwork | VxlanNetwork = kernel
         self.backend_data = kernel.backend_data
         self.mtu = kernel.mtu
-
-    # Settings of the userspace dataplane only: the kernel's VXLAN has no such things.
-    source_check = _userspace_setting("source_check")
-    busy_poll_us = _userspace_setting("busy_poll_us")
 
     def open(self) -> None:
         try:
@@ -152,9 +148,6 @@ class AutoVxlanNetwork:
         else:
             log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
                      self._kernel.device)
-            if self.busy_poll_us:
-                log.warning("--busy-poll: no effect on the kernel's VXLAN dataplane "
-                            "(Backend.Dataplane \"userspace\" has it)")
             self._chosen = self._kernel
             return
         self._userspace.open()
@@ -175,6 +168,9 @@ class AutoVxlanNetwork:
         stats = self._chosen.stats()
         stats["lease"]["dataplane_choice"] = "auto"
         return stats
+
+    def userspace(self) -> UserspaceDataplane | None:
+        return self._chosen.userspace()
 
     def close(self) -> None:
         self._chosen.close()
