@@ -31,6 +31,7 @@ TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
 TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
+STARTING = "starting: no lease yet (its log says what it waits for)"
 T = TypeVar("T")
 
 
@@ -105,6 +106,7 @@ class Daemon:
         self.ipmasq: IpMasq | None = None
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
+        self._serving = False  # the lease is held and subnet.env written: `status` answers
         # `flannel-udp trace` clients: each one's sampling rate and the records not sent yet.
         self._tracers: dict[object, tuple[int, list[tuple[Any, ...]]]] = {}
         self._trace_lost = 0  # records dropped because a tracer's buffer was full
@@ -126,11 +128,19 @@ class Daemon:
             # Until _serve takes the signals over: a stop while waiting (e.g. for etcd) is a
             # clean exit, with whatever was set up undone by the finally blocks.
             loop.add_signal_handler(sig, starting.cancel)
-        health_server = None
-        if self.opts.healthz_port:  # first: it answers 503 while we wait for the store
-            health_server = await healthz.serve(self.opts.healthz_ip, self.opts.healthz_port,
-                                                self.status)
+        # First what a running daemon may hold (the subnet file, the control socket, the health
+        # port), so that a refused start takes no lease and writes no file; the backend's
+        # devices and ports follow in _run, still before the lease.
+        lock = subnetenv.SubnetFileLock(self.opts.subnet_file)
+        control_server = health_server = None
         try:
+            lock.acquire()
+            # `status` answers "starting" until the lease is held (handle_request).
+            control_server = await control.serve(self.opts.control_socket, self.handle_request,
+                                                 {"trace": self.trace})
+            if self.opts.healthz_port:  # it answers 503 while we wait for the store
+                health_server = await healthz.serve(self.opts.healthz_ip,
+                                                    self.opts.healthz_port, self.status)
             return await self._run()
         except asyncio.CancelledError:
             log.info("signal received while starting; exiting")
@@ -138,6 +148,11 @@ class Daemon:
         finally:
             if health_server is not None:
                 health_server.close()
+            if control_server is not None:
+                control_server.close()
+                with contextlib.suppress(OSError):
+                    Path(self.opts.control_socket).unlink()
+            lock.release()
 
     async def _run(self) -> int:
         opts = self.opts
@@ -198,13 +213,10 @@ class Daemon:
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
-        server = await control.serve(opts.control_socket, self.handle_request,
-                                     {"trace": self.trace})
         if self.ipmasq is not None:
             try:
                 await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
             except IptablesError as e:
-                server.close()
                 raise UserError(f"--ip-masq: {e}", exit_code=1) from None
 
         stop = asyncio.Event()
@@ -218,6 +230,7 @@ class Daemon:
         if self.ipmasq is not None:
             tasks.append(asyncio.create_task(
                 resync_forever(self.ipmasq, opts.iptables_resync), name="ip-masq"))
+        self._serving = True
         log.info("running: %d peers; status: flannel-udp status --control-socket %s",
                  len(peers), opts.control_socket)
         sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
@@ -233,14 +246,11 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            server.close()
             if self.ipmasq is not None:
                 try:
                     await asyncio.to_thread(self.ipmasq.teardown)
                 except IptablesError as e:
                     log.error("ip-masq: removing the rules failed: %s", e)
-            with contextlib.suppress(OSError):
-                Path(opts.control_socket).unlink()
 
     async def _follow(self) -> None:
         """Apply lease events; a store that fails is retried while forwarding goes on."""
@@ -324,6 +334,8 @@ class Daemon:
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("cmd") != "status":
             return {"error": f"unknown command {request.get('cmd')!r}"}
+        if not self._serving:
+            return {"error": STARTING}
         return self.status()
 
     def _apply_trace(self) -> None:
@@ -353,6 +365,9 @@ class Daemon:
         if not (isinstance(every, int) and every >= 1 and isinstance(max_rate, (int, float))
                 and max_rate > 0):
             yield {"error": "trace: every must be an integer >= 1 and max_rate > 0"}
+            return
+        if not self._serving:
+            yield {"error": STARTING}
             return
         userspace = self._userspace()
         if userspace is None:

@@ -12,7 +12,9 @@ deletes it, as the other backends remove their devices.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
@@ -37,6 +39,23 @@ class KernelVxlanUnavailable(UserError):
         super().__init__(message, exit_code=1)
 
 
+def claim_device(name: str) -> socket.socket:
+    """A claim on device `name` for as long as this process holds the socket: an abstract unix
+    socket named after it, which lives in the network namespace, as the device does, and goes
+    with the process. A VXLAN device whose claim is free was left behind by a run that ended;
+    one whose claim is taken belongs to a running daemon: UserError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(f"\0flannel-udp device {name}")
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"VXLAN device {name} is in use by another running flannel-udp in "
+                            "this network namespace (one daemon per namespace)") from None
+        raise UserError(f"cannot claim VXLAN device {name}: {e.strerror}", exit_code=1) from None
+    return sock
+
+
 class KernelVxlanNetwork(Network):
     """The vxlan backend's `Network` on a kernel VXLAN device; entries kept by `PeerRoutes`."""
 
@@ -52,9 +71,19 @@ class KernelVxlanNetwork(Network):
         self.device = f"{DEVICE_PREFIX}{self.settings.vni}"
         self._index = 0
         self._routes: PeerRoutes | None = None
+        self._claim: socket.socket | None = None
 
     def open(self) -> None:
-        """Create the device; KernelVxlanUnavailable when the kernel won't."""
+        """Create the device; KernelVxlanUnavailable when the kernel won't, UserError when a
+        running daemon has it."""
+        self._claim = claim_device(self.device)
+        try:
+            self._create_device()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_device(self) -> None:
         kind = netlink.link_kind(self.device)
         if kind == "vxlan":  # a flanneld's or a killed run's: programmed by someone else
             log.info("removing the VXLAN device %s left behind", self.device)
@@ -122,6 +151,9 @@ class KernelVxlanNetwork(Network):
         if self._index:
             netlink.delete_link(self.device)  # its neighbours, FDB entries and routes go too
             self._index = 0
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
 
 
 class AutoVxlanNetwork(Network):
