@@ -8,6 +8,9 @@ port, a TUN name held by another process, the kernel VXLAN device of a running d
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +20,8 @@ from pathlib import Path
 import pytest
 from test_integration_ops import fetch
 
-from flannel_udp.netns import FLANNEL_UDP, Host, Topology
+from flannel_udp import control
+from flannel_udp.netns import FLANNEL_UDP, Host, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
@@ -154,3 +158,35 @@ def test_the_kernel_vxlan_device_of_a_running_daemon_is_left_alone(topology):
     assert h1.subnet_file.read_bytes() == env and leases(topo.store_path) == table
     assert not (h1.dir / "second.env").exists()
 
+
+def test_daemons_in_two_namespaces_get_their_own_control_socket_by_default(topology):
+    """No --control-socket: each namespace named by `ip netns` has its own default, and
+    `status` run in a namespace finds that namespace's daemon."""
+    topo: Topology = topology(2)
+    config = topo.write_net_config(UDP_CONFIG)
+    run_dir = Path(control.DEFAULT_PATH).parent
+    made_run_dir = not run_dir.exists()
+    sockets = {h.label: run_dir / f"netns-{h.name}.sock" for h in topo.hosts}
+    try:
+        for host in topo.hosts:
+            host.popen(*FLANNEL_UDP, "run", "--local-store", topo.store_path, "--iface", "eth0",
+                       "--net-config-path", config, "--subnet-file", host.subnet_file,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subnets = {}
+        for host in topo.hosts:
+            def status(host: Host = host) -> dict | None:
+                result = host.flannel("status", "--json", check=False)  # the default socket
+                return json.loads(result.stdout) if result.returncode == 0 else None
+            lease = wait_until(status, 15, f"{host.label}'s daemon to answer")["lease"]
+            assert lease["public_ip"] == host.underlay_ip
+            subnets[host.label] = lease["subnet"]
+            flannel_subnet = ipaddress.ip_interface(host.subnet_env()["FLANNEL_SUBNET"])
+            assert str(flannel_subnet.network) == lease["subnet"]
+            assert sockets[host.label].is_socket()
+        assert len(set(subnets.values())) == 2
+    finally:
+        topo.cleanup()  # SIGTERM: each daemon removes its socket
+        if made_run_dir:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+    assert not any(path.exists() for path in sockets.values())
