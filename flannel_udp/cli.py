@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flannel-udp",
         description="A userspace overlay network for container hosts, compatible with flannel.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    control_socket = control.default_path()  # this network namespace's
 
     run = sub.add_parser("run", help="run the node daemon in the foreground",
                          description="Lease a subnet and carry pod traffic to the other hosts. "
@@ -124,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--etcd-wait", type=int, default=60, metavar="SECONDS",
          help="how long to wait at start for an unreachable etcd before exiting; 0 waits for "
               "ever, as flanneld (default %(default)s)")
-    _add(run, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH",
-         help="unix socket for `flannel-udp status` (default %(default)s)")
+    _add(run, "--control-socket", default=control_socket, metavar="PATH",
+         help="unix socket for `flannel-udp status` (default %(default)s: each namespace "
+              "named by `ip netns` has its own)")
     _add(run, "-v", type=int, default=0, metavar="LEVEL",
          help="log level: 0 info, 1 and above debug")
 
     status = sub.add_parser("status", help="show the running daemon's lease, peers, counters")
-    _add(status, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH")
+    _add(status, "--control-socket", default=control_socket, metavar="PATH")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     trace = sub.add_parser(
@@ -138,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one line per packet decision of the running daemon's userspace "
                     "data plane (udp backend, vxlan with the userspace Dataplane) until Ctrl-C. "
                     "Tracing is on only while a tracer is attached.")
-    _add(trace, "--control-socket", default=control.DEFAULT_PATH, metavar="PATH")
+    _add(trace, "--control-socket", default=control_socket, metavar="PATH")
     trace.add_argument("--every", type=int, default=1, metavar="N",
                        help="sample one decision in N per direction (default %(default)s)")
     trace.add_argument("--max-rate", type=int, default=100, metavar="R",
@@ -322,6 +324,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     offloads = status.get("offloads") or {}
     if offloads:
         print("offloads " + ", ".join(f"{k} {'on' if v else 'off'}" for k, v in offloads.items()))
+    if status.get("source_check") is False:
+        print("source check off (--no-source-check): datagrams from anyone are forwarded")
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")

@@ -19,7 +19,8 @@ import msgpack
 
 from flannel_udp.errors import UserError
 
-DEFAULT_PATH = "/run/flannel-udp/control.sock"
+DEFAULT_PATH = "/run/flannel-udp/control.sock"  # outside namespaces named by `ip netns`
+NETNS_DIR = "/run/netns"  # where `ip netns` names namespaces
 MAX_FRAME = 16 << 20
 _LEN = struct.Struct(">I")
 
@@ -34,6 +35,24 @@ async def _read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     if size > MAX_FRAME:
         raise ValueError("frame too large")
     return msgpack.unpackb(await reader.readexactly(size), raw=False)
+
+
+def default_path() -> str:
+    """The control socket of this network namespace. `ip netns exec` shares /run between the
+    namespaces, where one daemon each runs: a namespace named by `ip netns` gets
+    `/run/flannel-udp/netns-<name>.sock`, any other (the host's, a container's) DEFAULT_PATH.
+    `status` and `trace` run in the same namespace find the same socket."""
+    try:
+        own = os.stat("/proc/self/ns/net")
+        with os.scandir(NETNS_DIR) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    named = os.stat(entry.path)
+                    if (named.st_dev, named.st_ino) == (own.st_dev, own.st_ino):
+                        return str(Path(DEFAULT_PATH).with_name(f"netns-{entry.name}.sock"))
+    except OSError:  # no /proc or no /run/netns: no named namespace
+        pass
+    return DEFAULT_PATH
 
 
 def _answers(path: str) -> bool:
@@ -80,8 +99,9 @@ async def serve(path: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
     streams = streams or {}
     if os.path.exists(path):
         if _answers(path):
-            raise UserError(f"control socket {path} is served by another running daemon "
-                            "(give this one another --control-socket)")
+            raise UserError(f"control socket {path} is served by another running daemon: "
+                            "every daemon on a machine needs its own --control-socket and "
+                            "--subnet-file")
         os.unlink(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
-from flannel_udp.backends import Network, make_network
+from flannel_udp.backends import DataplaneSettings, Network, UserspaceDataplane, make_network
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
@@ -34,6 +34,7 @@ START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable
 IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between this host's pods "
                   "and the overlay, so they get no traffic; turn it on with "
                   "`sysctl -w net.ipv4.ip_forward=1`")
+STARTING = "starting: no lease yet (its log says what it waits for)"
 T = TypeVar("T")
 
 
@@ -108,6 +109,7 @@ class Daemon:
         self.ipmasq: IpMasq | None = None
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
+        self._serving = False  # the lease is held and subnet.env written: `status` answers
         # `flannel-udp trace` clients: each one's sampling rate and the records not sent yet.
         self._tracers: dict[object, tuple[int, list[tuple[Any, ...]]]] = {}
         self._trace_lost = 0  # records dropped because a tracer's buffer was full
@@ -129,11 +131,19 @@ class Daemon:
             # Until _serve takes the signals over: a stop while waiting (e.g. for etcd) is a
             # clean exit, with whatever was set up undone by the finally blocks.
             loop.add_signal_handler(sig, starting.cancel)
-        health_server = None
-        if self.opts.healthz_port:  # first: it answers 503 while we wait for the store
-            health_server = await healthz.serve(self.opts.healthz_ip, self.opts.healthz_port,
-                                                self.status)
+        # First what a running daemon may hold (the subnet file, the control socket, the health
+        # port), so that a refused start takes no lease and writes no file; the backend's
+        # devices and ports follow in _run, still before the lease.
+        lock = subnetenv.SubnetFileLock(self.opts.subnet_file)
+        control_server = health_server = None
         try:
+            lock.acquire()
+            # `status` answers "starting" until the lease is held (handle_request).
+            control_server = await control.serve(self.opts.control_socket, self.handle_request,
+                                                 {"trace": self.trace})
+            if self.opts.healthz_port:  # it answers 503 while we wait for the store
+                health_server = await healthz.serve(self.opts.healthz_ip,
+                                                    self.opts.healthz_port, self.status)
             return await self._run()
         except asyncio.CancelledError:
             log.info("signal received while starting; exiting")
@@ -141,6 +151,11 @@ class Daemon:
         finally:
             if health_server is not None:
                 health_server.close()
+            if control_server is not None:
+                control_server.close()
+                with contextlib.suppress(OSError):
+                    Path(self.opts.control_socket).unlink()
+            lock.release()
 
     async def _run(self) -> int:
         opts = self.opts
@@ -158,23 +173,36 @@ class Daemon:
             log.warning("%s", IP_FORWARD_OFF)
         if opts.ip_masq:  # no iptables: say so before taking anything
             self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
-        self.network = network = make_network(config, ext, public_ip)
-        if hasattr(network, "source_check"):  # backends with a data plane of their own
-            network.source_check = opts.source_check
-            network.busy_poll_us = opts.busy_poll_us
-            if not opts.source_check:
-                log.warning("source check off (--no-source-check): datagrams from anyone are "
-                            "forwarded into the pod network")
-        elif opts.busy_poll_us:
-            log.warning("--busy-poll: no effect on backend %s, which forwards in the kernel",
-                        config.backend_type)
+        self.network = network = make_network(
+            config, ext, public_ip, DataplaneSettings(opts.source_check, opts.busy_poll_us))
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:
+            self._log_dataplane_flags(config, network.userspace())
             return await self._serve(config, network, public_ip)
         finally:
             await asyncio.to_thread(network.close)
             log.info("removed %s's devices and routes; lease kept", config.backend_type)
+
+    def _log_dataplane_flags(self, config: NetworkConfig,
+                             userspace: UserspaceDataplane | None) -> None:
+        """Say what the userspace data plane's flags do on the data plane open() took."""
+        if userspace is not None:
+            if not userspace.source_check:
+                log.warning("source check off (--no-source-check): datagrams from anyone are "
+                            "forwarded into the pod network")
+            return
+        hint = ' (Backend.Dataplane "userspace" has it)' if config.backend_type == "vxlan" else ""
+        for flag, given in (("--busy-poll", self.opts.busy_poll_us),
+                            ("--no-source-check", not self.opts.source_check)):
+            if given:
+                log.warning("%s: no effect on backend %s, which forwards in the kernel%s", flag,
+                            config.backend_type, hint)
+
+    def _userspace(self) -> UserspaceDataplane | None:
+        """The data plane forwarding in this process; None before open() or where the kernel
+        forwards."""
+        return self.network.userspace() if self.network is not None else None
 
     async def _serve(self, config: NetworkConfig, network: Network,
                      public_ip: IPv4Address) -> int:
@@ -190,13 +218,10 @@ class Daemon:
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
-        server = await control.serve(opts.control_socket, self.handle_request,
-                                     {"trace": self.trace})
         if self.ipmasq is not None:
             try:
                 await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
             except IptablesError as e:
-                server.close()
                 raise UserError(f"--ip-masq: {e}", exit_code=1) from None
 
         stop = asyncio.Event()
@@ -210,6 +235,7 @@ class Daemon:
         if self.ipmasq is not None:
             tasks.append(asyncio.create_task(
                 resync_forever(self.ipmasq, opts.iptables_resync), name="ip-masq"))
+        self._serving = True
         log.info("running: %d peers; status: flannel-udp status --control-socket %s",
                  len(peers), opts.control_socket)
         sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
@@ -225,14 +251,11 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            server.close()
             if self.ipmasq is not None:
                 try:
                     await asyncio.to_thread(self.ipmasq.teardown)
                 except IptablesError as e:
                     log.error("ip-masq: removing the rules failed: %s", e)
-            with contextlib.suppress(OSError):
-                Path(opts.control_socket).unlink()
 
     async def _follow(self) -> None:
         """Apply lease events; a store that fails is retried while forwarding goes on."""
@@ -257,21 +280,21 @@ class Daemon:
     async def _log_drops(self) -> None:
         """Log the drop counters' growth, one line at most every `drop_log_interval` seconds
         per reason, so that a flood of bad datagrams shows without flooding the log."""
-        assert self.network is not None
         drop_log = DropLog(self.opts.drop_log_interval)
         gso_was_on = False
         while True:
+            userspace = self._userspace()  # None: the kernel forwards, and counts no reasons
             try:
-                # stats() asks netlink for the TUN's queue drops: not on the loop thread.
-                stats = await asyncio.to_thread(self.network.stats)
+                # The TUN's queue drops are read from /sys: not on the loop thread.
+                counters = await asyncio.to_thread(userspace.counters) if userspace else {}
+                offloads = userspace.offloads() if userspace else {}
             except Exception as e:  # a report that failed must not stop the daemon
                 log.debug("reading the drop counters failed: %s", e)
             else:
-                line = drop_log.update(stats.get("counters", {}).get("drops", {}),
-                                       time.monotonic())
+                line = drop_log.update(counters.get("drops", {}), time.monotonic())
                 if line:
                     log.warning("%s", line)
-                gso_on = bool(stats.get("offloads", {}).get("udp_gso"))
+                gso_on = bool(offloads.get("udp_gso"))
                 if gso_was_on and not gso_on:
                     log.warning("UDP GSO off: the kernel refused a UDP_SEGMENT send (EIO); "
                                 "sending datagram by datagram from now on")
@@ -317,19 +340,23 @@ class Daemon:
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("cmd") != "status":
             return {"error": f"unknown command {request.get('cmd')!r}"}
+        if not self._serving:
+            return {"error": STARTING}
         return self.status()
 
     def _apply_trace(self) -> None:
         """Sample at the finest rate any tracer asked for; 0 (off) with none left."""
-        assert self.network is not None
-        self.network.set_trace(min((every for every, _ in self._tracers.values()), default=0))
+        userspace = self._userspace()
+        if userspace is not None:
+            userspace.set_trace(min((every for every, _ in self._tracers.values()), default=0))
 
     def _trace_poll(self) -> None:
         """Drain the fast path's rings into every tracer's buffer (one consumer: whichever
         tracer polls first takes the records for all)."""
-        assert self.network is not None
         self._apply_trace()  # again: a re-acquired lease may have made a new fast path
-        records = sorted(self.network.trace_drain(), key=lambda r: r[0])  # merge directions
+        userspace = self._userspace()
+        drained = userspace.trace_drain() if userspace is not None else []
+        records = sorted(drained, key=lambda r: r[0])  # merge directions
         for _, pending in self._tracers.values():
             room = TRACE_BUFFER - len(pending)
             pending.extend(records[:room])
@@ -345,14 +372,18 @@ class Daemon:
                 and max_rate > 0):
             yield {"error": "trace: every must be an integer >= 1 and max_rate > 0"}
             return
-        if self.network is None or not hasattr(self.network, "trace_drain"):
+        if not self._serving:
+            yield {"error": STARTING}
+            return
+        userspace = self._userspace()
+        if userspace is None:
             backend = self.config.backend_type if self.config else "?"
             yield {"error": f"backend {backend} forwards in the kernel: nothing to trace "
                             "(only the userspace data plane traces)"}
             return
         key = object()
         if not self._tracers:
-            self.network.trace_drain()  # records of an earlier tracer: not ours
+            userspace.trace_drain()  # records of an earlier tracer: not ours
         pending: list[tuple[Any, ...]] = []
         self._tracers[key] = (every, pending)
         try:
@@ -379,21 +410,22 @@ class Daemon:
                     yield frame
         finally:
             del self._tracers[key]
-            if self.network is not None:
-                self._apply_trace()
+            self._apply_trace()
 
     def _lost(self) -> int:
-        info = self.network.trace_info() if self.network is not None else {}
+        userspace = self._userspace()
+        info = userspace.trace_info() if userspace is not None else {}
         return int(info.get("lost", 0)) + self._trace_lost
 
     def health(self) -> dict[str, bool]:
-        """The checks behind /healthz: we hold an unexpired lease, and the data plane runs
-        (a backend without a `running` flag forwards in the kernel once started)."""
+        """The checks behind /healthz: we hold an unexpired lease, and the data plane runs (the
+        kernel's, once started, does)."""
         lease = self.manager.lease if self.manager is not None else None
         held = (lease is not None and not self._reacquiring
                 and (lease.expiration is None or lease.expiration > time.time()))
+        userspace = self._userspace()
         running = (self.network is not None and lease is not None
-                   and bool(getattr(self.network, "running", True)))
+                   and (userspace is None or userspace.running()))
         return {"lease": held, "dataplane": running}
 
     def status(self) -> dict[str, Any]:
@@ -405,6 +437,7 @@ class Daemon:
                     "ip_forward": netlink.ip_forward()}
         lease = self.manager.lease
         stats = self.network.stats()
+        userspace = self._userspace()
         peers = []
         for subnet, peer in sorted(self.manager.peers.items()):
             counters = stats["peers"].get(str(subnet), {})
@@ -420,11 +453,13 @@ class Daemon:
             "started": self.started,
             "peers": peers,
             "counters": droplog.countable(stats["counters"], self.config.backend_type),
-            "offloads": stats.get("offloads", {}),
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,
             "ip_masq": self.ipmasq is not None,
-            "trace": stats.get("trace", {}),
-            "busy_poll_us": stats.get("busy_poll_us", 0),
+            # The userspace data plane's; a kernel one has none of these (source check: None).
+            "offloads": userspace.offloads() if userspace is not None else {},
+            "trace": userspace.trace_info() if userspace is not None else {},
+            "busy_poll_us": userspace.busy_poll_us if userspace is not None else 0,
+            "source_check": userspace.source_check if userspace is not None else None,
             "ip_forward": netlink.ip_forward(),  # read when asked: it may be turned on later
         }

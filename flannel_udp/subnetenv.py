@@ -1,12 +1,17 @@
 """subnet.env, the file flannel leaves for the container runtime: written atomically, in flannel's
-format, and read back at start to ask for the same subnet again."""
+format, and read back at start to ask for the same subnet again; and the lock that keeps a second
+daemon from taking the file of a running one."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from ipaddress import IPv4Network, ip_interface
 from pathlib import Path
+
+from flannel_udp.errors import UserError
 
 
 def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
@@ -58,3 +63,63 @@ def previous_subnet(path: str | os.PathLike) -> IPv4Network | None:
     except ValueError:
         return None
     return net if isinstance(net, IPv4Network) else None
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a subnet file: `.<name>.lock` beside it. Not the file itself: it is
+    replaced by a rename at every write, which would leave a lock on the old inode."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.lock")
+
+
+class SubnetFileLock:
+    """An flock held on the subnet file's lock file while a daemon runs, so that a second
+    daemon given the same --subnet-file is refused before it leases or writes anything. The
+    lock file holds the holder's pid (for the message) and goes when it is released."""
+
+    def __init__(self, subnet_file: str | os.PathLike) -> None:
+        self.subnet_file = subnet_file
+        self.path = lock_path(subnet_file)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; UserError naming the holder when a running daemon has it."""
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot lock subnet file {self.subnet_file} ({self.path}): "
+                                f"{e.strerror}", exit_code=1) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(
+                    f"subnet file {self.subnet_file} is in use by another running flannel-udp"
+                    + (f" (pid {holder})" if holder.isdigit() else "")
+                    + ": every daemon on a machine needs its own --subnet-file and "
+                    "--control-socket") from None
+            # A holder that exited meanwhile removed the file it had locked: lock the one the
+            # path names now, or two daemons could each hold a lock on a different file.
+            try:
+                here, now = os.fstat(fd), os.stat(self.path)
+                current = (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino)
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it: see acquire) and let go. Idempotent."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None

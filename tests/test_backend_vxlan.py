@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_udp.backends import make_network
+from flannel_udp.backends import DataplaneSettings, make_network
 from flannel_udp.backends.vxlan import VxlanNetwork, vtep_mac_for
 from flannel_udp.config import parse_config
 from flannel_udp.errors import UserError
@@ -23,7 +23,7 @@ def network(mtu: int = 1500, **options) -> VxlanNetwork:
     config = parse_config(json.dumps({"Network": "10.244.0.0/16",
                                       "Backend": {"Type": "vxlan", **options}}))
     ext = ExtIface(name="eth0", index=2, address=PUBLIC_IP, mtu=mtu)
-    made = make_network(config, ext, PUBLIC_IP)
+    made = make_network(config, ext, PUBLIC_IP, DataplaneSettings())
     assert isinstance(made, VxlanNetwork)
     return made
 

@@ -58,7 +58,8 @@ def test_without_busy_poll_status_says_nothing_of_it(topology):
 @pytest.mark.parametrize("backend, warning", [
     ({"Type": "host-gw"}, "--busy-poll: no effect on backend host-gw"),
     ({"Type": "vxlan", "Dataplane": "auto"},
-     "--busy-poll: no effect on the kernel's VXLAN dataplane"),
+     "--busy-poll: no effect on backend vxlan, which forwards in the kernel (Backend.Dataplane "
+     '"userspace" has it)'),
 ], ids=["host-gw", "vxlan-auto-kernel"])
 def test_busy_poll_on_a_kernel_dataplane_says_it_does_nothing(topology, backend, warning):
     topo = topology(2)

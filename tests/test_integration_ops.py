@@ -163,6 +163,10 @@ def test_healthz_answers_503_while_the_node_has_no_lease(topology):
     assert wait_until(answer, 10, "the healthz endpoint to answer") == (
         "503", "failing: dataplane, lease\n")
     assert "127.0.0.1:1" in host.log_tail()  # still waiting for etcd
+    # Its control socket is taken from the start, and says so.
+    status = host.flannel("status", "--control-socket", host.control_socket, check=False)
+    assert (status.returncode, status.stderr) == (
+        1, "flannel-udp: daemon: starting: no lease yet (its log says what it waits for)\n")
     assert host.stop_flannel(signal.SIGTERM) == 0
 
 

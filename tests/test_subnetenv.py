@@ -4,7 +4,10 @@ import os
 import stat
 from ipaddress import IPv4Network
 
+import pytest
+
 from flannel_udp import subnetenv
+from flannel_udp.errors import UserError
 
 
 def test_content_is_flannels_format():
@@ -33,3 +36,20 @@ def test_previous_subnet_is_read_back(tmp_path):
     assert subnetenv.previous_subnet(path) == IPv4Network("10.5.52.0/24")
     path.write_text("FLANNEL_SUBNET=bogus\n")
     assert subnetenv.previous_subnet(path) is None
+
+
+def test_a_subnet_file_is_locked_by_one_holder_and_the_lock_goes_with_it(tmp_path):
+    path = tmp_path / "run" / "subnet.env"
+    first, second = subnetenv.SubnetFileLock(path), subnetenv.SubnetFileLock(path)
+    first.acquire()
+    assert subnetenv.lock_path(path).read_text() == f"{os.getpid()}\n"
+    subnetenv.write(path, "A=1\n")  # the file is replaced; the lock file is not
+    with pytest.raises(UserError, match=rf"subnet file {path} is in use by another running "
+                                        rf"flannel-udp \(pid {os.getpid()}\): every daemon"):
+        second.acquire()
+    first.release()
+    first.release()
+    assert not subnetenv.lock_path(path).exists()
+    second.acquire()
+    second.release()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["subnet.env"]

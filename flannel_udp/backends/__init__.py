@@ -1,71 +1,145 @@
 """Backends, registered by flannel's type name. A backend builds a `Network` for one config,
-underlay interface and public IP; the daemon drives every backend through this one interface."""
+underlay interface, public IP and the userspace dataplane's settings; the daemon drives every
+backend through this one interface, and a userspace data plane's features through
+`UserspaceDataplane`."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Protocol
+from typing import Any
 
 from flannel_udp.config import NetworkConfig, vxlan_options
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import ExtIface
 
 
-class Network(Protocol):
+@dataclass(frozen=True)
+class DataplaneSettings:
+    """The run flags that a userspace data plane takes (a kernel one has no such thing); every
+    backend gets them, so that one choosing its data plane at open() can't drop them."""
+
+    source_check: bool = True  # forward a datagram only from a lease holder, source in its subnet
+    busy_poll_us: int = 0  # after forwarding, a fast-path thread polls this long before sleeping
+
+
+class UserspaceDataplane(ABC):
+    """A data plane that forwards in this process (the fast path between a TUN and UDP sockets):
+    what the daemon shows and drives beyond `Network`. Every member is abstract, so a class that
+    leaves one out can't be constructed."""
+
+    @property
+    @abstractmethod
+    def source_check(self) -> bool:
+        """Whether only a lease holder's datagrams with a source in its subnet are forwarded."""
+
+    @property
+    @abstractmethod
+    def busy_poll_us(self) -> int:
+        """How long (us) a thread polls after forwarding before it sleeps; 0: at once."""
+
+    @abstractmethod
+    def running(self) -> bool:
+        """Whether it forwards: its threads run and its TUN is still there (for /healthz)."""
+
+    @abstractmethod
+    def counters(self) -> dict[str, Any]:
+        """Totals: packets and bytes each way, drops by reason, offload and busy-poll work."""
+
+    @abstractmethod
+    def offloads(self) -> dict[str, bool]:
+        """The kernel offloads in use now (UDP GSO turns off for good if the kernel refuses it)."""
+
+    @abstractmethod
+    def set_trace(self, every: int) -> None:
+        """Sample one packet decision in `every` per direction for `trace_drain`; 0: off."""
+
+    @abstractmethod
+    def trace_drain(self) -> list[tuple[Any, ...]]:
+        """The sampled decisions since the last drain (one consumer)."""
+
+    @abstractmethod
+    def trace_info(self) -> dict[str, int]:
+        """{"every", "records", "lost"}: the sampling rate, records taken, records lost."""
+
+
+class Network(ABC):
+    """What the daemon drives a backend through. Every method is abstract, so a backend (or a
+    wrapper choosing between two) that leaves one out can't be constructed."""
+
     backend_type: str  # published in our lease ('' for flannel's udp)
     backend_data: bytes | None  # published in our lease, raw JSON
     mtu: int  # the MTU pods should use (FLANNEL_MTU)
 
+    @abstractmethod
     def open(self) -> None:
         """Take the devices and ports the backend needs; UserError when it cannot."""
 
+    @abstractmethod
     def start(self, lease: Lease, peers: list[Lease]) -> None:
         """Configure the data plane for our lease and start forwarding to `peers`."""
 
+    @abstractmethod
     def accepts(self, lease: Lease) -> bool:
         """Whether a peer's lease is one this backend can reach."""
 
+    @abstractmethod
     def add_peer(self, lease: Lease) -> None:
         """A peer appeared or changed; takes effect without stopping traffic."""
 
+    @abstractmethod
     def remove_peer(self, subnet: IPv4Network) -> None:
         """A peer went away."""
 
+    @abstractmethod
     def stats(self) -> dict[str, Any]:
         """Counters: {'counters': {...}, 'peers': {subnet_str: {...}}, 'lease': {...}}; 'lease'
         holds what the backend adds about our own end (e.g. the VtepMAC)."""
 
+    @abstractmethod
+    def userspace(self) -> UserspaceDataplane | None:
+        """The data plane forwarding in this process, once open() has chosen it; None where
+        the kernel forwards."""
+
+    @abstractmethod
     def close(self) -> None:
         """Stop forwarding and remove what open() and start() created. Idempotent."""
 
 
-def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+Factory = Callable[[NetworkConfig, ExtIface, IPv4Address, DataplaneSettings], Network]
+
+
+def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+         settings: DataplaneSettings) -> Network:
     from flannel_udp.backends.udp import UdpNetwork
-    return UdpNetwork(config, ext)
+    return UdpNetwork(config, ext, settings)
 
 
-def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+           settings: DataplaneSettings) -> Network:
     from flannel_udp.backends.vxlan import VxlanNetwork
     from flannel_udp.backends.vxlan_kernel import AutoVxlanNetwork, KernelVxlanNetwork
     dataplane = vxlan_options(config).dataplane
     if dataplane == "userspace":
-        return VxlanNetwork(config, ext, public_ip)
+        return VxlanNetwork(config, ext, public_ip, settings)
     if dataplane == "kernel":
         return KernelVxlanNetwork(config, ext, public_ip)
     return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip),
-                            VxlanNetwork(config, ext, public_ip))
+                            VxlanNetwork(config, ext, public_ip, settings))
 
 
-def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+             settings: DataplaneSettings) -> Network:
     from flannel_udp.backends.hostgw import HostGwNetwork
     return HostGwNetwork(config, ext)
 
 
-BACKENDS: dict[str, Callable[[NetworkConfig, ExtIface, IPv4Address], Network]] = {
-    "udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
+BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 
 
-def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> Network:
+def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+                 settings: DataplaneSettings) -> Network:
     """The backend the config names; UserError for options it can't work with."""
-    return BACKENDS[config.backend_type](config, ext, public_ip)
+    return BACKENDS[config.backend_type](config, ext, public_ip, settings)

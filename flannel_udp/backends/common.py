@@ -20,6 +20,7 @@ from typing import Any
 import pytun
 
 from flannel_udp import netlink
+from flannel_udp.backends import DataplaneSettings, Network, UserspaceDataplane
 from flannel_udp.config import NetworkConfig
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
@@ -33,7 +34,9 @@ SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # <asm-generic/socket.h>; root may exce
 # Offloads (see _fastpath): FLANNEL_UDP_OFFLOADS=0 turns them all off.
 OFFLOADS_ENV = "FLANNEL_UDP_OFFLOADS"
 TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454D0, 0x400454D8  # <linux/if_tun.h>
+TUNGETIFF = 0x800454D2  # EBADFD once the TUN is deleted under the fd
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
+IFREQ_SIZE = 40  # struct ifreq
 VNET_HDR_LEN = 10  # struct virtio_net_hdr
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104  # <linux/udp.h>
 # What TUNSETOFFLOAD is offered, best first; EINVAL refuses a set. TSO6 is harmless: the fast
@@ -114,6 +117,16 @@ def open_tun(name: str, vnet_hdr: bool = False) -> pytun.TunTapDevice:
     return tun
 
 
+def _tun_attached(tun: pytun.TunTapDevice) -> bool:
+    """Whether the TUN behind `tun`'s fd still exists: deleted (`ip link del`) under a running
+    fast path, it takes no packet in or out while the fd stays open."""
+    try:
+        fcntl.ioctl(tun.fileno(), TUNGETIFF, bytes(IFREQ_SIZE))
+    except OSError:
+        return False
+    return True
+
+
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, force, size)
@@ -154,21 +167,18 @@ def open_send_sockets(count: int) -> list[socket.socket]:
     return socks
 
 
-class TunNetwork:
-    """The `Network` of a TUN backend; subclasses set the class attributes and `mtu`, `port`,
-    `tun_name`, and implement `_route_args`."""
+class TunNetwork(Network, UserspaceDataplane):
+    """The `Network` of a TUN backend, and its own userspace data plane; subclasses set the
+    class attributes and `mtu`, `port`, `tun_name`, and implement `_route_args`."""
 
     backend_type = ""  # published in our lease
     backend_data: bytes | None = None
     send_sockets = 0  # 0: send from the receiving socket
-    # Forward a datagram only from a lease holder's PublicIP with an inner source inside that
-    # lease's subnet (the daemon turns it off for --no-source-check).
-    source_check = True
-    busy_poll_us = 0  # --busy-poll: how long a thread polls after forwarding before it sleeps
 
-    def __init__(self, config: NetworkConfig, ext: ExtIface) -> None:
+    def __init__(self, config: NetworkConfig, ext: ExtIface, settings: DataplaneSettings) -> None:
         self.config = config
         self.ext = ext
+        self.dataplane_settings = settings
         self.tun_name = ""
         self.port = 0
         self.mtu = 0
@@ -176,7 +186,7 @@ class TunNetwork:
         self._sock: socket.socket | None = None
         self._senders: list[socket.socket] = []
         self._fastpath: Any = None
-        self.offloads = Offloads()
+        self.offloads_probed = Offloads()
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:
         """What `FastPath.set_route` needs beyond subnet and PublicIP to reach `lease`'s node;
@@ -208,7 +218,7 @@ class TunNetwork:
             self._tun = open_tun(self.tun_name)
             log.info("offloads off (%s=0)", OFFLOADS_ENV)
             return
-        off = self.offloads
+        off = self.offloads_probed
         off.udp_gro = _try_setsockopt(self._sock, SOL_UDP, UDP_GRO, 1)
         # Size 0 = "only when a cmsg asks": a probe that changes nothing.
         off.udp_gso = all(_try_setsockopt(sock, SOL_UDP, UDP_SEGMENT, 0)
@@ -231,11 +241,11 @@ class TunNetwork:
         self._fastpath = FastPath(self._tun.fileno(), self._sock.fileno(), self.port,
                                   str(lease.subnet.network_address), self.config.subnet_len,
                                   send_fds=[s.fileno() for s in self._senders] or None,
-                                  vnet_hdr=self.offloads.tun_vnet_hdr,
-                                  udp_gso=self.offloads.udp_gso,
-                                  udp_gro=self.offloads.udp_gro,
-                                  source_check=self.source_check,
-                                  busy_poll_us=self.busy_poll_us,
+                                  vnet_hdr=self.offloads_probed.tun_vnet_hdr,
+                                  udp_gso=self.offloads_probed.udp_gso,
+                                  udp_gro=self.offloads_probed.udp_gro,
+                                  source_check=self.dataplane_settings.source_check,
+                                  busy_poll_us=self.dataplane_settings.busy_poll_us,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)
@@ -266,31 +276,47 @@ class TunNetwork:
         if self._fastpath is not None:
             self._fastpath.del_route(str(subnet.network_address))
 
-    @property
-    def running(self) -> bool:
-        """Whether the fast path's threads forward (for /healthz)."""
-        return self._fastpath is not None and bool(self._fastpath.running)
-
     def stats(self) -> dict[str, Any]:
-        offloads = asdict(self.offloads)
-        if self._fastpath is None:
-            return {"counters": {}, "peers": {}, "lease": self._lease_stats(),
-                    "offloads": offloads}
-        # UDP GSO turns itself off if the kernel refuses it mid-run.
-        offloads["udp_gso"] = self._fastpath.offloads()["udp_gso"]
         peers = {}
-        for subnet, _ip, mac, counters in self._fastpath.routes():
+        for subnet, _ip, mac, counters in self._fastpath.routes() if self._fastpath else ():
             if mac is not None:
                 counters["vtep_mac"] = format_mac(mac)
             peers[f"{subnet}/{self.config.subnet_len}"] = counters
+        return {"counters": self.counters(), "peers": peers, "lease": self._lease_stats()}
+
+    def userspace(self) -> UserspaceDataplane:
+        return self
+
+    # -- UserspaceDataplane --
+
+    @property
+    def source_check(self) -> bool:
+        return self.dataplane_settings.source_check
+
+    @property
+    def busy_poll_us(self) -> int:
+        return self.dataplane_settings.busy_poll_us
+
+    def running(self) -> bool:
+        return (self._fastpath is not None and bool(self._fastpath.running)
+                and self._tun is not None and _tun_attached(self._tun))
+
+    def counters(self) -> dict[str, Any]:
+        if self._fastpath is None:
+            return {}
         counters = self._fastpath.counters()
         # Packets the kernel could not queue to the TUN never reach the fast path to be counted.
         queue_drops = netlink.tx_dropped(self.tun_name)
         if queue_drops is not None:
             counters["drops"]["tun_queue_full"] = queue_drops
-        return {"counters": counters, "peers": peers, "lease": self._lease_stats(),
-                "offloads": offloads, "trace": self._fastpath.trace_info(),
-                "busy_poll_us": self.busy_poll_us}
+        return counters
+
+    def offloads(self) -> dict[str, bool]:
+        offloads = asdict(self.offloads_probed)
+        if self._fastpath is not None:
+            # UDP GSO turns itself off if the kernel refuses it mid-run.
+            offloads["udp_gso"] = self._fastpath.offloads()["udp_gso"]
+        return offloads
 
     # `flannel-udp trace`: the fast path samples its per-packet decisions into rings while
     # `every` > 0; the daemon drains them (one consumer).

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network
 from typing import Any
 
+from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan, direct_route
 from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease
@@ -27,7 +28,7 @@ def plan_host_gw(lease: Lease) -> Plan:
     return Plan((route,), "host-gw")
 
 
-class HostGwNetwork:
+class HostGwNetwork(Network):
     """The host-gw backend's `Network`: routes only, kept by `PeerRoutes`."""
 
     backend_type = "host-gw"
@@ -59,6 +60,9 @@ class HostGwNetwork:
         return {"counters": {}, "lease": {"route_resync": self._routes.resync},
                 "peers": {str(subnet): {"path": plan.path}
                           for subnet, plan in self._routes.plans.items()}}
+
+    def userspace(self) -> UserspaceDataplane | None:
+        return None  # the kernel routes
 
     def close(self) -> None:
         self._routes.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flannel_udp.backends import DataplaneSettings
 from flannel_udp.backends.common import TunNetwork, Unreachable
 from flannel_udp.config import NetworkConfig, backend_port
 from flannel_udp.lease import Lease
@@ -21,8 +22,8 @@ class UdpNetwork(TunNetwork):
     backend_type = ""  # flannel's UDP leases carry no BackendType
     backend_data = None
 
-    def __init__(self, config: NetworkConfig, ext: ExtIface) -> None:
-        super().__init__(config, ext)
+    def __init__(self, config: NetworkConfig, ext: ExtIface, settings: DataplaneSettings) -> None:
+        super().__init__(config, ext, settings)
         self.tun_name = TUN_NAME
         self.port = backend_port(config, DEFAULT_PORT)
         self.mtu = ext.mtu - OVERHEAD

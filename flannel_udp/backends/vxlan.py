@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from flannel_udp.backends import DataplaneSettings
 from flannel_udp.backends.common import TunNetwork, Unreachable
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan, direct_route
 from flannel_udp.config import (
@@ -110,8 +111,9 @@ class VxlanNetwork(TunNetwork):
     backend_type = "vxlan"
     send_sockets = SEND_SOCKETS
 
-    def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> None:
-        super().__init__(config, ext)
+    def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+                 settings: DataplaneSettings) -> None:
+        super().__init__(config, ext, settings)
         self.settings = settings = vxlan_settings(config, ext, public_ip)
         self.vni = settings.vni
         self.port = settings.port

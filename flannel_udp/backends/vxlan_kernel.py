@@ -12,11 +12,14 @@ deletes it, as the other backends remove their devices.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
 from flannel_udp import netlink
+from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.vxlan import VxlanNetwork, plan_vxlan_peer, vxlan_settings
 from flannel_udp.config import NetworkConfig
@@ -36,7 +39,24 @@ class KernelVxlanUnavailable(UserError):
         super().__init__(message, exit_code=1)
 
 
-class KernelVxlanNetwork:
+def claim_device(name: str) -> socket.socket:
+    """A claim on device `name` for as long as this process holds the socket: an abstract unix
+    socket named after it, which lives in the network namespace, as the device does, and goes
+    with the process. A VXLAN device whose claim is free was left behind by a run that ended;
+    one whose claim is taken belongs to a running daemon: UserError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(f"\0flannel-udp device {name}")
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"VXLAN device {name} is in use by another running flannel-udp in "
+                            "this network namespace (one daemon per namespace)") from None
+        raise UserError(f"cannot claim VXLAN device {name}: {e.strerror}", exit_code=1) from None
+    return sock
+
+
+class KernelVxlanNetwork(Network):
     """The vxlan backend's `Network` on a kernel VXLAN device; entries kept by `PeerRoutes`."""
 
     backend_type = "vxlan"
@@ -51,9 +71,19 @@ class KernelVxlanNetwork:
         self.device = f"{DEVICE_PREFIX}{self.settings.vni}"
         self._index = 0
         self._routes: PeerRoutes | None = None
+        self._claim: socket.socket | None = None
 
     def open(self) -> None:
-        """Create the device; KernelVxlanUnavailable when the kernel won't."""
+        """Create the device; KernelVxlanUnavailable when the kernel won't, UserError when a
+        running daemon has it."""
+        self._claim = claim_device(self.device)
+        try:
+            self._create_device()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_device(self) -> None:
         kind = netlink.link_kind(self.device)
         if kind == "vxlan":  # a flanneld's or a killed run's: programmed by someone else
             log.info("removing the VXLAN device %s left behind", self.device)
@@ -111,6 +141,9 @@ class KernelVxlanNetwork:
                           "dataplane": "kernel", "device": self.device,
                           "direct_routing": self.settings.direct_routing}}
 
+    def userspace(self) -> UserspaceDataplane | None:
+        return None  # the kernel forwards
+
     def close(self) -> None:
         if self._routes is not None:
             self._routes.close()
@@ -118,16 +151,15 @@ class KernelVxlanNetwork:
         if self._index:
             netlink.delete_link(self.device)  # its neighbours, FDB entries and routes go too
             self._index = 0
+        if self._claim is not None:
+            self._claim.close()
+            self._claim = None
 
 
-def _userspace_setting(name: str) -> property:
-    return property(lambda self: getattr(self._userspace, name),
-                    lambda self, value: setattr(self._userspace, name, value))
-
-
-class AutoVxlanNetwork:
+class AutoVxlanNetwork(Network):
     """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
-    publish the same lease (same VtepMAC), so peers can't tell which was taken."""
+    publish the same lease (same VtepMAC), so peers can't tell which was taken. Whatever the
+    chosen one offers, `userspace()` included, is the chosen one's."""
 
     backend_type = "vxlan"
 
@@ -137,10 +169,6 @@ class AutoVxlanNetwork:
         self._chosen: KernelVxlanNetwork | VxlanNetwork = kernel
         self.backend_data = kernel.backend_data
         self.mtu = kernel.mtu
-
-    # Settings of the userspace dataplane only: the kernel's VXLAN has no such things.
-    source_check = _userspace_setting("source_check")
-    busy_poll_us = _userspace_setting("busy_poll_us")
 
     def open(self) -> None:
         try:
@@ -152,9 +180,6 @@ class AutoVxlanNetwork:
         else:
             log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
                      self._kernel.device)
-            if self.busy_poll_us:
-                log.warning("--busy-poll: no effect on the kernel's VXLAN dataplane "
-                            "(Backend.Dataplane \"userspace\" has it)")
             self._chosen = self._kernel
             return
         self._userspace.open()
@@ -175,6 +200,9 @@ class AutoVxlanNetwork:
         stats = self._chosen.stats()
         stats["lease"]["dataplane_choice"] = "auto"
         return stats
+
+    def userspace(self) -> UserspaceDataplane | None:
+        return self._chosen.userspace()
 
     def close(self) -> None:
         self._chosen.close()
