@@ -80,23 +80,33 @@ async def until_available(what: str, step: Callable[[], Awaitable[T]],
             delay = min(delay * 2, START_RETRY_MAX)
 
 
-async def load_config(store: Store, store_name: str, seed_path: str | None) -> NetworkConfig:
-    """The network config in the store; one from `seed_path` seeds a store that has none."""
+async def load_config(store: Store, store_name: str,
+                      seed_path: str | None) -> tuple[NetworkConfig, bytes | None]:
+    """The network config in the store, or the one in `seed_path` for a store that has none,
+    with its bytes: they seed the store once the start can no longer be refused (`seed`)."""
     raw = await store.get_config()
-    if raw is None:
-        if seed_path is None:
-            raise UserError(f"no network config in {store_name}: set one with `flannel-udp "
-                            "network set '<json>'` or give --net-config-path")
-        try:
-            raw = Path(seed_path).read_bytes()
-        except OSError as e:
-            raise UserError(f"--net-config-path {seed_path}: {e.strerror}") from None
-        config = parse_config(raw)
-        if await store.set_config(raw, create_only=True):
-            log.info("network config seeded from %s", seed_path)
-            return config
-        raw = await store.get_config()  # another daemon seeded it first: theirs counts
-    return parse_config(raw)
+    if raw is not None:
+        return parse_config(raw), None
+    if seed_path is None:
+        raise UserError(f"no network config in {store_name}: set one with `flannel-udp "
+                        "network set '<json>'` or give --net-config-path")
+    try:
+        raw = Path(seed_path).read_bytes()
+    except OSError as e:
+        raise UserError(f"--net-config-path {seed_path}: {e.strerror}") from None
+    return parse_config(raw), raw
+
+
+async def seed(store: Store, raw: bytes, config: NetworkConfig, seed_path: str) -> None:
+    """Write the seed config into a store that has none; if another daemon seeded one first,
+    theirs counts, and it must be the one this start was prepared for."""
+    if await store.set_config(raw, create_only=True):
+        log.info("network config seeded from %s", seed_path)
+        return
+    theirs = await store.get_config()
+    if theirs is None or parse_config(theirs) != config:
+        raise UserError(f"another daemon seeded a different network config while this one "
+                        f"started from {seed_path}; start again to use the store's", exit_code=1)
 
 
 class Daemon:
@@ -160,10 +170,11 @@ class Daemon:
     async def _run(self) -> int:
         opts = self.opts
         log.info("using %s", opts.store_name)  # the name says what kind of store it is
-        self.config = config = await until_available(
+        config, seed_raw = await until_available(
             "reading the network config",
             lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
             opts.store_wait)
+        self.config = config
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
@@ -178,6 +189,10 @@ class Daemon:
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:
+            if seed_raw is not None:  # nothing can refuse the start any more
+                assert opts.net_config_path is not None
+                await until_available("seeding the network config", lambda: seed(
+                    opts.store, seed_raw, config, opts.net_config_path), opts.store_wait)
             self._log_dataplane_flags(config, network.userspace())
             return await self._serve(config, network, public_ip)
         finally:

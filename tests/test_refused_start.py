@@ -190,3 +190,17 @@ def test_daemons_in_two_namespaces_get_their_own_control_socket_by_default(topol
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
     assert not any(path.exists() for path in sockets.values())
+
+
+def test_a_refused_start_does_not_seed_an_empty_store_with_its_net_config(running, tmp_path):
+    """--net-config-path seeds a store only once nothing can refuse the start: a start refused
+    for the UDP port in use leaves an empty store empty."""
+    h1 = running.host
+    store = h1.dir / "empty-store.msgpack"
+    seed_file = h1.dir / "seed.json"
+    seed_file.write_text(json.dumps(UDP_CONFIG))
+    line = start_second(h1, store, "--net-config-path", seed_file,
+                        "--subnet-file", h1.dir / "third.env",
+                        "--control-socket", h1.dir / "third.sock")
+    assert "UDP port 8285 is already in use" in line, line
+    assert asyncio.run(LocalStore(store).get_config()) is None, "the refused start seeded it"
