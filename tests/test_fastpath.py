@@ -208,6 +208,8 @@ def test_process_hooks_leave_the_counters_alone():
         "gro_coalesced": 0,
         "gso_fallbacks": 0,
         "busy_poll_batches": 0,
+        "busy_poll_egress_batches": 0,
+        "busy_poll_ingress_batches": 0,
         "drops": {name: 0 for name in packet.DROP_NAMES.values()},
     }
 
