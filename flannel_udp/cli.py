@@ -409,7 +409,9 @@ COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo"
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen by the handler below
+        return code
     except UserError as e:
         print(f"flannel-udp: {e}", file=sys.stderr)
         return e.exit_code
@@ -418,3 +420,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `flannel-udp status | head -1`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1

@@ -45,6 +45,9 @@ def read(path: str | os.PathLike) -> dict[str, str]:
         text = Path(path).read_text()
     except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        reason = e.strerror if isinstance(e, OSError) else "not a text file"
+        raise UserError(f"subnet file {path}: {reason}") from None
     values = {}
     for line in text.splitlines():
         name, sep, value = line.strip().partition("=")

@@ -149,3 +149,23 @@ def test_the_module_docstring_names_every_subcommand():
     assert set(commands) == set(COMMANDS)
     described = cli.__doc__.replace("\n", " ")
     assert [c for c in commands if c not in described] == []
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`flannel-udp network get | true`: the reader is gone before the first write; no
+    BrokenPipeError traceback, a non-zero exit."""
+    store = tmp_path / "store"
+    assert flannel_udp("network", "set", "--local-store", str(store),
+                   '{"Network": "10.244.0.0/16"}').returncode == 0
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m flannel_udp network get "
+                           f"--local-store {store} | true; echo $PIPESTATUS"],
+                          capture_output=True, text=True)
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "1"
+
+
+def test_a_subnet_file_that_is_a_directory_is_one_line(tmp_path):
+    from flannel_udp import subnetenv
+    from flannel_udp.errors import UserError
+    with pytest.raises(UserError, match=f"subnet file {tmp_path}: Is a directory"):
+        subnetenv.previous_subnet(tmp_path)
