@@ -21,13 +21,13 @@ from flannel_udp.packet import (
     Vtep,
     VxlanRoute,
     checksum,
-    coalesce,
     egress,
     flow_hash,
     ingress,
     prefix_mask,
     segment_tso,
     sender_index,
+    tun_writes,
     vxlan_egress,
     vxlan_ingress,
 )
@@ -534,13 +534,13 @@ def test_coalescing_the_segments_of_a_super_packet_gives_it_back_with_a_gso_head
     payload = bytes(range(256)) * 20
     big = tcp_packet(payload, tcp_options=TS_OPTION)
     _, segments = segment_tso(vnet(), big)
-    [(header, merged)] = coalesce(segments)
+    [(header, merged)] = tun_writes(segments).frames
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(header)
     assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (
         VNET_F_NEEDS_CSUM, GSO_TCPV4, 52, 1000, 20, 16)
     assert merged[:36] == big[:36] and merged[38:] == big[38:] and header_ok(merged)
     # The checksum field holds the pseudo-header sum, which the kernel completes.
-    assert coalesce(segments) == [(header, merged)]
+    assert tun_writes(segments).frames == [(header, merged)]
     assert segment_tso(header, merged) == (None, segments)
 
 
@@ -549,7 +549,7 @@ def test_a_psh_or_a_short_segment_ends_a_run():
     segs[2] = tcp_packet(bytes(100), seq=1200, flags=ACK | PSH)
     segs[4] = tcp_packet(bytes(50), seq=1400, flags=ACK)
     segs[5] = tcp_packet(bytes(100), seq=1450, flags=ACK)
-    out = coalesce(segs)
+    out = tun_writes(segs).frames
     assert [len(p) - 40 for _, p in out] == [300, 150, 100]
     assert out[0][1][33] == ACK | PSH and out[2] == (ZERO_VNET_HDR, segs[5])
 
@@ -562,7 +562,7 @@ def test_segments_that_do_not_continue_the_run_are_not_merged(change):
     first = tcp_packet(bytes(100), seq=1000, flags=ACK)
     fields = dict(payload=bytes(100), seq=1100, flags=ACK) | change
     second = tcp_packet(**fields)
-    assert coalesce([first, second]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, second)]
+    assert tun_writes([first, second]).frames == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, second)]
 
 
 def test_bad_checksums_ip_options_and_other_protocols_pass_through_unmerged():
@@ -571,4 +571,4 @@ def test_bad_checksums_ip_options_and_other_protocols_pass_through_unmerged():
     bad = bad[:-1] + b"\x01"  # payload changed, checksum not: must not be laundered
     with_options = tcp_packet(bytes(100), seq=1100, flags=ACK, options=b"\x01\x01\x01\x00")
     for other in (bad, with_options, udp_packet(bytes(100))):
-        assert coalesce([first, other]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, other)]
+        assert tun_writes([first, other]).frames == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, other)]

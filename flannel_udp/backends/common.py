@@ -235,7 +235,7 @@ class TunNetwork:
                                   udp_gso=self.offloads.udp_gso,
                                   udp_gro=self.offloads.udp_gro,
                                   source_check=self.source_check,
-                                  busy_poll_us=self.busy_poll_us,
+                                  busy_poll_us=self.busy_poll_us, mtu=self.mtu,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)
