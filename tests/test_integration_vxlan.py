@@ -386,3 +386,41 @@ def test_run_refuses_an_underlay_too_small_for_vxlan(topology):
     host.run("ip", "link", "set", "eth0", "mtu", "100")
     line = run_expecting_user_error(host, topo, VXLAN_CONFIG)
     assert "eth0's MTU 100 is too small" in line
+
+
+UDP_GSO_SEND = r"""
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(17, 103, 1000)  # UDP_SEGMENT: each send leaves as 4 datagrams of 1000 bytes
+for i in range(5):
+    sock.sendto(bytes([i]) * 4000, (sys.argv[1], 7200))
+"""
+
+UDP_RECEIVE = r"""
+import json, socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 7200))
+sock.settimeout(3)
+print("ready", flush=True)
+got = []
+try:
+    while len(got) < 20:
+        got.append(sock.recv(65535).hex())
+except socket.timeout:
+    pass
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.parametrize("ours", ["h3", "h5"], ids=["offloads-on", "offloads-off"])
+def test_udp_segments_of_a_kernel_senders_gso_frame_arrive_as_the_datagrams_sent(cluster: Cluster,
+                                                                                 ours):
+    """A pod's UDP_SEGMENT send through kernel VXLAN crosses the veth as one GSO frame; a
+    UDP_GRO socket (offloads on) reads it whole, with the inner segment size as its GRO size."""
+    dst = cluster.pods[ours]
+    receiver = dst.popen(sys.executable, "-c", UDP_RECEIVE, stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+    cluster.pods["h1"].run(sys.executable, "-c", UDP_GSO_SEND, dst.address)
+    out, _ = receiver.communicate(timeout=15)
+    assert [bytes.fromhex(d) for d in json.loads(out)] == [
+        bytes([i]) * 1000 for i in range(5) for _ in range(4)]
