@@ -1016,7 +1016,9 @@ cdef void co_write_super(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route
     wr_host16(vh + 2, <uint32_t>plan.hdr_len)
     if c.vnet and pkt[9] == 6:
         memcpy(pkt - VNET_HDR_LEN, vh, VNET_HDR_LEN)
-        co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), plan.count, n, route)
+        # Counted as the segments it stands for, as when split here.
+        co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), plan.count,
+                 gso_bytes(&plan, 0), route)
         return
     gso_write(&plan, pkt, c.arena, gap)
     seg = c.arena
