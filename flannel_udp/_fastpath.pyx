@@ -2007,8 +2007,9 @@ def tun_writes(list packets, *, bint vnet=True, bint complete_partial=False, int
     c.mtu = mtu
     c.counters = &counters
     c.arena = <uint8_t*>malloc(ING_ARENA)
-    # A split super-packet: at most TSO_MAX_SEGS segments, each behind a header and a length.
-    c.capture = <uint8_t*>malloc(total + 14 * len(packets) + TSO_MAX_SEGS * 140 + 1)
+    # Each packet may be a super-packet split into up to TSO_MAX_SEGS segments, each with its
+    # own copy of the headers (<= 120 bytes), behind a virtio header and a length.
+    c.capture = <uint8_t*>malloc(total + len(packets) * (14 + TSO_MAX_SEGS * 134) + 1)
     try:
         if buf == NULL or c.capture == NULL or c.arena == NULL:
             raise MemoryError()
