@@ -735,6 +735,12 @@ def test_constructor_rejects_bad_arguments(args):
         FastPath(*args)
 
 
+@pytest.mark.parametrize("mtu", [-1, 65537])
+def test_constructor_rejects_an_mtu_out_of_range(mtu):
+    with pytest.raises(ValueError, match="mtu"):
+        FastPath(-1, -1, 1, "10.0.0.0", 24, mtu=mtu)
+
+
 def test_start_without_fds_fails_and_stop_is_idempotent():
     fastpath = make_fastpath({}, 24, 0)
     with pytest.raises(ValueError):
