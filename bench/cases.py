@@ -1,14 +1,18 @@
 """The dataplanes the bench compares. Each is set up on the same two-host topology and torn down
 again, so that the next finds the hosts as they were (and its UDP port free): the bare underlay,
-kernel VXLAN as flanneld programs it, and flannel-udp's udp and vxlan backends."""
+kernel VXLAN as flanneld programs it, flannel-udp's udp and vxlan backends, and a mixed pair (a
+kernel VXLAN node sending to a flannel-udp vxlan node)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_udp import config
+from flannel_udp.lease import LEASE_TTL, subnet_key
 from flannel_udp.netns import UNDERLAY_MTU, Host, KernelVxlanNode, Netns, Topology
+from flannel_udp.stores.local import LocalStore
 
 REFERENCE = "kernel-vxlan"
 FLANNEL_NETWORK = "10.244.0.0/16"
@@ -128,12 +132,49 @@ class FlannelUdp(Case):
                 host.stop_flannel()
 
 
+class KernelToVxlan(FlannelUdp):
+    """A kernel VXLAN node as flanneld programs it (h1, offloads as they come: its frames reach
+    h2 with inner checksums partial and as GSO frames) sending to a flannel-udp vxlan node (h2,
+    userspace dataplane): the stream a mixed cluster on one machine carries."""
+
+    def __init__(self) -> None:
+        super().__init__("vxlan")
+        self.name = "kernel-to-vxlan"
+        self.title = "kernel VXLAN node -> flannel-udp vxlan node"
+        self.node: KernelVxlanNode | None = None
+
+    def setup(self, topo: Topology) -> Endpoints:
+        h1, h2 = topo.hosts
+        store = topo.dir / f"store-{self.name}.msgpack"
+        self.node = KernelVxlanNode(h1, KERNEL_SUBNETS[0])
+        asyncio.run(LocalStore(store).put_lease(subnet_key(self.node.subnet),
+                                                self.node.lease_value(), LEASE_TTL))
+        backend = {"Type": "vxlan", "Dataplane": "userspace"}
+        [ours] = topo.start_daemons({"Network": FLANNEL_NETWORK, "Backend": backend}, [h2],
+                                    store=store).values()
+        self.node.add_peer(ours["subnet"], h2.underlay_ip, ours["vtep_mac"])
+        mtu = UNDERLAY_MTU - VXLAN_OVERHEAD
+        sender = topo.add_pod(h1, f"{self.node.subnet.network_address + 1}/"
+                              f"{self.node.subnet.prefixlen}", mtu)
+        receiver = topo.add_pod(h2)
+        return Endpoints(sender, receiver, receiver.address, mtu,
+                         f"pod {sender.address} -> pod {receiver.address}, kernel VXLAN on "
+                         f"{h1.label} to the daemon on {h2.label}", [h2])
+
+    def teardown(self, topo: Topology) -> None:
+        super().teardown(topo)
+        if self.node is not None:
+            self.node.remove()
+            self.node = None
+
+
 # In the order they run and are shown: the reference before the cases measured against it.
 CASES: dict[str, Callable[[], Case]] = {
     "underlay": Underlay,
     REFERENCE: KernelVxlan,
     "udp": lambda: FlannelUdp("udp"),
     "vxlan": lambda: FlannelUdp("vxlan"),
+    "kernel-to-vxlan": KernelToVxlan,
     "udp-busypoll": lambda: FlannelUdp("udp", BUSY_POLL_US),
     "vxlan-busypoll": lambda: FlannelUdp("vxlan", BUSY_POLL_US),
 }

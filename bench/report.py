@@ -204,7 +204,8 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 COLORS = {"underlay": "tab:gray", REFERENCE: "tab:blue", "udp": "tab:orange",
-          "vxlan": "tab:green", "udp-busypoll": "tab:red", "vxlan-busypoll": "tab:olive"}
+          "vxlan": "tab:green", "kernel-to-vxlan": "tab:cyan", "udp-busypoll": "tab:red",
+          "vxlan-busypoll": "tab:olive"}
 
 
 def _grouped(ax: Any, title: str, groups: list[str],

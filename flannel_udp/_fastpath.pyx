@@ -244,6 +244,7 @@ cdef enum:
     GSO_MAX_BYTES = 65535 - 20 - 8  # UDP_SEGMENT: payload of one sendmsg
     CTRL_WORDS = 4                  # 32 bytes of control data per message, >= CMSG_SPACE(4)
     ING_HEADROOM = 16               # ingress: room for a virtio header before the first packet
+    ING_ARENA = 1 << 17             # ingress: segments of one super-packet, each behind its header
     ING_SLOT = ING_HEADROOM + BUF_SIZE
     SOL_UDP = 17
     UDP_SEGMENT = 103
@@ -381,6 +382,7 @@ ctypedef struct Shared:
     uint32_t udp_gso        # send segments with UDP_SEGMENT; cleared if the kernel refuses
                             # (atomic, relaxed: status reads it while egress may clear it)
     int udp_gro             # udp_fd has UDP_GRO: a read may hold several datagrams
+    uint32_t mtu            # the TUN's (0: unknown)
     unsigned int n_senders
     int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
     int stop_fd             # eventfd; readable = threads must exit
@@ -396,6 +398,7 @@ ctypedef struct Counters:
     uint64_t icmp_suppressed    # ICMP errors not sent: over the rate limit
     uint64_t offloaded      # egress: super-packets split; ingress: coalesced packets written
     uint64_t gso_fallbacks  # egress: UDP_SEGMENT sends refused, sent datagram by datagram
+    uint64_t csum_completed # ingress: partial inner checksums completed (here or by the kernel)
     uint64_t drops[D_COUNT]
 
 ctypedef struct Verdict:
@@ -404,6 +407,7 @@ ctypedef struct Verdict:
     size_t length           # of the packet to send/write, or of the ICMP reply
     uint32_t peer
     RouteEntry* route       # the entry whose counters the packet is charged to (or NULL)
+    size_t csum_at          # ingress: where the packet's partial checksum is (0: none)
 
 ctypedef struct GsoPlan:
     # How a super-packet read from the TUN splits (see gso_plan).
@@ -461,9 +465,14 @@ ctypedef struct Coalescer:
     unsigned int count
     int closed              # PSH or a short segment ended it
     RouteEntry* route
+    size_t head_csum_at     # the head's partial checksum (0: none), for a run of one
+    size_t mtu              # the TUN's: a longer packet with a partial TCP checksum is a
+                            # sender's unsplit super-packet (0: never)
+    uint8_t* arena          # ING_ARENA bytes: the segments of a super-packet split here
 
 ctypedef struct IngressState:
     uint8_t* bufs           # BATCH * ING_SLOT; datagrams land ING_HEADROOM bytes into a slot
+    uint8_t* arena          # ING_ARENA: the segments of a super-packet split (Coalescer.arena)
     mmsghdr msgs[BATCH]
     iovec iov[BATCH]
     sockaddr_in names[BATCH]    # the datagrams' senders, for source validation
@@ -701,6 +710,38 @@ cdef inline void ttl_decrement(uint8_t* p) noexcept nogil:
     wr16(p + 10, ~total & 0xFFFF)
 
 
+cdef size_t partial_csum_at(const uint8_t* p, size_t n) noexcept nogil:
+    """Where the TCP/UDP checksum of validated packet ``p`` (IP length ``n``) is, if it holds
+    the folded pseudo-header sum: what a kernel sender whose device offloads checksums leaves
+    (CHECKSUM_PARTIAL, e.g. a VXLAN device over a veth), else 0. Cheap: the packet's own
+    pseudo-header, no pass over the payload. A complete checksum equal to that sum by chance
+    (1 in 65536) is left as it is by the completion (mirror of packet.partial_checksum_at)."""
+    cdef size_t ihl = <size_t>(p[0] & 0x0F) * 4
+    cdef size_t at
+    cdef uint32_t proto = p[9]
+    if (rd16(p + 6) & 0x3FFF) != 0:
+        return 0    # a fragment: the kernel completes checksums before it fragments
+    if proto == 6:
+        at = ihl + 16
+        if ihl + 20 > n:
+            return 0
+    elif proto == 17:
+        at = ihl + 6
+        if ihl + 8 > n:
+            return 0
+    else:
+        return 0
+    return at if rd16(p + at) == pseudo_sum(p, proto, n - ihl) else 0
+
+
+cdef inline void complete_csum(uint8_t* p, size_t n, size_t at) noexcept nogil:
+    """Complete the partial checksum at ``at``: the field holds the pseudo-header sum, so the
+    sum over the L4 part is the whole sum (0 goes as 0xFFFF: 0 would mean "no UDP checksum")."""
+    cdef size_t ihl = <size_t>(p[0] & 0x0F) * 4
+    cdef uint32_t c = ~fu_sum16(p + ihl, n - ihl) & 0xFFFF
+    wr16(p + at, c if c else 0xFFFF)
+
+
 cdef size_t build_net_unreachable(uint8_t* out, const uint8_t* pkt, size_t total_len,
                                   uint32_t tun_addr) noexcept nogil:
     """Write the ICMP net-unreachable answer to ``pkt`` into ``out`` (ICMP_MAX bytes)."""
@@ -828,11 +869,12 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
         seg += total
 
 
-cdef size_t tcp_candidate(const uint8_t* p, size_t n) noexcept nogil:
+cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nogil:
     """IP + TCP header length if the validated packet ``p`` (IP length ``n``) may join a
     coalesced run, else 0: IPv4 without options, no fragment, TCP with payload, flags ACK or
     ACK|PSH, IP and TCP checksums right (the merged packet gets fresh ones: a bad segment must
-    not be laundered into a good one)."""
+    not be laundered into a good one). A ``partial`` TCP checksum (partial_csum_at) has nothing
+    to verify: the merged one is completed from the data as the lone one would be."""
     cdef size_t tcp_len
     if n < 40 or p[0] != 0x45 or p[9] != 6 or (rd16(p + 6) & 0x3FFF) != 0:
         return 0
@@ -843,7 +885,8 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n) noexcept nogil:
         return 0
     if inet_checksum(p, 20) != 0:
         return 0
-    if fold16(<uint64_t>pseudo_sum(p, 6, n - 20) + fu_sum16(p + 20, n - 20)) != 0xFFFF:
+    if not partial and \
+            fold16(<uint64_t>pseudo_sum(p, 6, n - 20) + fu_sum16(p + 20, n - 20)) != 0xFFFF:
         return 0
     return 20 + tcp_len
 
@@ -887,11 +930,21 @@ cdef void co_count(Coalescer* c, bint written, unsigned int packets, size_t nbyt
         route.rx_bytes += nbytes
 
 
-cdef void co_write_plain(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route) noexcept nogil:
-    """One packet as it is, behind a zeroed virtio header (written into the bytes before pkt,
-    which belong to packets already written)."""
+cdef void co_write_plain(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route,
+                         size_t csum_at) noexcept nogil:
+    """One packet as it is, behind a virtio header written into the bytes before pkt (which
+    belong to packets already written): zeroed, or with a partial checksum at ``csum_at``
+    NEEDS_CSUM, for the kernel to complete (or to pass on as partial, as it does its own)."""
+    cdef uint8_t* vh = pkt - VNET_HDR_LEN
+    cdef size_t ihl
     if c.vnet:
-        memset(pkt - VNET_HDR_LEN, 0, VNET_HDR_LEN)
+        memset(vh, 0, VNET_HDR_LEN)
+        if csum_at:
+            ihl = <size_t>(pkt[0] & 0x0F) * 4
+            vh[0] = VNET_F_NEEDS_CSUM
+            wr_host16(vh + 2, <uint32_t>(csum_at + 2))
+            wr_host16(vh + 6, <uint32_t>ihl)
+            wr_host16(vh + 8, <uint32_t>(csum_at - ihl))
         co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), 1, n, route)
     else:
         co_count(c, co_emit(c, pkt, n), 1, n, route)
@@ -906,7 +959,7 @@ cdef void co_flush(Coalescer* c) noexcept nogil:
         return
     c.head = NULL
     if c.count == 1:
-        co_write_plain(c, h, c.length, c.route)
+        co_write_plain(c, h, c.length, c.route, c.head_csum_at)
         return
     wr16(h + 2, <uint32_t>c.length)
     wr16(h + 10, 0)
@@ -923,12 +976,88 @@ cdef void co_flush(Coalescer* c) noexcept nogil:
     co_count(c, co_emit(c, vh, c.length + VNET_HDR_LEN), c.count, c.inner_bytes, c.route)
 
 
-cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route) noexcept nogil:
+cdef size_t super_segment(const Coalescer* c, const uint8_t* pkt, size_t n, size_t csum_at,
+                          size_t gro_size) noexcept nogil:
+    """The payload per segment if a packet with a partial checksum is a sender's unsplit
+    super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's MTU (cut
+    to fit it: the sender's own MSS is not passed on), or UDP with more payload than the
+    segment size its datagram came with (UDP_GRO's; UDP segments must keep their bounds)."""
+    cdef size_t ihl = <size_t>(pkt[0] & 0x0F) * 4
+    cdef size_t l4_len
+    if pkt[9] == 17:
+        return gro_size if gro_size and n - ihl - 8 > gro_size else 0
+    if c.mtu == 0 or n <= c.mtu:
+        return 0
+    l4_len = <size_t>(pkt[ihl + 12] >> 4) * 4
+    return c.mtu - ihl - l4_len if ihl + l4_len < c.mtu else 1
+
+
+cdef void co_write_super(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route,
+                         size_t csum_at, size_t mss) noexcept nogil:
+    """Write a super-packet (partial checksum at ``csum_at``) as segments of ``mss`` payload:
+    TCP to a virtio-header TUN whole behind a GSO header (the kernel splits it, or passes it
+    on whole as its own VXLAN receiver does); else split here with complete checksums, one
+    write per segment. One that can't be split within TSO_MAX_SEGS is dropped as bad_gso."""
+    cdef uint8_t vh[VNET_HDR_LEN]
+    cdef GsoPlan plan
+    cdef size_t ihl = <size_t>(pkt[0] & 0x0F) * 4
+    cdef size_t gap = VNET_HDR_LEN if c.vnet else 0
+    cdef size_t off, seg_len
+    cdef unsigned int i, written = 0
+    cdef uint8_t* seg
+    memset(vh, 0, VNET_HDR_LEN)
+    vh[0] = VNET_F_NEEDS_CSUM
+    vh[1] = GSO_TCPV4 if pkt[9] == 6 else GSO_UDP_L4
+    wr_host16(vh + 4, <uint32_t>mss)
+    wr_host16(vh + 6, <uint32_t>ihl)
+    wr_host16(vh + 8, <uint32_t>(csum_at - ihl))
+    if mss > 0xFFFF or gso_plan(vh, pkt, n, &plan) != D_NONE or plan.count == 0 \
+            or gso_bytes(&plan, gap) > ING_ARENA:
+        c.counters.drops[D_BAD_GSO] += 1
+        return
+    wr_host16(vh + 2, <uint32_t>plan.hdr_len)
+    if c.vnet and pkt[9] == 6:
+        memcpy(pkt - VNET_HDR_LEN, vh, VNET_HDR_LEN)
+        # Counted as the segments it stands for, as when split here.
+        co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), plan.count,
+                 gso_bytes(&plan, 0), route)
+        return
+    gso_write(&plan, pkt, c.arena, gap)
+    seg = c.arena
+    off = 0
+    for i in range(plan.count):
+        seg_len = plan.seg_len if i + 1 < plan.count else plan.last_len
+        memset(seg, 0, gap)
+        if co_emit(c, seg, gap + seg_len):
+            written += 1
+            off += seg_len
+        seg += gap + seg_len
+    co_count(c, True, written, off, route)
+    if written < plan.count:
+        c.counters.drops[D_TUN_WRITE_ERROR] += plan.count - written
+
+
+cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t csum_at,
+                 size_t gro_size) noexcept nogil:
     """Take the next validated packet of the buffer: join the open run, or flush it and write
-    the packet (or open a run with it). Packets must come in buffer order."""
-    cdef size_t hdr_len = tcp_candidate(pkt, n) if c.vnet else 0
-    cdef size_t payload
+    the packet (or open a run with it). Packets must come in buffer order. ``csum_at``: where
+    its partial checksum is (0: none); such a packet is counted, and goes to a virtio-header
+    TUN behind NEEDS_CSUM (the kernel completes it), to a plain one completed here. A partial
+    super-packet is split (super_segment; ``gro_size``: its datagram's UDP_GRO size, or 0)."""
+    cdef size_t hdr_len
+    cdef size_t payload, mss
     cdef uint8_t flags
+    if csum_at:
+        c.counters.csum_completed += 1
+        mss = super_segment(c, pkt, n, csum_at, gro_size)
+        if mss:
+            co_flush(c)
+            co_write_super(c, pkt, n, route, csum_at, mss)
+            return
+        if not c.vnet:
+            complete_csum(pkt, n, csum_at)
+            csum_at = 0
+    hdr_len = tcp_candidate(pkt, n, csum_at != 0) if c.vnet else 0
     if hdr_len and run_accepts(c, pkt, n, hdr_len):
         payload = n - hdr_len
         flags = pkt[33]     # before the move, which may overwrite pkt's own headers
@@ -945,7 +1074,7 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route) noexce
         return
     co_flush(c)
     if not hdr_len:
-        co_write_plain(c, pkt, n, route)
+        co_write_plain(c, pkt, n, route, csum_at)
         return
     c.head = pkt
     c.length = n
@@ -956,6 +1085,7 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route) noexce
     c.count = 1
     c.closed = (pkt[33] & TCP_PSH) != 0
     c.route = route
+    c.head_csum_at = csum_at
 
 
 cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
@@ -1019,6 +1149,10 @@ cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
             v.drop = D_TTL_EXPIRED
             return
         ttl_decrement(pkt)
+    else:
+        # Kernel VXLAN senders on one host (over a veth) leave inner checksums partial; flannel's
+        # udp senders (flanneld, and our egress) never do, so UDP mode takes no chance on it.
+        v.csum_at = partial_csum_at(pkt, total_len)
     v.action = ACT_TUN
     v.length = total_len
     # Per-peer rx is charged to the lease the inner source belongs to (without the source
@@ -1187,6 +1321,7 @@ cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, uint32_t sen
     v.route = NULL
     v.peer = 0
     v.length = 0
+    v.csum_at = 0
     # Before any parsing: whoever holds no lease gets nothing looked at.
     if s.source_check and rt_find(&s.senders, sender) == NULL:
         v.action = ACT_DROP
@@ -1545,6 +1680,16 @@ cdef size_t gro_size(msghdr* m) noexcept nogil:
     return 0
 
 
+cdef bint tunnel_gso(const uint8_t* datagram, size_t n, size_t size) noexcept nogil:
+    """Whether a UDP_GRO read of ``n`` bytes with segment ``size`` is not datagrams of that size
+    but one VXLAN frame whose inner IPv4 packet takes all of it: a kernel sender's GSO frame
+    (an inner UDP super-packet) that a veth handed on whole, ``size`` its inner segment size."""
+    if n <= size or size <= VXLAN_ENCAP_LEN or n < VXLAN_ENCAP_LEN + 20:
+        return False
+    return (datagram[VXLAN_ENCAP_LEN] >> 4) == 4 and \
+        rd16(datagram + VXLAN_ENCAP_LEN + 2) == n - VXLAN_ENCAP_LEN
+
+
 cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
     """Move the UDP socket's datagrams into the TUN, a batch at a time until the socket is empty
     if ``drain``, else one batch; the datagrams read, -1 on a socket error."""
@@ -1554,7 +1699,7 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
     cdef int total = 0
     cdef uint8_t* base
     cdef uint8_t* pkt
-    cdef size_t n, off, size, step
+    cdef size_t n, off, size, step, inner_gso
     cdef uint32_t sender
     cdef Verdict v
     cdef uint32_t every
@@ -1577,6 +1722,10 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
             base = q.bufs + <size_t>i * ING_SLOT + ING_HEADROOM
             n = q.msgs[i].msg_len
             size = gro_size(&q.msgs[i].msg_hdr) if s.udp_gro else 0
+            inner_gso = 0
+            if size and s.mode == MODE_VXLAN and tunnel_gso(base, n, size):
+                inner_gso = size    # one VXLAN frame around an inner UDP super-packet
+                size = n
             if size == 0:
                 size = n
             # A GRO read holds datagrams of one flow: one sender.
@@ -1592,7 +1741,7 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
                 if v.action != ACT_TUN:
                     q.counters.drops[v.drop] += 1
                 else:
-                    co_add(&q.co, pkt, v.length, v.route)
+                    co_add(&q.co, pkt, v.length, v.route, v.csum_at, inner_gso)
                 off += step
                 if off >= n:
                     break
@@ -1740,6 +1889,8 @@ cdef void queue_init_ingress(Queue* qu) noexcept nogil:
             q.msgs[i].msg_hdr.msg_control = &q.ctrl[i * CTRL_WORDS]
     q.co.tun_fd = qu.tun_fd
     q.co.vnet = qu.shared.vnet
+    q.co.mtu = qu.shared.mtu
+    q.co.arena = q.arena
     q.co.counters = &q.counters
     q.co.head = NULL
 
@@ -1833,9 +1984,12 @@ def segment_tso(bytes vnet_hdr, bytes packet) -> tuple:
         free(out)
 
 
-def coalesce(list packets) -> list:
-    """Test hook: [(virtio header, packet)] that ingress writes to a virtio-header TUN for these
-    valid IPv4 packets, received back to back in one buffer (mirror of packet.coalesce)."""
+def tun_writes(list packets, *, bint vnet=True, bint complete_partial=False, int mtu=0,
+               int gro_size=0) -> tuple:
+    """Test hook: what ingress writes to the TUN for these valid IPv4 packets, received back to
+    back in one buffer: ([(virtio header, or b"" without ``vnet``, packet)], partial checksums
+    counted, bad_gso drops). ``complete_partial``: as VXLAN mode does, with the TUN's ``mtu``
+    and the datagram's UDP_GRO size ``gro_size`` (mirror of packet.tun_writes)."""
     cdef Coalescer c
     cdef Counters counters
     cdef size_t total = 0
@@ -1851,11 +2005,15 @@ def coalesce(list packets) -> list:
     memset(&c, 0, sizeof(c))
     memset(&counters, 0, sizeof(counters))
     c.tun_fd = -1
-    c.vnet = 1
+    c.vnet = vnet
+    c.mtu = mtu
     c.counters = &counters
-    c.capture = <uint8_t*>malloc(total + 14 * len(packets) + 1)
+    c.arena = <uint8_t*>malloc(ING_ARENA)
+    # Each packet may be a super-packet split into up to TSO_MAX_SEGS segments, each with its
+    # own copy of the headers (<= 120 bytes), behind a virtio header and a length.
+    c.capture = <uint8_t*>malloc(total + len(packets) * (14 + TSO_MAX_SEGS * 134) + 1)
     try:
-        if buf == NULL or c.capture == NULL:
+        if buf == NULL or c.capture == NULL or c.arena == NULL:
             raise MemoryError()
         off = ING_HEADROOM
         for p in packets:
@@ -1863,7 +2021,8 @@ def coalesce(list packets) -> list:
             off += len(p)
         off = ING_HEADROOM
         for p in packets:
-            co_add(&c, buf + off, len(p), NULL)
+            co_add(&c, buf + off, len(p), NULL,
+                   partial_csum_at(buf + off, len(p)) if complete_partial else 0, gro_size)
             off += len(p)
         co_flush(&c)
         frames = []
@@ -1872,11 +2031,13 @@ def coalesce(list packets) -> list:
             length = 0
             memcpy(&length, c.capture + off, 4)
             frame = (<char*>c.capture)[off + 4:off + 4 + length]
-            frames.append((frame[:VNET_HDR_LEN], frame[VNET_HDR_LEN:]))
+            cut = VNET_HDR_LEN if vnet else 0
+            frames.append((frame[:cut], frame[cut:]))
             off += 4 + length
-        return frames
+        return frames, counters.csum_completed, counters.drops[D_BAD_GSO]
     finally:
         free(buf)
+        free(c.arena)
         free(c.capture)
 
 
@@ -1888,7 +2049,8 @@ cdef class FastPath:
     always from the same one; ingress receives on ``udp_fd``. Offloads the caller has set up:
     ``vnet_hdr`` (the TUN has IFF_VNET_HDR), ``udp_gso`` (the kernel takes UDP_SEGMENT),
     ``udp_gro`` (``udp_fd`` has UDP_GRO on). ``busy_poll_us``: after forwarding, a thread
-    polls both directions this long before it sleeps (0: it sleeps at once).
+    polls both directions this long before it sleeps (0: it sleeps at once). ``mtu``: the
+    TUN's; VXLAN ingress cuts a sender's unsplit TCP super-packet to it (0: passes it whole).
     """
 
     cdef Shared* shared
@@ -1931,7 +2093,7 @@ cdef class FastPath:
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
                  str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None,
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
-                 bint source_check=False, int busy_poll_us=0):
+                 bint source_check=False, int busy_poll_us=0, int mtu=0):
         cdef unsigned int i
         if self.queue.eg.started or self.queue.ig.started:
             raise RuntimeError("FastPath is running")
@@ -1941,6 +2103,8 @@ cdef class FastPath:
             raise ValueError(f"subnet_len out of range: {subnet_len}")
         if not 0 <= busy_poll_us <= BUSY_POLL_MAX_US:
             raise ValueError(f"busy_poll_us: 0 to {BUSY_POLL_MAX_US}, not {busy_poll_us}")
+        if not 0 <= mtu <= BUF_SIZE:
+            raise ValueError(f"mtu: 0 to {BUF_SIZE}, not {mtu}")
         if mode == "vxlan":
             if not 1 <= vni <= VNI_MAX:
                 raise ValueError(f"vni out of range: {vni}")
@@ -1969,6 +2133,7 @@ cdef class FastPath:
         self.shared.udp_gso = 1 if udp_gso else 0
         self.shared.udp_gro = udp_gro
         self.queue.busy_poll_ns = <uint64_t>busy_poll_us * 1000
+        self.shared.mtu = <uint32_t>mtu
 
     def __dealloc__(self):
         if self.queue != NULL:
@@ -1978,6 +2143,7 @@ cdef class FastPath:
             free(self.queue.eg.bufs)
             free(self.queue.eg.arena)
             free(self.queue.ig.bufs)
+            free(self.queue.ig.arena)
             if self.queue.park_fds[0] >= 0:
                 close(self.queue.park_fds[0])
             if self.queue.park_fds[1] >= 0:
@@ -2096,6 +2262,7 @@ cdef class FastPath:
             "tso_split": eg.offloaded,
             "gro_coalesced": ig.offloaded,
             "gso_fallbacks": eg.gso_fallbacks,
+            "csum_completed": ig.csum_completed,
             "busy_poll_batches": self.queue.busy_polled[0] + self.queue.busy_polled[1],
             "busy_poll_egress_batches": self.queue.busy_polled[0],
             "busy_poll_ingress_batches": self.queue.busy_polled[1],
@@ -2180,14 +2347,18 @@ cdef class FastPath:
             self.queue.eg.bufs = <uint8_t*>malloc(<size_t>BATCH * EGRESS_SLOT)
             self.queue.eg.arena = <uint8_t*>malloc(ARENA_SIZE) if self.shared.vnet else NULL
             self.queue.ig.bufs = <uint8_t*>malloc(<size_t>BATCH * ING_SLOT)
+            self.queue.ig.arena = <uint8_t*>malloc(ING_ARENA)
             if (self.queue.eg.bufs == NULL or self.queue.ig.bufs == NULL
+                    or self.queue.ig.arena == NULL
                     or (self.shared.vnet and self.queue.eg.arena == NULL)):
                 free(self.queue.eg.bufs)
                 free(self.queue.eg.arena)
                 free(self.queue.ig.bufs)
+                free(self.queue.ig.arena)
                 self.queue.eg.bufs = NULL
                 self.queue.eg.arena = NULL
                 self.queue.ig.bufs = NULL
+                self.queue.ig.arena = NULL
                 raise MemoryError()
             queue_init_ingress(self.queue)
         read(self.shared.stop_fd, &drained, sizeof(drained))  # re-arm after a previous stop()
@@ -2270,8 +2441,9 @@ cdef class FastPath:
             free(q)
 
     def process_ingress(self, bytes datagram, str sender="0.0.0.0") -> tuple:
-        """Test hook: (action, data, "", drop or 0, 0) for a datagram received from
-        ``sender``."""
+        """Test hook: (action, data, "", drop or 0, csum_at) for a datagram received from
+        ``sender``: data is the inner packet as decapsulated, csum_at where its partial checksum
+        is (0: none; tun_writes shows what becomes of it)."""
         cdef uint32_t outer = parse_ipv4(sender)
         cdef size_t n = len(datagram)
         cdef uint8_t* buf = <uint8_t*>malloc(n + 1)
@@ -2286,7 +2458,7 @@ cdef class FastPath:
                 pkt = ingress_frame(self.shared, buf, n, outer, &v)
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_TUN:
-                return (v.action, (<char*>pkt)[:v.length], "", 0, 0)
+                return (v.action, (<char*>pkt)[:v.length], "", 0, v.csum_at)
             return (v.action, b"", "", v.drop, 0)
         finally:
             free(buf)

@@ -319,6 +319,9 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"rx {c.get('rx_packets', 0)} pkts / {c.get('rx_bytes', 0)} B   "
           f"icmp unreachable sent {c.get('icmp_sent', 0)}"
           + (f" (suppressed {c['icmp_suppressed']})" if c.get("icmp_suppressed") else ""))
+    if c.get("csum_completed"):
+        print(f"checksums completed {c['csum_completed']} (inner ones left partial, as by a "
+              "kernel VXLAN sender on the same machine)")
     drops = {k: v for k, v in c.get("drops", {}).items() if v}
     print("drops    " + (", ".join(f"{k} {v}" for k, v in sorted(drops.items())) or "none"))
     offloads = status.get("offloads") or {}

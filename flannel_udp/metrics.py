@@ -77,6 +77,10 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{PREFIX}_icmp_unreachable_suppressed",
                               "ICMP net unreachable answers not written: over the rate limit",
                               value=counters.get("icmp_suppressed", 0))
+    yield CounterMetricFamily(f"{PREFIX}_csum_completed",
+                              "received packets whose inner TCP/UDP checksum a kernel sender "
+                              "left partial, completed (vxlan)",
+                              value=counters.get("csum_completed", 0))
 
     peers = status.get("peers") or []
     yield GaugeMetricFamily(f"{PREFIX}_peers", "peers' leases in the table",

@@ -565,12 +565,6 @@ class Host(Netns):
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def complete_frames(self, dev: str = "eth0") -> None:
-        """Make `dev` finish checksums and segmentation in software, as a NIC does before the
-        wire, for a host whose kernel VXLAN sends to a userspace receiver (see
-        KernelVxlanNode). Without checksum offload the kernel also turns TSO off."""
-        self.set_features(dev, {"tx-checksum-ip-generic": False})
-
     def close_log(self) -> None:
         if self._log is not None:
             self._log.close()
@@ -597,15 +591,13 @@ class KernelVxlanNode:
 
     def __init__(self, host: Host, subnet: str, *, vni: int = 1, port: int = 8472,
                  mac: str | None = None, underlay_dev: str = "eth0",
-                 udp_csum: bool | None = None, complete_frames: bool = False) -> None:
+                 udp_csum: bool | None = None) -> None:
         """`udp_csum` True/False: `udpcsum`/`noudpcsum` on the device (UDP checksums set or
         zero in the frames it sends); None leaves the kernel's default (set).
 
-        `complete_frames`: make the underlay veth finish checksums and segmentation in software,
-        as a NIC does before the wire. A veth hands partial checksums and 64 KB GSO frames to
-        the next namespace, which a kernel receiver accepts but a userspace one (a UDP socket)
-        cannot complete; with a userspace peer the kernel node needs this, a kernel-only
-        network (and the kernel's measured best) does not."""
+        The underlay keeps its offloads as they come: over a veth the frames reach the next
+        namespace with inner checksums partial and as 64 KB GSO frames, as from nodes that are
+        containers on one machine."""
         self.host = host
         self.subnet = ipaddress.IPv4Network(subnet)
         self.vni = vni
@@ -622,8 +614,6 @@ class KernelVxlanNode:
                  "mtu", str(UNDERLAY_MTU - 50))
         host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
         host.run("ip", "link", "set", self.dev, "up")
-        if complete_frames:
-            host.complete_frames(underlay_dev)
 
     def lease_value(self) -> bytes:
         """The lease JSON flanneld writes for this node, byte for byte."""

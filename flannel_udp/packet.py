@@ -14,7 +14,7 @@ import enum
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")  # what a route table maps a subnet to: a peer (UDP) or a VxlanRoute
 
@@ -75,13 +75,16 @@ class Action(enum.IntEnum):
 @dataclass(frozen=True)
 class Result:
     """Outcome of processing one packet; ``peer`` and ``sender`` are only set for SEND, ``drop``
-    for REPLY/DROP. ``sender`` is the index of the socket that sends it (VXLAN: by flow)."""
+    for REPLY/DROP. ``sender`` is the index of the socket that sends it (VXLAN: by flow).
+    ``csum_at``, only for TUN (VXLAN): where the packet's partial checksum is, 0 for none
+    (``tun_writes`` says what becomes of it)."""
 
     action: Action
     data: bytes = b""
     peer: int = 0
     drop: Drop | None = None
     sender: int = 0
+    csum_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -310,7 +313,9 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> 
         return Result(Action.DROP, drop=drop)
     if _spoofed(packet, sender):
         return Result(Action.DROP, drop=Drop.SPOOFED_INNER_SOURCE)
-    return Result(Action.TUN, packet)
+    # Kernel VXLAN senders on one host (over a veth) leave inner checksums partial; flannel's
+    # udp senders never do, so UDP mode takes no chance on it.
+    return Result(Action.TUN, packet, csum_at=partial_checksum_at(packet))
 
 
 # --- Offloads: the virtio_net_hdr of a TUN opened with IFF_VNET_HDR ---------------------------
@@ -419,9 +424,53 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
     return None, segments
 
 
-def _tcp_candidate(packet: bytes) -> int:
+def partial_checksum_at(packet: bytes) -> int:
+    """Where the TCP/UDP checksum of a validated packet is if the field holds the folded
+    pseudo-header sum, the mark of a sender's partial checksum (CHECKSUM_PARTIAL: what a kernel
+    sender whose device offloads checksums leaves, e.g. a VXLAN device over a veth), else 0.
+
+    A packet with this mark is completed (``complete_checksum``), never dropped: a partial one
+    becomes right, and a complete one whose checksum equals that sum by chance (1 in 65536) is
+    left as it was. One whose checksum is wrong otherwise keeps it, for the kernel to drop."""
+    header_len = (packet[0] & 0x0F) * 4
+    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+        return 0  # a fragment: the kernel completes checksums before it fragments
+    proto = packet[9]
+    if proto == PROTO_TCP and header_len + 20 <= len(packet):
+        at = header_len + 16
+    elif proto == PROTO_UDP and header_len + 8 <= len(packet):
+        at = header_len + 6
+    else:
+        return 0
+    pseudo = _pseudo_sum(packet, proto, len(packet) - header_len)
+    return at if int.from_bytes(packet[at : at + 2], "big") == pseudo else 0
+
+
+def complete_checksum(packet: bytes, at: int) -> bytes:
+    """`packet` with the partial checksum at `at` completed (0 sent as 0xFFFF)."""
+    header_len = (packet[0] & 0x0F) * 4
+    value = ~_ones_sum(packet[header_len:]) & 0xFFFF or 0xFFFF
+    return packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
+
+
+def _super_segment(packet: bytes, mtu: int, gro_size: int) -> int:
+    """Payload per segment if a packet with a partial checksum is a sender's unsplit
+    super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's `mtu`
+    (cut to fit it: the sender's MSS is not passed on), UDP with more payload than the UDP_GRO
+    segment size its datagram came with (UDP datagrams keep their bounds)."""
+    header_len = (packet[0] & 0x0F) * 4
+    if packet[9] == PROTO_UDP:
+        return gro_size if gro_size and len(packet) - header_len - 8 > gro_size else 0
+    if not mtu or len(packet) <= mtu:
+        return 0
+    l4_len = (packet[header_len + 12] >> 4) * 4
+    return mtu - header_len - l4_len if header_len + l4_len < mtu else 1
+
+
+def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     """IP + TCP header length if a valid packet may join a coalesced run, else 0: IPv4 without
-    options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right."""
+    options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right (a
+    `partial` TCP checksum has nothing to verify: the merged one is completed from the data)."""
     n = len(packet)
     if n < 40 or packet[0] != 0x45 or packet[9] != PROTO_TCP:
         return 0
@@ -432,33 +481,77 @@ def _tcp_candidate(packet: bytes) -> int:
         return 0
     if checksum(packet[:20]) != 0:
         return 0
-    if _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - 20), packet[20:]) != 0xFFFF:
+    if not partial and _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - 20), packet[20:]) != 0xFFFF:
         return 0
     return 20 + tcp_len
 
 
-def coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
-    """What ingress writes to a virtio-header TUN for valid IPv4 packets received back to back:
-    [(virtio header, packet)].
+class TunWrites(NamedTuple):
+    """What ingress writes to the TUN for the packets of one received buffer."""
 
-    Consecutive TCP segments of one flow (same TOS, IP flags, TTL, addresses, ports, ACK,
-    window, options; each starting at the previous one's end; none carrying more payload than
-    the first) become one packet: the first one's headers with the new total length, a fresh
-    header checksum, PSH if the last had it, the pseudo-header sum in the TCP checksum field,
-    behind a TCPV4 GSO header (NEEDS_CSUM, gso_size = the first one's payload). A PSH or a
-    shorter segment ends a run. Everything else, and a run of one, goes as it came behind a
-    zeroed header.
+    frames: list[tuple[bytes, bytes]]  # (virtio header, or b"" on a plain TUN; packet)
+    csum_completed: int  # packets that came with a partial checksum
+    bad_gso: int  # super-packets that could not be split (dropped)
+
+
+def _plain_header(packet: bytes, csum_at: int) -> bytes:
+    """The virtio header of a packet written as it is: zeroed, or NEEDS_CSUM for its partial
+    checksum at `csum_at`."""
+    if not csum_at:
+        return ZERO_VNET_HDR
+    header_len = (packet[0] & 0x0F) * 4
+    return VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, csum_at + 2, 0, header_len,
+                         csum_at - header_len)
+
+
+def _super_frames(packet: bytes, csum_at: int, mss: int,
+                  vnet: bool) -> list[tuple[bytes, bytes]] | None:
+    """The frames of a super-packet cut into `mss` payloads (None: it can't be): TCP to a
+    virtio-header TUN whole behind a GSO header, else its segments with complete checksums."""
+    header_len = (packet[0] & 0x0F) * 4
+    tcp = packet[9] == PROTO_TCP
+    l4_len = (packet[header_len + 12] >> 4) * 4 if tcp else 8
+    header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4 if tcp else GSO_UDP_L4,
+                           header_len + l4_len, mss & 0xFFFF, header_len, csum_at - header_len)
+    drop, segments = segment_tso(header, packet)
+    if mss > 0xFFFF or drop is not None:
+        return None
+    if vnet and tcp:
+        return [(header, packet)]
+    return [(ZERO_VNET_HDR if vnet else b"", seg) for seg in segments]
+
+
+def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: bool = False,
+               mtu: int = 0, gro_size: int = 0) -> TunWrites:
+    """What ingress writes to the TUN (with a virtio header if `vnet`) for valid IPv4 packets
+    received back to back.
+
+    On a virtio-header TUN, consecutive TCP segments of one flow (same TOS, IP flags, TTL,
+    addresses, ports, ACK, window, options; each starting at the previous one's end; none
+    carrying more payload than the first) become one packet: the first one's headers with the
+    new total length, a fresh header checksum, PSH if the last had it, the pseudo-header sum in
+    the TCP checksum field, behind a TCPV4 GSO header (NEEDS_CSUM, gso_size = the first one's
+    payload). A PSH or a shorter segment ends a run. Everything else, and a run of one, goes as
+    it came behind a zeroed header.
+
+    `complete_partial` (VXLAN mode): a packet whose checksum is partial
+    (`partial_checksum_at`) is counted; it goes behind a NEEDS_CSUM header (the kernel
+    completes it), to a plain TUN completed, may join a run without its checksum verified,
+    and if it is a super-packet (`_super_segment`, with the TUN's `mtu` and the datagram's
+    `gro_size`) is cut into segments (`_super_frames`), or dropped as bad_gso if it can't be.
     """
     out: list[tuple[bytes, bytes]] = []
     run: list[bytes] = []  # the segments of the open run
+    run_csum_at = 0  # of its first segment
     hdr_len = 0
     closed = False
+    completed = bad_gso = 0
 
     def flush() -> None:
         if not run:
             return
         if len(run) == 1:
-            out.append((ZERO_VNET_HDR, run[0]))
+            out.append((_plain_header(run[0], run_csum_at), run[0]))
         else:
             head = bytearray(run[0])
             for seg in run[1:]:
@@ -467,13 +560,27 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
             head[2:4] = len(head).to_bytes(2, "big")
             head[:20] = _with_ip_checksum(bytes(head[:20]))
             head[36:38] = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - 20).to_bytes(2, "big")
-            vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
-                                 len(run[0]) - hdr_len, 20, 16)
-            out.append((vnet, bytes(head)))
+            header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
+                                   len(run[0]) - hdr_len, 20, 16)
+            out.append((header, bytes(head)))
         run.clear()
 
     for packet in packets:
-        length = _tcp_candidate(packet)
+        csum_at = partial_checksum_at(packet) if complete_partial else 0
+        if csum_at:
+            completed += 1
+            mss = _super_segment(packet, mtu, gro_size)
+            if mss:
+                flush()
+                frames = _super_frames(packet, csum_at, mss, vnet)
+                if frames is None:
+                    bad_gso += 1
+                else:
+                    out += frames
+                continue
+            if not vnet:
+                packet, csum_at = complete_checksum(packet, csum_at), 0
+        length = _tcp_candidate(packet, partial=bool(csum_at)) if vnet else 0
         if length and run and not closed and _continues(run, hdr_len, packet, length):
             run.append(packet)
             closed = bool(packet[33] & TCP_PSH) or (
@@ -481,13 +588,14 @@ def coalesce(packets: list[bytes]) -> list[tuple[bytes, bytes]]:
             continue
         flush()
         if not length:
-            out.append((ZERO_VNET_HDR, packet))
+            out.append((_plain_header(packet, csum_at) if vnet else b"", packet))
             continue
         run.append(packet)
+        run_csum_at = csum_at
         hdr_len = length
         closed = bool(packet[33] & TCP_PSH)
     flush()
-    return out
+    return TunWrites(out, completed, bad_gso)
 
 
 def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bool:

@@ -111,8 +111,9 @@ def test_targets_are_judged_against_kernel_vxlan():
 
 def test_quick_leaves_the_busypoll_cases_out_unless_asked_for():
     from bench.cli import selected_cases
-    everything = ["underlay", "kernel-vxlan", "udp", "vxlan", "udp-busypoll", "vxlan-busypoll"]
+    everything = ["underlay", "kernel-vxlan", "udp", "vxlan", "kernel-to-vxlan", "udp-busypoll",
+                  "vxlan-busypoll"]
     assert selected_cases(None, quick=False) == everything
-    assert selected_cases(None, quick=True) == everything[:4]
+    assert selected_cases(None, quick=True) == everything[:5]
     assert selected_cases(["vxlan-busypoll", "kernel-vxlan"], quick=True) == [
         "kernel-vxlan", "vxlan-busypoll"]

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flannel_udp import _fastpath, packet
+from flannel_udp.backends.common import Offloads, enable_tun_offloads
 from flannel_udp.packet import (
     VXLAN_FLAG_I,
     Action,
@@ -62,9 +63,11 @@ def make_fastpath(routes: dict[int, int], subnet_len: int, tun_addr: int) -> Fas
 
 
 def as_tuple(result: Result) -> tuple:
-    """The reference result in the shape of the FastPath test hooks."""
+    """The reference result in the shape of the FastPath test hooks (the last item: the sender
+    socket of a SEND, else where the packet's partial checksum is)."""
     peer = dotted(result.peer) if result.action == Action.SEND else ""
-    return (int(result.action), result.data, peer, int(result.drop or 0), result.sender)
+    last = result.sender if result.action == Action.SEND else result.csum_at
+    return (int(result.action), result.data, peer, int(result.drop or 0), last)
 
 
 def make_packet(src: int, dst: int, ttl: int = 64, proto: int = 17, payload: bytes = b"") -> bytes:
@@ -207,6 +210,7 @@ def test_process_hooks_leave_the_counters_alone():
         "tso_split": 0,
         "gro_coalesced": 0,
         "gso_fallbacks": 0,
+        "csum_completed": 0,
         "busy_poll_batches": 0,
         "busy_poll_egress_batches": 0,
         "busy_poll_ingress_batches": 0,
@@ -501,7 +505,64 @@ def received_segments(draw: st.DrawFn) -> list[bytes]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(received_segments())
 def test_coalescing_agrees_with_reference(packets):
-    assert _fastpath.coalesce(packets) == packet.coalesce(packets)
+    assert _fastpath.tun_writes(packets) == packet.tun_writes(packets)
+
+
+def as_partial(pkt: bytes) -> bytes:
+    """A TCP/UDP packet as a kernel sender with checksum offload leaves it: the folded
+    pseudo-header sum in the checksum field."""
+    ihl = (pkt[0] & 0x0F) * 4
+    at = ihl + (16 if pkt[9] == 6 else 6)
+    pseudo = pkt[12:20] + bytes([0, pkt[9]]) + (len(pkt) - ihl).to_bytes(2, "big")
+    return pkt[:at] + (~checksum(pseudo) & 0xFFFF).to_bytes(2, "big") + pkt[at + 2 :]
+
+
+@st.composite
+def received_from_kernel_senders(draw: st.DrawFn) -> list[bytes]:
+    """received_segments as kernel VXLAN senders on a veth send them: some checksums partial,
+    some simply wrong, now and then an unsplit TCP or UDP super-packet (partial)."""
+    out = []
+    for pkt in draw(received_segments()):
+        kind = draw(st.sampled_from(["as is", "partial", "partial", "wrong", "super"]))
+        if kind == "partial":
+            pkt = as_partial(pkt)
+        elif kind == "wrong":
+            pkt = pkt[:-1] + bytes([pkt[-1] ^ 0x5A])
+        elif kind == "super":
+            proto = draw(st.sampled_from([6, 17]))
+            size = draw(st.integers(1, 9000))
+            if proto == 6:
+                l4 = struct.pack("!HHIIBBHHH", 7, 80, draw(st.integers(0, 0xFFFFFFFF)), 1, 0x80,
+                                 0x10, 500, 0, 0) + bytes(12) + bytes([size & 0xFF]) * size
+            else:
+                l4 = struct.pack("!HHHH", 7, 53, 8 + size, 0) + bytes([size & 0xFF]) * size
+            header = ip_header(20 + len(l4), proto, draw(addresses), 0x0A000001)
+            pkt = as_partial(l4_with_checksum(header, l4, 16 if proto == 6 else 6))
+        out.append(pkt)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(received_from_kernel_senders(), st.booleans(), st.booleans(),
+       st.sampled_from([0, 68, 576, 1450]), st.sampled_from([0, 1, 100, 1398]))
+def test_tun_writes_of_partial_checksums_agree_with_reference(packets, vnet, complete, mtu,
+                                                              gro_size):
+    options = dict(vnet=vnet, complete_partial=complete, mtu=mtu, gro_size=gro_size)
+    assert _fastpath.tun_writes(packets, **options) == packet.tun_writes(packets, **options)
+
+
+@pytest.mark.parametrize("proto", [6, 17])
+def test_vxlan_ingress_finds_a_partial_checksum_where_the_reference_does_and_udp_mode_not(proto):
+    l4 = (struct.pack("!HHIIBBHHH", 1, 2, 3, 4, 0x50, 0x10, 9, 0, 0) if proto == 6
+          else struct.pack("!HHHH", 1, 2, 8 + 100, 0)) + bytes(range(100))
+    pkt = as_partial(l4_with_checksum(ip_header(20 + len(l4), proto, 1, 2), l4, 16
+                                      if proto == 6 else 6))
+    vtep = Vtep(1, OUR_MAC)
+    frame = packet.vxlan_encap(pkt, 1, OUR_MAC, PEER_MAC)
+    expected = as_tuple(packet.vxlan_ingress(frame, vtep))
+    assert expected[4] == (36 if proto == 6 else 26)
+    assert make_vxlan_fastpath({}, 24, 0, vtep).process_ingress(frame) == expected
+    assert make_fastpath({}, 24, 0).process_ingress(pkt)[4] == 0
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -518,9 +579,9 @@ def test_segments_of_a_tcp_super_packet_coalesce_back_into_one_that_splits_the_s
     drop, segments = _fastpath.segment_tso(vnet_hdr, pkt)
     assert drop == 0
     if len(segments) == 1:
-        assert _fastpath.coalesce(segments) == [(packet.ZERO_VNET_HDR, pkt)]
+        assert _fastpath.tun_writes(segments) == ([(packet.ZERO_VNET_HDR, pkt)], 0, 0)
         return
-    [(header, merged)] = _fastpath.coalesce(segments)
+    [(header, merged)], _, _ = _fastpath.tun_writes(segments)
     assert _fastpath.segment_tso(header, merged) == (0, segments)
 
 
@@ -677,6 +738,12 @@ def test_constructor_rejects_bad_arguments(args):
         FastPath(*args)
 
 
+@pytest.mark.parametrize("mtu", [-1, 65537])
+def test_constructor_rejects_an_mtu_out_of_range(mtu):
+    with pytest.raises(ValueError, match="mtu"):
+        FastPath(-1, -1, 1, "10.0.0.0", 24, mtu=mtu)
+
+
 def test_start_without_fds_fails_and_stop_is_idempotent():
     fastpath = make_fastpath({}, 24, 0)
     with pytest.raises(ValueError):
@@ -703,6 +770,7 @@ class TunRig:
     peer_sock: socket.socket  # stands in for the remote node
     app_sock: socket.socket  # an application in the namespace, talking through the TUN
     sender_socks: list[socket.socket]  # VXLAN egress: a pool to send from, one port per socket
+    vnet_hdr: bool  # the TUN has IFF_VNET_HDR and offloads
 
 
 def ip_cmd(*args: str) -> None:
@@ -710,7 +778,9 @@ def ip_cmd(*args: str) -> None:
 
 
 @pytest.fixture
-def tun_rig() -> Iterator[TunRig]:
+def tun_rig(request) -> Iterator[TunRig]:
+    """The rig; parametrized indirectly with True, its TUN has IFF_VNET_HDR and offloads."""
+    vnet_hdr = getattr(request, "param", False)
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or shutil.which("ip") is None:
         pytest.skip("needs root, /dev/net/tun and ip")
     pytun = pytest.importorskip("pytun")
@@ -725,8 +795,11 @@ def tun_rig() -> Iterator[TunRig]:
         ip_cmd("-n", name, "link", "set", "lo", "up")
         netns.pushns(name)
         try:  # everything made here belongs to the namespace for good
-            tun = pytun.TunTapDevice(name=TUN_NAME, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            tun = pytun.TunTapDevice(name=TUN_NAME, flags=pytun.IFF_TUN | pytun.IFF_NO_PI
+                                     | (pytun.IFF_VNET_HDR if vnet_hdr else 0))
             opened.append(tun)
+            if vnet_hdr:
+                enable_tun_offloads(tun, Offloads())
             socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(7)]
             opened.extend(socks)
         finally:
@@ -743,7 +816,7 @@ def tun_rig() -> Iterator[TunRig]:
         ip_cmd("-n", name, "addr", "add", f"{TUN_ADDR}/32", "dev", TUN_NAME)
         ip_cmd("-n", name, "link", "set", TUN_NAME, "up", "mtu", "1472")
         ip_cmd("-n", name, "route", "add", NETWORK, "dev", TUN_NAME)
-        yield TunRig(name, tun, fastpath_sock, peer_sock, app_sock, sender_socks)
+        yield TunRig(name, tun, fastpath_sock, peer_sock, app_sock, sender_socks, vnet_hdr)
     finally:
         for thing in opened:
             thing.close()
@@ -1033,3 +1106,36 @@ def test_vxlan_threads_spread_flows_over_the_sender_ports_and_deliver_frames(tun
         assert stats["tx_packets"] == 48 and stats["rx_packets"] == 1
     finally:
         fastpath.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("tun_rig", [False, True], indirect=True, ids=["plain-tun", "vnet-tun"])
+def test_a_partial_inner_checksum_reaches_the_app_and_a_wrong_one_does_not(tun_rig):
+    rig = tun_rig
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), 1, TUN_ADDR, 24,
+                        mode="vxlan", vni=42, vtep_mac=OUR_MAC, vnet_hdr=rig.vnet_hdr, mtu=1472)
+    fastpath.start()
+    try:
+        app_port = rig.app_sock.getsockname()[1]
+
+        def datagram(payload: bytes, kind: str) -> bytes:
+            udp = struct.pack("!HHHH", 4242, app_port, 8 + len(payload), 0) + payload
+            inner = l4_with_checksum(ip_header(20 + len(udp), 17, ip(REMOTE_POD), ip(TUN_ADDR)),
+                                     udp, 6)
+            if kind == "partial":
+                inner = as_partial(inner)
+            elif kind == "wrong":
+                inner = inner[:26] + bytes([inner[26] ^ 0x10]) + inner[27:]
+            elif kind == "none":
+                inner = inner[:26] + b"\0\0" + inner[28:]
+            return packet.vxlan_encap(inner, 42, OUR_MAC, PEER_MAC)
+
+        for kind in ("wrong", "partial", "none", "right"):
+            rig.peer_sock.sendto(datagram(kind.encode(), kind), rig.fastpath_sock.getsockname())
+        got = [rig.app_sock.recvfrom(65536)[0] for _ in range(3)]
+        assert got == [b"partial", b"none", b"right"]  # the wrong one went first: dropped
+        assert wait_for(lambda: fastpath.counters()["rx_packets"] == 4)
+        assert fastpath.counters()["csum_completed"] == 1
+    finally:
+        fastpath.stop()
+

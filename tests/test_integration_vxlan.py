@@ -2,9 +2,10 @@
 
 One shared cluster of five hosts on one bridge: h1 and h2 are plain kernel VXLAN nodes
 (`KernelVxlanNode`: flannel.1, nolearning, neighbour + FDB entry + onlink route per remote
-lease), h1 sending frames with UDP checksums and h2 with zero checksums, both finishing their
-frames in software as a NIC would (a veth would pass on partial checksums and 64 KB frames that
-never cross a real wire); h3, h4 and h5 run flannel-udp vxlan daemons. Every host has a pod.
+lease), h1 sending frames with UDP checksums and h2 with zero checksums, both with their
+underlay's offloads as they come (a veth passes their frames on with inner checksums partial
+and as 64 KB GSO frames, as between nodes that are containers on one machine); h3, h4 and h5
+run flannel-udp vxlan daemons, h5 with FLANNEL_UDP_OFFLOADS=0. Every host has a pod.
 The kernel nodes publish their leases as flanneld writes them and learn the flannel-udp nodes'
 VtepMACs from the leases in the store, as flanneld does. No mocks; every packet stays inside the
 test's namespaces.
@@ -87,12 +88,17 @@ def program_from_store(node: KernelVxlanNode, store: Path) -> None:
 def cluster(module_topology) -> Cluster:
     topo = module_topology(5)
     h1, h2, *userspace = topo.hosts
-    # complete_frames: the kernel nodes' frames leave checksummed and segmented, as from a NIC.
-    kernel = [KernelVxlanNode(h1, KERNEL_SUBNETS[0], udp_csum=True, complete_frames=True),
-              KernelVxlanNode(h2, KERNEL_SUBNETS[1], udp_csum=False, complete_frames=True)]
+    kernel = [KernelVxlanNode(h1, KERNEL_SUBNETS[0], udp_csum=True),
+              KernelVxlanNode(h2, KERNEL_SUBNETS[1], udp_csum=False)]
     for node in kernel:
         publish(node, topo.store_path)
-    leases = topo.start_daemons(VXLAN_CONFIG, userspace)
+    net_config = topo.write_net_config(VXLAN_CONFIG)
+    for host in userspace:
+        host.start_flannel(topo.store_path, net_config, env={
+            "FLANNEL_UDP_OFFLOADS": "0" if host is userspace[-1] else "1"})
+    for host in userspace:
+        host.wait_ready(20)
+    leases = topo.wait_peers(userspace, 20)
     for host in userspace:
         wait_until(lambda h=host: set(KERNEL_SUBNETS) <= h.peer_subnets(), 5,
                    f"{host.label} to list the kernel nodes as peers")
@@ -117,14 +123,45 @@ def test_every_pod_reaches_every_other_pod_across_kernel_and_userspace_vxlan_nod
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("sender, receiver, port", [
-    ("h1", "h3", 7101),  # kernel (checksummed frames) -> userspace
-    ("h4", "h2", 7102),  # userspace -> kernel (its answers carry zero checksums)
-    ("h3", "h5", 7103),  # userspace -> userspace
-], ids=["kernel-to-userspace", "userspace-to-kernel", "userspace-to-userspace"])
-def test_tcp_transfer_of_10_mb_arrives_intact(cluster: Cluster, sender, receiver, port):
-    src, dst = cluster.pods[sender], cluster.pods[receiver]
-    assert src.tcp_transfer(dst, port, 10 << 20) == {
+TRANSFER = 100 << 20
+
+
+@pytest.mark.parametrize("ours", ["h3", "h5"], ids=["offloads-on", "offloads-off"])
+@pytest.mark.parametrize("kernel", ["h1", "h2"], ids=["udpcsum", "noudpcsum"])
+@pytest.mark.parametrize("to_us", [True, False], ids=["kernel-to-userspace",
+                                                      "userspace-to-kernel"])
+def test_100_mb_between_kernel_and_userspace_nodes_arrive_intact(cluster: Cluster, kernel, ours,
+                                                                 to_us):
+    """The kernel nodes' frames as a veth hands them on (partial inner checksums, GSO frames)
+    reach our pods intact; the completions are counted."""
+    receiver = next(h for h in cluster.userspace if h.label == ours)
+    before = receiver.status()["counters"]
+    src, dst = cluster.pods[kernel], cluster.pods[ours]
+    if not to_us:
+        src, dst = dst, src
+    port = 7100 + 10 * int(kernel[1]) + int(ours[1]) + (0 if to_us else 5)
+    assert src.tcp_transfer(dst, port, TRANSFER, timeout=120) == {
+        "sent": TRANSFER, "received": TRANSFER, "intact": True}
+    after = receiver.status()
+    assert after["offloads"]["tun_vnet_hdr"] is (ours == "h3")
+    assert not any(after["counters"]["drops"].values()), after["counters"]["drops"]
+    if to_us:  # every data segment, and the handshake, came with a partial checksum
+        assert after["counters"]["csum_completed"] > before["csum_completed"]
+
+
+def test_status_shows_the_partial_checksums_completed(cluster: Cluster):
+    host = cluster.userspace[0]
+    target = cluster.pods[host.label]
+    assert cluster.pods["h1"].tcp_transfer(target, 7199, 1 << 20)["intact"]
+    completed = host.status()["counters"]["csum_completed"]
+    assert completed > 0
+    text = host.flannel("status", "--control-socket", host.control_socket).stdout
+    assert re.search(r"^checksums completed \d+ ", text, re.M), text
+
+
+def test_userspace_to_userspace_transfer_of_10_mb_arrives_intact(cluster: Cluster):
+    src, dst = cluster.pods["h3"], cluster.pods["h5"]
+    assert src.tcp_transfer(dst, 7103, 10 << 20) == {
         "sent": 10 << 20, "received": 10 << 20, "intact": True}
 
 
@@ -349,3 +386,40 @@ def test_run_refuses_an_underlay_too_small_for_vxlan(topology):
     host.run("ip", "link", "set", "eth0", "mtu", "100")
     line = run_expecting_user_error(host, topo, VXLAN_CONFIG)
     assert "eth0's MTU 100 is too small" in line
+
+
+UDP_GSO_SEND = r"""
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(17, 103, 1000)  # UDP_SEGMENT: each send leaves as 4 datagrams of 1000 bytes
+for i in range(5):
+    sock.sendto(bytes([i]) * 4000, (sys.argv[1], 7200))
+"""
+
+UDP_RECEIVE = r"""
+import json, socket
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 7200))
+sock.settimeout(3)
+print("ready", flush=True)
+got = []
+try:
+    while len(got) < 20:
+        got.append(sock.recv(65535).hex())
+except socket.timeout:
+    pass
+print(json.dumps(got))
+"""
+
+
+def test_udp_segments_of_a_kernel_senders_gso_frame_arrive_as_the_datagrams_sent(cluster: Cluster):
+    """A pod's UDP_SEGMENT send through kernel VXLAN crosses the veth as one GSO frame, which
+    our UDP_GRO socket reads whole, with the inner segment size as its GRO size. (Without
+    UDP_GRO, FLANNEL_UDP_OFFLOADS=0, the kernel splits it before the socket.)"""
+    dst = cluster.pods["h3"]
+    receiver = dst.popen(sys.executable, "-c", UDP_RECEIVE, stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "ready"
+    cluster.pods["h1"].run(sys.executable, "-c", UDP_GSO_SEND, dst.address)
+    out, _ = receiver.communicate(timeout=15)
+    assert [bytes.fromhex(d) for d in json.loads(out)] == [
+        bytes([i]) * 1000 for i in range(5) for _ in range(4)]

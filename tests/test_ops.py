@@ -235,6 +235,12 @@ def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():
     assert got[("flannel_udp_icmp_unreachable_suppressed_total", ())] == 7
 
 
+def test_metrics_carry_the_partial_checksums_completed():
+    status = {**STATUS, "counters": {**STATUS["counters"], "csum_completed": 11}}
+    assert samples(metrics.render(status))[("flannel_udp_csum_completed_total", ())] == 11
+    assert samples(metrics.render(STATUS))[("flannel_udp_csum_completed_total", ())] == 0
+
+
 def test_metrics_of_a_status_without_offloads_or_lease_still_render():
     got = samples(metrics.render({"lease": None, "peers": [], "counters": {},
                                   "health": {"lease": False, "dataplane": False}}))

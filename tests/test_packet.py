@@ -21,13 +21,13 @@ from flannel_udp.packet import (
     Vtep,
     VxlanRoute,
     checksum,
-    coalesce,
     egress,
     flow_hash,
     ingress,
     prefix_mask,
     segment_tso,
     sender_index,
+    tun_writes,
     vxlan_egress,
     vxlan_ingress,
 )
@@ -534,13 +534,13 @@ def test_coalescing_the_segments_of_a_super_packet_gives_it_back_with_a_gso_head
     payload = bytes(range(256)) * 20
     big = tcp_packet(payload, tcp_options=TS_OPTION)
     _, segments = segment_tso(vnet(), big)
-    [(header, merged)] = coalesce(segments)
+    [(header, merged)] = tun_writes(segments).frames
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(header)
     assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (
         VNET_F_NEEDS_CSUM, GSO_TCPV4, 52, 1000, 20, 16)
     assert merged[:36] == big[:36] and merged[38:] == big[38:] and header_ok(merged)
     # The checksum field holds the pseudo-header sum, which the kernel completes.
-    assert coalesce(segments) == [(header, merged)]
+    assert tun_writes(segments).frames == [(header, merged)]
     assert segment_tso(header, merged) == (None, segments)
 
 
@@ -549,7 +549,7 @@ def test_a_psh_or_a_short_segment_ends_a_run():
     segs[2] = tcp_packet(bytes(100), seq=1200, flags=ACK | PSH)
     segs[4] = tcp_packet(bytes(50), seq=1400, flags=ACK)
     segs[5] = tcp_packet(bytes(100), seq=1450, flags=ACK)
-    out = coalesce(segs)
+    out = tun_writes(segs).frames
     assert [len(p) - 40 for _, p in out] == [300, 150, 100]
     assert out[0][1][33] == ACK | PSH and out[2] == (ZERO_VNET_HDR, segs[5])
 
@@ -562,7 +562,7 @@ def test_segments_that_do_not_continue_the_run_are_not_merged(change):
     first = tcp_packet(bytes(100), seq=1000, flags=ACK)
     fields = dict(payload=bytes(100), seq=1100, flags=ACK) | change
     second = tcp_packet(**fields)
-    assert coalesce([first, second]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, second)]
+    assert tun_writes([first, second]).frames == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, second)]
 
 
 def test_bad_checksums_ip_options_and_other_protocols_pass_through_unmerged():
@@ -571,4 +571,105 @@ def test_bad_checksums_ip_options_and_other_protocols_pass_through_unmerged():
     bad = bad[:-1] + b"\x01"  # payload changed, checksum not: must not be laundered
     with_options = tcp_packet(bytes(100), seq=1100, flags=ACK, options=b"\x01\x01\x01\x00")
     for other in (bad, with_options, udp_packet(bytes(100))):
-        assert coalesce([first, other]) == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, other)]
+        assert tun_writes([first, other]).frames == [(ZERO_VNET_HDR, first), (ZERO_VNET_HDR, other)]
+
+
+# --- partial checksums from kernel senders (VXLAN ingress) ---------------------------------------
+
+
+def partial(packet: bytes) -> bytes:
+    """`packet` as a kernel sender whose device offloads checksums leaves it: the folded
+    pseudo-header sum in the TCP/UDP checksum field, not the checksum."""
+    ihl = (packet[0] & 0x0F) * 4
+    at = ihl + (16 if packet[9] == 6 else 6)
+    pseudo = packet[12:20] + bytes([0, packet[9]]) + (len(packet) - ihl).to_bytes(2, "big")
+    value = ~checksum(pseudo) & 0xFFFF
+    return packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
+
+
+def wrong(packet: bytes) -> bytes:
+    """`packet` with its L4 checksum off by one: simply wrong, not partial."""
+    ihl = (packet[0] & 0x0F) * 4
+    at = ihl + (16 if packet[9] == 6 else 6)
+    value = (int.from_bytes(packet[at : at + 2], "big") + 1) & 0xFFFF
+    return packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
+
+
+@pytest.mark.parametrize("make, at", [(lambda: tcp_packet(b"x" * 300), 36),
+                                      (lambda: udp_packet(b"y" * 301), 26)],
+                         ids=["tcp", "udp"])
+def test_a_partial_checksum_is_found_and_completed_to_the_right_one(make, at):
+    good = make()
+    half = partial(good)
+    assert half != good and l4_checksum(half) != 0
+    result = vxlan_ingress(vxlan_frame(half), VTEP)
+    assert (result.action, result.data, result.csum_at) == (Action.TUN, half, at)
+    # A plain TUN gets it completed; a virtio-header one behind NEEDS_CSUM for the kernel,
+    # which completes it as segment_tso does.
+    assert tun_writes([half], vnet=False, complete_partial=True) == ([(b"", good)], 1, 0)
+    [(header, same)], completed, _ = tun_writes([half], complete_partial=True)
+    assert same == half and completed == 1
+    assert header == VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, at + 2, 0, 20, at - 20)
+    assert segment_tso(header, half) == (None, [good])
+
+
+@pytest.mark.parametrize("make", [lambda: tcp_packet(b"x" * 300), lambda: udp_packet(b"y" * 301)],
+                         ids=["tcp", "udp"])
+def test_a_wrong_checksum_is_not_taken_for_partial_and_reaches_the_tun_as_it_came(make):
+    bad = wrong(make())
+    assert vxlan_ingress(vxlan_frame(bad), VTEP).csum_at == 0
+    for vnet_hdr in (True, False):
+        frames, completed, _ = tun_writes([bad], vnet=vnet_hdr, complete_partial=True)
+        assert frames == [(ZERO_VNET_HDR if vnet_hdr else b"", bad)] and completed == 0
+
+
+def test_right_checksums_udp_without_one_fragments_and_udp_mode_are_left_alone():
+    no_checksum = make_packet(proto=17, payload=struct.pack("!HHHH", 1, 2, 12, 0) + b"abcd")
+    # A first fragment whose field holds the sum (the kernel never fragments a partial one).
+    fragment = make_packet(proto=6, payload=partial(tcp_packet(b"z" * 100))[20:], frag=0x2000)
+    for packet in (tcp_packet(b"ok" * 50), udp_packet(b"ok"), no_checksum, fragment):
+        assert vxlan_ingress(vxlan_frame(packet), VTEP).csum_at == 0
+    # flannel's udp senders never leave a checksum partial: UDP mode touches no checksum.
+    half = partial(tcp_packet(b"x" * 300))
+    assert ingress(half).data[20:] == half[20:]
+
+
+def test_partial_segments_coalesce_with_right_ones_into_one_the_kernel_completes():
+    payload = bytes(range(256)) * 20
+    segments = segment_tso(vnet(gso_size=1000), tcp_packet(payload, flags=ACK))[1]
+    mixed = [partial(seg) if i % 2 else seg for i, seg in enumerate(segments)]
+    merged = tun_writes(segments).frames
+    assert len(merged) == 1 and tun_writes(mixed, complete_partial=True) == (merged, 3, 0)
+    # Without completion (UDP mode) the partial ones don't verify, so none joins a run.
+    assert len(tun_writes(mixed).frames) == len(mixed)
+
+
+def test_a_tcp_super_packet_longer_than_the_mtu_goes_whole_behind_a_gso_header_or_split():
+    payload = bytes(range(256)) * 40  # 10240 bytes, as a veth hands a kernel sender's GSO frame on
+    big = partial(tcp_packet(payload, flags=ACK, tcp_options=TS_OPTION))
+    mss = 1450 - 20 - 32
+    [(header, same)], completed, _ = tun_writes([big], complete_partial=True, mtu=1450)
+    assert (same, completed) == (big, 1)
+    assert header == VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, 52, mss, 20, 16)
+    frames, _, _ = tun_writes([big], vnet=False, complete_partial=True, mtu=1450)
+    assert [p for _, p in frames] == segment_tso(header, big)[1]
+    assert all(len(p) <= 1450 and l4_checksum(p) == 0 for _, p in frames)
+    assert b"".join(p[52:] for _, p in frames) == payload
+    # No MTU known: the packet goes whole as one (NEEDS_CSUM, no GSO).
+    assert tun_writes([big], complete_partial=True).frames[0][0][1] == GSO_NONE
+
+
+def test_a_udp_super_packet_is_split_at_its_gro_size_into_datagrams_with_checksums():
+    payload = bytes(range(250)) * 8  # 2000 bytes sent as 4 datagrams of 500 (UDP_SEGMENT)
+    big = partial(udp_packet(payload))
+    frames, completed, _ = tun_writes([big], complete_partial=True, gro_size=500)
+    assert completed == 1 and len(frames) == 4
+    assert all(h == ZERO_VNET_HDR and len(p) == 528 and l4_checksum(p) == 0 for h, p in frames)
+    assert b"".join(p[28:] for _, p in frames) == payload
+    # Datagrams no longer than the GRO size are single ones.
+    assert len(tun_writes([big], complete_partial=True, gro_size=2000).frames) == 1
+
+
+def test_a_super_packet_that_cannot_be_split_is_dropped_as_bad_gso():
+    big = partial(tcp_packet(bytes(3000), flags=ACK))
+    assert tun_writes([big], complete_partial=True, mtu=41) == ([], 1, 1)  # MSS 1: > 256 segs

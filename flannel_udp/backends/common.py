@@ -246,6 +246,7 @@ class TunNetwork(Network, UserspaceDataplane):
                                   udp_gro=self.offloads_probed.udp_gro,
                                   source_check=self.dataplane_settings.source_check,
                                   busy_poll_us=self.dataplane_settings.busy_poll_us,
+                                  mtu=self.mtu,
                                   **self._fastpath_options())
         for peer in peers:
             self.add_peer(peer)

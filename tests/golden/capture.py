@@ -68,6 +68,8 @@ GSO_TCPV4, GSO_UDP_L4, GSO_ECN = 1, 5, 0x80
 VXLAN_PORT = 8472
 KERNEL_VTEP_MAC = "0e:11:22:33:44:55"  # the kernel node's flannel.<VNI>
 PEER_VTEP_MAC = "0e:66:77:88:99:aa"  # the VtepMAC of the lease it sends to
+# A NIC finishes checksums (and, without checksum offload, segmentation) before the wire.
+TX_CHECKSUM_OFF = {"tx-checksum-ip-generic": False}
 KERNEL_SUBNET, PEER_SUBNET = "10.244.1.0/24", "10.244.2.0/24"
 POD, REMOTE_POD = "10.244.1.2", "10.244.2.2"
 POD_GATEWAY = "10.244.1.1/24"  # the host side of the pod's veth (FLANNEL_SUBNET)
@@ -366,8 +368,9 @@ def capture_vxlan() -> list[dict[str, Any]]:
         with Topology(2) as topo:
             h1, h2 = topo.host(1), topo.host(2)
             node = KernelVxlanNode(h1, KERNEL_SUBNET, vni=setup.vni, mac=KERNEL_VTEP_MAC,
-                                   udp_csum=setup.udp_csum,
-                                   complete_frames=setup.complete_frames)
+                                   udp_csum=setup.udp_csum)
+            if setup.complete_frames:  # h1's veth checksums and segments, as a NIC does
+                h1.set_features("eth0", TX_CHECKSUM_OFF)
             node.add_peer(PEER_SUBNET, h2.underlay_ip, PEER_VTEP_MAC)
             with inside(h2):
                 receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -476,7 +479,7 @@ def capture_gso() -> list[dict[str, Any]]:
             host.run("ip", "neigh", "replace", GSO_DST, "lladdr", GSO_FAKE_MAC, "dev",
                      f"pod{pod.index}", "nud", "permanent")
             # Software GSO with complete checksums on the way out; no GRO on the way in.
-            host.complete_frames(f"pod{pod.index}")
+            host.set_features(f"pod{pod.index}", TX_CHECKSUM_OFF)
             pod.set_features("eth0", {"rx-gro": False})
             with inside(pod):
                 tap = packet_socket("eth0")
