@@ -15,7 +15,7 @@ import pytest
 
 from flannel_udp.etcd_harness import etcd_problem
 from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
-from flannel_udp.netns import _child_env, _list_namespaces, remove_stale
+from flannel_udp.netns import _child_env, _list_namespaces, remove_stale, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -67,6 +67,8 @@ def test_a_killed_runs_namespaces_processes_etcd_and_dirs_are_removed_by_the_nex
     assert int(pids[-1]) in killed
     assert set(left) | {topo_dir, etcd_dir} <= set(removed), removed
     assert not [n for n in _list_namespaces() if n.startswith(f"{prefix}-")]
-    assert not any(_alive(int(p)) for p in pids)
+    # SIGKILL is delivered at once, but a process takes a moment to be gone.
+    wait_until(lambda: not any(_alive(int(p)) for p in pids), 5,
+               "the killed run's daemons and etcd to be gone")
     assert not Path(topo_dir).exists() and not Path(etcd_dir).exists()
     assert set(live.namespaces) <= set(_list_namespaces()), "a live run's namespaces went"
