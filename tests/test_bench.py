@@ -19,9 +19,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PATH_TESTS = ["tcp1", "tcp4", "udp1400", "small", "ping"]
 
 
+def _sigint_as_on_a_terminal() -> None:
+    # A job started in the background by a non-interactive shell (nohup, `cmd &` in a script)
+    # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt: give the
+    # bench the disposition a terminal's Ctrl-C meets.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def bench(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_as_on_a_terminal, **kw)
 
 
 def namespaces_of(pid: int) -> list[str]:
