@@ -16,9 +16,9 @@ from flannel_udp.backends import (
     UserspaceDataplane,
     make_network,
 )
-from flannel_udp.backends.common import TunNetwork
-from flannel_udp.backends.vxlan import VxlanNetwork
-from flannel_udp.backends.vxlan_kernel import AutoVxlanNetwork
+from flannel_udp.backends.userspace import TunNetwork
+from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
+from flannel_udp.backends.vxlan.userspace import VxlanNetwork
 from flannel_udp.config import parse_config
 from flannel_udp.netlink import ExtIface
 

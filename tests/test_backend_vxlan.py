@@ -9,7 +9,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannel_udp.backends import DataplaneSettings, make_network
-from flannel_udp.backends.vxlan import VxlanNetwork, vtep_mac_for
+from flannel_udp.backends.vxlan.options import vtep_mac_for
+from flannel_udp.backends.vxlan.userspace import VxlanNetwork
 from flannel_udp.config import parse_config
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, VxlanLeaseData, encode_lease_value

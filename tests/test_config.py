@@ -5,7 +5,8 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from flannel_udp.config import ConfigError, VxlanOptions, backend_port, parse_config, vxlan_options
+from flannel_udp.backends.vxlan.options import VxlanOptions, vxlan_options
+from flannel_udp.config import ConfigError, backend_port, parse_config
 
 
 def test_defaults_follow_flannel_for_a_slash_16():

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flannel_udp import _fastpath, packet
-from flannel_udp.backends.common import Offloads, enable_tun_offloads
+from flannel_udp.backends.tun import enable_tun_offloads
 from flannel_udp.packet import (
     VXLAN_FLAG_I,
     Action,
@@ -799,7 +799,7 @@ def tun_rig(request) -> Iterator[TunRig]:
                                      | (pytun.IFF_VNET_HDR if vnet_hdr else 0))
             opened.append(tun)
             if vnet_hdr:
-                enable_tun_offloads(tun, Offloads())
+                enable_tun_offloads(tun)
             socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(7)]
             opened.extend(socks)
         finally:

@@ -9,7 +9,8 @@ import pytest
 
 from flannel_udp.backends.hostgw import plan_host_gw
 from flannel_udp.backends.peerroutes import DEFAULT_RESYNC, RESYNC_ENV, resync_period
-from flannel_udp.backends.vxlan import VxlanSettings, plan_vxlan_peer
+from flannel_udp.backends.vxlan.options import VxlanSettings
+from flannel_udp.backends.vxlan.peers import plan_vxlan_peer
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 

@@ -9,11 +9,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flannel_udp.config import NetworkConfig, vxlan_options
+from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease
-from flannel_udp.netlink import ExtIface
+
+if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backend options
+    from flannel_udp.netlink import ExtIface
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class UserspaceDataplane(ABC):
         """{"every", "records", "lost"}: the sampling rate, records taken, records lost."""
 
 
+class Unreachable(Exception):
+    """A peer's lease this backend cannot forward to; the message says why."""
+
+
 class Network(ABC):
     """What the daemon drives a backend through. Every method is abstract, so a backend (or a
     wrapper choosing between two) that leaves one out can't be constructed."""
@@ -108,7 +114,7 @@ class Network(ABC):
         """Stop forwarding and remove what open() and start() created. Idempotent."""
 
 
-Factory = Callable[[NetworkConfig, ExtIface, IPv4Address, DataplaneSettings], Network]
+Factory = Callable[[NetworkConfig, "ExtIface", IPv4Address, DataplaneSettings], Network]
 
 
 def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
@@ -119,15 +125,8 @@ def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
            settings: DataplaneSettings) -> Network:
-    from flannel_udp.backends.vxlan import VxlanNetwork
-    from flannel_udp.backends.vxlan_kernel import AutoVxlanNetwork, KernelVxlanNetwork
-    dataplane = vxlan_options(config).dataplane
-    if dataplane == "userspace":
-        return VxlanNetwork(config, ext, public_ip, settings)
-    if dataplane == "kernel":
-        return KernelVxlanNetwork(config, ext, public_ip)
-    return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip),
-                            VxlanNetwork(config, ext, public_ip, settings))
+    from flannel_udp.backends.vxlan import vxlan_network
+    return vxlan_network(config, ext, public_ip, settings)
 
 
 def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,

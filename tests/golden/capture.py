@@ -360,7 +360,7 @@ VXLAN_SETUPS = [
 
 
 def capture_vxlan() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import Offloads, enable_tun_offloads, open_tun
+    from flannel_udp.backends.tun import enable_tun_offloads, open_tun
     from flannel_udp.netns import KernelVxlanNode, Topology
 
     cases = []
@@ -381,7 +381,7 @@ def capture_vxlan() -> list[dict[str, Any]]:
                 # offloads: what it writes, h1 forwards into flannel.<VNI>.
                 pod = open_tun("inj0", vnet_hdr=True)
             with receiver, tap, raw, contextlib.closing(pod):
-                enable_tun_offloads(pod, Offloads(tun_vnet_hdr=True))
+                enable_tun_offloads(pod)
                 h1.run("ip", "link", "set", "inj0", "up")
                 h1.run("ip", "route", "add", f"{POD}/32", "dev", "inj0")
                 receiver.bind(("0.0.0.0", VXLAN_PORT))
@@ -431,7 +431,7 @@ def hexed(value: Any) -> Any:
 
 
 def capture_udp() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import open_tun
+    from flannel_udp.backends.tun import open_tun
     from flannel_udp.netns import Topology
 
     cases = []
@@ -460,7 +460,7 @@ def capture_udp() -> list[dict[str, Any]]:
 
 
 def capture_gso() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import Offloads, enable_tun_offloads, open_tun
+    from flannel_udp.backends.tun import TUN_F_USO4, enable_tun_offloads, open_tun
     from flannel_udp.netns import Topology
 
     cases = []
@@ -470,8 +470,7 @@ def capture_gso() -> list[dict[str, Any]]:
         with inside(host):
             tun = open_tun("gso0", vnet_hdr=True)
         with contextlib.closing(tun):
-            offloads = Offloads(tun_vnet_hdr=True)
-            enable_tun_offloads(tun, offloads)
+            offloads = enable_tun_offloads(tun)
             host.run("ip", "addr", "add", "10.99.0.1/32", "dev", "gso0")
             host.run("ip", "link", "set", "gso0", "up")
             host.run("ip", "route", "add", "10.99.0.0/24", "dev", "gso0")
@@ -485,7 +484,7 @@ def capture_gso() -> list[dict[str, Any]]:
                 tap = packet_socket("eth0")
             with tap:
                 for case in gso_cases():
-                    if case.gso_type == GSO_UDP_L4 and not offloads.uso:
+                    if case.gso_type == GSO_UDP_L4 and not offloads & TUN_F_USO4:
                         raise RuntimeError("this kernel's TUN takes no USO: no udp-l4 case")
                     vnet_hdr = case.vnet_hdr()
                     os.write(tun.fileno(), vnet_hdr + case.packet)

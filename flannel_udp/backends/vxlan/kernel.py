@@ -1,6 +1,5 @@
 """The vxlan backend's kernel dataplane: a kernel VXLAN device programmed exactly as flanneld
-programs it, over netlink; and dataplane "auto", which takes it when the device can be created
-and the userspace dataplane (`vxlan.VxlanNetwork`) otherwise.
+programs it, over netlink.
 
 The device is `flannel.<VNI>`: nolearning, local = our public IP, on the underlay, dstport =
 Backend.Port, MTU = underlay - 50, our stable VtepMAC, the lease's network address /32. Each
@@ -21,7 +20,8 @@ from typing import Any
 from flannel_udp import netlink
 from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
-from flannel_udp.backends.vxlan import VxlanNetwork, plan_vxlan_peer, vxlan_settings
+from flannel_udp.backends.vxlan.options import vxlan_settings
+from flannel_udp.backends.vxlan.peers import plan_vxlan_peer
 from flannel_udp.config import NetworkConfig
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
@@ -154,55 +154,3 @@ class KernelVxlanNetwork(Network):
         if self._claim is not None:
             self._claim.close()
             self._claim = None
-
-
-class AutoVxlanNetwork(Network):
-    """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
-    publish the same lease (same VtepMAC), so peers can't tell which was taken. Whatever the
-    chosen one offers, `userspace()` included, is the chosen one's."""
-
-    backend_type = "vxlan"
-
-    def __init__(self, kernel: KernelVxlanNetwork, userspace: VxlanNetwork) -> None:
-        self._kernel = kernel
-        self._userspace = userspace
-        self._chosen: KernelVxlanNetwork | VxlanNetwork = kernel
-        self.backend_data = kernel.backend_data
-        self.mtu = kernel.mtu
-
-    def open(self) -> None:
-        try:
-            self._kernel.open()
-        except KernelVxlanUnavailable as e:
-            log.warning("vxlan dataplane: userspace (TUN %s), as the kernel's is not available: "
-                        "%s", self._userspace.tun_name, e)
-            self._chosen = self._userspace
-        else:
-            log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
-                     self._kernel.device)
-            self._chosen = self._kernel
-            return
-        self._userspace.open()
-
-    def start(self, lease: Lease, peers: list[Lease]) -> None:
-        self._chosen.start(lease, peers)
-
-    def accepts(self, lease: Lease) -> bool:
-        return self._chosen.accepts(lease)
-
-    def add_peer(self, lease: Lease) -> None:
-        self._chosen.add_peer(lease)
-
-    def remove_peer(self, subnet: IPv4Network) -> None:
-        self._chosen.remove_peer(subnet)
-
-    def stats(self) -> dict[str, Any]:
-        stats = self._chosen.stats()
-        stats["lease"]["dataplane_choice"] = "auto"
-        return stats
-
-    def userspace(self) -> UserspaceDataplane | None:
-        return self._chosen.userspace()
-
-    def close(self) -> None:
-        self._chosen.close()
