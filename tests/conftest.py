@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from flannel_udp.etcd_harness import EtcdCluster, etcd_problem
-from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
-from flannel_udp.netns import Topology, check_environment, remove_stale
+from flannel_udp.lab.etcd import EtcdCluster, etcd_problem
+from flannel_udp.lab.etcd import remove_stale as etcd_remove_stale
+from flannel_udp.lab.netns import Topology, check_environment, remove_stale
 
 NETNS_PROBLEM = check_environment()
 NO_SKIP = (os.environ.get("CI", "").lower() == "true"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from flannel_udp.netns import _list_namespaces
+from flannel_udp.lab.netns import _list_namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH_TESTS = ["tcp1", "tcp4", "udp1400", "small", "ping"]

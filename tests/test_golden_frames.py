@@ -40,7 +40,7 @@ from golden import capture
 from golden.capture import inet_checksum, pseudo_sum, with_ttl
 
 from flannel_udp import _fastpath, packet
-from flannel_udp.netns import _list_namespaces
+from flannel_udp.lab.netns import _list_namespaces
 from flannel_udp.packet import Action, Result, Vtep, VxlanRoute
 
 GOLDEN = json.loads(capture.GOLDEN_FILE.read_text())

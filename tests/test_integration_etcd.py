@@ -24,8 +24,8 @@ from datetime import datetime
 
 import pytest
 
-from flannel_udp.etcd_harness import EtcdCluster, etcd_problem
-from flannel_udp.netns import (
+from flannel_udp.lab.etcd import EtcdCluster, etcd_problem
+from flannel_udp.lab.netns import (
     DEFAULT_NETWORK_CONFIG,
     LEASE_EVENT_BOUND,
     Host,

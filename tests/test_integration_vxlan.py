@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_udp.lease import LEASE_TTL, decode_lease, parse_subnet_key, subnet_key
-from flannel_udp.netns import (
+from flannel_udp.lab.netns import (
     FLANNEL_UDP,
     Host,
     KernelVxlanNode,
@@ -37,6 +36,7 @@ from flannel_udp.netns import (
     ping_failures,
     wait_until,
 )
+from flannel_udp.lease import LEASE_TTL, decode_lease, parse_subnet_key, subnet_key
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import pytest
 from test_integration_vxlan import program_from_store, publish, store_values
 
-from flannel_udp.lease import LEASE_TTL
-from flannel_udp.netns import (
+from flannel_udp.lab.netns import (
     FLANNEL_UDP,
     Host,
     KernelVxlanNode,
@@ -27,6 +26,7 @@ from flannel_udp.netns import (
     ping_failures,
     wait_until,
 )
+from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flannel_udp.etcd_harness import etcd_problem
-from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
-from flannel_udp.netns import _child_env, _list_namespaces, remove_stale, wait_until
+from flannel_udp.lab.etcd import etcd_problem
+from flannel_udp.lab.etcd import remove_stale as etcd_remove_stale
+from flannel_udp.lab.netns import _child_env, _list_namespaces, remove_stale, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.netns
 # it made, and waits to be killed.
 KILLED_RUN = """
 import sys
-from flannel_udp.etcd_harness import EtcdCluster
-from flannel_udp.netns import Topology
+from flannel_udp.lab.etcd import EtcdCluster
+from flannel_udp.lab.netns import Topology
 topo = Topology(2)
 topo.start_daemons()
 etcd = EtcdCluster(1).start()

@@ -42,7 +42,7 @@ process), so a tracked Popen's pid is the program itself and signals reach it di
 get their own session so that a Ctrl-C at the terminal reaches only the harness, which then stops
 them in order.
 
-`python -m flannel_udp.netns ping|tcp-sink|tcp-send|tcp-connect ...` are the small probes run
+`python -m flannel_udp.lab.netns ping|tcp-sink|tcp-send|tcp-connect ...` are the small probes run
 inside the namespaces: an ICMP pinger (so no ping binary is needed, and an ICMP error is reported
 as such), a TCP sink/sender that check a transfer by its SHA-256, and a TCP connect that reports
 how it ended (e.g. ENETUNREACH: flannel answers no ICMP with ICMP, so a ping to an unleased
@@ -97,12 +97,12 @@ IPERF_PORT = 5201
 # `python -m flannel_udp` rather than the `flannel-udp` script: same interpreter as the harness,
 # no dependence on PATH inside `ip netns exec`.
 FLANNEL_UDP = (sys.executable, "-m", "flannel_udp")
-PROBE = (sys.executable, "-m", "flannel_udp.netns")
+PROBE = (sys.executable, "-m", "flannel_udp.lab.netns")
 # Children import the same flannel_udp as the harness, installed or not (e.g. a source tree
 # under pytest): its parent directory goes first on their PYTHONPATH, and is their working
 # directory, because `python -m` puts the working directory before PYTHONPATH: started from a
 # clone's root, the unbuilt source tree would shadow the installed package.
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 _topology_ids = itertools.count()
 
@@ -904,7 +904,7 @@ class Topology:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# -- probes run inside the namespaces (python -m flannel_udp.netns ...) ---------------------
+# -- probes run inside the namespaces (python -m flannel_udp.lab.netns ...) ---------------------
 
 _ICMP_ECHO_REPLY, _ICMP_UNREACH, _ICMP_ECHO, _ICMP_TIME_EXCEEDED = 0, 3, 8, 11
 _UNREACH_CODES = {0: "net unreachable", 1: "host unreachable", 2: "protocol unreachable",
@@ -1039,7 +1039,7 @@ def _tcp_send_main(to: str, port: int, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flannel_udp.netns",
+    parser = argparse.ArgumentParser(prog="python -m flannel_udp.lab.netns",
                                      description="probes run inside test namespaces")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ping = sub.add_parser("ping", help="ICMP echo; prints JSON results")

@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_udp.netns import (
+from flannel_udp.lab.netns import (
     STALE_PATTERN,
     UNDERLAY_NET,
     Netns,
