@@ -15,7 +15,7 @@ from test_integration_ops import fetch
 from test_spoofing import NETFUZZ
 from test_trace import trace
 
-from flannel_udp.lab.netns import Topology, ping_failures, wait_until
+from flannel_udp.lab import Topology, ping_failures, wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from flannel_udp.lab.netns import _list_namespaces
+from flannel_udp.lab import list_namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH_TESTS = ["tcp1", "tcp4", "udp1400", "small", "ping"]
@@ -25,7 +25,7 @@ def bench(*args: str, **kw) -> subprocess.Popen:
 
 
 def namespaces_of(pid: int) -> list[str]:
-    return [n for n in _list_namespaces() if n.startswith(f"fu{pid}-")]
+    return [n for n in list_namespaces() if n.startswith(f"fu{pid}-")]
 
 
 @pytest.mark.netns

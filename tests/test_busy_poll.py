@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flannel_udp.lab.netns import ping_failures
+from flannel_udp.lab import ping_failures
 
 pytestmark = pytest.mark.netns
 

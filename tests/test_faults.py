@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from flannel_udp.lab.netns import DEFAULT_NETWORK_CONFIG, PingResult, Pod, Topology, wait_until
+from flannel_udp.lab import DEFAULT_NETWORK_CONFIG, PingResult, Pod, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns

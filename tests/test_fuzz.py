@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from flannel_udp.lab.netns import Host, Topology, wait_until
+from flannel_udp.lab import Host, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 

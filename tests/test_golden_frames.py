@@ -40,7 +40,7 @@ from golden import capture
 from golden.capture import inet_checksum, pseudo_sum, with_ttl
 
 from flannel_udp import _fastpath, packet
-from flannel_udp.lab.netns import _list_namespaces
+from flannel_udp.lab import list_namespaces
 from flannel_udp.packet import Action, Result, Vtep, VxlanRoute
 
 GOLDEN = json.loads(capture.GOLDEN_FILE.read_text())
@@ -310,7 +310,7 @@ def test_the_golden_data_holds_every_case_the_capture_crafts_as_it_crafts_it():
 @pytest.mark.netns
 def test_the_capture_still_gives_the_golden_bytes_on_this_kernel(netns_session):
     def ours() -> set[str]:
-        return {n for n in _list_namespaces() if n.startswith(f"fu{os.getpid()}-")}
+        return {n for n in list_namespaces() if n.startswith(f"fu{os.getpid()}-")}
 
     before = ours()
     fresh = capture.capture_all()

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import flannel_udp
-from flannel_udp.lab.netns import Host, Pod, wait_until
+from flannel_udp.lab import Host, Pod, wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flannel_udp.lab.netns import Host, Pod, Topology, ping_failures, wait_until
+from flannel_udp.lab import Host, Pod, Topology, ping_failures, wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -24,13 +24,14 @@ from datetime import datetime
 
 import pytest
 
-from flannel_udp.lab.etcd import EtcdCluster, etcd_problem
-from flannel_udp.lab.netns import (
+from flannel_udp.lab import (
     DEFAULT_NETWORK_CONFIG,
     LEASE_EVENT_BOUND,
+    EtcdCluster,
     Host,
     Pod,
     Topology,
+    etcd_problem,
     wait_until,
 )
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
-from flannel_udp.lab.netns import FLANNEL_UDP, Host, Pod, Topology, ping_failures, wait_until
+from flannel_udp.lab import FLANNEL_UDP, Host, Pod, Topology, ping_failures, wait_until
 from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 

@@ -16,7 +16,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flannel_udp.lab.netns import FLANNEL_UDP, Host, Netns, Topology, wait_until
+from flannel_udp.lab import FLANNEL_UDP, Host, Netns, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 

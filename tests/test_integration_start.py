@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from flannel_udp.lab.netns import Host, Topology, wait_until
+from flannel_udp.lab import Host, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 

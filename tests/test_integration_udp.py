@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from flannel_udp.lab.netns import (
+from flannel_udp.lab import (
     DEFAULT_NETWORK_CONFIG,
     FLANNEL_UDP,
     LEASE_EVENT_BOUND,

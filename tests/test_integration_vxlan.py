@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_udp.lab.netns import (
+from flannel_udp.lab import (
     FLANNEL_UDP,
     Host,
     KernelVxlanNode,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 from test_integration_vxlan import program_from_store, publish, store_values
 
-from flannel_udp.lab.netns import (
+from flannel_udp.lab import (
     FLANNEL_UDP,
     Host,
     KernelVxlanNode,

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from flannel_udp.lab.netns import FLANNEL_UDP, Topology, wait_until
+from flannel_udp.lab import FLANNEL_UDP, Topology, wait_until
 from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 

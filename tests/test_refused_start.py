@@ -21,7 +21,7 @@ import pytest
 from test_integration_ops import fetch
 
 from flannel_udp import control
-from flannel_udp.lab.netns import FLANNEL_UDP, Host, Topology, wait_until
+from flannel_udp.lab import FLANNEL_UDP, Host, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns

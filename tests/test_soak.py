@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from flannel_udp.lab.netns import Host, Topology, wait_until
+from flannel_udp.lab import Host, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns

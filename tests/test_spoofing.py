@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from netfuzz import udp_packet, vxlan_frame
 
-from flannel_udp.lab.netns import Host, Pod, Topology, wait_until
+from flannel_udp.lab import Host, Pod, Topology, wait_until
 from flannel_udp.lease import LEASE_TTL, subnet_key
 from flannel_udp.stores.local import LocalStore
 

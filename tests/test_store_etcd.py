@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from flannel_udp.config import parse_config
-from flannel_udp.lab.etcd import EtcdCluster, TestPKI, etcd_problem, make_test_pki
+from flannel_udp.lab import EtcdCluster, TestPKI, etcd_problem, make_test_pki
 from flannel_udp.lease import LEASE_TTL
 from flannel_udp.manager import LeaseManager
 from flannel_udp.stores import Snapshot, StoreError

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from flannel_udp.lab.netns import LEASE_EVENT_BOUND
+from flannel_udp.lab import LEASE_EVENT_BOUND
 from flannel_udp.stores import Snapshot
 from flannel_udp.stores.local import LocalStore, StoreCorrupt
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from flannel_udp.lab.netns import DEFAULT_NETWORK_CONFIG, FLANNEL_UDP, Host, wait_until
+from flannel_udp.lab import DEFAULT_NETWORK_CONFIG, FLANNEL_UDP, Host, wait_until
 
 pytestmark = pytest.mark.netns
 

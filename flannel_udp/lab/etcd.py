@@ -1,8 +1,8 @@
 """Throwaway etcd clusters for the tests (and the demo and benchmark): one or more members of
-Debian's etcd on free loopback ports, or inside the switch namespace of a `netns.Topology`
+Debian's etcd on free loopback ports, or inside the switch namespace of a `Topology`
 (where the host namespaces reach it over the bridge); optionally TLS with client certificates
 from a test PKI made with openssl. `cleanup()` stops every member and removes the data dirs,
-also on failure; `remove_stale()` deals with what a killed run left.
+also on failure; `remove_stale_etcd()` deals with what a killed run left.
 
 API:
     etcd_problem() -> str | None            why etcd can't be run here, or None
@@ -11,7 +11,7 @@ API:
         a context manager; .start() .endpoints .endpoint_arg .client_flags()
         .stop_member(i, sig) .start_member(i) .etcdctl(*args) .member_log(i) .cleanup()
     EtcdCluster.in_topology(topo, members=1)  members on ETCD_ADDRESS in topo's switch
-    remove_stale()                          kill etcd members of dead runs
+    remove_stale_etcd()                     kill etcd members of dead runs
 """
 
 from __future__ import annotations
@@ -28,14 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flannel_udp.lab.netns import (
-    STALE_PATTERN,
-    UNDERLAY_NET,
-    Netns,
-    NetnsError,
-    Topology,
-    wait_until,
-)
+from flannel_udp.lab.netns import STALE_PATTERN, Netns, NetnsError, wait_until
+from flannel_udp.lab.topology import UNDERLAY_NET, Topology
 
 ETCD_ADDRESS = str(UNDERLAY_NET.network_address + 2)  # in a topology: on the switch's bridge
 HEALTHY_TIMEOUT = 20.0
@@ -291,9 +285,9 @@ class EtcdCluster:
                 shutil.rmtree(self.dir / f"{name}.data", ignore_errors=True)
 
 
-def remove_stale(pattern: str = STALE_PATTERN) -> list[int]:
+def remove_stale_etcd(pattern: str = STALE_PATTERN) -> list[int]:
     """Kill the etcd members a dead earlier run left on loopback (their data dir is under a
-    temp dir named after that run's pid); netns.remove_stale removes the dirs and the
+    temp dir named after that run's pid); `netns.remove_stale` removes the dirs and the
     members inside namespaces. Returns the pids killed."""
     regex = re.compile(pattern)
     tmp = re.escape(tempfile.gettempdir())

@@ -361,7 +361,7 @@ VXLAN_SETUPS = [
 
 def capture_vxlan() -> list[dict[str, Any]]:
     from flannel_udp.backends.tun import enable_tun_offloads, open_tun
-    from flannel_udp.lab.netns import KernelVxlanNode, Topology
+    from flannel_udp.lab import KernelVxlanNode, Topology
 
     cases = []
     for setup in VXLAN_SETUPS:
@@ -432,7 +432,7 @@ def hexed(value: Any) -> Any:
 
 def capture_udp() -> list[dict[str, Any]]:
     from flannel_udp.backends.tun import open_tun
-    from flannel_udp.lab.netns import Topology
+    from flannel_udp.lab import Topology
 
     cases = []
     with Topology(1) as topo:
@@ -461,7 +461,7 @@ def capture_udp() -> list[dict[str, Any]]:
 
 def capture_gso() -> list[dict[str, Any]]:
     from flannel_udp.backends.tun import TUN_F_USO4, enable_tun_offloads, open_tun
-    from flannel_udp.lab.netns import Topology
+    from flannel_udp.lab import Topology
 
     cases = []
     with Topology(1) as topo:
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare a fresh capture with the output file, write nothing")
     args = parser.parse_args(argv)
-    from flannel_udp.lab.netns import (
+    from flannel_udp.lab import (
         NetnsError,
         check_environment,
         remove_stale,
