@@ -20,7 +20,7 @@ API (every failure is a NetnsError whose message names the command, namespace an
     wait_until(predicate, timeout, what)    poll until truthy, else NetnsError naming `what`
     seconds_until(predicate, timeout, what) how long that took
     sigterm_as_interrupt()                  context: SIGTERM unwinds like Ctrl-C (cleanup runs)
-    child_env()                             the environment a child gets (this package first)
+    child_env()                             the environment a child gets (PACKAGE_ROOT first)
     Netns   .run(*argv) .popen(*argv) .ip_json(*args) .link(dev) .sysctl(key)
             .ping(*dsts) -> {dst: PingResult} .tcp_sink/.tcp_sink_result/.tcp_send/.tcp_connect
             .set_features(dev, {name: on})  ethtool features, e.g. {"rx-gro": False}
@@ -50,6 +50,7 @@ from flannel_udp.lab.hosts import Host, Pod, ping_failures
 from flannel_udp.lab.kernel_vxlan import KernelVxlanNode
 from flannel_udp.lab.netns import (
     FLANNEL_UDP,
+    PACKAGE_ROOT,
     STALE_PATTERN,
     Iperf3Run,
     Netns,
@@ -72,9 +73,9 @@ from flannel_udp.lab.topology import (
 )
 
 __all__ = [
-    "DEFAULT_NETWORK_CONFIG", "FLANNEL_UDP", "LEASE_EVENT_BOUND", "STALE_PATTERN", "UNDERLAY_MTU",
-    "UNDERLAY_NET", "EtcdCluster", "Host", "Iperf3Run", "KernelVxlanNode", "Netns", "NetnsError",
-    "PingResult", "Pod", "TestPKI", "Topology", "check_environment", "child_env", "etcd_problem",
-    "list_namespaces", "make_test_pki", "ping_failures", "remove_stale", "remove_stale_etcd",
-    "seconds_until", "sigterm_as_interrupt", "wait_until",
+    "DEFAULT_NETWORK_CONFIG", "FLANNEL_UDP", "LEASE_EVENT_BOUND", "PACKAGE_ROOT", "STALE_PATTERN",
+    "UNDERLAY_MTU", "UNDERLAY_NET", "EtcdCluster", "Host", "Iperf3Run", "KernelVxlanNode", "Netns",
+    "NetnsError", "PingResult", "Pod", "TestPKI", "Topology", "check_environment", "child_env",
+    "etcd_problem", "list_namespaces", "make_test_pki", "ping_failures", "remove_stale",
+    "remove_stale_etcd", "seconds_until", "sigterm_as_interrupt", "wait_until",
 ]

@@ -14,6 +14,7 @@ import signal
 from dataclasses import dataclass
 
 import pytest
+from helpers import lease_key, stored_leases
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
 from flannel_udp.lab import FLANNEL_UDP, Host, Pod, Topology, ping_failures, wait_until
@@ -69,12 +70,11 @@ def test_pods_on_one_segment_reach_each_other_and_a_tcp_transfer_arrives_intact(
 
 
 def test_each_peer_is_a_route_via_its_public_ip_and_no_device_is_made(cluster: Cluster):
-    store = asyncio.run(LocalStore(cluster.topo.store_path).list_leases())
-    values = {r.key: r.value for r in store.records}
+    values = stored_leases(cluster.topo.store_path)
     for host in cluster.near:
         lease = cluster.leases[host.label]
         # flannel's host-gw lease: a BackendType and no BackendData.
-        assert values[lease["subnet"].replace("/", "-")] == (
+        assert values[lease_key(lease["subnet"])] == (
             f'{{"PublicIP":"{host.underlay_ip}","PublicIPv6":null,'
             '"BackendType":"host-gw"}').encode()
         assert host.subnet_env()["FLANNEL_MTU"] == "1500"

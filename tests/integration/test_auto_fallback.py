@@ -10,10 +10,8 @@ import json
 import sys
 
 import pytest
+from helpers import NETFUZZ, fetch, trace
 from netfuzz import udp_packet, vxlan_frame
-from test_integration_ops import fetch
-from test_spoofing import NETFUZZ
-from test_trace import trace
 
 from flannel_udp.lab import Topology, ping_failures, wait_until
 

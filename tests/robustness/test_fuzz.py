@@ -22,17 +22,16 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import NETFUZZ
 
 from flannel_udp.lab import Host, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 
 FUZZ_COUNT = int(os.environ.get("FLANNEL_UDP_FUZZ_COUNT", "1000000"))
-NETFUZZ = Path(__file__).with_name("netfuzz.py")
 CONFIGS = {"udp": {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}},
            # the userspace data plane: the one with a fast path (and its counters) to fuzz
            "vxlan": {"Network": "10.244.0.0/16",

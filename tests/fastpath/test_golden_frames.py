@@ -38,9 +38,9 @@ import struct
 import pytest
 from golden import capture
 from golden.capture import inet_checksum, pseudo_sum, with_ttl
+from helpers import ip, namespaces_of
 
 from flannel_udp import _fastpath, packet
-from flannel_udp.lab import list_namespaces
 from flannel_udp.packet import Action, Result, Vtep, VxlanRoute
 
 GOLDEN = json.loads(capture.GOLDEN_FILE.read_text())
@@ -52,10 +52,6 @@ TUNNEL_ADDR = capture.TUNNEL_ADDR
 PEER_SUBNET = capture.PEER_SUBNET.split("/")[0]
 VXLAN_ENCAP_LEN = 8 + 14  # VXLAN header + inner Ethernet header
 UDP_PEER = "192.168.77.12"  # any underlay address: the udp and gso cases' peer
-
-
-def ip(text: str) -> int:
-    return int(ipaddress.IPv4Address(text))
 
 
 def raw(hexed: str) -> bytes:
@@ -309,12 +305,9 @@ def test_the_golden_data_holds_every_case_the_capture_crafts_as_it_crafts_it():
 
 @pytest.mark.netns
 def test_the_capture_still_gives_the_golden_bytes_on_this_kernel(netns_session):
-    def ours() -> set[str]:
-        return {n for n in list_namespaces() if n.startswith(f"fu{os.getpid()}-")}
-
-    before = ours()
+    before = set(namespaces_of(os.getpid()))
     fresh = capture.capture_all()
-    assert ours() <= before, "the capture left namespaces behind"
+    assert set(namespaces_of(os.getpid())) <= before, "the capture left namespaces behind"
     diffs = capture.differences(GOLDEN, fresh)
     assert not diffs, (f"golden data captured on {GOLDEN['kernel']}, this kernel "
                        f"{fresh['kernel']}:\n" + "\n".join(diffs))

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import lease_key
 
 from flannel_udp.lab import Host, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
@@ -104,7 +105,7 @@ def test_soak_memory_and_fds_flat_with_peers_churning_under_traffic(topology):
                 h3.stop_flannel(signal.SIGKILL if stops % 2 else signal.SIGTERM)
                 if stops % 2 == 0:
                     lease = h3.subnet_env()["FLANNEL_SUBNET"].replace(".1/", ".0/")
-                    asyncio.run(store.delete_lease(lease.replace("/", "-")))
+                    asyncio.run(store.delete_lease(lease_key(lease)))
             else:
                 h3.start_flannel(topo.store_path)
             h3_running = not h3_running

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_PYTHON = Path("/usr/bin/python3")
 DEMO_TIMEOUT = 900  # apt-get, a venv, the Cython build, downloads from PyPI, then the demo
 

@@ -4,33 +4,15 @@
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-import time
-from collections.abc import Callable
 
 import pytest
+from helpers import trace
 
-from flannel_udp.lab import DEFAULT_NETWORK_CONFIG, FLANNEL_UDP, Host, wait_until
+from flannel_udp.lab import DEFAULT_NETWORK_CONFIG, wait_until
 
 pytestmark = pytest.mark.netns
 
 NETWORK = ipaddress.IPv4Network(DEFAULT_NETWORK_CONFIG["Network"])
-
-
-def trace(host: Host, *args: str, ping: Callable[[], object], timeout: float = 10) -> list[str]:
-    """Run `flannel-udp trace *args` in `host` until it exits, calling `ping` meanwhile."""
-    proc = host.popen(*FLANNEL_UDP, "trace", "--control-socket", host.control_socket, *args,
-                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    # Tracing is on once the daemon lists us: only then do the pings count.
-    wait_until(lambda: host.status()["trace"]["every"] > 0, 5, "the tracer to attach")
-    while proc.poll() is None and time.monotonic() < deadline:
-        ping()
-    if proc.poll() is None:
-        proc.kill()
-    out, err = proc.communicate(timeout=5)
-    assert proc.returncode == 0, f"trace exited {proc.returncode}: {err}\n{out}"
-    return out.splitlines()
 
 
 def test_trace_shows_the_decisions_and_is_off_without_a_tracer(topology):

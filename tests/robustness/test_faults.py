@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import lease_key
 
 from flannel_udp.lab import DEFAULT_NETWORK_CONFIG, PingResult, Pod, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
@@ -96,7 +97,7 @@ def test_a_peers_lease_expiring_and_coming_back(topology):
     topo, leases, p1, p2 = two_hosts_with_pods(topology)
     h1, h2 = topo.hosts
     subnet = leases["h2"]["subnet"]
-    key = subnet.replace("/", "-")
+    key = lease_key(subnet)
     assert h2.stop_flannel(signal.SIGKILL) == -signal.SIGKILL  # no renewal any more
     value = json.dumps({"PublicIP": h2.underlay_ip, "PublicIPv6": None},
                        separators=(",", ":")).encode()

@@ -17,9 +17,9 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import NETFUZZ
 from netfuzz import udp_packet, vxlan_frame
 
 from flannel_udp.lab import Host, Pod, Topology, wait_until
@@ -28,7 +28,6 @@ from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
 
-NETFUZZ = Path(__file__).with_name("netfuzz.py")
 LISTEN_PORT = 9999
 HAND_SUBNET = "10.244.200.0/24"  # h3's lease, put by hand
 LISTENER = """

@@ -10,7 +10,6 @@ import asyncio
 import ipaddress
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,10 +17,10 @@ import time
 from dataclasses import dataclass
 
 import pytest
+from helpers import lease_key, refused_run, stored_leases
 
 from flannel_udp.lab import (
     DEFAULT_NETWORK_CONFIG,
-    FLANNEL_UDP,
     LEASE_EVENT_BOUND,
     Host,
     Pod,
@@ -34,7 +33,6 @@ from flannel_udp.stores.local import LocalStore
 pytestmark = pytest.mark.netns
 
 NETWORK = ipaddress.IPv4Network(DEFAULT_NETWORK_CONFIG["Network"])
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the daemon's log format
 
 
 @dataclass
@@ -42,17 +40,6 @@ class Cluster:
     topo: Topology
     pods: list[Pod]
     leases: dict[str, dict]  # host label -> lease as `status` reports it
-
-
-def lease_key(subnet: str) -> str:
-    """'10.244.3.0/24' -> '10.244.3.0-24', flannel's lease key."""
-    return subnet.replace("/", "-")
-
-
-def store_leases(path: os.PathLike) -> dict[str, dict]:
-    """The live leases in the store file: key -> value JSON."""
-    snapshot = asyncio.run(LocalStore(path).list_leases())
-    return {r.key: json.loads(r.value) for r in snapshot.records}
 
 
 def flannel0_address(lease: dict) -> str:
@@ -133,7 +120,8 @@ def test_flannel0_is_a_tun_holding_the_lease_address_with_the_network_route(clus
 
 
 def test_leases_are_stored_as_flannel_udp_lease_json(cluster: Cluster):
-    stored = store_leases(cluster.topo.store_path)
+    stored = {key: json.loads(value)
+              for key, value in stored_leases(cluster.topo.store_path).items()}
     expected = {lease_key(lease["subnet"]): {"PublicIP": lease["public_ip"], "PublicIPv6": None}
                 for lease in cluster.leases.values()}
     assert stored == expected
@@ -231,7 +219,8 @@ def test_sigterm_removes_tun_and_route_keeps_lease_and_restart_gets_same_subnet(
     assert host.stop_flannel(signal.SIGTERM) == 0
     assert host.link("flannel0") is None
     assert host.ip_json("route", "show", str(NETWORK)) == []
-    assert store_leases(topo.store_path)[lease_key(subnet)]["PublicIP"] == host.underlay_ip
+    assert json.loads(stored_leases(topo.store_path)[lease_key(subnet)])["PublicIP"] == \
+        host.underlay_ip
 
     host.start_flannel(topo.store_path)
     host.wait_ready()
@@ -250,16 +239,11 @@ def _run_expecting_user_error(host: Host, store: os.PathLike, net_config: os.Pat
                               *extra: str, wrapper: tuple[str, ...] = ()) -> str:
     """Run a daemon (under `wrapper`, if any) that must refuse to start; returns its one
     error line."""
-    result = host.run(*wrapper, *FLANNEL_UDP, "run", "--local-store", store,
-                      "--net-config-path", net_config, "--subnet-file", host.subnet_file,
-                      "--control-socket", host.control_socket, *extra,
-                      check=False, timeout=20)
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert len(errors) == 1, f"expected one error line:\n{result.stderr}"
+    line = refused_run(host, "--local-store", store, "--net-config-path", net_config,
+                       "--subnet-file", host.subnet_file, "--control-socket",
+                       host.control_socket, *extra, wrapper=wrapper)
     assert host.link("flannel0") is None, "a refused start left flannel0 behind"
-    return errors[0]
+    return line
 
 
 def test_run_rejects_a_bad_network_config_naming_the_field(topology):

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parent
+from helpers import TESTS
 
 
 @pytest.mark.parametrize(("env", "outcome"), [({"CI": "true"}, "1 failed"),

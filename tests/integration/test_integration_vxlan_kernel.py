@@ -15,7 +15,7 @@ import signal
 from dataclasses import dataclass
 
 import pytest
-from test_integration_vxlan import program_from_store, publish, store_values
+from helpers import lease_key, program_from_store, publish, stored_leases
 
 from flannel_udp.lab import (
     FLANNEL_UDP,
@@ -160,11 +160,11 @@ def test_a_lease_put_and_deleted_adds_and_removes_the_three_entries_live(cluster
 
 def test_dataplane_kernel_by_name_restart_cleans_up_keeps_lease_and_vtep_mac(cluster: Cluster):
     host, store = cluster.kernel[1], LocalStore(cluster.topo.store_path)
-    key = cluster.leases[host.label]["subnet"].replace("/", "-")
-    value = store_values(cluster.topo.store_path)[key]
+    key = lease_key(cluster.leases[host.label]["subnet"])
+    value = stored_leases(cluster.topo.store_path)[key]
     assert host.stop_flannel(signal.SIGTERM) == 0
     assert host.link(DEV) is None  # unlike flanneld, the device goes with the daemon
-    assert store_values(cluster.topo.store_path)[key] == value  # the lease stays
+    assert stored_leases(cluster.topo.store_path)[key] == value  # the lease stays
     asyncio.run(store.set_config(json.dumps(KERNEL_CONFIG).encode()))
     try:
         host.start_flannel(cluster.topo.store_path)
@@ -173,7 +173,7 @@ def test_dataplane_kernel_by_name_restart_cleans_up_keeps_lease_and_vtep_mac(clu
         asyncio.run(store.set_config(json.dumps(AUTO_CONFIG).encode()))
     lease = host.status()["lease"]
     assert lease["dataplane"] == "kernel" and "dataplane_choice" not in lease
-    assert store_values(cluster.topo.store_path)[key] == value  # same subnet, same VtepMAC
+    assert stored_leases(cluster.topo.store_path)[key] == value  # same subnet, same VtepMAC
     target = cluster.pods[host.label].address
     for label in ("h1", "h3"):
         assert cluster.pods[label].ping(target, count=2)[target].ok, label

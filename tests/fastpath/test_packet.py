@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 
 import pytest
+from helpers import ip
 
 from flannel_udp.packet import (
     DROP_NAMES,
@@ -31,11 +31,6 @@ from flannel_udp.packet import (
     vxlan_egress,
     vxlan_ingress,
 )
-
-
-def ip(text: str) -> int:
-    return int(ipaddress.IPv4Address(text))
-
 
 TUN_ADDR = ip("10.5.1.0")
 POD = ip("10.5.1.7")

@@ -16,6 +16,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 
 from flannel_udp import healthz, metrics, sdnotify
@@ -250,8 +251,7 @@ def test_metrics_of_a_status_without_offloads_or_lease_still_render():
 
 
 def test_every_metric_the_documentation_names_is_one_metrics_serves():
-    root = Path(__file__).resolve().parent.parent
-    docs = [root / "README.md", *sorted((root / "docs").glob("**/*.md"))]
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
     named = {m for doc in docs for m in re.findall(r"\bflannel_udp_[a-z_]+\b", doc.read_text())}
     served = {name for name, _ in samples(metrics.render(STATUS))}
     assert named and sorted(named - served) == []

@@ -8,24 +8,18 @@ import json
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, namespaces_of
 
 from bench import report
-from flannel_udp.lab import list_namespaces
 
-ROOT = Path(__file__).resolve().parent.parent
 PATH_TESTS = ["tcp1", "tcp4", "udp1400", "small", "ping"]
 
 
 def bench(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def namespaces_of(pid: int) -> list[str]:
-    return [n for n in list_namespaces() if n.startswith(f"fu{pid}-")]
 
 
 @pytest.mark.netns

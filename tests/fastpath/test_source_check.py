@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from netfuzz import mutate, vxlan_frame
-from test_fastpath import (
+from helpers import (
     FastPath,
     addresses,
     as_tuple,
@@ -27,6 +24,9 @@ from test_fastpath import (
     route_tables,
     vteps,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netfuzz import mutate, vxlan_frame
 
 from flannel_udp import packet
 from flannel_udp.packet import Action, Drop, Sender, VxlanRoute, prefix_mask

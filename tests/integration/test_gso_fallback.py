@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 
-import flannel_udp
-from flannel_udp.lab import Host, Pod, wait_until
+from flannel_udp.lab import PACKAGE_ROOT, Host, Pod, wait_until
 
 pytestmark = pytest.mark.netns
 
 TRANSFER = 20 * 1024 * 1024
 IPPROTO_UDP, IPPROTO_UDPLITE = 17, 136
-PACKAGE_ROOT = Path(flannel_udp.__file__).resolve().parent.parent
 
 # One 3-segment UDP_SEGMENT send from inside a host to `dst`; prints "ok" or the errno's name.
 _GSO_SEND = """
@@ -154,7 +151,7 @@ def test_tx_checksum_off(topology, monkeypatch, backend):
 def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
     (tmp_path / "sitecustomize.py").write_text(_UDPLITE_SITECUSTOMIZE)
-    pythonpath = [str(PACKAGE_ROOT), str(tmp_path),
+    pythonpath = [PACKAGE_ROOT, str(tmp_path),
                   *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     topo = topology(2)
     h0, h1 = topo.hosts

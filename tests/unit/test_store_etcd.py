@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from helpers import one_error_line
 
 from flannel_udp.config import parse_config
 from flannel_udp.lab import EtcdCluster, TestPKI, etcd_problem, make_test_pki
@@ -31,7 +32,6 @@ from flannel_udp.stores.etcd import EtcdOptions, EtcdStore
 
 CFG = parse_config('{"Network": "10.5.0.0/16"}')
 ME = IPv4Address("192.168.0.10")
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the daemon's log format
 
 
 def run(coro):
@@ -85,14 +85,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def the_error_line(done: subprocess.CompletedProcess) -> str:
-    """The one line a failed command printed besides log lines; asserts there is just one."""
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert len(errors) == 1, f"expected one error line:\n{done.stderr}"
-    return errors[0]
 
 
 # -- flannel's layout -----------------------------------------------------------------------
@@ -340,7 +332,7 @@ def test_a_wrong_ca_is_refused_at_once_with_a_clear_line(tls_etcd):
     done = flannel_udp("network", "get", *cluster.client_flags(cafile=pki.other_ca))
     assert done.returncode == 1
     assert time.monotonic() - started < 10
-    line = the_error_line(done)
+    line = one_error_line(done, exit_code=None)
     assert "TLS handshake failed" in line and "CERTIFICATE_VERIFY_FAILED" in line, line
     assert "--etcd-cafile" in line
 
@@ -353,7 +345,7 @@ def test_a_daemon_with_a_wrong_ca_exits_without_waiting_for_etcd(tls_etcd):
                        "--iface", "fu-no-such-if", "--subnet-file", "/nonexistent/subnet.env")
     assert done.returncode == 1
     assert time.monotonic() - started < 10, "a TLS failure is no outage to wait out"
-    assert "TLS handshake failed" in the_error_line(done)
+    assert "TLS handshake failed" in one_error_line(done, exit_code=None)
 
 
 def test_without_a_client_certificate_etcd_refuses_and_it_is_said(tls_etcd):
@@ -361,7 +353,7 @@ def test_without_a_client_certificate_etcd_refuses_and_it_is_said(tls_etcd):
     done = flannel_udp("network", "get", "--etcd-endpoints", cluster.endpoint_arg,
                        "--etcd-cafile", str(pki.ca))
     assert done.returncode == 1
-    assert "TLS handshake failed" in the_error_line(done)
+    assert "TLS handshake failed" in one_error_line(done, exit_code=None)
 
 
 def test_a_key_that_is_not_the_certificates_exits_2_before_any_connection(tls_etcd):
@@ -370,7 +362,7 @@ def test_a_key_that_is_not_the_certificates_exits_2_before_any_connection(tls_et
                        "--etcd-cafile", str(pki.ca), "--etcd-certfile", str(pki.client_cert),
                        "--etcd-keyfile", str(pki.server_key))
     assert done.returncode == 2
-    assert "KEY_VALUES_MISMATCH" in the_error_line(done)
+    assert "KEY_VALUES_MISMATCH" in one_error_line(done, exit_code=None)
 
 
 def test_user_and_password(tmp_path):
@@ -411,7 +403,7 @@ def test_network_set_and_get_against_etcd(etcd):
 def test_a_bad_endpoint_url_exits_2_naming_it(endpoints):
     done = flannel_udp("network", "get", "--etcd-endpoints", endpoints)
     assert done.returncode == 2, done.stderr
-    assert "--etcd-endpoints" in the_error_line(done)
+    assert "--etcd-endpoints" in one_error_line(done, exit_code=None)
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -423,7 +415,7 @@ def test_a_bad_endpoint_url_exits_2_naming_it(endpoints):
 def test_bad_tls_or_auth_flags_exit_2_naming_them(flags, named):
     done = flannel_udp("network", "get", "--etcd-endpoints", "https://127.0.0.1:2379", *flags)
     assert done.returncode == 2, done.stderr
-    assert named in the_error_line(done)
+    assert named in one_error_line(done, exit_code=None)
 
 
 @pytest.mark.parametrize("missing", ["--etcd-certfile", "--etcd-keyfile"])
@@ -435,7 +427,7 @@ def test_a_missing_client_certificate_or_key_file_is_named(tmp_path, missing):
     done = flannel_udp("network", "get", "--etcd-endpoints", "https://127.0.0.1:2379",
                        *(a for flag, path in files.items() for a in (flag, path)))
     assert done.returncode == 2, done.stderr
-    line = the_error_line(done)
+    line = one_error_line(done, exit_code=None)
     assert f"{missing} {tmp_path / 'absent.pem'}: No such file or directory" in line, line
     assert "None" not in line
 
@@ -443,7 +435,7 @@ def test_a_missing_client_certificate_or_key_file_is_named(tmp_path, missing):
 def test_an_unreachable_etcd_fails_a_command_at_once_in_one_line():
     done = flannel_udp("network", "get", "--etcd-endpoints", f"127.0.0.1:{closed_port()}")
     assert done.returncode == 1
-    line = the_error_line(done)
+    line = one_error_line(done, exit_code=None)
     assert "etcd unreachable" in line and "connection refused" in line, line
 
 
@@ -455,6 +447,6 @@ def test_a_daemon_waits_for_an_unreachable_etcd_as_long_as_told_then_exits():
     took = time.monotonic() - started
     assert done.returncode == 1, done.stderr
     assert 2 <= took < 10, took
-    line = the_error_line(done)
+    line = one_error_line(done, exit_code=None)
     assert "etcd unreachable" in line and "gave up after waiting 2 s" in line, line
     assert "trying again" in done.stderr  # it said what it was doing meanwhile

@@ -26,9 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import (
+    flanneld_lease,
+    lease_key,
+    program_from_store,
+    publish,
+    refused_run,
+    stored_leases,
+)
 
 from flannel_udp.lab import (
-    FLANNEL_UDP,
     Host,
     KernelVxlanNode,
     Pod,
@@ -36,7 +43,7 @@ from flannel_udp.lab import (
     ping_failures,
     wait_until,
 )
-from flannel_udp.lease import LEASE_TTL, decode_lease, parse_subnet_key, subnet_key
+from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
@@ -47,7 +54,6 @@ VXLAN_CONFIG = {"Network": str(NETWORK), "Backend": {"Type": "vxlan", "Dataplane
 KERNEL_SUBNETS = ("10.244.201.0/24", "10.244.202.0/24")
 POD_MTU = 1500 - 50
 TUN = "flvx.1"
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the daemon's log format
 
 
 @dataclass
@@ -57,42 +63,6 @@ class Cluster:
     userspace: list[Host]  # h3, h4, h5: flannel-udp vxlan daemons
     pods: dict[str, Pod]  # by host label
     leases: dict[str, dict]  # userspace host label -> lease as `status` reports it
-
-
-def store_values(store: Path) -> dict[str, bytes]:
-    """The live leases in the store: key -> value bytes."""
-    snapshot = asyncio.run(LocalStore(store).list_leases())
-    return {r.key: r.value for r in snapshot.records}
-
-
-# A vxlan lease as real flanneld v0.22.3 writes it (REFERENCE.md section 5, verbatim but for
-# the three values): Go's json.Marshal of its lease attributes, field order and all.
-FLANNELD_VXLAN_LEASE = ('{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan",'
-                        '"BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}')
-
-
-def flanneld_lease(public_ip: str, vni: int, mac: str) -> bytes:
-    return FLANNELD_VXLAN_LEASE.format(ip=public_ip, vni=vni, mac=mac).encode()
-
-
-def publish(node: KernelVxlanNode, store: Path) -> None:
-    """The kernel node's lease, written as flanneld writes it."""
-    asyncio.run(LocalStore(store).put_lease(
-        subnet_key(node.subnet), flanneld_lease(node.host.underlay_ip, node.vni, node.mac),
-        LEASE_TTL))
-
-
-def program_from_store(node: KernelVxlanNode, store: Path) -> None:
-    """What flanneld does with the vxlan leases it sees: a neighbour, FDB entry and route for
-    each remote one, the VtepMAC read from the lease's BackendData."""
-    for key, value in store_values(store).items():
-        subnet = parse_subnet_key(key)
-        assert subnet is not None
-        lease = decode_lease(subnet, value)
-        if lease.backend == "vxlan" and lease.subnet != node.subnet:
-            vtep_mac = json.loads(lease.backend_data or b"{}").get("VtepMAC")
-            if vtep_mac:
-                node.add_peer(str(lease.subnet), str(lease.public_ip), vtep_mac)
 
 
 @pytest.fixture(scope="module")
@@ -219,13 +189,13 @@ def test_frames_with_and_without_udp_checksum_from_kernel_nodes_are_accepted(clu
 
 
 def test_leases_are_flannels_vxlan_leases_byte_for_byte(cluster: Cluster):
-    stored = store_values(cluster.topo.store_path)
+    stored = stored_leases(cluster.topo.store_path)
     macs = set()
     for host in cluster.userspace:
         lease = cluster.leases[host.label]
         mac = vtep_mac_of(host)
         # Independently of lease.encode_lease_value: flanneld's bytes.
-        assert stored[lease["subnet"].replace("/", "-")] == flanneld_lease(
+        assert stored[lease_key(lease["subnet"])] == flanneld_lease(
             host.underlay_ip, 1, mac)
         first = int(mac.split(":")[0], 16)
         assert first & 0x01 == 0, f"{mac} is a multicast MAC"
@@ -348,14 +318,14 @@ def test_a_kernel_nodes_new_vtep_mac_is_applied_live(cluster: Cluster):
 
 def test_restart_keeps_lease_and_vtep_mac_so_kernel_peers_need_no_change(cluster: Cluster):
     host = cluster.userspace[-1]
-    key = cluster.leases[host.label]["subnet"].replace("/", "-")
-    value = store_values(cluster.topo.store_path)[key]
+    key = lease_key(cluster.leases[host.label]["subnet"])
+    value = stored_leases(cluster.topo.store_path)[key]
     assert host.stop_flannel(signal.SIGTERM) == 0
     assert host.link(TUN) is None
     host.start_flannel(cluster.topo.store_path)
     host.wait_ready()
     assert host.lease()["subnet"] == cluster.leases[host.label]["subnet"]
-    assert store_values(cluster.topo.store_path)[key] == value
+    assert stored_leases(cluster.topo.store_path)[key] == value
     # The kernel node was not touched: its neighbour and FDB entries are still right.
     target = cluster.pods[host.label].address
     assert cluster.pods["h1"].ping(target, count=3)[target].ok
@@ -366,16 +336,11 @@ def test_restart_keeps_lease_and_vtep_mac_so_kernel_peers_need_no_change(cluster
 
 def run_expecting_user_error(host: Host, topo: Topology, config: dict) -> str:
     """Start a daemon that must refuse to start; its one error line."""
-    result = host.run(*FLANNEL_UDP, "run", "--local-store", topo.store_path,
-                      "--net-config-path", topo.write_net_config(config),
-                      "--subnet-file", host.subnet_file, "--control-socket",
-                      host.control_socket, "--iface", "eth0", check=False, timeout=20)
-    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert len(errors) == 1, f"expected one error line:\n{result.stderr}"
+    line = refused_run(host, "--local-store", topo.store_path, "--net-config-path",
+                       topo.write_net_config(config), "--subnet-file", host.subnet_file,
+                       "--control-socket", host.control_socket, "--iface", "eth0")
     assert host.link(TUN) is None
-    return errors[0]
+    return line
 
 
 @pytest.mark.parametrize("options, field", [

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from helpers import FETCH, fetch
 from prometheus_client.parser import text_string_to_metric_families
 
 from flannel_udp.lab import FLANNEL_UDP, Host, Netns, Topology, wait_until
@@ -21,15 +22,6 @@ from flannel_udp.lab import FLANNEL_UDP, Host, Netns, Topology, wait_until
 pytestmark = pytest.mark.netns
 
 OUTSIDE_PORT = 7000
-FETCH = """
-import sys, urllib.error, urllib.request
-try:
-    r = urllib.request.urlopen(sys.argv[1], timeout=5)
-    code, body = r.status, r.read()
-except urllib.error.HTTPError as e:
-    code, body = e.code, e.read()
-sys.stdout.write(f"{code}\\n" + body.decode())
-"""
 # One TCP connection accepted; prints the peer's address: who the packets came from.
 WHO_CONNECTS = """
 import socket, sys
@@ -59,11 +51,6 @@ def source_seen_by(listener: Netns, bind: str, client: Netns, address: str) -> s
     assert outcome["connected"], outcome
     out, err = proc.communicate(timeout=10)
     return out.strip()
-
-
-def fetch(host: Netns, url: str) -> tuple[int, str]:
-    code, _, body = host.run(sys.executable, "-c", FETCH, url).stdout.partition("\n")
-    return int(code), body
 
 
 @pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables")

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_integration_ops import fetch
+from helpers import fetch, refused_run, stored_leases
 
 from flannel_udp import control
 from flannel_udp.lab import FLANNEL_UDP, Host, Topology, wait_until
@@ -26,7 +25,6 @@ from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the daemon's log format
 UDP_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 HEALTHZ = "http://127.0.0.1:9109/healthz"
 # Holds TUN flannel0 until killed, as another program of the host might.
@@ -53,32 +51,23 @@ def running(module_topology) -> Running:
     return Running(topo, h1, h2)
 
 
-def leases(store: Path) -> dict[str, bytes]:
-    return {r.key: r.value for r in asyncio.run(LocalStore(store).list_leases()).records}
-
-
 def start_second(host: Host, store: Path, *args: str | Path) -> str:
     """Start `flannel-udp run` with `args` in `host`; it must refuse: its one error line."""
-    result = host.run(*FLANNEL_UDP, "run", "--local-store", store, "--iface", "eth0", *args,
-                      check=False, timeout=30)
-    assert result.returncode != 0, f"the second daemon started:\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if not LOG_LINE.match(line)]
-    assert len(errors) == 1, f"expected one error line:\n{result.stderr}"
-    return errors[0]
+    return refused_run(host, "--local-store", store, "--iface", "eth0", *args, exit_code=None,
+                       timeout=30)
 
 
 def check_nothing_changed(cluster: Running, before: tuple[bytes, dict[str, bytes], dict]) -> None:
     env, table, lease = before
     h1 = cluster.host
     assert h1.subnet_file.read_bytes() == env
-    assert leases(cluster.topo.store_path) == table
+    assert stored_leases(cluster.topo.store_path) == table
     assert h1.lease() == lease
     assert fetch(h1, HEALTHZ) == (200, "ok\n")
 
 
 def snapshot(cluster: Running) -> tuple[bytes, dict[str, bytes], dict]:
-    return (cluster.host.subnet_file.read_bytes(), leases(cluster.topo.store_path),
+    return (cluster.host.subnet_file.read_bytes(), stored_leases(cluster.topo.store_path),
             cluster.host.lease())
 
 
@@ -143,7 +132,7 @@ def test_the_kernel_vxlan_device_of_a_running_daemon_is_left_alone(topology):
                         "Backend": {"Type": "vxlan", "Dataplane": "kernel"}}, [h1])
     device = h1.link("flannel.1")
     assert device is not None
-    env, table = h1.subnet_file.read_bytes(), leases(topo.store_path)
+    env, table = h1.subnet_file.read_bytes(), stored_leases(topo.store_path)
     for dataplane_config in ("kernel", "auto"):
         config = topo.write_net_config({"Network": "10.244.0.0/16", "Backend": {
             "Type": "vxlan", "Dataplane": dataplane_config}}, f"{dataplane_config}.json")
@@ -152,10 +141,10 @@ def test_the_kernel_vxlan_device_of_a_running_daemon_is_left_alone(topology):
                             "--subnet-file", h1.dir / "second.env",
                             "--control-socket", h1.dir / "second.sock")
         assert "VXLAN device flannel.1 is in use by another running flannel-udp" in line, line
-        assert leases(store) == {}
+        assert stored_leases(store) == {}
     after = h1.link("flannel.1")
     assert after is not None and after["ifindex"] == device["ifindex"]
-    assert h1.subnet_file.read_bytes() == env and leases(topo.store_path) == table
+    assert h1.subnet_file.read_bytes() == env and stored_leases(topo.store_path) == table
     assert not (h1.dir / "second.env").exists()
 
 
