@@ -1,7 +1,15 @@
 """Backends, registered by flannel's type name. A backend builds a `Network` for one config,
 underlay interface, public IP and the userspace dataplane's settings; the daemon drives every
 backend through this one interface, and a userspace data plane's features through
-`UserspaceDataplane`."""
+`UserspaceDataplane`.
+
+    udp.py, hostgw.py, vxlan/   the backends (vxlan: options, peers, userspace, kernel, auto)
+    userspace.py                the userspace data plane: TUN, sockets and fast path, the base
+                                of udp and userspace vxlan
+    tun.py, sockets.py          its devices; offloads.py probes their kernel offloads
+    peerroutes.py               kernel routes, neighbours and FDB entries kept per peer, for
+                                host-gw, DirectRouting and kernel vxlan
+"""
 
 from __future__ import annotations
 

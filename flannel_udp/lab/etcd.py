@@ -1,4 +1,4 @@
-"""Throwaway etcd clusters for the tests (and the demo and benchmark): one or more members of
+"""Throwaway etcd clusters for the tests: one or more members of
 Debian's etcd on free loopback ports, or inside the switch namespace of a `Topology`
 (where the host namespaces reach it over the bridge); optionally TLS with client certificates
 from a test PKI made with openssl. `cleanup()` stops every member and removes the data dirs,

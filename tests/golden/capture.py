@@ -1,5 +1,6 @@
-"""Capture golden frames: bytes the kernel itself produced, for tests/test_golden_frames.py to
-hold the C fast path and ``flannel_udp/packet.py`` to (an oracle neither of them wrote).
+"""Capture golden frames: bytes the kernel itself produced, for
+tests/fastpath/test_golden_frames.py to hold the C fast path and ``flannel_udp/packet.py`` to
+(an oracle neither of them wrote).
 
 Run as root from the repository root (it builds namespaces with the project's harness and
 removes them; about 5 s):
