@@ -1,6 +1,7 @@
 """The vxlan backend's options (flannel's `VNI`, `Port`, `MTU`, `DirectRouting`, and
 flannel-udp's `Dataplane`), validated for `network set` and every start, and what a node derives
-from them: its VNI, port, pods' MTU and VtepMAC, the same on both dataplanes. Pure: no I/O."""
+from them: its VNI, port, pods' MTU and VtepMAC, the same on both dataplanes. No I/O but a
+warning logged for an MTU above the underlay's."""
 
 from __future__ import annotations
 
