@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -35,7 +36,14 @@ NETFUZZ = TESTS / "netfuzz.py"  # run inside namespaces as a script
 
 # -- daemons and their output ------------------------------------------------------------------
 
+USERSPACE_PORTS = {"udp": 8285, "vxlan": 8472}  # each backend's port on its userspace data plane
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")  # the daemon's log format
+
+
+def userspace_config(backend: str) -> dict[str, Any]:
+    """A network config whose daemons forward on `backend`'s userspace data plane, the one with
+    a fast path (vxlan's default, "auto", would take the kernel's VXLAN device)."""
+    return {"Network": "10.244.0.0/16", "Backend": {"Type": backend, "Dataplane": "userspace"}}
 
 
 def one_error_line(result: subprocess.CompletedProcess, exit_code: int | None = 2) -> str:

@@ -31,7 +31,6 @@ def ping_failures(pods: Mapping[str, Pod], count: int = 3) -> list[str]:
     return failures
 
 
-
 class Host(Netns):
     """A host namespace: underlay eth0, and the files and process of its flannel-udp daemon."""
 
@@ -159,7 +158,6 @@ class Host(Netns):
         if self._log is not None:
             self._log.close()
             self._log = None
-
 
 
 class Pod(Netns):

@@ -32,7 +32,6 @@ from flannel_udp.packet import Action, Vtep, VxlanRoute, checksum, prefix_mask
 GSO_TYPES = [packet.GSO_NONE, packet.GSO_TCPV4, packet.GSO_UDP_L4]
 
 
-
 @st.composite
 def super_packets(draw: st.DrawFn) -> tuple[bytes, bytes]:
     """(virtio header, packet) as a TUN with offloads might hand them over, mostly sane: TCP or
@@ -169,7 +168,6 @@ def received_segments(draw: st.DrawFn) -> list[bytes]:
 @given(received_segments())
 def test_coalescing_agrees_with_reference(packets):
     assert _fastpath.tun_writes(packets) == packet.tun_writes(packets)
-
 
 
 @st.composite

@@ -262,8 +262,6 @@ def test_a_busy_polling_thread_forwards_both_ways_and_stops_when_asked(tun_rig):
         plain.stop()
 
 
-
-
 @pytest.mark.netns
 def test_dropping_a_running_fastpath_stops_its_threads(tun_rig):
     rig = tun_rig
@@ -324,8 +322,6 @@ def test_unrouted_destination_gets_icmp_net_unreachable_through_the_real_tun(tun
         assert fastpath.counters()["drops"]["no_route"] == 1
     finally:
         fastpath.stop()
-
-
 
 
 @pytest.mark.netns

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import userspace_config
 
 from flannel_udp.lab import ping_failures
 
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.netns
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
 def test_busy_polling_daemons_carry_traffic_and_stop(topology, backend):
     topo = topology(2)
-    topo.start_daemons({"Network": "10.244.0.0/16",
-                        "Backend": {"Type": backend, "Dataplane": "userspace"}},
-                       None, "--busy-poll", "20000")
+    topo.start_daemons(userspace_config(backend), None, "--busy-poll", "20000")
     pods = {f"p{i}": topo.add_pod(host) for i, host in enumerate(topo.hosts)}
     failures = ping_failures(pods, count=20)
     assert not failures, "\n".join(failures)

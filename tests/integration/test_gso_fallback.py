@@ -28,6 +28,7 @@ import os
 import sys
 
 import pytest
+from helpers import userspace_config
 
 from flannel_udp.lab import PACKAGE_ROOT, Host, Pod, wait_until
 
@@ -94,11 +95,6 @@ def gso_send(host: Host, dst: str, proto: int = IPPROTO_UDP) -> str:
     return host.run(sys.executable, "-c", _GSO_SEND, str(proto), dst).stdout.strip()
 
 
-def network_config(backend: str) -> dict:
-    # Dataplane userspace: vxlan's default, "auto", would take the kernel's VXLAN device.
-    return {"Network": "10.244.0.0/16", "Backend": {"Type": backend, "Dataplane": "userspace"}}
-
-
 def transfer(sender: Pod, receiver: Pod, port: int, size: int = TRANSFER,
              timeout: float = 60) -> None:
     assert sender.tcp_transfer(receiver, port, size, timeout) == {
@@ -128,7 +124,7 @@ def test_tx_checksum_off(topology, monkeypatch, backend):
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
     topo = topology(2)
     h0, h1 = topo.hosts
-    topo.start_daemons(network_config(backend))
+    topo.start_daemons(userspace_config(backend))
     assert h0.status()["offloads"]["udp_gso"] is True
     tx_checksum_off(h0, "eth0")
     assert h0.run(sys.executable, "-c", _TX_CHECKSUMMING, "eth0").stdout.strip() == "False"
@@ -157,7 +153,7 @@ def test_eio_falls_back(topology, monkeypatch, tmp_path, backend):
     h0, h1 = topo.hosts
     # Topology.start_daemons, with the UDP-Lite sitecustomize on both (host 1 must receive
     # UDP-Lite, protocol 136, and its ACKs come back the same way).
-    net_config = topo.write_net_config(network_config(backend))
+    net_config = topo.write_net_config(userspace_config(backend))
     for host in topo.hosts:
         host.start_flannel(topo.store_path, net_config, "--drop-log-interval", "1",
                            env={"PYTHONPATH": os.pathsep.join(pythonpath)})
@@ -197,7 +193,7 @@ def test_path_mtu_below_segments(topology, monkeypatch):
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1")
     topo = topology(2)
     h0, h1 = topo.hosts
-    topo.start_daemons(network_config("udp"))
+    topo.start_daemons(userspace_config("udp"))
     h0.run("ip", "link", "set", "eth0", "mtu", "1400")
     kernel = gso_send(h0, h1.underlay_ip)
     assert kernel in ("EINVAL", "EMSGSIZE")

@@ -9,6 +9,7 @@ silent fallback to the plain path can't pass for the offloaded one.
 from __future__ import annotations
 
 import pytest
+from helpers import userspace_config
 
 pytestmark = pytest.mark.netns
 
@@ -21,9 +22,7 @@ def test_100_mb_tcp_transfer_arrives_intact(topology, monkeypatch, backend, offl
     # The daemons inherit it; set either way so that a whole run with it at 0 still tests both.
     monkeypatch.setenv("FLANNEL_UDP_OFFLOADS", "1" if offloads else "0")
     topo = topology(2)
-    # Dataplane userspace: vxlan's default, "auto", would take the kernel's VXLAN device.
-    topo.start_daemons({"Network": "10.244.0.0/16",
-                        "Backend": {"Type": backend, "Dataplane": "userspace"}})
+    topo.start_daemons(userspace_config(backend))
     sender, receiver = topo.add_pod(topo.hosts[0]), topo.add_pod(topo.hosts[1])
     assert sender.tcp_transfer(receiver, 7000, TRANSFER) == {
         "sent": TRANSFER, "received": TRANSFER, "intact": True}

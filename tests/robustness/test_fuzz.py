@@ -25,18 +25,13 @@ import time
 from typing import Any
 
 import pytest
-from helpers import NETFUZZ
+from helpers import NETFUZZ, USERSPACE_PORTS, userspace_config
 
 from flannel_udp.lab import Host, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 
 FUZZ_COUNT = int(os.environ.get("FLANNEL_UDP_FUZZ_COUNT", "1000000"))
-CONFIGS = {"udp": {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}},
-           # the userspace data plane: the one with a fast path (and its counters) to fuzz
-           "vxlan": {"Network": "10.244.0.0/16",
-                     "Backend": {"Type": "vxlan", "Dataplane": "userspace"}}}
-PORTS = {"udp": 8285, "vxlan": 8472}
 TUNS = {"udp": "flannel0", "vxlan": "flvx.1"}
 ICMP_RATE, ICMP_BURST = 100, 100  # _fastpath's token bucket
 
@@ -93,10 +88,10 @@ def settle(what: str, seen: Any, expected: int, timeout: float = 15) -> int:
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
 def test_a_million_mutated_datagrams_on_the_port_and_packets_on_the_tun(topology, backend):
     topo: Topology = topology(2)
-    leases = topo.start_daemons(CONFIGS[backend])
+    leases = topo.start_daemons(userspace_config(backend))
     h1, h2 = topo.hosts
     p1, p2 = topo.add_pod(h1), topo.add_pod(h2)
-    port = PORTS[backend]
+    port = USERSPACE_PORTS[backend]
     # h1's kernel answers some fuzz packets written into its TUN (ICMP host unreachable, seconds
     # later when ARP on the pod's veth gives up) back through the TUN, which would blur the
     # count of the TUN phase: no ICMP errors from h1's kernel.

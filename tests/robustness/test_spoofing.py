@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import NETFUZZ
+from helpers import NETFUZZ, USERSPACE_PORTS, userspace_config
 from netfuzz import udp_packet, vxlan_frame
 
 from flannel_udp.lab import Host, Pod, Topology, wait_until
@@ -48,11 +48,6 @@ while time.monotonic() < deadline:
         break
 print(json.dumps(heard))
 """
-CONFIGS = {"udp": {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}},
-           # the userspace data plane: the one whose fast path is under test
-           "vxlan": {"Network": "10.244.0.0/16",
-                     "Backend": {"Type": "vxlan", "Dataplane": "userspace"}}}
-PORTS = {"udp": 8285, "vxlan": 8472}
 HAND_MAC = "0e:fa:c0:a8:4d:0d"
 
 
@@ -76,7 +71,7 @@ def send(host: Host, to: Host, backend: str, vtep_mac: str, packets: list[bytes]
     if backend == "vxlan":
         packets = [vxlan_frame(p, 1, bytes.fromhex(vtep_mac.replace(":", ""))) for p in packets]
     out = host.run(sys.executable, NETFUZZ, "hex", "--to", to.underlay_ip, "--port",
-                   str(PORTS[backend]), "--count", str(len(packets) * repeat),
+                   str(USERSPACE_PORTS[backend]), "--count", str(len(packets) * repeat),
                    *[p.hex() for p in packets]).stdout
     assert json.loads(out)["errors"] == 0
 
@@ -85,7 +80,7 @@ def send(host: Host, to: Host, backend: str, vtep_mac: str, packets: list[bytes]
 def test_forged_frames_never_reach_the_pod_and_are_counted_by_reason(topology, backend):
     topo: Topology = topology(4)
     h1, h2, h3, h4 = topo.hosts
-    leases = topo.start_daemons(CONFIGS[backend], [h1, h2], "--drop-log-interval", "1")
+    leases = topo.start_daemons(userspace_config(backend), [h1, h2], "--drop-log-interval", "1")
     asyncio.run(LocalStore(topo.store_path).put_lease(
         subnet_key(ipaddress.IPv4Network(HAND_SUBNET)), hand_lease(h3, backend), LEASE_TTL))
     wait_until(lambda: HAND_SUBNET in h1.peer_subnets(), 5, "h1 to list h3's hand-put lease")
@@ -138,7 +133,7 @@ def test_forged_frames_never_reach_the_pod_and_are_counted_by_reason(topology, b
 def test_no_source_check_lets_a_stranger_in_as_flanneld_would(topology):
     topo: Topology = topology(2)
     h1, h2 = topo.hosts
-    net_config = topo.write_net_config(CONFIGS["udp"])
+    net_config = topo.write_net_config(userspace_config("udp"))
     h1.start_flannel(topo.store_path, net_config, "--no-source-check")
     h1.wait_ready()
     pod = topo.add_pod(h1)
