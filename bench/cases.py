@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flannel_udp import config
+from flannel_udp.lab import UNDERLAY_MTU, Host, KernelVxlanNode, Netns, Topology
 from flannel_udp.lease import LEASE_TTL, subnet_key
-from flannel_udp.netns import UNDERLAY_MTU, Host, KernelVxlanNode, Netns, Topology
 from flannel_udp.stores.local import LocalStore
 
 REFERENCE = "kernel-vxlan"

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import measure, report
 from bench.cases import CASES, Case, Endpoints
-from flannel_udp.netns import (
+from flannel_udp.lab import (
     UNDERLAY_MTU,
     NetnsError,
     Topology,

@@ -15,8 +15,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bench.cases import Endpoints
+from flannel_udp.lab import Host, Netns, NetnsError, Topology, wait_until
 from flannel_udp.lease import LEASE_TTL, encode_lease_value, subnet_key
-from flannel_udp.netns import Host, Netns, NetnsError, Topology, wait_until
 from flannel_udp.stores.local import LocalStore
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -13,11 +13,12 @@ import time
 from collections.abc import Awaitable
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from flannel_udp import control
 from flannel_udp.errors import UserError
 from flannel_udp.stores import Store, StoreError
+from flannel_udp.trace import trace_line
 
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
 EXAMPLE_CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}'
@@ -346,20 +347,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not status["peers"]:
         print("(no peers)")
     return 0
-
-
-PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 132: "sctp"}
-
-
-def trace_line(record: list[Any]) -> str:
-    """`12:00:00.123 egress 10.244.1.2 > 10.244.2.2 icmp peer 192.168.77.12 sent` from a
-    record of the `trace` stream."""
-    ns, direction, verdict, drop, proto, src, dst, peer, length = record
-    stamp = time.strftime("%H:%M:%S", time.localtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}"
-    what = (f"{src or '?'} > {dst or '?'} {PROTOS.get(proto, f'proto {proto}')}" if proto or src
-            else f"({length} B, not parsed)")
-    outcome = verdict if verdict in ("sent", "to_tun") else f"{verdict} {drop}".strip()
-    return f"{stamp} {direction:<7} {what} peer {peer or '-'} {outcome}"
 
 
 def cmd_trace(args: argparse.Namespace) -> int:

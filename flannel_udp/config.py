@@ -18,13 +18,7 @@ KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tenc
 IMPLEMENTED_BACKENDS = ("udp", "vxlan", "host-gw")
 
 UDP_DEFAULT_PORT = 8285  # flannel's udp backend
-VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-VNI_MAX = (1 << 24) - 1
 MIN_IPV4_MTU = 68  # RFC 791: the smallest MTU an IPv4 link may have
-# Of the vxlan backend: "auto" (the default) takes the kernel's VXLAN device when it can be
-# created and the userspace one otherwise.
-DATAPLANES = ("auto", "userspace", "kernel")
 
 _TOP_FIELDS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv4", "EnableIPv6",
                "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "Backend",
@@ -63,7 +57,8 @@ def _canonical_keys(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, An
     return {by_lower.get(k.lower(), k): v for k, v in obj.items()}
 
 
-def _int_field(cfg: dict[str, Any], name: str, label: str | None = None) -> int | None:
+def int_field(cfg: dict[str, Any], name: str, label: str | None = None) -> int | None:
+    """`cfg[name]` as an integer, None when absent; ConfigError naming `label` otherwise."""
     value = cfg.get(name)
     if value is None:
         return None
@@ -109,7 +104,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if network.prefixlen > 28:
         raise ConfigError(f"Network: {network} is too small; the longest usable prefix is /28")
 
-    subnet_len = _int_field(cfg, "SubnetLen") or 0
+    subnet_len = int_field(cfg, "SubnetLen") or 0
     if subnet_len == 0:
         subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
     elif not network.prefixlen < subnet_len <= 30:
@@ -149,8 +144,10 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
                            subnet_max=subnet_max, backend_type=backend_type, backend=backend)
     # Bad options are refused here (so by `network set`), not at every daemon's start. host-gw
-    # reads none, as flannel's.
+    # reads none, as flannel's. The vxlan backend's own module checks its options (imported
+    # here, not at the top: it imports this module).
     if backend_type == "vxlan":
+        from flannel_udp.backends.vxlan.options import vxlan_options
         vxlan_options(config)
     elif backend_type == "udp":
         backend_port(config, UDP_DEFAULT_PORT)
@@ -159,49 +156,9 @@ def parse_config(text: str | bytes) -> NetworkConfig:
 
 def backend_port(config: NetworkConfig, default: int) -> int:
     """`Backend.Port`, validated, or the backend's default."""
-    port = _int_field(config.backend, "Port", "Backend.Port")
+    port = int_field(config.backend, "Port", "Backend.Port")
     if port is None or port == 0:
         return default
     if not 1 <= port <= 65535:
         raise ConfigError(f"Backend.Port: {port} is out of range (1..65535)")
     return port
-
-
-@dataclass(frozen=True)
-class VxlanOptions:
-    """The vxlan backend's options: flannel's VNI, Port and MTU, and flannel-udp's Dataplane."""
-
-    vni: int
-    port: int
-    mtu: int | None  # of the underlay, as flannel's option; None: the interface's
-    dataplane: str
-    direct_routing: bool = False
-
-
-def vxlan_options(config: NetworkConfig) -> VxlanOptions:
-    """`Backend.VNI`, `Port`, `MTU`, `DirectRouting` and `Dataplane` of a vxlan config,
-    validated, with flannel's defaults (VNI 1, port 8472, the interface's MTU, no direct
-    routing) and flannel-udp's (Dataplane "auto")."""
-    backend = config.backend
-    vni = _int_field(backend, "VNI", "Backend.VNI")
-    if vni is None:
-        vni = 1
-    elif not 1 <= vni <= VNI_MAX:
-        raise ConfigError(f"Backend.VNI: {vni} is out of range (1..{VNI_MAX})")
-    mtu = _int_field(backend, "MTU", "Backend.MTU") or None  # 0 means the default, as flannel
-    smallest = MIN_IPV4_MTU + VXLAN_OVERHEAD
-    if mtu is not None and mtu < smallest:
-        raise ConfigError(f"Backend.MTU: {mtu} is too small: pods get MTU - {VXLAN_OVERHEAD} "
-                          f"and IPv4 needs {MIN_IPV4_MTU}, so at least {smallest}")
-    if mtu is not None and mtu > 65535:
-        raise ConfigError(f"Backend.MTU: {mtu} is out of range (at most 65535)")
-    dataplane = backend.get("Dataplane", DATAPLANES[0])
-    if not isinstance(dataplane, str) or dataplane.lower() not in DATAPLANES:
-        raise ConfigError(f"Backend.Dataplane: {json.dumps(dataplane)} is not one of "
-                          + ", ".join(json.dumps(d) for d in DATAPLANES))
-    direct_routing = backend.get("DirectRouting", False)
-    if not isinstance(direct_routing, bool):
-        raise ConfigError(f"Backend.DirectRouting: expected true or false, got "
-                          f"{json.dumps(direct_routing)}")
-    return VxlanOptions(vni=vni, port=backend_port(config, VXLAN_DEFAULT_PORT), mtu=mtu,
-                        dataplane=dataplane.lower(), direct_routing=direct_routing)

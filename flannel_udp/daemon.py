@@ -1,6 +1,7 @@
 """`flannel-udp run`: the control plane on asyncio. Lease, subnet.env, backend, control socket;
-then it follows the lease table until SIGTERM/SIGINT, which removes the TUN and routes and keeps
-the lease so that a restart gets the same subnet."""
+then it follows the lease table, handing each lease event to the backend, until SIGTERM/SIGINT,
+which removes the backend's devices and routes and keeps the lease so that a restart gets the
+same subnet."""
 
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from flannel_udp.ipmasq import IpMasq, IptablesError, resync_forever
 from flannel_udp.lease import Lease
 from flannel_udp.manager import LeaseManager
 from flannel_udp.stores import Store, StoreError, StoreUnavailable
+from flannel_udp.trace import Tracing
 
 log = logging.getLogger("flannel-udp")
 
-TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
-TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
 IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between this host's pods "
@@ -120,9 +120,7 @@ class Daemon:
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
         self._serving = False  # the lease is held and subnet.env written: `status` answers
-        # `flannel-udp trace` clients: each one's sampling rate and the records not sent yet.
-        self._tracers: dict[object, tuple[int, list[tuple[Any, ...]]]] = {}
-        self._trace_lost = 0  # records dropped because a tracer's buffer was full
+        self._tracing = Tracing(self._userspace)  # `flannel-udp trace` clients
 
     def _write_subnet_env(self, lease: Lease) -> None:
         assert self.config is not None and self.network is not None
@@ -359,78 +357,19 @@ class Daemon:
             return {"error": STARTING}
         return self.status()
 
-    def _apply_trace(self) -> None:
-        """Sample at the finest rate any tracer asked for; 0 (off) with none left."""
-        userspace = self._userspace()
-        if userspace is not None:
-            userspace.set_trace(min((every for every, _ in self._tracers.values()), default=0))
+    def trace(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The `trace` stream (see `trace.Tracing.stream`)."""
+        return self._tracing.stream(request, self._cannot_trace)
 
-    def _trace_poll(self) -> None:
-        """Drain the fast path's rings into every tracer's buffer (one consumer: whichever
-        tracer polls first takes the records for all)."""
-        self._apply_trace()  # again: a re-acquired lease may have made a new fast path
-        userspace = self._userspace()
-        drained = userspace.trace_drain() if userspace is not None else []
-        records = sorted(drained, key=lambda r: r[0])  # merge directions
-        for _, pending in self._tracers.values():
-            room = TRACE_BUFFER - len(pending)
-            pending.extend(records[:room])
-            self._trace_lost += max(0, len(records) - room)
-
-    async def trace(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The `trace` stream: {"tracing": every} first, then every TRACE_POLL seconds a frame
-        {"records": [...], "more": K} with at most `max_rate` records a second (K: left out by
-        the rate limit) and "lost" (ring or buffer full, all tracers), until the client
-        leaves; then tracing is off again unless another tracer remains."""
-        every, max_rate = request.get("every", 1), request.get("max_rate", 100)
-        if not (isinstance(every, int) and every >= 1 and isinstance(max_rate, (int, float))
-                and max_rate > 0):
-            yield {"error": "trace: every must be an integer >= 1 and max_rate > 0"}
-            return
+    def _cannot_trace(self) -> str | None:
+        """Why this daemon has nothing to trace now, or None."""
         if not self._serving:
-            yield {"error": STARTING}
-            return
-        userspace = self._userspace()
-        if userspace is None:
+            return STARTING
+        if self._userspace() is None:
             backend = self.config.backend_type if self.config else "?"
-            yield {"error": f"backend {backend} forwards in the kernel: nothing to trace "
-                            "(only the userspace data plane traces)"}
-            return
-        key = object()
-        if not self._tracers:
-            userspace.trace_drain()  # records of an earlier tracer: not ours
-        pending: list[tuple[Any, ...]] = []
-        self._tracers[key] = (every, pending)
-        try:
-            self._apply_trace()
-            yield {"tracing": every}
-            tokens, last = float(max_rate), time.monotonic()
-            lost_seen = self._lost()
-            while True:
-                await asyncio.sleep(TRACE_POLL)
-                self._trace_poll()
-                now = time.monotonic()
-                tokens = min(float(max_rate), tokens + (now - last) * max_rate)
-                last = now
-                take = min(len(pending), int(tokens))
-                tokens -= take
-                frame: dict[str, Any] = {"records": [list(r) for r in pending[:take]],
-                                         "more": len(pending) - take}
-                pending.clear()
-                lost = self._lost()
-                if lost > lost_seen:
-                    frame["lost"] = lost - lost_seen
-                lost_seen = lost
-                if frame["records"] or frame["more"] or "lost" in frame:
-                    yield frame
-        finally:
-            del self._tracers[key]
-            self._apply_trace()
-
-    def _lost(self) -> int:
-        userspace = self._userspace()
-        info = userspace.trace_info() if userspace is not None else {}
-        return int(info.get("lost", 0)) + self._trace_lost
+            return (f"backend {backend} forwards in the kernel: nothing to trace (only the "
+                    "userspace data plane traces)")
+        return None
 
     def health(self) -> dict[str, bool]:
         """The checks behind /healthz: we hold an unexpired lease, and the data plane runs (the

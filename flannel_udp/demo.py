@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from flannel_udp.netns import (
+from flannel_udp.lab import (
     DEFAULT_NETWORK_CONFIG,
     Host,
     NetnsError,

@@ -3,7 +3,7 @@ the log without flooding it; and which drop reasons a backend can count at all. 
 daemon feeds it counter snapshots and the clock.
 
 Every reason is reported at most once per interval, all reasons that grew in one line, e.g.
-``dropped in the last 10 s: unknown_sender +120345, vxlan_wrong_vni +3``.
+``dropped since last reported (at most every 10 s): unknown_sender +120345, vxlan_wrong_vni +3``.
 """
 
 from __future__ import annotations

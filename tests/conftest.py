@@ -12,9 +12,14 @@ from typing import Any
 
 import pytest
 
-from flannel_udp.etcd_harness import EtcdCluster, etcd_problem
-from flannel_udp.etcd_harness import remove_stale as etcd_remove_stale
-from flannel_udp.netns import Topology, check_environment, remove_stale
+from flannel_udp.lab import (
+    EtcdCluster,
+    Topology,
+    check_environment,
+    etcd_problem,
+    remove_stale,
+    remove_stale_etcd,
+)
 
 NETNS_PROBLEM = check_environment()
 NO_SKIP = (os.environ.get("CI", "").lower() == "true"
@@ -84,7 +89,7 @@ def etcd() -> Iterator[EtcdCluster]:
     problem = etcd_problem()
     if problem is not None:
         pytest.skip(problem)
-    etcd_remove_stale()
+    remove_stale_etcd()
     with EtcdCluster(1) as cluster:
         yield cluster.start()
 

@@ -1,7 +1,15 @@
 """Backends, registered by flannel's type name. A backend builds a `Network` for one config,
 underlay interface, public IP and the userspace dataplane's settings; the daemon drives every
 backend through this one interface, and a userspace data plane's features through
-`UserspaceDataplane`."""
+`UserspaceDataplane`.
+
+    udp.py, hostgw.py, vxlan/   the backends (vxlan: options, peers, userspace, kernel, auto)
+    userspace.py                the userspace data plane: TUN, sockets and fast path, the base
+                                of udp and userspace vxlan
+    tun.py, sockets.py          its devices; offloads.py probes their kernel offloads
+    peerroutes.py               kernel routes, neighbours and FDB entries kept per peer, for
+                                host-gw, DirectRouting and kernel vxlan
+"""
 
 from __future__ import annotations
 
@@ -9,11 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flannel_udp.config import NetworkConfig, vxlan_options
+from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease
-from flannel_udp.netlink import ExtIface
+
+if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backend options
+    from flannel_udp.netlink import ExtIface
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,10 @@ class UserspaceDataplane(ABC):
         """{"every", "records", "lost"}: the sampling rate, records taken, records lost."""
 
 
+class Unreachable(Exception):
+    """A peer's lease this backend cannot forward to; the message says why."""
+
+
 class Network(ABC):
     """What the daemon drives a backend through. Every method is abstract, so a backend (or a
     wrapper choosing between two) that leaves one out can't be constructed."""
@@ -108,7 +122,7 @@ class Network(ABC):
         """Stop forwarding and remove what open() and start() created. Idempotent."""
 
 
-Factory = Callable[[NetworkConfig, ExtIface, IPv4Address, DataplaneSettings], Network]
+Factory = Callable[[NetworkConfig, "ExtIface", IPv4Address, DataplaneSettings], Network]
 
 
 def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
@@ -119,15 +133,8 @@ def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
            settings: DataplaneSettings) -> Network:
-    from flannel_udp.backends.vxlan import VxlanNetwork
-    from flannel_udp.backends.vxlan_kernel import AutoVxlanNetwork, KernelVxlanNetwork
-    dataplane = vxlan_options(config).dataplane
-    if dataplane == "userspace":
-        return VxlanNetwork(config, ext, public_ip, settings)
-    if dataplane == "kernel":
-        return KernelVxlanNetwork(config, ext, public_ip)
-    return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip),
-                            VxlanNetwork(config, ext, public_ip, settings))
+    from flannel_udp.backends.vxlan import vxlan_network
+    return vxlan_network(config, ext, public_ip, settings)
 
 
 def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,

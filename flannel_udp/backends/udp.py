@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flannel_udp.backends import DataplaneSettings
-from flannel_udp.backends.common import TunNetwork, Unreachable
-from flannel_udp.config import NetworkConfig, backend_port
+from flannel_udp.backends import DataplaneSettings, Unreachable
+from flannel_udp.backends.userspace import TunNetwork
+from flannel_udp.config import UDP_DEFAULT_PORT, NetworkConfig, backend_port
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import ExtIface
 
 TUN_NAME = "flannel0"
-DEFAULT_PORT = 8285
 OVERHEAD = 28  # outer IPv4 + UDP header
 
 
@@ -25,7 +24,7 @@ class UdpNetwork(TunNetwork):
     def __init__(self, config: NetworkConfig, ext: ExtIface, settings: DataplaneSettings) -> None:
         super().__init__(config, ext, settings)
         self.tun_name = TUN_NAME
-        self.port = backend_port(config, DEFAULT_PORT)
+        self.port = backend_port(config, UDP_DEFAULT_PORT)
         self.mtu = ext.mtu - OVERHEAD
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:

@@ -1,5 +1,6 @@
-"""Capture golden frames: bytes the kernel itself produced, for tests/test_golden_frames.py to
-hold the C fast path and ``flannel_udp/packet.py`` to (an oracle neither of them wrote).
+"""Capture golden frames: bytes the kernel itself produced, for
+tests/fastpath/test_golden_frames.py to hold the C fast path and ``flannel_udp/packet.py`` to
+(an oracle neither of them wrote).
 
 Run as root from the repository root (it builds namespaces with the project's harness and
 removes them; about 5 s):
@@ -360,8 +361,8 @@ VXLAN_SETUPS = [
 
 
 def capture_vxlan() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import Offloads, enable_tun_offloads, open_tun
-    from flannel_udp.netns import KernelVxlanNode, Topology
+    from flannel_udp.backends.tun import enable_tun_offloads, open_tun
+    from flannel_udp.lab import KernelVxlanNode, Topology
 
     cases = []
     for setup in VXLAN_SETUPS:
@@ -381,7 +382,7 @@ def capture_vxlan() -> list[dict[str, Any]]:
                 # offloads: what it writes, h1 forwards into flannel.<VNI>.
                 pod = open_tun("inj0", vnet_hdr=True)
             with receiver, tap, raw, contextlib.closing(pod):
-                enable_tun_offloads(pod, Offloads(tun_vnet_hdr=True))
+                enable_tun_offloads(pod)
                 h1.run("ip", "link", "set", "inj0", "up")
                 h1.run("ip", "route", "add", f"{POD}/32", "dev", "inj0")
                 receiver.bind(("0.0.0.0", VXLAN_PORT))
@@ -431,8 +432,8 @@ def hexed(value: Any) -> Any:
 
 
 def capture_udp() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import open_tun
-    from flannel_udp.netns import Topology
+    from flannel_udp.backends.tun import open_tun
+    from flannel_udp.lab import Topology
 
     cases = []
     with Topology(1) as topo:
@@ -460,8 +461,8 @@ def capture_udp() -> list[dict[str, Any]]:
 
 
 def capture_gso() -> list[dict[str, Any]]:
-    from flannel_udp.backends.common import Offloads, enable_tun_offloads, open_tun
-    from flannel_udp.netns import Topology
+    from flannel_udp.backends.tun import TUN_F_USO4, enable_tun_offloads, open_tun
+    from flannel_udp.lab import Topology
 
     cases = []
     with Topology(1) as topo:
@@ -470,8 +471,7 @@ def capture_gso() -> list[dict[str, Any]]:
         with inside(host):
             tun = open_tun("gso0", vnet_hdr=True)
         with contextlib.closing(tun):
-            offloads = Offloads(tun_vnet_hdr=True)
-            enable_tun_offloads(tun, offloads)
+            offloads = enable_tun_offloads(tun)
             host.run("ip", "addr", "add", "10.99.0.1/32", "dev", "gso0")
             host.run("ip", "link", "set", "gso0", "up")
             host.run("ip", "route", "add", "10.99.0.0/24", "dev", "gso0")
@@ -485,7 +485,7 @@ def capture_gso() -> list[dict[str, Any]]:
                 tap = packet_socket("eth0")
             with tap:
                 for case in gso_cases():
-                    if case.gso_type == GSO_UDP_L4 and not offloads.uso:
+                    if case.gso_type == GSO_UDP_L4 and not offloads & TUN_F_USO4:
                         raise RuntimeError("this kernel's TUN takes no USO: no udp-l4 case")
                     vnet_hdr = case.vnet_hdr()
                     os.write(tun.fileno(), vnet_hdr + case.packet)
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare a fresh capture with the output file, write nothing")
     args = parser.parse_args(argv)
-    from flannel_udp.netns import (
+    from flannel_udp.lab import (
         NetnsError,
         check_environment,
         remove_stale,

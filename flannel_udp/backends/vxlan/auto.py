@@ -1,0 +1,67 @@
+"""The vxlan backend's dataplane "auto": the kernel's VXLAN device when it can be created
+(`kernel`), the userspace dataplane (`userspace`) otherwise."""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Network
+from typing import Any
+
+from flannel_udp.backends import Network, UserspaceDataplane
+from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork, KernelVxlanUnavailable
+from flannel_udp.backends.vxlan.userspace import VxlanNetwork
+from flannel_udp.lease import Lease
+
+log = logging.getLogger("flannel-udp")
+
+
+class AutoVxlanNetwork(Network):
+    """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
+    publish the same lease (same VtepMAC), so peers can't tell which was taken. Whatever the
+    chosen one offers, `userspace()` included, is the chosen one's."""
+
+    backend_type = "vxlan"
+
+    def __init__(self, kernel: KernelVxlanNetwork, userspace: VxlanNetwork) -> None:
+        self._kernel = kernel
+        self._userspace = userspace
+        self._chosen: KernelVxlanNetwork | VxlanNetwork = kernel
+        self.backend_data = kernel.backend_data
+        self.mtu = kernel.mtu
+
+    def open(self) -> None:
+        try:
+            self._kernel.open()
+        except KernelVxlanUnavailable as e:
+            log.warning("vxlan dataplane: userspace (TUN %s), as the kernel's is not available: "
+                        "%s", self._userspace.tun_name, e)
+            self._chosen = self._userspace
+        else:
+            log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
+                     self._kernel.device)
+            self._chosen = self._kernel
+            return
+        self._userspace.open()
+
+    def start(self, lease: Lease, peers: list[Lease]) -> None:
+        self._chosen.start(lease, peers)
+
+    def accepts(self, lease: Lease) -> bool:
+        return self._chosen.accepts(lease)
+
+    def add_peer(self, lease: Lease) -> None:
+        self._chosen.add_peer(lease)
+
+    def remove_peer(self, subnet: IPv4Network) -> None:
+        self._chosen.remove_peer(subnet)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self._chosen.stats()
+        stats["lease"]["dataplane_choice"] = "auto"
+        return stats
+
+    def userspace(self) -> UserspaceDataplane | None:
+        return self._chosen.userspace()
+
+    def close(self) -> None:
+        self._chosen.close()

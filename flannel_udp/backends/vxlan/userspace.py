@@ -1,0 +1,99 @@
+"""flannel's vxlan backend in userspace: RFC 7348 frames exactly as Linux's kernel VXLAN sends
+and takes them, so flannel-udp nodes and flanneld's kernel vxlan nodes form one network.
+
+The TUN is `flvx.<VNI>`, not flanneld's `flannel.<VNI>`: it is a TUN, not a VXLAN device, and a
+leftover kernel device of that name must not be mistaken for it (nor block it). Our VtepMAC is
+derived from the public IP and the VNI (`options.vtep_mac_for`), so a restarted node keeps it
+and its peers' kernel neighbour and FDB entries stay right.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from flannel_udp.backends import DataplaneSettings
+from flannel_udp.backends.peerroutes import PeerRoutes, Plan
+from flannel_udp.backends.userspace import TunNetwork
+from flannel_udp.backends.vxlan.options import vxlan_settings
+from flannel_udp.backends.vxlan.peers import peer_vtep_mac, plan_vxlan_peer
+from flannel_udp.config import NetworkConfig
+from flannel_udp.lease import Lease, format_mac
+from flannel_udp.netlink import ExtIface
+
+TUN_PREFIX = "flvx."  # + VNI: at most 13 characters, within IFNAMSIZ for every VNI
+# Sockets egress spreads flows over (each on its own ephemeral port): enough for a receiver's
+# RSS to use several queues, few enough to cost nothing.
+SEND_SOCKETS = 8
+
+
+class VxlanNetwork(TunNetwork):
+    """The vxlan backend's `Network` in userspace: the fast path in VXLAN mode, one route per
+    vxlan peer; with DirectRouting, directly reachable peers get a kernel route instead."""
+
+    backend_type = "vxlan"
+    send_sockets = SEND_SOCKETS
+
+    def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+                 settings: DataplaneSettings) -> None:
+        super().__init__(config, ext, settings)
+        self.settings = settings = vxlan_settings(config, ext, public_ip)
+        self.vni = settings.vni
+        self.port = settings.port
+        self.mtu = settings.mtu
+        self.tun_name = f"{TUN_PREFIX}{self.vni}"
+        self.vtep_mac = settings.vtep_mac
+        self.backend_data = settings.backend_data
+        self._direct: PeerRoutes | None = None
+
+    def _fastpath_options(self) -> dict[str, Any]:
+        return {"mode": "vxlan", "vni": self.vni, "vtep_mac": self.vtep_mac}
+
+    def _route_args(self, lease: Lease) -> tuple[Any, ...]:
+        return (peer_vtep_mac(lease, self.vni),)
+
+    def _lease_stats(self) -> dict[str, Any]:
+        return {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
+                "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
+
+    # DirectRouting: the fast path keeps a route to every peer (a fallback should the kernel
+    # route go); the more specific kernel route `<subnet> via <PublicIP>` takes the packets
+    # of the directly reachable ones before they reach the TUN's route for the Network.
+
+    def start(self, lease: Lease, peers: list[Lease]) -> None:
+        super().start(lease, peers)
+        if self.settings.direct_routing:
+            self._direct = PeerRoutes(self._plan_direct)
+            self._direct.start(peers)
+
+    def _plan_direct(self, lease: Lease) -> Plan:
+        # Encapsulation is the fast path's: no kernel entries for the others.
+        plan = plan_vxlan_peer(lease, self.settings, lambda _lease, _mac: ())
+        if plan.problem is not None:  # add_peer has said why already
+            return Plan((), plan.path)
+        return plan
+
+    def add_peer(self, lease: Lease) -> None:
+        super().add_peer(lease)
+        if self._direct is not None:
+            self._direct.set_peer(lease)
+
+    def remove_peer(self, subnet: IPv4Network) -> None:
+        super().remove_peer(subnet)
+        if self._direct is not None:
+            self._direct.remove_peer(subnet)
+
+    def stats(self) -> dict[str, Any]:
+        stats = super().stats()
+        for counters in stats["peers"].values():
+            counters["path"] = "vxlan"
+        if self._direct is not None:
+            for subnet, plan in self._direct.plans.items():
+                stats["peers"].setdefault(str(subnet), {})["path"] = plan.path
+        return stats
+
+    def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+        super().close()

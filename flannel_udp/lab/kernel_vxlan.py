@@ -1,0 +1,75 @@
+"""flanneld's vxlan backend imitated with `ip`: the kernel VXLAN device and entries flanneld
+would program on a host, the reference flannel-udp interoperates with (tests) and is measured
+against (bench)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from flannel_udp.lab.hosts import Host
+from flannel_udp.lab.topology import UNDERLAY_MTU
+
+
+class KernelVxlanNode:
+    """A host's kernel VXLAN device programmed exactly as flanneld's vxlan backend programs it:
+    `flannel.<VNI>` with `nolearning`, MTU = underlay - 50, the lease's network address /32,
+    and per remote lease a permanent neighbour entry, a permanent FDB entry and an onlink route.
+    The reference that flannel-udp must interoperate with (tests) and be measured against
+    (bench). `lease_value()` is the lease flanneld would write for it."""
+
+    def __init__(self, host: Host, subnet: str, *, vni: int = 1, port: int = 8472,
+                 mac: str | None = None, underlay_dev: str = "eth0",
+                 udp_csum: bool | None = None) -> None:
+        """`udp_csum` True/False: `udpcsum`/`noudpcsum` on the device (UDP checksums set or
+        zero in the frames it sends); None leaves the kernel's default (set).
+
+        The underlay keeps its offloads as they come: over a veth the frames reach the next
+        namespace with inner checksums partial and as 64 KB GSO frames, as from nodes that are
+        containers on one machine."""
+        self.host = host
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self.vni = vni
+        self.port = port
+        self.dev = f"flannel.{vni}"
+        # locally administered, unicast, derived from the host so that it is stable
+        self.mac = mac or "0e:fa:" + ":".join(
+            f"{b:02x}" for b in ipaddress.IPv4Address(host.underlay_ip).packed)
+        csum = [] if udp_csum is None else ["udpcsum" if udp_csum else "noudpcsum"]
+        host.run("ip", "link", "add", self.dev, "type", "vxlan", "id", str(vni),
+                 "local", host.underlay_ip, "dev", underlay_dev, "dstport", str(port),
+                 "nolearning", *csum)
+        host.run("ip", "link", "set", self.dev, "address", self.mac,
+                 "mtu", str(UNDERLAY_MTU - 50))
+        host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
+        host.run("ip", "link", "set", self.dev, "up")
+
+    def lease_value(self) -> bytes:
+        """The lease JSON flanneld writes for this node, byte for byte."""
+        return (f'{{"PublicIP":"{self.host.underlay_ip}","PublicIPv6":null,'
+                f'"BackendType":"vxlan","BackendData":{{"VNI":{self.vni},'
+                f'"VtepMAC":"{self.mac}"}}}}').encode()
+
+    def add_peer(self, subnet: str, public_ip: str, vtep_mac: str) -> None:
+        """What flanneld does when a remote vxlan lease appears."""
+        net = ipaddress.IPv4Network(subnet)
+        gateway = str(net.network_address)
+        self.host.run("ip", "neigh", "replace", gateway, "lladdr", vtep_mac, "dev", self.dev,
+                      "nud", "permanent")
+        self.host.run("bridge", "fdb", "replace", vtep_mac, "dev", self.dev, "dst", public_ip,
+                      "self", "permanent")
+        self.host.run("ip", "route", "replace", str(net), "via", gateway, "dev", self.dev,
+                      "onlink")
+
+    def remove_peer(self, subnet: str, vtep_mac: str) -> None:
+        """What flanneld does when a remote vxlan lease goes away."""
+        net = ipaddress.IPv4Network(subnet)
+        for argv in (("ip", "route", "del", str(net)),
+                     ("ip", "neigh", "del", str(net.network_address), "dev", self.dev),
+                     ("bridge", "fdb", "del", vtep_mac, "dev", self.dev, "self")):
+            self.host.run(*argv, check=False)
+
+    def remove(self) -> None:
+        """Delete the device (its neighbours, FDB entries and routes go with it), e.g. to free
+        its UDP port for the next dataplane on the same host."""
+        self.host.run("ip", "link", "del", self.dev, check=False)
+

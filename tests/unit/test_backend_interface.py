@@ -1,0 +1,79 @@
+"""What a backend offers the daemon is declared: a `Network` or `UserspaceDataplane` that leaves
+a member out can't be constructed, so a wrapper (vxlan's "auto") can't lose a feature quietly.
+No devices: only classes are built."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address
+
+import pytest
+
+from flannel_udp.backends import (
+    BACKENDS,
+    DataplaneSettings,
+    Network,
+    UserspaceDataplane,
+    make_network,
+)
+from flannel_udp.backends.userspace import TunNetwork
+from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
+from flannel_udp.backends.vxlan.userspace import VxlanNetwork
+from flannel_udp.config import parse_config
+from flannel_udp.netlink import ExtIface
+
+PUBLIC_IP = IPv4Address("192.168.77.13")
+EXT = ExtIface(name="eth0", index=2, address=PUBLIC_IP, mtu=1500)
+
+
+def test_every_feature_the_daemon_uses_is_an_abstract_member():
+    assert Network.__abstractmethods__ == {
+        "open", "start", "accepts", "add_peer", "remove_peer", "stats", "userspace", "close"}
+    assert UserspaceDataplane.__abstractmethods__ == {
+        "source_check", "busy_poll_us", "running", "counters", "offloads", "set_trace",
+        "trace_drain", "trace_info"}
+
+
+def test_a_wrapper_that_leaves_out_userspace_cannot_be_constructed():
+    class Forgetful(Network):
+        """A wrapper passing on everything but the userspace data plane."""
+
+        def __init__(self, inner: Network) -> None:
+            self.inner = inner
+
+        def open(self) -> None: self.inner.open()
+        def start(self, lease, peers) -> None: self.inner.start(lease, peers)
+        def accepts(self, lease) -> bool: return self.inner.accepts(lease)
+        def add_peer(self, lease) -> None: self.inner.add_peer(lease)
+        def remove_peer(self, subnet) -> None: self.inner.remove_peer(subnet)
+        def stats(self) -> dict: return self.inner.stats()
+        def close(self) -> None: self.inner.close()
+
+    with pytest.raises(TypeError, match="userspace"):
+        Forgetful(make_network(parse_config('{"Network": "10.244.0.0/16"}'), EXT, PUBLIC_IP,
+                               DataplaneSettings()))
+
+
+def test_a_userspace_dataplane_that_leaves_out_trace_cannot_be_constructed():
+    class NoTrace(TunNetwork):
+        set_trace = UserspaceDataplane.set_trace  # the abstract one, not TunNetwork's
+
+    with pytest.raises(TypeError, match="set_trace"):
+        NoTrace(parse_config('{"Network": "10.244.0.0/16"}'), EXT, DataplaneSettings())
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_every_backend_gets_the_settings_and_is_a_network(backend):
+    config = parse_config(json.dumps({"Network": "10.244.0.0/16",
+                                      "Backend": {"Type": backend}}))
+    settings = DataplaneSettings(source_check=False, busy_poll_us=300)
+    network = make_network(config, EXT, PUBLIC_IP, settings)
+    assert isinstance(network, Network)
+    if backend == "udp":
+        assert network.userspace() is network
+        assert (network.source_check, network.busy_poll_us) == (False, 300)
+    if backend == "vxlan":  # "auto": the userspace candidate has them before open() chooses
+        assert isinstance(network, AutoVxlanNetwork)
+        candidate = network._userspace
+        assert isinstance(candidate, VxlanNetwork)
+        assert (candidate.source_check, candidate.busy_poll_us) == (False, 300)
