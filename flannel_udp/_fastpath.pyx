@@ -83,61 +83,14 @@ cdef extern from "<netinet/in.h>" nogil:
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)
 
-cdef extern from *:
-    """
-    /* Ones' complement sum (RFC 1071) of p as big-endian 16-bit words, an odd tail padded with
-       zero, folded to 16 bits and not inverted. It adds 32-bit native words (the sum is
-       byte-order independent up to a final swap): several times faster than 16-bit steps over
-       the 64 KB payloads the offloads checksum. */
-    static uint32_t fu_sum16(const unsigned char* p, size_t n) {
-        uint64_t acc = 0;
-        uint32_t w;
-        uint16_t h;
-        while (n >= 16) {
-            memcpy(&w, p, 4); acc += w;
-            memcpy(&w, p + 4, 4); acc += w;
-            memcpy(&w, p + 8, 4); acc += w;
-            memcpy(&w, p + 12, 4); acc += w;
-            p += 16; n -= 16;
-        }
-        while (n >= 4) { memcpy(&w, p, 4); acc += w; p += 4; n -= 4; }
-        if (n >= 2) { memcpy(&h, p, 2); acc += h; p += 2; n -= 2; }
-    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        if (n) acc += p[0];
-    #else
-        if (n) acc += (uint32_t)p[0] << 8;
-    #endif
-        while (acc >> 16) acc = (acc & 0xFFFF) + (acc >> 16);
-    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        acc = ((acc >> 8) | (acc << 8)) & 0xFFFF;
-    #endif
-        return (uint32_t)acc;
-    }
-    """
-    uint32_t fu_sum16(const uint8_t* p, size_t n) noexcept nogil
+cdef extern from "fastpath/csum.h" nogil:
+    uint32_t fu_sum16(const uint8_t* p, size_t n) noexcept
 
-cdef extern from *:
-    """
-    /* The trace rings' handshake: the producer (an I/O thread) writes a slot, then publishes
-       head with a release store; the consumer (Python) reads head with acquire, then the slots,
-       then gives them back by a release store of tail. trace_every is read relaxed. */
-    static inline uint32_t fu_load_acquire(const uint32_t* p) {
-        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
-    }
-    static inline void fu_store_release(uint32_t* p, uint32_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
-    static inline uint32_t fu_load_relaxed(const uint32_t* p) {
-        return __atomic_load_n(p, __ATOMIC_RELAXED);
-    }
-    static inline void fu_store_relaxed(uint32_t* p, uint32_t v) {
-        __atomic_store_n(p, v, __ATOMIC_RELAXED);
-    }
-    """
-    uint32_t fu_load_acquire(const uint32_t* p) noexcept nogil
-    void fu_store_release(uint32_t* p, uint32_t v) noexcept nogil
-    uint32_t fu_load_relaxed(const uint32_t* p) noexcept nogil
-    void fu_store_relaxed(uint32_t* p, uint32_t v) noexcept nogil
+cdef extern from "fastpath/atomics.h" nogil:
+    uint32_t fu_load_acquire(const uint32_t* p) noexcept
+    void fu_store_release(uint32_t* p, uint32_t v) noexcept
+    uint32_t fu_load_relaxed(const uint32_t* p) noexcept
+    void fu_store_relaxed(uint32_t* p, uint32_t v) noexcept
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
