@@ -45,6 +45,7 @@ include "fastpath/offloads.pxi"
 include "fastpath/forward.pxi"
 include "fastpath/encap.pxi"
 include "fastpath/send.pxi"
+include "fastpath/trace.pxi"
 
 # ---------------------------------------------------------------------------------------------
 # I/O threads
@@ -114,43 +115,6 @@ cdef bint icmp_allowed(EgressState* q) noexcept nogil:
         return False
     q.icmp_tokens -= 1.0
     return True
-
-
-cdef void trace_record(TraceRing* r, uint32_t every, uint8_t direction, const uint8_t* pkt,
-                       size_t n, const Verdict* v, uint32_t peer) noexcept nogil:
-    """Sample one decision in ``every`` into the ring; a full ring loses it (counted). Called
-    only while tracing: off, the I/O loops skip it on one branch."""
-    cdef TraceRecord* rec
-    cdef uint32_t head
-    cdef timespec ts
-    if r.skip >= every:         # left by an earlier, sparser tracer
-        r.skip = 0
-    if r.skip:
-        r.skip -= 1
-        return
-    r.skip = every - 1
-    head = r.head
-    if head - fu_load_acquire(&r.tail) >= TRACE_SLOTS:
-        r.lost += 1
-        return
-    rec = &r.slots[head & (TRACE_SLOTS - 1)]
-    clock_gettime(CLOCK_REALTIME_COARSE, &ts)
-    rec.ns = <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
-    rec.dir = direction
-    rec.verdict = <uint8_t>v.action
-    rec.drop = <uint8_t>v.drop
-    rec.peer = peer
-    rec.length = <uint16_t>(n if n < 65535 else 65535)
-    if pkt != NULL and n >= 20 and (pkt[0] >> 4) == 4:
-        rec.proto = pkt[9]
-        rec.src = rd32(pkt + 12)
-        rec.dst = rd32(pkt + 16)
-    else:
-        rec.proto = 0
-        rec.src = 0
-        rec.dst = 0
-    r.taken += 1
-    fu_store_release(&r.head, head + 1)
 
 
 cdef int egress_batch(Queue* qu) noexcept nogil:
