@@ -40,6 +40,7 @@ import ipaddress
 # modules), so that the per-packet path stays inlined and nogil. Declarations first, then the
 # C parts, then the module-level test hooks; the Python-facing class follows.
 include "fastpath/system.pxi"
+include "fastpath/headers.pxi"
 include "fastpath/constants.pxi"
 include "fastpath/state.pxi"
 include "fastpath/route_table.pxi"

@@ -1,5 +1,5 @@
-# The fast path's constants: sizes and limits, offload and wire constants, the actions and
-# drop reasons and their names for Python. Part of _fastpath.pyx (included: one module).
+# The fast path's constants: sizes and limits, the modes, the actions and drop reasons and their
+# names for Python (wire formats are in headers.pxi). Part of _fastpath.pyx (included).
 # Shared with flannel_udp.packet: the numbering must match packet.Drop / packet.Action.
 
 cdef enum:
@@ -7,7 +7,8 @@ cdef enum:
     BUF_SIZE = 65536                # one buffer holds the largest IPv4 packet / UDP payload
     HEADROOM = 64                   # room for the encapsulation in front of an egress packet
     EGRESS_SLOT = HEADROOM + BUF_SIZE
-    ICMP_MAX = 20 + 8 + 60 + 8      # reply IP header + ICMP header + max quoted header + 8
+    # The ICMP error: its IP and ICMP headers, and the largest header it quotes with 8 bytes.
+    ICMP_MAX = IPV4_HEADER_LEN + ICMP_HEADER_LEN + IPV4_MAX_HEADER_LEN + ICMP_QUOTE_PAYLOAD
     TABLE_MIN_CAPACITY = 16
     MAX_SENDERS = 64                # send sockets egress may spread flows over
     # ICMP errors a peer's traffic can make us write: a token bucket, ICMP_RATE per second with
@@ -18,20 +19,14 @@ cdef enum:
     BUSY_POLL_MAX_US = 1000000
     PARK_CHECK_MS = 1               # a parked thread looks at its own half this often
 
-# Offloads. The virtio_net_hdr (<linux/virtio_net.h>) precedes every packet on a TUN opened
-# with IFF_VNET_HDR; its u16 fields are in host order.
+# Offloads (the virtio_net_hdr and GSO types are in headers.pxi).
 cdef enum:
-    VNET_HDR_LEN = 10
-    VNET_F_NEEDS_CSUM = 1
-    GSO_NONE = 0
-    GSO_TCPV4 = 1
-    GSO_UDP_L4 = 5                  # missing from older headers
-    GSO_ECN = 0x80
     TSO_MAX_SEGS = 256              # segments of one super-packet (MSS >= 256 at 64 KB)
     ARENA_SIZE = 1 << 20            # egress: segments of the super-packets of one send round
     MSG_MAX = 256                   # egress: messages (datagrams or GSO runs) per send round
     GSO_MAX_SEGS = 64               # UDP_SEGMENT: datagrams per sendmsg (UDP_MAX_SEGMENTS)
-    GSO_MAX_BYTES = 65535 - 20 - 8  # UDP_SEGMENT: payload of one sendmsg
+    # UDP_SEGMENT: the payload of one sendmsg, at most one IPv4 datagram's.
+    GSO_MAX_BYTES = 65535 - IPV4_HEADER_LEN - UDP_HEADER_LEN
     CTRL_WORDS = 4                  # 32 bytes of control data per message, >= CMSG_SPACE(4)
     ING_HEADROOM = 16               # ingress: room for a virtio header before the first packet
     ING_ARENA = 1 << 17             # ingress: segments of one super-packet, each behind its header
@@ -39,22 +34,10 @@ cdef enum:
     SOL_UDP = 17
     UDP_SEGMENT = 103
     UDP_GRO = 104
-    TCP_FIN = 0x01
-    TCP_PSH = 0x08
-    TCP_ACK = 0x10
-    TCP_CWR = 0x80
 
 cdef enum:
     MODE_UDP = 0                    # flannel's udp backend
     MODE_VXLAN = 1                  # RFC 7348, as Linux's kernel VXLAN
-
-cdef enum:
-    VXLAN_HDR_LEN = 8
-    ETH_HDR_LEN = 14
-    VXLAN_ENCAP_LEN = VXLAN_HDR_LEN + ETH_HDR_LEN
-    VXLAN_FLAG_I = 0x08
-    ETHERTYPE_IPV4 = 0x0800
-    VNI_MAX = 0xFFFFFF
 
 # Equal to packet.FLOW_HASH_SEED.
 cdef uint32_t FLOW_HASH_SEED = 0x666C7578U
