@@ -5,34 +5,34 @@ cdef int gso_plan(const uint8_t* vh, uint8_t* pkt, size_t length, GsoPlan* plan)
     """Check the virtio header ``vh`` of a validated packet and plan its split; D_BAD_GSO if it
     can't be honoured. A packet without GSO gets its partial checksum completed here, in place
     (plan.count 0). hdr_len comes from the headers, never from ``vh``."""
-    cdef uint32_t gso_type = vh[1] & ~GSO_ECN
-    cdef size_t mss = rd_host16(vh + 4)
-    cdef size_t csum_start = rd_host16(vh + 6)
-    cdef size_t csum_at = csum_start + rd_host16(vh + 8)
-    cdef size_t ip_hdr_len = <size_t>(pkt[0] & 0x0F) * 4
+    cdef uint32_t gso_type = vh[VNET_GSO_TYPE_OFFSET] & ~GSO_ECN
+    cdef size_t mss = rd_host16(vh + VNET_GSO_SIZE_OFFSET)
+    cdef size_t csum_start = rd_host16(vh + VNET_CSUM_START_OFFSET)
+    cdef size_t csum_at = csum_start + rd_host16(vh + VNET_CSUM_OFFSET_OFFSET)
+    cdef size_t ip_hdr_len = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
     cdef size_t l4_len
     cdef uint32_t c
     plan.count = 0
     if gso_type == GSO_NONE:
-        if vh[0] & VNET_F_NEEDS_CSUM:
+        if vh[VNET_FLAGS_OFFSET] & VNET_F_NEEDS_CSUM:
             if csum_at + 2 > length:
                 return D_BAD_GSO
             # The field holds the pseudo-header sum: summing it in completes the checksum.
             c = ~fu_sum16(pkt + csum_start, length - csum_start) & 0xFFFF
             wr16(pkt + csum_at, c if c else 0xFFFF)
         return D_NONE
-    if mss == 0 or (rd16(pkt + 6) & 0x3FFF) != 0:
+    if mss == 0 or (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
         return D_BAD_GSO
     if gso_type == GSO_TCPV4:
-        if pkt[9] != 6 or ip_hdr_len + 20 > length:
+        if pkt[IPV4_PROTO_OFFSET] != PROTO_TCP or ip_hdr_len + TCP_HEADER_LEN > length:
             return D_BAD_GSO
-        l4_len = <size_t>(pkt[ip_hdr_len + 12] >> 4) * 4
-        if l4_len < 20 or ip_hdr_len + l4_len > length:
+        l4_len = <size_t>(pkt[ip_hdr_len + TCP_DOFF_OFFSET] >> 4) * 4
+        if l4_len < TCP_HEADER_LEN or ip_hdr_len + l4_len > length:
             return D_BAD_GSO
     elif gso_type == GSO_UDP_L4:
-        if pkt[9] != 17 or ip_hdr_len + 8 > length:
+        if pkt[IPV4_PROTO_OFFSET] != PROTO_UDP or ip_hdr_len + UDP_HEADER_LEN > length:
             return D_BAD_GSO
-        l4_len = 8
+        l4_len = UDP_HEADER_LEN
     else:
         return D_BAD_GSO
     plan.gso_type = gso_type
@@ -62,7 +62,7 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
     cdef size_t ihl = plan.ip_hdr_len
     cdef size_t off = plan.hdr_len
     cdef size_t seg_payload, total
-    cdef uint32_t id0 = rd16(pkt + 4)
+    cdef uint32_t id0 = rd16(pkt + IPV4_ID_OFFSET)
     cdef uint32_t seq0 = 0
     cdef uint32_t flags = 0
     cdef uint32_t c
@@ -70,8 +70,8 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
     cdef uint8_t* seg = out
     cdef uint8_t* l4
     if plan.gso_type == GSO_TCPV4:
-        seq0 = rd32(pkt + ihl + 4)
-        flags = pkt[ihl + 13]
+        seq0 = rd32(pkt + ihl + TCP_SEQ_OFFSET)
+        flags = pkt[ihl + TCP_FLAGS_OFFSET]
     for i in range(plan.count):
         seg += gap
         seg_payload = plan.mss if i + 1 < plan.count else plan.hdr_len + plan.payload - off
@@ -79,24 +79,25 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
         memcpy(seg, pkt, plan.hdr_len)
         memcpy(seg + plan.hdr_len, pkt + off, seg_payload)
         off += seg_payload
-        wr16(seg + 2, <uint32_t>total)
-        wr16(seg + 4, (id0 + i) & 0xFFFF)
-        wr16(seg + 10, 0)
-        wr16(seg + 10, inet_checksum(seg, ihl))
+        wr16(seg + IPV4_TOTAL_LEN_OFFSET, <uint32_t>total)
+        wr16(seg + IPV4_ID_OFFSET, (id0 + i) & 0xFFFF)
+        wr16(seg + IPV4_CSUM_OFFSET, 0)
+        wr16(seg + IPV4_CSUM_OFFSET, inet_checksum(seg, ihl))
         l4 = seg + ihl
         if plan.gso_type == GSO_TCPV4:
-            wr32(l4 + 4, seq0 + <uint32_t>(i * plan.mss))
-            l4[13] = <uint8_t>(flags & (0xFF if i + 1 == plan.count else ~(TCP_FIN | TCP_PSH))
-                               & (0xFF if i == 0 else ~TCP_CWR))
-            wr16(l4 + 16, 0)
-            wr16(l4 + 16, ~fold16(<uint64_t>pseudo_sum(seg, 6, total - ihl)
-                                   + fu_sum16(l4, total - ihl)) & 0xFFFF)
+            wr32(l4 + TCP_SEQ_OFFSET, seq0 + <uint32_t>(i * plan.mss))
+            l4[TCP_FLAGS_OFFSET] = <uint8_t>(
+                flags & (0xFF if i + 1 == plan.count else ~(TCP_FIN | TCP_PSH))
+                & (0xFF if i == 0 else ~TCP_CWR))
+            wr16(l4 + TCP_CSUM_OFFSET, 0)
+            wr16(l4 + TCP_CSUM_OFFSET, ~fold16(<uint64_t>pseudo_sum(seg, PROTO_TCP, total - ihl)
+                                               + fu_sum16(l4, total - ihl)) & 0xFFFF)
         else:
-            wr16(l4 + 4, <uint32_t>(total - ihl))
-            wr16(l4 + 6, 0)
-            c = ~fold16(<uint64_t>pseudo_sum(seg, 17, total - ihl)
+            wr16(l4 + UDP_LEN_OFFSET, <uint32_t>(total - ihl))
+            wr16(l4 + UDP_CSUM_OFFSET, 0)
+            c = ~fold16(<uint64_t>pseudo_sum(seg, PROTO_UDP, total - ihl)
                         + fu_sum16(l4, total - ihl)) & 0xFFFF
-            wr16(l4 + 6, c if c else 0xFFFF)   # 0 would mean "no checksum"
+            wr16(l4 + UDP_CSUM_OFFSET, c if c else 0xFFFF)   # 0 would mean "no checksum"
         seg += total
 
 
@@ -106,20 +107,23 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nog
     ACK|PSH, IP and TCP checksums right (the merged packet gets fresh ones: a bad segment must
     not be laundered into a good one). A ``partial`` TCP checksum (partial_csum_at) has nothing
     to verify: the merged one is completed from the data as the lone one would be."""
+    cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # if it qualifies: no IP options
     cdef size_t tcp_len
-    if n < 40 or p[0] != 0x45 or p[9] != 6 or (rd16(p + 6) & 0x3FFF) != 0:
+    if n < IPV4_HEADER_LEN + TCP_HEADER_LEN or p[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
+            or p[IPV4_PROTO_OFFSET] != PROTO_TCP \
+            or (rd16(p + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
         return 0
-    tcp_len = <size_t>(p[32] >> 4) * 4
-    if tcp_len < 20 or 20 + tcp_len >= n:
+    tcp_len = <size_t>(tcp[TCP_DOFF_OFFSET] >> 4) * 4
+    if tcp_len < TCP_HEADER_LEN or IPV4_HEADER_LEN + tcp_len >= n:
         return 0
-    if p[33] != TCP_ACK and p[33] != (TCP_ACK | TCP_PSH):
+    if tcp[TCP_FLAGS_OFFSET] != TCP_ACK and tcp[TCP_FLAGS_OFFSET] != (TCP_ACK | TCP_PSH):
         return 0
-    if inet_checksum(p, 20) != 0:
+    if inet_checksum(p, IPV4_HEADER_LEN) != 0:
         return 0
-    if not partial and \
-            fold16(<uint64_t>pseudo_sum(p, 6, n - 20) + fu_sum16(p + 20, n - 20)) != 0xFFFF:
+    if not partial and fold16(<uint64_t>pseudo_sum(p, PROTO_TCP, n - IPV4_HEADER_LEN)
+                              + fu_sum16(tcp, n - IPV4_HEADER_LEN)) != 0xFFFF:
         return 0
-    return 20 + tcp_len
+    return IPV4_HEADER_LEN + tcp_len
 
 
 cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
@@ -127,17 +131,31 @@ cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
     """Whether candidate ``p`` continues the open run: same TOS, IP flags, TTL, addresses,
     ports, ACK, window, options; the next sequence number; no more payload than the first."""
     cdef const uint8_t* h = c.head
+    cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # candidates have no IP options
+    cdef const uint8_t* h_tcp
     if h == NULL or c.closed or hdr_len != c.hdr_len:
         return False
     if n - hdr_len > c.seg_payload or c.length + (n - hdr_len) > 0xFFFF:
         return False
-    if rd32(p + 24) != c.next_seq:
+    if rd32(tcp + TCP_SEQ_OFFSET) != c.next_seq:
         return False
-    if p[1] != h[1] or memcmp(p + 6, h + 6, 4) != 0 or memcmp(p + 12, h + 12, 12) != 0:
+    h_tcp = h + IPV4_HEADER_LEN
+    # TOS; flags and fragment offset, TTL, protocol; the addresses and (no options) the ports.
+    if p[IPV4_TOS_OFFSET] != h[IPV4_TOS_OFFSET] \
+            or memcmp(p + IPV4_FLAGS_OFFSET, h + IPV4_FLAGS_OFFSET,
+                      IPV4_CSUM_OFFSET - IPV4_FLAGS_OFFSET) != 0 \
+            or memcmp(p + IPV4_SRC_OFFSET, h + IPV4_SRC_OFFSET,
+                      2 * IPV4_ADDR_LEN + L4_PORTS_LEN) != 0:
         return False
-    if memcmp(p + 28, h + 28, 5) != 0 or (p[33] & ~TCP_PSH) != h[33]:
+    # The ACK number and the data offset; the flags but PSH.
+    if memcmp(tcp + TCP_ACK_SEQ_OFFSET, h_tcp + TCP_ACK_SEQ_OFFSET,
+              TCP_FLAGS_OFFSET - TCP_ACK_SEQ_OFFSET) != 0 \
+            or (tcp[TCP_FLAGS_OFFSET] & ~TCP_PSH) != h_tcp[TCP_FLAGS_OFFSET]:
         return False
-    return memcmp(p + 34, h + 34, 2) == 0 and memcmp(p + 40, h + 40, hdr_len - 40) == 0
+    # The window; the options.
+    return memcmp(tcp + TCP_WINDOW_OFFSET, h_tcp + TCP_WINDOW_OFFSET, 2) == 0 and \
+        memcmp(tcp + TCP_OPTIONS_OFFSET, h_tcp + TCP_OPTIONS_OFFSET,
+               hdr_len - IPV4_HEADER_LEN - TCP_OPTIONS_OFFSET) == 0
 
 
 cdef bint co_emit(Coalescer* c, uint8_t* frame, size_t n) noexcept nogil:
@@ -171,11 +189,11 @@ cdef void co_write_plain(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route
     if c.vnet:
         memset(vh, 0, VNET_HDR_LEN)
         if csum_at:
-            ihl = <size_t>(pkt[0] & 0x0F) * 4
-            vh[0] = VNET_F_NEEDS_CSUM
-            wr_host16(vh + 2, <uint32_t>(csum_at + 2))
-            wr_host16(vh + 6, <uint32_t>ihl)
-            wr_host16(vh + 8, <uint32_t>(csum_at - ihl))
+            ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+            vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
+            wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>(csum_at + 2))
+            wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>ihl)
+            wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, <uint32_t>(csum_at - ihl))
         co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), 1, n, route)
     else:
         co_count(c, co_emit(c, pkt, n), 1, n, route)
@@ -192,17 +210,18 @@ cdef void co_flush(Coalescer* c) noexcept nogil:
     if c.count == 1:
         co_write_plain(c, h, c.length, c.route, c.head_csum_at)
         return
-    wr16(h + 2, <uint32_t>c.length)
-    wr16(h + 10, 0)
-    wr16(h + 10, inet_checksum(h, 20))
-    wr16(h + 36, pseudo_sum(h, 6, c.length - 20))
+    wr16(h + IPV4_TOTAL_LEN_OFFSET, <uint32_t>c.length)
+    wr16(h + IPV4_CSUM_OFFSET, 0)
+    wr16(h + IPV4_CSUM_OFFSET, inet_checksum(h, IPV4_HEADER_LEN))
+    wr16(h + IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
+         pseudo_sum(h, PROTO_TCP, c.length - IPV4_HEADER_LEN))
     vh = h - VNET_HDR_LEN
-    vh[0] = VNET_F_NEEDS_CSUM
-    vh[1] = GSO_TCPV4
-    wr_host16(vh + 2, <uint32_t>c.hdr_len)
-    wr_host16(vh + 4, <uint32_t>c.seg_payload)
-    wr_host16(vh + 6, 20)
-    wr_host16(vh + 8, 16)
+    vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
+    vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
+    wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>c.hdr_len)
+    wr_host16(vh + VNET_GSO_SIZE_OFFSET, <uint32_t>c.seg_payload)
+    wr_host16(vh + VNET_CSUM_START_OFFSET, IPV4_HEADER_LEN)
+    wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, TCP_CSUM_OFFSET)
     c.counters.offloaded += 1
     co_count(c, co_emit(c, vh, c.length + VNET_HDR_LEN), c.count, c.inner_bytes, c.route)
 
@@ -213,13 +232,13 @@ cdef size_t super_segment(const Coalescer* c, const uint8_t* pkt, size_t n, size
     super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's MTU (cut
     to fit it: the sender's own MSS is not passed on), or UDP with more payload than the
     segment size its datagram came with (UDP_GRO's; UDP segments must keep their bounds)."""
-    cdef size_t ihl = <size_t>(pkt[0] & 0x0F) * 4
+    cdef size_t ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
     cdef size_t l4_len
-    if pkt[9] == 17:
-        return gro_size if gro_size and n - ihl - 8 > gro_size else 0
+    if pkt[IPV4_PROTO_OFFSET] == PROTO_UDP:
+        return gro_size if gro_size and n - ihl - UDP_HEADER_LEN > gro_size else 0
     if c.mtu == 0 or n <= c.mtu:
         return 0
-    l4_len = <size_t>(pkt[ihl + 12] >> 4) * 4
+    l4_len = <size_t>(pkt[ihl + TCP_DOFF_OFFSET] >> 4) * 4
     return c.mtu - ihl - l4_len if ihl + l4_len < c.mtu else 1
 
 
@@ -231,23 +250,23 @@ cdef void co_write_super(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route
     write per segment. One that can't be split within TSO_MAX_SEGS is dropped as bad_gso."""
     cdef uint8_t vh[VNET_HDR_LEN]
     cdef GsoPlan plan
-    cdef size_t ihl = <size_t>(pkt[0] & 0x0F) * 4
+    cdef size_t ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
     cdef size_t gap = VNET_HDR_LEN if c.vnet else 0
     cdef size_t off, seg_len
     cdef unsigned int i, written = 0
     cdef uint8_t* seg
     memset(vh, 0, VNET_HDR_LEN)
-    vh[0] = VNET_F_NEEDS_CSUM
-    vh[1] = GSO_TCPV4 if pkt[9] == 6 else GSO_UDP_L4
-    wr_host16(vh + 4, <uint32_t>mss)
-    wr_host16(vh + 6, <uint32_t>ihl)
-    wr_host16(vh + 8, <uint32_t>(csum_at - ihl))
+    vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
+    vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4 if pkt[IPV4_PROTO_OFFSET] == PROTO_TCP else GSO_UDP_L4
+    wr_host16(vh + VNET_GSO_SIZE_OFFSET, <uint32_t>mss)
+    wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>ihl)
+    wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, <uint32_t>(csum_at - ihl))
     if mss > 0xFFFF or gso_plan(vh, pkt, n, &plan) != D_NONE or plan.count == 0 \
             or gso_bytes(&plan, gap) > ING_ARENA:
         c.counters.drops[D_BAD_GSO] += 1
         return
-    wr_host16(vh + 2, <uint32_t>plan.hdr_len)
-    if c.vnet and pkt[9] == 6:
+    wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>plan.hdr_len)
+    if c.vnet and pkt[IPV4_PROTO_OFFSET] == PROTO_TCP:
         memcpy(pkt - VNET_HDR_LEN, vh, VNET_HDR_LEN)
         # Counted as the segments it stands for, as when split here.
         co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), plan.count,
@@ -291,14 +310,15 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     hdr_len = tcp_candidate(pkt, n, csum_at != 0) if c.vnet else 0
     if hdr_len and run_accepts(c, pkt, n, hdr_len):
         payload = n - hdr_len
-        flags = pkt[33]     # before the move, which may overwrite pkt's own headers
+        # Before the move, which may overwrite pkt's own headers (no IP options: a candidate).
+        flags = pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET]
         memmove(c.head + c.length, pkt + hdr_len, payload)
         c.length += payload
         c.inner_bytes += n
         c.count += 1
         c.next_seq += <uint32_t>payload
         if flags & TCP_PSH:
-            c.head[33] |= TCP_PSH
+            c.head[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] |= TCP_PSH
             c.closed = 1
         if payload < c.seg_payload:
             c.closed = 1
@@ -312,8 +332,8 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     c.hdr_len = hdr_len
     c.seg_payload = n - hdr_len
     c.inner_bytes = n
-    c.next_seq = rd32(pkt + 24) + <uint32_t>(n - hdr_len)
+    c.next_seq = rd32(pkt + IPV4_HEADER_LEN + TCP_SEQ_OFFSET) + <uint32_t>(n - hdr_len)
     c.count = 1
-    c.closed = (pkt[33] & TCP_PSH) != 0
+    c.closed = (pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] & TCP_PSH) != 0
     c.route = route
     c.head_csum_at = csum_at
