@@ -116,10 +116,11 @@ cdef bint tunnel_gso(const uint8_t* datagram, size_t n, size_t size) noexcept no
     """Whether a UDP_GRO read of ``n`` bytes with segment ``size`` is not datagrams of that size
     but one VXLAN frame whose inner IPv4 packet takes all of it: a kernel sender's GSO frame
     (an inner UDP super-packet) that a veth handed on whole, ``size`` its inner segment size."""
-    if n <= size or size <= VXLAN_ENCAP_LEN or n < VXLAN_ENCAP_LEN + 20:
+    cdef const uint8_t* inner = datagram + VXLAN_ENCAP_LEN
+    if n <= size or size <= VXLAN_ENCAP_LEN or n < VXLAN_ENCAP_LEN + IPV4_HEADER_LEN:
         return False
-    return (datagram[VXLAN_ENCAP_LEN] >> 4) == 4 and \
-        rd16(datagram + VXLAN_ENCAP_LEN + 2) == n - VXLAN_ENCAP_LEN
+    return (inner[IPV4_VER_IHL_OFFSET] >> 4) == 4 and \
+        rd16(inner + IPV4_TOTAL_LEN_OFFSET) == n - VXLAN_ENCAP_LEN
 
 
 cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:

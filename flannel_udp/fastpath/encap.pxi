@@ -12,21 +12,23 @@ cdef inline uint32_t fmix32(uint32_t h) noexcept nogil:
 
 
 cdef inline bint has_ports(uint32_t proto) noexcept nogil:
-    # TCP, UDP, DCCP, SCTP, UDP-Lite: the first 4 payload bytes are the two ports.
-    return proto == 6 or proto == 17 or proto == 33 or proto == 132 or proto == 136
+    # The first L4_PORTS_LEN payload bytes are the two ports.
+    return proto == PROTO_TCP or proto == PROTO_UDP or proto == PROTO_DCCP \
+        or proto == PROTO_SCTP or proto == PROTO_UDPLITE
 
 
 cdef uint32_t hash_flow(const uint8_t* pkt, size_t total_len) noexcept nogil:
     """Hash of a validated packet's flow (mirror of packet.flow_hash): addresses, protocol, and
     the ports unless the packet is a fragment (fragments of one datagram must hash alike)."""
-    cdef size_t header_len = <size_t>(pkt[0] & 0x0F) * 4
-    cdef uint32_t proto = pkt[9]
+    cdef size_t header_len = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+    cdef uint32_t proto = pkt[IPV4_PROTO_OFFSET]
     cdef uint32_t ports = 0
     cdef uint32_t h
-    if has_ports(proto) and (rd16(pkt + 6) & 0x3FFF) == 0 and header_len + 4 <= total_len:
+    if has_ports(proto) and (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) == 0 \
+            and header_len + L4_PORTS_LEN <= total_len:
         ports = rd32(pkt + header_len)
-    h = fmix32(FLOW_HASH_SEED ^ rd32(pkt + 12))
-    h = fmix32(h ^ rd32(pkt + 16))
+    h = fmix32(FLOW_HASH_SEED ^ rd32(pkt + IPV4_SRC_OFFSET))
+    h = fmix32(h ^ rd32(pkt + IPV4_DST_OFFSET))
     h = fmix32(h ^ proto)
     return fmix32(h ^ ports)
 
@@ -43,11 +45,12 @@ cdef inline void encap_udp(const Shared* s, uint8_t* pkt, const RouteEntry* e) n
 cdef inline void encap_vxlan(const Shared* s, uint8_t* pkt, const RouteEntry* e) noexcept nogil:
     # RFC 7348 header and the inner Ethernet header, written into the room before pkt.
     cdef uint8_t* h = pkt - VXLAN_ENCAP_LEN
-    wr32(h, <uint32_t>VXLAN_FLAG_I << 24)
-    wr32(h + 4, s.vni << 8)
-    memcpy(h + 8, e.mac, 6)
-    memcpy(h + 14, s.vtep_mac, 6)
-    wr16(h + 20, ETHERTYPE_IPV4)
+    cdef uint8_t* eth = h + VXLAN_HDR_LEN
+    wr32(h + VXLAN_FLAGS_OFFSET, <uint32_t>VXLAN_FLAG_I << 24)   # the flags, 3 reserved bytes
+    wr32(h + VXLAN_VNI_OFFSET, s.vni << 8)                      # the VNI, a reserved byte
+    memcpy(eth + ETH_DST_OFFSET, e.mac, 6)
+    memcpy(eth + ETH_SRC_OFFSET, s.vtep_mac, 6)
+    wr16(eth + ETH_TYPE_OFFSET, ETHERTYPE_IPV4)
 
 
 cdef inline void encap_header(const Shared* s, uint8_t* pkt, const RouteEntry* e) noexcept nogil:
@@ -137,13 +140,13 @@ cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_
     # The reserved flag bits are ignored on receipt (RFC 7348); only the I flag must be set.
     if n < VXLAN_ENCAP_LEN:
         return D_VXLAN_SHORT
-    if not (datagram[0] & VXLAN_FLAG_I):
+    if not (datagram[VXLAN_FLAGS_OFFSET] & VXLAN_FLAG_I):
         return D_VXLAN_BAD_FLAGS
-    if (rd32(datagram + 4) >> 8) != s.vni:
+    if (rd32(datagram + VXLAN_VNI_OFFSET) >> 8) != s.vni:
         return D_VXLAN_WRONG_VNI
-    if memcmp(datagram + 8, s.vtep_mac, 6) != 0:
+    if memcmp(datagram + VXLAN_HDR_LEN + ETH_DST_OFFSET, s.vtep_mac, 6) != 0:
         return D_VXLAN_WRONG_MAC
-    if rd16(datagram + 20) != ETHERTYPE_IPV4:
+    if rd16(datagram + VXLAN_HDR_LEN + ETH_TYPE_OFFSET) != ETHERTYPE_IPV4:
         return D_VXLAN_NOT_IPV4
     inner[0] = datagram + VXLAN_ENCAP_LEN
     inner_len[0] = n - VXLAN_ENCAP_LEN

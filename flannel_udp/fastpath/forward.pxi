@@ -18,11 +18,11 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     if v.drop != D_NONE:
         v.action = ACT_DROP
         return
-    if s.mode == MODE_UDP and pkt[8] <= 1:
+    if s.mode == MODE_UDP and pkt[IPV4_TTL_OFFSET] <= 1:
         v.action = ACT_DROP
         v.drop = D_TTL_EXPIRED
         return
-    e = rt_find(&s.table, rd32(pkt + 16) & s.mask)
+    e = rt_find(&s.table, rd32(pkt + IPV4_DST_OFFSET) & s.mask)
     if e != NULL:
         if s.mode == MODE_UDP:
             ttl_decrement(pkt)
@@ -32,7 +32,8 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
         v.route = e
         return
     v.drop = D_NO_ROUTE
-    if pkt[9] == 1 or (rd16(pkt + 6) & 0x1FFF) != 0:
+    if pkt[IPV4_PROTO_OFFSET] == PROTO_ICMP \
+            or (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAG_OFFSET_MASK) != 0:
         v.action = ACT_DROP
         return
     v.action = ACT_REPLY
@@ -51,13 +52,13 @@ cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
         return
     # The inner source must lie in a subnet leased to the sender (its tunnel address, the
     # subnet's network address, is inside too).
-    e = rt_find(&s.table, rd32(pkt + 12) & s.mask)
+    e = rt_find(&s.table, rd32(pkt + IPV4_SRC_OFFSET) & s.mask)
     if s.source_check and (e == NULL or e.peer != sender):
         v.action = ACT_DROP
         v.drop = D_SPOOFED_INNER_SOURCE
         return
     if s.mode == MODE_UDP:
-        if pkt[8] <= 1:
+        if pkt[IPV4_TTL_OFFSET] <= 1:
             v.action = ACT_DROP
             v.drop = D_TTL_EXPIRED
             return

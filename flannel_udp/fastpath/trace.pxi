@@ -26,10 +26,10 @@ cdef void trace_record(TraceRing* r, uint32_t every, uint8_t direction, const ui
     rec.drop = <uint8_t>v.drop
     rec.peer = peer
     rec.length = <uint16_t>(n if n < 65535 else 65535)
-    if pkt != NULL and n >= 20 and (pkt[0] >> 4) == 4:
-        rec.proto = pkt[9]
-        rec.src = rd32(pkt + 12)
-        rec.dst = rd32(pkt + 16)
+    if pkt != NULL and n >= IPV4_HEADER_LEN and (pkt[IPV4_VER_IHL_OFFSET] >> 4) == 4:
+        rec.proto = pkt[IPV4_PROTO_OFFSET]
+        rec.src = rd32(pkt + IPV4_SRC_OFFSET)
+        rec.dst = rd32(pkt + IPV4_DST_OFFSET)
     else:
         rec.proto = 0
         rec.src = 0
