@@ -45,12 +45,12 @@ cdef inline void encap_udp(const Shared* s, uint8_t* pkt, const RouteEntry* e) n
 cdef inline void encap_vxlan(const Shared* s, uint8_t* pkt, const RouteEntry* e) noexcept nogil:
     # RFC 7348 header and the inner Ethernet header, written into the room before pkt.
     cdef uint8_t* h = pkt - VXLAN_ENCAP_LEN
-    cdef uint8_t* eth = h + VXLAN_HDR_LEN
+    cdef uint8_t* eth = h + VXLAN_HEADER_LEN
     wr32(h + VXLAN_FLAGS_OFFSET, <uint32_t>VXLAN_FLAG_I << 24)   # the flags, 3 reserved bytes
     wr32(h + VXLAN_VNI_OFFSET, s.vni << 8)                      # the VNI, a reserved byte
-    memcpy(eth + ETH_DST_OFFSET, e.mac, 6)
-    memcpy(eth + ETH_SRC_OFFSET, s.vtep_mac, 6)
-    wr16(eth + ETH_TYPE_OFFSET, ETHERTYPE_IPV4)
+    memcpy(eth + ETHERNET_DST_OFFSET, e.mac, 6)
+    memcpy(eth + ETHERNET_SRC_OFFSET, s.vtep_mac, 6)
+    wr16(eth + ETHERNET_TYPE_OFFSET, ETHERTYPE_IPV4)
 
 
 cdef inline void encap_header(const Shared* s, uint8_t* pkt, const RouteEntry* e) noexcept nogil:
@@ -144,9 +144,9 @@ cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_
         return D_VXLAN_BAD_FLAGS
     if (rd32(datagram + VXLAN_VNI_OFFSET) >> 8) != s.vni:
         return D_VXLAN_WRONG_VNI
-    if memcmp(datagram + VXLAN_HDR_LEN + ETH_DST_OFFSET, s.vtep_mac, 6) != 0:
+    if memcmp(datagram + VXLAN_HEADER_LEN + ETHERNET_DST_OFFSET, s.vtep_mac, 6) != 0:
         return D_VXLAN_WRONG_MAC
-    if rd16(datagram + VXLAN_HDR_LEN + ETH_TYPE_OFFSET) != ETHERTYPE_IPV4:
+    if rd16(datagram + VXLAN_HEADER_LEN + ETHERNET_TYPE_OFFSET) != ETHERTYPE_IPV4:
         return D_VXLAN_NOT_IPV4
     inner[0] = datagram + VXLAN_ENCAP_LEN
     inner_len[0] = n - VXLAN_ENCAP_LEN

@@ -62,17 +62,17 @@ cdef enum:
 
     # VXLAN (RFC 7348) as Linux's kernel VXLAN speaks it: the VXLAN header, then an Ethernet
     # header, then the IPv4 packet.
-    VXLAN_HDR_LEN = 8
+    VXLAN_HEADER_LEN = 8
     VXLAN_FLAGS_OFFSET = 0
     VXLAN_VNI_OFFSET = 4            # 24 bits, then a reserved byte
     VXLAN_FLAG_I = 0x08             # "the VNI is valid"; the other flags are ignored on receipt
     VNI_MAX = 0xFFFFFF
-    ETH_HDR_LEN = 14
-    ETH_DST_OFFSET = 0
-    ETH_SRC_OFFSET = 6
-    ETH_TYPE_OFFSET = 12
+    ETHERNET_HEADER_LEN = 14
+    ETHERNET_DST_OFFSET = 0
+    ETHERNET_SRC_OFFSET = 6
+    ETHERNET_TYPE_OFFSET = 12
     ETHERTYPE_IPV4 = 0x0800
-    VXLAN_ENCAP_LEN = VXLAN_HDR_LEN + ETH_HDR_LEN
+    VXLAN_ENCAP_LEN = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN
 
     # The virtio_net_hdr (<linux/virtio_net.h>) before every packet on a TUN opened with
     # IFF_VNET_HDR; its u16 fields are in host order.
