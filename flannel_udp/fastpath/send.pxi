@@ -1,6 +1,7 @@
 # Sending: a round's messages go out with one sendmmsg per send socket, GSO runs behind a
 # UDP_SEGMENT cmsg (one datagram at a time when the kernel refuses one), each datagram counted
-# once, sent or dropped. Part of _fastpath.pyx (included).
+# once, sent or dropped; egress_offloaded makes a super-packet's segments into messages,
+# sending the round early when it is full. Part of _fastpath.pyx (included).
 
 cdef void count_sent(EgressState* q, unsigned int p, unsigned int segs,
                      size_t inner_len) noexcept nogil:
