@@ -18,8 +18,44 @@ from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")  # what a route table maps a subnet to: a peer (UDP) or a VxlanRoute
 
-IPV4_HEADER_LEN = 20
-PROTO_ICMP = 1
+# Header lengths and field offsets (from the start of their own header), named as the C names
+# them (fastpath/headers.pxi). IPv4 (RFC 791):
+IPV4_HEADER_LEN = 20  # without options
+IPV4_VER_IHL_OFFSET = 0  # version (high nibble), header length in words (low nibble)
+IPV4_TOS_OFFSET = 1
+IPV4_TOTAL_LEN_OFFSET = 2
+IPV4_ID_OFFSET = 4
+IPV4_FLAGS_OFFSET = 6  # 3 flag bits (DF, MF), then the 13-bit fragment offset
+IPV4_TTL_OFFSET = 8
+IPV4_PROTO_OFFSET = 9
+IPV4_CSUM_OFFSET = 10
+IPV4_SRC_OFFSET = 12
+IPV4_DST_OFFSET = 16
+IPV4_ADDR_LEN = 4
+IPV4_VER_IHL_NO_OPTIONS = 0x45  # version 4, a 20-byte header
+IPV4_FRAGMENT_MASK = 0x3FFF  # of the flags word: MF or an offset, a fragment
+IPV4_FRAG_OFFSET_MASK = 0x1FFF  # of the flags word: an offset, a fragment but the first
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
+PROTO_DCCP, PROTO_SCTP, PROTO_UDPLITE = 33, 132, 136
+# TCP (RFC 9293) and UDP (RFC 768):
+TCP_HEADER_LEN = 20  # without options
+TCP_SEQ_OFFSET = 4
+TCP_ACK_SEQ_OFFSET = 8
+TCP_DOFF_OFFSET = 12  # data offset (high nibble): the header length in words
+TCP_FLAGS_OFFSET = 13
+TCP_WINDOW_OFFSET = 14
+TCP_CSUM_OFFSET = 16
+TCP_OPTIONS_OFFSET = 20
+UDP_HEADER_LEN = 8
+UDP_LEN_OFFSET = 4
+UDP_CSUM_OFFSET = 6
+# Protocols whose first L4_PORTS_LEN payload bytes are source and destination port. Only these
+# add ports to the flow hash.
+L4_PORTS_LEN = 4
+PORT_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_DCCP, PROTO_SCTP, PROTO_UDPLITE})
+
+# ICMP (RFC 792): the Destination Unreachable / Net Unreachable error we answer with.
+ICMP_CSUM_OFFSET = 2
 ICMP_DEST_UNREACH = 3
 ICMP_NET_UNREACH = 0
 REPLY_TTL = 64
@@ -28,13 +64,14 @@ ICMP_QUOTE_PAYLOAD = 8
 
 # VXLAN (RFC 7348) as Linux's kernel VXLAN speaks it: VXLAN header, then an Ethernet frame.
 VXLAN_HEADER_LEN = 8
+VXLAN_FLAGS_OFFSET = 0
+VXLAN_VNI_OFFSET = 4  # 24 bits, then a reserved byte
 ETHERNET_HEADER_LEN = 14
+ETHERNET_DST_OFFSET = 0
+ETHERNET_TYPE_OFFSET = 12
 VXLAN_ENCAP_LEN = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN  # in front of the inner IPv4 packet
 VXLAN_FLAG_I = 0x08  # "the VNI is valid"; the other flag bits are reserved, ignored on receipt
 ETHERTYPE_IPV4 = 0x0800
-# Protocols whose first 4 payload bytes are source and destination port: TCP, UDP, DCCP, SCTP,
-# UDP-Lite. Only these add ports to the flow hash.
-PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
 FLOW_HASH_SEED = 0x666C7578  # any constant; equal in C and here
 
 
@@ -121,6 +158,23 @@ def prefix_mask(prefix_len: int) -> int:
     return (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
 
 
+def _u16(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 2], "big")
+
+
+def _u32(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 4], "big")
+
+
+def _ipv4_header_len(packet: bytes) -> int:
+    return (packet[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+
+
+def _tcp_header_len(packet: bytes, at: int) -> int:
+    """The length of the TCP header at `at`."""
+    return (packet[at + TCP_DOFF_OFFSET] >> 4) * 4
+
+
 def checksum(data: bytes) -> int:
     """Internet checksum (RFC 1071) of ``data``, odd length padded with a zero byte."""
     if len(data) % 2:
@@ -136,12 +190,12 @@ def _validate(data: bytes) -> tuple[bytes, Drop | None]:
     n = len(data)
     if n < IPV4_HEADER_LEN:
         return b"", Drop.SHORT
-    if data[0] >> 4 != 4:
+    if data[IPV4_VER_IHL_OFFSET] >> 4 != 4:
         return b"", Drop.NOT_IPV4
-    header_len = (data[0] & 0x0F) * 4
+    header_len = _ipv4_header_len(data)
     if header_len < IPV4_HEADER_LEN or header_len > n:
         return b"", Drop.BAD_HEADER_LEN
-    total_len = int.from_bytes(data[2:4], "big")
+    total_len = _u16(data, IPV4_TOTAL_LEN_OFFSET)
     if total_len < header_len or total_len > n:
         return b"", Drop.BAD_TOTAL_LEN
     return data[:total_len], None
@@ -153,34 +207,34 @@ def _decrement_ttl(packet: bytes) -> bytes:
     Incremental rather than recomputed: a header that arrived with a bad checksum keeps it bad
     (the receiver should still notice), and the C fast path must produce identical bytes.
     """
-    old_word = (packet[8] << 8) | packet[9]
+    old_word = _u16(packet, IPV4_TTL_OFFSET)  # the TTL, then the protocol
     new_word = old_word - 0x100
-    old_sum = int.from_bytes(packet[10:12], "big")
+    old_sum = _u16(packet, IPV4_CSUM_OFFSET)
     total = (~old_sum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
     total = (total & 0xFFFF) + (total >> 16)
     total = (total & 0xFFFF) + (total >> 16)
-    new_sum = ~total & 0xFFFF
-    return packet[:8] + bytes([packet[8] - 1, packet[9]]) + new_sum.to_bytes(2, "big") + packet[12:]
+    out = bytearray(packet)
+    out[IPV4_TTL_OFFSET] -= 1
+    out[IPV4_CSUM_OFFSET : IPV4_CSUM_OFFSET + 2] = (~total & 0xFFFF).to_bytes(2, "big")
+    return bytes(out)
 
 
 def net_unreachable(packet: bytes, tun_addr: int) -> bytes:
     """ICMP Destination Unreachable / Net Unreachable answering a (validated, cut) packet."""
-    header_len = (packet[0] & 0x0F) * 4
-    quote = packet[: header_len + ICMP_QUOTE_PAYLOAD]
-    icmp = bytes([ICMP_DEST_UNREACH, ICMP_NET_UNREACH]) + b"\x00\x00" + b"\x00" * 4 + quote
-    icmp = icmp[:2] + checksum(icmp).to_bytes(2, "big") + icmp[4:]
+    quote = packet[: _ipv4_header_len(packet) + ICMP_QUOTE_PAYLOAD]
+    icmp = bytearray([ICMP_DEST_UNREACH, ICMP_NET_UNREACH]) + b"\x00\x00" + b"\x00" * 4 + quote
+    icmp[ICMP_CSUM_OFFSET : ICMP_CSUM_OFFSET + 2] = checksum(bytes(icmp)).to_bytes(2, "big")
     total_len = IPV4_HEADER_LEN + len(icmp)
     header = (
-        bytes([0x45, 0])
+        bytes([IPV4_VER_IHL_NO_OPTIONS, 0])
         + total_len.to_bytes(2, "big")
         + b"\x00\x00\x00\x00"  # id 0, flags/fragment offset 0
         + bytes([REPLY_TTL, PROTO_ICMP])
         + b"\x00\x00"
         + tun_addr.to_bytes(4, "big")
-        + packet[12:16]  # back to the original source
+        + packet[IPV4_SRC_OFFSET : IPV4_SRC_OFFSET + IPV4_ADDR_LEN]  # back to the source
     )
-    header = header[:10] + checksum(header).to_bytes(2, "big") + header[12:]
-    return header + icmp
+    return _with_ip_checksum(header) + bytes(icmp)
 
 
 def _route(packet: bytes, routes: Mapping[int, T], subnet_len: int, tun_addr: int,
@@ -190,16 +244,16 @@ def _route(packet: bytes, routes: Mapping[int, T], subnet_len: int, tun_addr: in
     packet, drop = _validate(packet)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
-    if check_ttl and packet[8] <= 1:
+    if check_ttl and packet[IPV4_TTL_OFFSET] <= 1:
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
-    dst = int.from_bytes(packet[16:20], "big")
+    dst = _u32(packet, IPV4_DST_OFFSET)
     route = routes.get(dst & prefix_mask(subnet_len))
     if route is not None:
         return packet, route
-    fragment_offset = int.from_bytes(packet[6:8], "big") & 0x1FFF
+    fragment_offset = _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAG_OFFSET_MASK
     # Never answer an ICMP message with an ICMP error (RFC 1122 3.2.2), and only a first
     # fragment carries the transport header the sender needs to match the error.
-    if packet[9] == PROTO_ICMP or fragment_offset:
+    if packet[IPV4_PROTO_OFFSET] == PROTO_ICMP or fragment_offset:
         return Result(Action.DROP, drop=Drop.NO_ROUTE)
     return Result(Action.REPLY, net_unreachable(packet, tun_addr), drop=Drop.NO_ROUTE)
 
@@ -214,7 +268,7 @@ def _spoofed(packet: bytes, sender: Sender | None) -> bool:
     sender (a lease's own tunnel address, its network address, is inside)."""
     if sender is None:
         return False
-    src = int.from_bytes(packet[12:16], "big")
+    src = _u32(packet, IPV4_SRC_OFFSET)
     return sender.routes.get(src & prefix_mask(sender.subnet_len)) != sender.address
 
 
@@ -237,7 +291,7 @@ def ingress(datagram: bytes, sender: Sender | None = None) -> Result:
         return Result(Action.DROP, drop=drop)
     if _spoofed(packet, sender):
         return Result(Action.DROP, drop=Drop.SPOOFED_INNER_SOURCE)
-    if packet[8] <= 1:
+    if packet[IPV4_TTL_OFFSET] <= 1:
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
     return Result(Action.TUN, _decrement_ttl(packet))
 
@@ -258,15 +312,15 @@ def flow_hash(packet: bytes) -> int:
     """32-bit hash of a validated IPv4 packet's flow: addresses, protocol, and the L4 ports when
     the protocol has them and the packet is no fragment (all fragments of a datagram must hash
     alike, and only the first one carries the ports)."""
-    header_len = (packet[0] & 0x0F) * 4
-    total_len = int.from_bytes(packet[2:4], "big")
-    proto = packet[9]
+    header_len = _ipv4_header_len(packet)
+    total_len = _u16(packet, IPV4_TOTAL_LEN_OFFSET)
+    proto = packet[IPV4_PROTO_OFFSET]
     ports = 0
-    fragment = int.from_bytes(packet[6:8], "big") & 0x3FFF  # MF or an offset
-    if proto in PORT_PROTOCOLS and not fragment and header_len + 4 <= total_len:
-        ports = int.from_bytes(packet[header_len : header_len + 4], "big")
-    h = _fmix32(FLOW_HASH_SEED ^ int.from_bytes(packet[12:16], "big"))
-    h = _fmix32(h ^ int.from_bytes(packet[16:20], "big"))
+    fragment = _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK
+    if proto in PORT_PROTOCOLS and not fragment and header_len + L4_PORTS_LEN <= total_len:
+        ports = _u32(packet, header_len)
+    h = _fmix32(FLOW_HASH_SEED ^ _u32(packet, IPV4_SRC_OFFSET))
+    h = _fmix32(h ^ _u32(packet, IPV4_DST_OFFSET))
     h = _fmix32(h ^ proto)
     return _fmix32(h ^ ports)
 
@@ -300,13 +354,14 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> 
         return Result(Action.DROP, drop=Drop.UNKNOWN_SENDER)
     if len(datagram) < VXLAN_ENCAP_LEN:
         return Result(Action.DROP, drop=Drop.VXLAN_SHORT)
-    if not datagram[0] & VXLAN_FLAG_I:
+    eth = VXLAN_HEADER_LEN  # where the inner Ethernet header begins
+    if not datagram[VXLAN_FLAGS_OFFSET] & VXLAN_FLAG_I:
         return Result(Action.DROP, drop=Drop.VXLAN_BAD_FLAGS)
-    if int.from_bytes(datagram[4:7], "big") != vtep.vni:
+    if _u32(datagram, VXLAN_VNI_OFFSET) >> 8 != vtep.vni:
         return Result(Action.DROP, drop=Drop.VXLAN_WRONG_VNI)
-    if datagram[8:14] != vtep.mac:
+    if datagram[eth + ETHERNET_DST_OFFSET : eth + ETHERNET_DST_OFFSET + 6] != vtep.mac:
         return Result(Action.DROP, drop=Drop.VXLAN_WRONG_MAC)
-    if int.from_bytes(datagram[20:22], "big") != ETHERTYPE_IPV4:
+    if _u16(datagram, eth + ETHERNET_TYPE_OFFSET) != ETHERTYPE_IPV4:
         return Result(Action.DROP, drop=Drop.VXLAN_NOT_IPV4)
     packet, drop = _validate(datagram[VXLAN_ENCAP_LEN:])
     if drop is not None:
@@ -326,7 +381,6 @@ GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = 0, 1, 5
 GSO_ECN = 0x80
 TSO_MAX_SEGS = 256
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
-PROTO_TCP, PROTO_UDP = 6, 17
 ZERO_VNET_HDR = bytes(VNET_HDR.size)
 
 
@@ -348,12 +402,14 @@ def _ones_sum(*parts: bytes | int) -> int:
 
 def _pseudo_sum(packet: bytes, proto: int, l4_len: int) -> int:
     """Folded sum of the IPv4 pseudo-header for `packet`'s L4 part of `l4_len` bytes."""
-    return _ones_sum(packet[12:20], proto, l4_len)
+    return _ones_sum(packet[IPV4_SRC_OFFSET : IPV4_DST_OFFSET + IPV4_ADDR_LEN], proto, l4_len)
 
 
 def _with_ip_checksum(header: bytes) -> bytes:
-    header = header[:10] + b"\x00\x00" + header[12:]
-    return header[:10] + checksum(header).to_bytes(2, "big") + header[12:]
+    out = bytearray(header)
+    out[IPV4_CSUM_OFFSET : IPV4_CSUM_OFFSET + 2] = b"\x00\x00"
+    out[IPV4_CSUM_OFFSET : IPV4_CSUM_OFFSET + 2] = checksum(bytes(out)).to_bytes(2, "big")
+    return bytes(out)
 
 
 def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes]]:
@@ -376,19 +432,19 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
             value = ~_ones_sum(packet[csum_start:]) & 0xFFFF or 0xFFFF
             packet = packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
         return None, [packet]
-    ihl = (packet[0] & 0x0F) * 4
-    if mss == 0 or int.from_bytes(packet[6:8], "big") & 0x3FFF:
+    ihl = _ipv4_header_len(packet)
+    if mss == 0 or _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
         return Drop.BAD_GSO, []
     if gso_type == GSO_TCPV4:
-        if packet[9] != PROTO_TCP or ihl + 20 > len(packet):
+        if packet[IPV4_PROTO_OFFSET] != PROTO_TCP or ihl + TCP_HEADER_LEN > len(packet):
             return Drop.BAD_GSO, []
-        l4_len = (packet[ihl + 12] >> 4) * 4
-        if l4_len < 20 or ihl + l4_len > len(packet):
+        l4_len = _tcp_header_len(packet, ihl)
+        if l4_len < TCP_HEADER_LEN or ihl + l4_len > len(packet):
             return Drop.BAD_GSO, []
     elif gso_type == GSO_UDP_L4:
-        if packet[9] != PROTO_UDP or ihl + 8 > len(packet):
+        if packet[IPV4_PROTO_OFFSET] != PROTO_UDP or ihl + UDP_HEADER_LEN > len(packet):
             return Drop.BAD_GSO, []
-        l4_len = 8
+        l4_len = UDP_HEADER_LEN
     else:
         return Drop.BAD_GSO, []
     hdr_len = ihl + l4_len
@@ -396,30 +452,33 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
     chunks = [payload[i : i + mss] for i in range(0, len(payload), mss)] or [b""]
     if len(chunks) > TSO_MAX_SEGS:
         return Drop.BAD_GSO, []
-    ip_id = int.from_bytes(packet[4:6], "big")
+    ip_id = _u16(packet, IPV4_ID_OFFSET)
+    total_at, id_at = IPV4_TOTAL_LEN_OFFSET, IPV4_ID_OFFSET
+    seq_at, flags_at, tcp_csum_at = TCP_SEQ_OFFSET, TCP_FLAGS_OFFSET, TCP_CSUM_OFFSET
+    len_at, udp_csum_at = UDP_LEN_OFFSET, UDP_CSUM_OFFSET
     segments = []
     for i, chunk in enumerate(chunks):
         total = hdr_len + len(chunk)
         ip = bytearray(packet[:ihl])
-        ip[2:4] = total.to_bytes(2, "big")
-        ip[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+        ip[total_at : total_at + 2] = total.to_bytes(2, "big")
+        ip[id_at : id_at + 2] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
         ip = _with_ip_checksum(bytes(ip))
         l4 = bytearray(packet[ihl:hdr_len])
         if gso_type == GSO_TCPV4:
-            seq = (int.from_bytes(l4[4:8], "big") + i * mss) & 0xFFFFFFFF
-            l4[4:8] = seq.to_bytes(4, "big")
+            seq = (_u32(l4, seq_at) + i * mss) & 0xFFFFFFFF
+            l4[seq_at : seq_at + 4] = seq.to_bytes(4, "big")
             if i + 1 < len(chunks):
-                l4[13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+                l4[flags_at] &= ~(TCP_FIN | TCP_PSH) & 0xFF
             if i:
-                l4[13] &= ~TCP_CWR & 0xFF
-            l4[16:18] = b"\x00\x00"
+                l4[flags_at] &= ~TCP_CWR & 0xFF
+            l4[tcp_csum_at : tcp_csum_at + 2] = b"\x00\x00"
             value = ~_ones_sum(_pseudo_sum(ip, PROTO_TCP, total - ihl), bytes(l4), chunk)
-            l4[16:18] = (value & 0xFFFF).to_bytes(2, "big")
+            l4[tcp_csum_at : tcp_csum_at + 2] = (value & 0xFFFF).to_bytes(2, "big")
         else:
-            l4[4:6] = (total - ihl).to_bytes(2, "big")
-            l4[6:8] = b"\x00\x00"
+            l4[len_at : len_at + 2] = (total - ihl).to_bytes(2, "big")
+            l4[udp_csum_at : udp_csum_at + 2] = b"\x00\x00"
             value = ~_ones_sum(_pseudo_sum(ip, PROTO_UDP, total - ihl), bytes(l4), chunk)
-            l4[6:8] = ((value & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
+            l4[udp_csum_at : udp_csum_at + 2] = ((value & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
         segments.append(ip + bytes(l4) + chunk)
     return None, segments
 
@@ -432,23 +491,23 @@ def partial_checksum_at(packet: bytes) -> int:
     A packet with this mark is completed (``complete_checksum``), never dropped: a partial one
     becomes right, and a complete one whose checksum equals that sum by chance (1 in 65536) is
     left as it was. One whose checksum is wrong otherwise keeps it, for the kernel to drop."""
-    header_len = (packet[0] & 0x0F) * 4
-    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+    header_len = _ipv4_header_len(packet)
+    if _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
         return 0  # a fragment: the kernel completes checksums before it fragments
-    proto = packet[9]
-    if proto == PROTO_TCP and header_len + 20 <= len(packet):
-        at = header_len + 16
-    elif proto == PROTO_UDP and header_len + 8 <= len(packet):
-        at = header_len + 6
+    proto = packet[IPV4_PROTO_OFFSET]
+    if proto == PROTO_TCP and header_len + TCP_HEADER_LEN <= len(packet):
+        at = header_len + TCP_CSUM_OFFSET
+    elif proto == PROTO_UDP and header_len + UDP_HEADER_LEN <= len(packet):
+        at = header_len + UDP_CSUM_OFFSET
     else:
         return 0
     pseudo = _pseudo_sum(packet, proto, len(packet) - header_len)
-    return at if int.from_bytes(packet[at : at + 2], "big") == pseudo else 0
+    return at if _u16(packet, at) == pseudo else 0
 
 
 def complete_checksum(packet: bytes, at: int) -> bytes:
     """`packet` with the partial checksum at `at` completed (0 sent as 0xFFFF)."""
-    header_len = (packet[0] & 0x0F) * 4
+    header_len = _ipv4_header_len(packet)
     value = ~_ones_sum(packet[header_len:]) & 0xFFFF or 0xFFFF
     return packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
 
@@ -458,12 +517,12 @@ def _super_segment(packet: bytes, mtu: int, gro_size: int) -> int:
     super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's `mtu`
     (cut to fit it: the sender's MSS is not passed on), UDP with more payload than the UDP_GRO
     segment size its datagram came with (UDP datagrams keep their bounds)."""
-    header_len = (packet[0] & 0x0F) * 4
-    if packet[9] == PROTO_UDP:
-        return gro_size if gro_size and len(packet) - header_len - 8 > gro_size else 0
+    header_len = _ipv4_header_len(packet)
+    if packet[IPV4_PROTO_OFFSET] == PROTO_UDP:
+        return gro_size if gro_size and len(packet) - header_len - UDP_HEADER_LEN > gro_size else 0
     if not mtu or len(packet) <= mtu:
         return 0
-    l4_len = (packet[header_len + 12] >> 4) * 4
+    l4_len = _tcp_header_len(packet, header_len)
     return mtu - header_len - l4_len if header_len + l4_len < mtu else 1
 
 
@@ -471,19 +530,27 @@ def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     """IP + TCP header length if a valid packet may join a coalesced run, else 0: IPv4 without
     options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right (a
     `partial` TCP checksum has nothing to verify: the merged one is completed from the data)."""
-    n = len(packet)
-    if n < 40 or packet[0] != 0x45 or packet[9] != PROTO_TCP:
+    n, tcp = len(packet), IPV4_HEADER_LEN  # if it qualifies: no IP options
+    if n < IPV4_HEADER_LEN + TCP_HEADER_LEN \
+            or packet[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
+            or packet[IPV4_PROTO_OFFSET] != PROTO_TCP:
         return 0
-    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+    if _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
         return 0
-    tcp_len = (packet[32] >> 4) * 4
-    if tcp_len < 20 or 20 + tcp_len >= n or packet[33] not in (TCP_ACK, TCP_ACK | TCP_PSH):
+    tcp_len = _tcp_header_len(packet, tcp)
+    if tcp_len < TCP_HEADER_LEN or tcp + tcp_len >= n \
+            or packet[tcp + TCP_FLAGS_OFFSET] not in (TCP_ACK, TCP_ACK | TCP_PSH):
         return 0
-    if checksum(packet[:20]) != 0:
+    if checksum(packet[:IPV4_HEADER_LEN]) != 0:
         return 0
-    if not partial and _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - 20), packet[20:]) != 0xFFFF:
+    if not partial and _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - tcp), packet[tcp:]) != 0xFFFF:
         return 0
-    return 20 + tcp_len
+    return tcp + tcp_len
+
+
+# The TCP flags and checksum of a segment that may be coalesced (no IP options: _tcp_candidate).
+_RUN_FLAGS = IPV4_HEADER_LEN + TCP_FLAGS_OFFSET
+_RUN_CSUM = IPV4_HEADER_LEN + TCP_CSUM_OFFSET
 
 
 class TunWrites(NamedTuple):
@@ -499,7 +566,7 @@ def _plain_header(packet: bytes, csum_at: int) -> bytes:
     checksum at `csum_at`."""
     if not csum_at:
         return ZERO_VNET_HDR
-    header_len = (packet[0] & 0x0F) * 4
+    header_len = _ipv4_header_len(packet)
     return VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, csum_at + 2, 0, header_len,
                          csum_at - header_len)
 
@@ -508,9 +575,9 @@ def _super_frames(packet: bytes, csum_at: int, mss: int,
                   vnet: bool) -> list[tuple[bytes, bytes]] | None:
     """The frames of a super-packet cut into `mss` payloads (None: it can't be): TCP to a
     virtio-header TUN whole behind a GSO header, else its segments with complete checksums."""
-    header_len = (packet[0] & 0x0F) * 4
-    tcp = packet[9] == PROTO_TCP
-    l4_len = (packet[header_len + 12] >> 4) * 4 if tcp else 8
+    header_len = _ipv4_header_len(packet)
+    tcp = packet[IPV4_PROTO_OFFSET] == PROTO_TCP
+    l4_len = _tcp_header_len(packet, header_len) if tcp else UDP_HEADER_LEN
     header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4 if tcp else GSO_UDP_L4,
                            header_len + l4_len, mss & 0xFFFF, header_len, csum_at - header_len)
     drop, segments = segment_tso(header, packet)
@@ -556,12 +623,13 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
             head = bytearray(run[0])
             for seg in run[1:]:
                 head += seg[hdr_len:]
-            head[33] |= run[-1][33] & TCP_PSH
-            head[2:4] = len(head).to_bytes(2, "big")
-            head[:20] = _with_ip_checksum(bytes(head[:20]))
-            head[36:38] = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - 20).to_bytes(2, "big")
+            head[_RUN_FLAGS] |= run[-1][_RUN_FLAGS] & TCP_PSH
+            head[IPV4_TOTAL_LEN_OFFSET : IPV4_TOTAL_LEN_OFFSET + 2] = len(head).to_bytes(2, "big")
+            head[:IPV4_HEADER_LEN] = _with_ip_checksum(bytes(head[:IPV4_HEADER_LEN]))
+            pseudo = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - IPV4_HEADER_LEN)
+            head[_RUN_CSUM : _RUN_CSUM + 2] = pseudo.to_bytes(2, "big")
             header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
-                                   len(run[0]) - hdr_len, 20, 16)
+                                   len(run[0]) - hdr_len, IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
             out.append((header, bytes(head)))
         run.clear()
 
@@ -583,7 +651,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         length = _tcp_candidate(packet, partial=bool(csum_at)) if vnet else 0
         if length and run and not closed and _continues(run, hdr_len, packet, length):
             run.append(packet)
-            closed = bool(packet[33] & TCP_PSH) or (
+            closed = bool(packet[_RUN_FLAGS] & TCP_PSH) or (
                 len(packet) - length < len(run[0]) - hdr_len)
             continue
         flush()
@@ -593,7 +661,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         run.append(packet)
         run_csum_at = csum_at
         hdr_len = length
-        closed = bool(packet[33] & TCP_PSH)
+        closed = bool(packet[_RUN_FLAGS] & TCP_PSH)
     flush()
     return TunWrites(out, completed, bad_gso)
 
@@ -604,17 +672,24 @@ def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bo
     payload = len(packet) - length
     run_len = hdr_len + sum(len(seg) - hdr_len for seg in run)
     last = run[-1]
-    next_seq = (int.from_bytes(last[24:28], "big") + len(last) - hdr_len) & 0xFFFFFFFF
+    tcp = IPV4_HEADER_LEN  # candidates have no IP options
+    next_seq = (_u32(last, tcp + TCP_SEQ_OFFSET) + len(last) - hdr_len) & 0xFFFFFFFF
+
+    def same(start: int, end: int) -> bool:
+        return packet[start:end] == head[start:end]
+
     return (
         length == hdr_len
         and payload <= len(head) - hdr_len
         and run_len + payload <= 0xFFFF
-        and int.from_bytes(packet[24:28], "big") == next_seq
-        and packet[1] == head[1]
-        and packet[6:10] == head[6:10]
-        and packet[12:24] == head[12:24]
-        and packet[28:33] == head[28:33]
-        and packet[33] & ~TCP_PSH == head[33]
-        and packet[34:36] == head[34:36]
-        and packet[40:hdr_len] == head[40:hdr_len]
+        and _u32(packet, tcp + TCP_SEQ_OFFSET) == next_seq
+        and packet[IPV4_TOS_OFFSET] == head[IPV4_TOS_OFFSET]
+        # flags and fragment offset, TTL, protocol; the addresses and (no options) the ports
+        and same(IPV4_FLAGS_OFFSET, IPV4_CSUM_OFFSET)
+        and same(IPV4_SRC_OFFSET, tcp + L4_PORTS_LEN)
+        # the ACK number and the data offset; the flags but PSH; the window; the options
+        and same(tcp + TCP_ACK_SEQ_OFFSET, tcp + TCP_FLAGS_OFFSET)
+        and packet[_RUN_FLAGS] & ~TCP_PSH == head[_RUN_FLAGS]
+        and same(tcp + TCP_WINDOW_OFFSET, tcp + TCP_WINDOW_OFFSET + 2)
+        and same(tcp + TCP_OPTIONS_OFFSET, hdr_len)
     )

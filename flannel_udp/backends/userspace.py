@@ -13,7 +13,7 @@ import logging
 import socket
 from dataclasses import asdict
 from ipaddress import IPv4Interface, IPv4Network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytun
 
@@ -25,6 +25,9 @@ from flannel_udp.backends.tun import tun_attached
 from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease, format_mac
 from flannel_udp.netlink import ExtIface
+
+if TYPE_CHECKING:  # imported when opened: the module works unbuilt until then
+    from flannel_udp._fastpath import FastPath
 
 log = logging.getLogger("flannel-udp")
 
@@ -47,7 +50,7 @@ class TunNetwork(Network, UserspaceDataplane):
         self._tun: pytun.TunTapDevice | None = None
         self._sock: socket.socket | None = None
         self._senders: list[socket.socket] = []
-        self._fastpath: Any = None
+        self._fastpath: FastPath | None = None
         self.offloads_probed = Offloads()
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:

@@ -1,0 +1,74 @@
+# The per-packet verdicts (mirror of packet.egress / packet.ingress): what becomes of a packet
+# read from the TUN, and of one decapsulated from a peer. Part of _fastpath.pyx (included).
+
+cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
+                     Verdict* v) noexcept nogil:
+    """Decide the fate of a packet read from the TUN. Caller holds the route read lock.
+
+    The route lookup is done before the TTL is decremented (the order is unobservable except in
+    the ICMP quote, which must show the header as received). Only UDP mode touches the TTL, as
+    flannel's proxy does; kernel VXLAN leaves it to the kernel's forwarding.
+    """
+    cdef size_t total_len = 0
+    cdef RouteEntry* e
+    v.route = NULL
+    v.peer = 0
+    v.length = 0
+    v.drop = ip_validate(pkt, n, &total_len)
+    if v.drop != D_NONE:
+        v.action = ACT_DROP
+        return
+    if s.mode == MODE_UDP and pkt[IPV4_TTL_OFFSET] <= 1:
+        v.action = ACT_DROP
+        v.drop = D_TTL_EXPIRED
+        return
+    e = rt_find(&s.table, rd32(pkt + IPV4_DST_OFFSET) & s.mask)
+    if e != NULL:
+        if s.mode == MODE_UDP:
+            ttl_decrement(pkt)
+        v.action = ACT_SEND
+        v.length = total_len
+        v.peer = e.peer
+        v.route = e
+        return
+    v.drop = D_NO_ROUTE
+    if pkt[IPV4_PROTO_OFFSET] == PROTO_ICMP \
+            or (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAG_OFFSET_MASK) != 0:
+        v.action = ACT_DROP
+        return
+    v.action = ACT_REPLY
+    v.length = build_net_unreachable(reply, pkt, total_len, s.tun_addr)
+
+
+cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
+                      Verdict* v) noexcept nogil:
+    """Decide the fate of a decapsulated packet from ``sender`` (the outer source, host order).
+    Caller holds the route read lock."""
+    cdef size_t total_len = 0
+    cdef RouteEntry* e
+    v.drop = ip_validate(pkt, n, &total_len)
+    if v.drop != D_NONE:
+        v.action = ACT_DROP
+        return
+    # The inner source must lie in a subnet leased to the sender (its tunnel address, the
+    # subnet's network address, is inside too).
+    e = rt_find(&s.table, rd32(pkt + IPV4_SRC_OFFSET) & s.mask)
+    if s.source_check and (e == NULL or e.peer != sender):
+        v.action = ACT_DROP
+        v.drop = D_SPOOFED_INNER_SOURCE
+        return
+    if s.mode == MODE_UDP:
+        if pkt[IPV4_TTL_OFFSET] <= 1:
+            v.action = ACT_DROP
+            v.drop = D_TTL_EXPIRED
+            return
+        ttl_decrement(pkt)
+    else:
+        # Kernel VXLAN senders on one host (over a veth) leave inner checksums partial; flannel's
+        # udp senders (flanneld, and our egress) never do, so UDP mode takes no chance on it.
+        v.csum_at = partial_csum_at(pkt, total_len)
+    v.action = ACT_TUN
+    v.length = total_len
+    # Per-peer rx is charged to the lease the inner source belongs to (without the source
+    # check, whoever sent it).
+    v.route = e
