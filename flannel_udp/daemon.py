@@ -35,6 +35,9 @@ IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between th
                   "and the overlay, so they get no traffic; turn it on with "
                   "`sysctl -w net.ipv4.ip_forward=1`")
 STARTING = "starting: no lease yet (its log says what it waits for)"
+# Each stops the daemon cleanly (devices, routes and rules removed, lease kept): SIGQUIT is
+# the stopsignal of flanneld's supervisord sections, SIGHUP what a closed terminal sends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 T = TypeVar("T")
 
 
@@ -135,7 +138,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         starting = asyncio.current_task()
         assert starting is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             # Until _serve takes the signals over: a stop while waiting (e.g. for etcd) is a
             # clean exit, with whatever was set up undone by the finally blocks.
             loop.add_signal_handler(sig, starting.cancel)
@@ -239,7 +242,7 @@ class Daemon:
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop.set)
         tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
                  asyncio.create_task(self._follow(), name="watch"),

@@ -232,6 +232,22 @@ def test_sigterm_removes_tun_and_route_keeps_lease_and_restart_gets_same_subnet(
     assert other.ping(target, count=2)[target].ok
 
 
+@pytest.mark.parametrize("sig", [signal.SIGQUIT, signal.SIGHUP], ids=["SIGQUIT", "SIGHUP"])
+def test_sigquit_and_sighup_stop_as_cleanly_as_sigterm(topology, sig):
+    """SIGQUIT is the stopsignal of flanneld's supervisord sections (and killed the daemon,
+    leaving flannel0 and its route); SIGHUP comes from a closed terminal."""
+    topo = topology(1)
+    leases = topo.start_daemons()
+    host = topo.hosts[0]
+    subnet = leases[host.label]["subnet"]
+    assert host.stop_flannel(sig) == 0
+    assert host.link("flannel0") is None
+    assert host.ip_json("route", "show", str(NETWORK)) == []
+    assert json.loads(stored_leases(topo.store_path)[lease_key(subnet)])["PublicIP"] == \
+        host.underlay_ip
+    assert "signal received, shutting down" in host.log_path.read_text()
+
+
 # -- user errors: one line, exit 2, nothing left behind -------------------------------------
 
 
