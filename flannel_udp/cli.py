@@ -396,9 +396,63 @@ COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo"
             "docker-opts": cmd_docker_opts, "trace": cmd_trace}
 
 
+def _options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Every long option of the parser and its subcommands, and those that take no value."""
+    longs: set[str] = set()
+    flags: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub_longs, sub_flags = _options(sub)
+                longs |= sub_longs
+                flags |= sub_flags
+            continue
+        names = [o for o in action.option_strings if o.startswith("--")]
+        longs.update(names)
+        if action.nargs == 0:
+            flags.update(names)
+    return longs, flags
+
+
+def go_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """flanneld's command lines in argparse's terms. Go's flag package takes `-flag` as well as
+    `--flag`, `-flag=value`, and booleans as `-flag=true|false`: the seed's unit mixes them."""
+    longs, flags = _options(parser)
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[1:].partition("=")
+            if f"--{name}" in longs:
+                arg = f"--{arg[1:]}"
+            elif len(name) == 1 and eq:  # -v=2
+                out += [f"-{name}", value]
+                continue
+        name, eq, value = arg.partition("=")
+        if eq and name in flags:
+            if value.lower() in ("true", "t", "1"):
+                arg = name
+            elif value.lower() in ("false", "f", "0"):
+                continue
+        out.append(arg)
+    return out
+
+
+def flanneld_main() -> int:
+    """`flanneld`: `flannel-udp run` under flanneld's name and command line."""
+    return main(["run", *sys.argv[1:]])
+
+
+def mk_docker_opts_main() -> int:
+    """`mk-docker-opts.sh`: `flannel-udp docker-opts` under the script's name and options."""
+    return main(["docker-opts", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(go_style(sys.argv[1:] if argv is None else argv, parser))
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, so that a closed pipe is seen by the handler below
         return code

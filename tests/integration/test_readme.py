@@ -60,3 +60,6 @@ def test_readme_demo_command_from_a_fresh_clone(tmp_path: Path, python: Path | N
     tail = "\n".join(result.stdout.splitlines()[-40:])
     assert result.returncode == 0, f"the demo command failed ({result.returncode}):\n{tail}"
     assert "No module named" not in result.stdout, tail
+    # flanneld's names, for units and scripts that call them by path
+    for script in ("flannel-udp", "flanneld", "mk-docker-opts.sh"):
+        assert (clone / ".venv" / "bin" / script).exists(), script

@@ -169,3 +169,52 @@ def test_a_subnet_file_that_is_a_directory_is_one_line(tmp_path):
     from flannel_udp.errors import UserError
     with pytest.raises(UserError, match=f"subnet file {tmp_path}: Is a directory"):
         subnetenv.previous_subnet(tmp_path)
+
+
+# The seed deployment's command lines (REFERENCE.md section 5), as Go's flag package takes them.
+SEED_UNIT = ["--ip-masq", "--etcd-endpoints=https://10.0.0.1:2379,https://10.0.0.2:2379",
+             "-etcd-cafile=/opt/flannel/cert/ca.pem", "-etcd-certfile=/opt/flannel/cert/c.pem",
+             "-etcd-keyfile=/opt/flannel/cert/c-key.pem", "-etcd-prefix=/coreos.com/network"]
+SEED_SCRIPT = ["--public-ip=192.168.77.1", "--endpoints=https://a:2379,https://b:2379",
+               "--ca-file=/ca.pem", "--cert-file=/c.pem", "--key-file=/k.pem", "--iface=ens33",
+               "--subnet-file=./subnet.env", "--healthz-port=2401"]
+
+
+def test_the_seed_units_go_style_flags_are_taken():
+    parser = build_parser()
+    args = parser.parse_args(cli.go_style(["run", *SEED_UNIT], parser))
+    assert (args.ip_masq, args.etcd_prefix, args.etcd_cafile, args.etcd_keyfile) == (
+        True, "/coreos.com/network", "/opt/flannel/cert/ca.pem", "/opt/flannel/cert/c-key.pem")
+    assert args.etcd_endpoints == "https://10.0.0.1:2379,https://10.0.0.2:2379"
+    args = parser.parse_args(cli.go_style(["run", *SEED_SCRIPT], parser))
+    assert (args.public_ip, args.iface, args.healthz_port, args.subnet_file) == (
+        "192.168.77.1", "ens33", 2401, "./subnet.env")
+
+
+@pytest.mark.parametrize(("argv", "ip_masq", "v"), [
+    (["-ip-masq"], True, 0), (["-ip-masq=true"], True, 0), (["--ip-masq=false"], False, 0),
+    (["-v=2"], False, 2), (["-v", "3"], False, 3)])
+def test_go_booleans_and_single_letter_values(argv, ip_masq, v):
+    parser = build_parser()
+    args = parser.parse_args(cli.go_style(["run", *argv], parser))
+    assert (args.ip_masq, args.v) == (ip_masq, v)
+
+
+def test_go_style_leaves_values_and_unknown_flags_alone():
+    parser = build_parser()
+    assert cli.go_style(["run", "--busy-poll", "-5", "-nosuch=1", "--", "-iface"], parser) == [
+        "run", "--busy-poll", "-5", "-nosuch=1", "--", "-iface"]
+
+
+def test_mk_docker_opts_sh_is_docker_opts_under_the_scripts_name(tmp_path):
+    subnet_env = tmp_path / "subnet.env"
+    subnet_env.write_text("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n"
+                          "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+    out = tmp_path / "docker_opts.env"
+    code = ("import sys; from flannel_udp.cli import mk_docker_opts_main; "
+            "sys.argv = ['mk-docker-opts.sh', *sys.argv[1:]]; "
+            "raise SystemExit(mk_docker_opts_main())")
+    done = subprocess.run([sys.executable, "-c", code, "-k", "DOCKER_NETWORK_OPTIONS",
+                           "-f", str(subnet_env), "-d", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert 'DOCKER_NETWORK_OPTIONS=" --bip=10.244.3.1/24 --mtu=1472 "' in out.read_text()
