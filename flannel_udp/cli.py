@@ -15,7 +15,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypeVar
 
-from flannel_udp import control
+from flannel_udp import __version__, control
 from flannel_udp.errors import UserError
 from flannel_udp.stores import Store, StoreError
 from flannel_udp.trace import trace_line
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flannel-udp",
         description="A userspace overlay network for container hosts, compatible with flannel.")
+    parser.add_argument("--version", action="version", version=f"flannel-udp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     control_socket = control.default_path()  # this network namespace's
 
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--control-socket", default=control_socket, metavar="PATH",
          help="unix socket for `flannel-udp status` (default %(default)s: each namespace "
               "named by `ip netns` has its own)")
+    kube = run.add_argument_group(
+        "flanneld's Kubernetes subnet manager (not supported: each is refused in one line)")
+    for flag in KUBE_FLAGS:
+        _add(kube, flag, action="store_true" if flag in KUBE_BOOLEANS else None,
+             help=argparse.SUPPRESS)
+    for flag in ("--vmodule", "--log_backtrace_at"):  # glog's, on every flanneld command line
+        _add(run, flag, metavar="SPEC", help="accepted for flanneld's command lines; ignored")
+    run.add_argument("--version", action="version", version=f"flannel-udp {__version__}")
     _add(run, "-v", type=int, default=0, metavar="LEVEL",
          help="log level: 0 info, 1 and above debug")
 
@@ -204,12 +213,24 @@ async def _closing(store: Store, work: Awaitable[T]) -> T:
         await store.close()
 
 
+# flanneld's flags for its Kubernetes subnet manager, and those of them that take no value.
+KUBE_FLAGS = ("--kube-subnet-mgr", "--kube-api-url", "--kubeconfig-file",
+              "--kube-annotation-prefix", "--set-node-network-unavailable",
+              "--use-multi-cluster-cidr")
+KUBE_BOOLEANS = {"--kube-subnet-mgr", "--set-node-network-unavailable",
+                 "--use-multi-cluster-cidr"}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flannel_udp.daemon import Daemon, RunOptions
 
     logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname).1s %(message)s",
                         level=logging.INFO)
     log.setLevel(logging.DEBUG if args.v >= 1 else logging.INFO)
+    for flag in KUBE_FLAGS:
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            raise UserError(f"{flag}: flannel-udp has no Kubernetes subnet manager; it keeps the "
+                            "leases in etcd (--etcd-endpoints) or in its embedded store")
     for dest in NOT_ACTIVE_YET:
         if getattr(args, dest):
             log.warning("--%s is accepted but not active yet in this version",

@@ -218,3 +218,27 @@ def test_mk_docker_opts_sh_is_docker_opts_under_the_scripts_name(tmp_path):
                            "-f", str(subnet_env), "-d", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert 'DOCKER_NETWORK_OPTIONS=" --bip=10.244.3.1/24 --mtu=1472 "' in out.read_text()
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["run", "-version"]])
+def test_version(argv):
+    done = flannel_udp(*argv)
+    assert (done.returncode, done.stdout.strip()) == (0, f"flannel-udp {cli.__version__}")
+
+
+@pytest.mark.parametrize("flag", ["-kube-subnet-mgr", "--kube-api-url=https://10.0.0.1:6443",
+                                  "-kubeconfig-file=/etc/k.conf"])
+def test_kubernetes_subnet_manager_flags_are_refused_in_one_line(tmp_path, flag):
+    store = tmp_path / "store"
+    done = flannel_udp("run", flag, "--local-store", str(store))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("flannel-udp:")]
+    assert len(lines) == 1 and "no Kubernetes subnet manager" in lines[0], done.stderr
+    assert not store.exists()
+
+
+def test_glogs_flags_are_accepted():
+    parser = build_parser()
+    args = parser.parse_args(cli.go_style(["run", "-vmodule=*=2", "-log_backtrace_at=:0"],
+                                          parser))
+    assert (args.vmodule, args.log_backtrace_at) == ("*=2", ":0")
