@@ -429,8 +429,7 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
             at = csum_start + csum_offset
             if at + 2 > len(packet):
                 return Drop.BAD_GSO, []
-            value = ~_ones_sum(packet[csum_start:]) & 0xFFFF or 0xFFFF
-            packet = packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
+            packet = complete_checksum(packet, csum_start, at)
         return None, [packet]
     ihl = _ipv4_header_len(packet)
     if mss == 0 or _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
@@ -505,10 +504,10 @@ def partial_checksum_at(packet: bytes) -> int:
     return at if _u16(packet, at) == pseudo else 0
 
 
-def complete_checksum(packet: bytes, at: int) -> bytes:
-    """`packet` with the partial checksum at `at` completed (0 sent as 0xFFFF)."""
-    header_len = _ipv4_header_len(packet)
-    value = ~_ones_sum(packet[header_len:]) & 0xFFFF or 0xFFFF
+def complete_checksum(packet: bytes, start: int, at: int) -> bytes:
+    """`packet` with the partial checksum at `at` completed, its L4 part from `start` (the
+    field holds the pseudo-header sum; 0 is sent as 0xFFFF)."""
+    value = ~_ones_sum(packet[start:]) & 0xFFFF or 0xFFFF
     return packet[:at] + value.to_bytes(2, "big") + packet[at + 2 :]
 
 
@@ -647,7 +646,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
                     out += frames
                 continue
             if not vnet:
-                packet, csum_at = complete_checksum(packet, csum_at), 0
+                packet, csum_at = complete_checksum(packet, _ipv4_header_len(packet), csum_at), 0
         length = _tcp_candidate(packet, partial=bool(csum_at)) if vnet else 0
         if length and run and not closed and _continues(run, hdr_len, packet, length):
             run.append(packet)

@@ -103,11 +103,11 @@ cdef size_t partial_csum_at(const uint8_t* p, size_t n) noexcept nogil:
     return at if rd16(p + at) == pseudo_sum(p, proto, n - ihl) else 0
 
 
-cdef inline void complete_csum(uint8_t* p, size_t n, size_t at) noexcept nogil:
-    """Complete the partial checksum at ``at``: the field holds the pseudo-header sum, so the
-    sum over the L4 part is the whole sum (0 goes as 0xFFFF: 0 would mean "no UDP checksum")."""
-    cdef size_t ihl = <size_t>(p[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
-    cdef uint32_t c = ~fu_sum16(p + ihl, n - ihl) & 0xFFFF
+cdef inline void complete_csum(uint8_t* p, size_t start, size_t n, size_t at) noexcept nogil:
+    """Complete the partial checksum at ``at`` of the ``n``-byte packet ``p``, its L4 part from
+    ``start``: the field holds the pseudo-header sum, so the sum over the L4 part is the whole
+    sum (0 goes as 0xFFFF: 0 would mean "no UDP checksum")."""
+    cdef uint32_t c = ~fu_sum16(p + start, n - start) & 0xFFFF
     wr16(p + at, c if c else 0xFFFF)
 
 

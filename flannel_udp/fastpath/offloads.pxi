@@ -11,15 +11,12 @@ cdef int gso_plan(const uint8_t* vh, uint8_t* pkt, size_t length, GsoPlan* plan)
     cdef size_t csum_at = csum_start + rd_host16(vh + VNET_CSUM_OFFSET_OFFSET)
     cdef size_t ip_hdr_len = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
     cdef size_t l4_len
-    cdef uint32_t c
     plan.count = 0
     if gso_type == GSO_NONE:
         if vh[VNET_FLAGS_OFFSET] & VNET_F_NEEDS_CSUM:
             if csum_at + 2 > length:
                 return D_BAD_GSO
-            # The field holds the pseudo-header sum: summing it in completes the checksum.
-            c = ~fu_sum16(pkt + csum_start, length - csum_start) & 0xFFFF
-            wr16(pkt + csum_at, c if c else 0xFFFF)
+            complete_csum(pkt, csum_start, length, csum_at)
         return D_NONE
     if mss == 0 or (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
         return D_BAD_GSO
@@ -305,7 +302,7 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
             co_write_super(c, pkt, n, route, csum_at, mss)
             return
         if not c.vnet:
-            complete_csum(pkt, n, csum_at)
+            complete_csum(pkt, <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4, n, csum_at)
             csum_at = 0
     hdr_len = tcp_candidate(pkt, n, csum_at != 0) if c.vnet else 0
     if hdr_len and run_accepts(c, pkt, n, hdr_len):

@@ -34,26 +34,25 @@ def test_drop_names_match_the_reference():
     assert _fastpath.DROP_NAMES == packet.DROP_NAMES
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case_with_packet())
-def test_fastpath_agrees_with_reference_on_ipv4_packets(case):
+def assert_agrees_with_reference(case) -> None:
     subnet_len, routes, tun_addr, data = case
     fastpath = make_fastpath(routes, subnet_len, tun_addr)
     assert fastpath.process_egress(data) == as_tuple(
         packet.egress(data, routes, subnet_len, tun_addr)
     )
     assert fastpath.process_ingress(data) == as_tuple(packet.ingress(data))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case_with_packet())
+def test_fastpath_agrees_with_reference_on_ipv4_packets(case):
+    assert_agrees_with_reference(case)
 
 
 @settings(max_examples=300, deadline=None)
 @given(case_with_bytes())
 def test_fastpath_agrees_with_reference_on_random_bytes(case):
-    subnet_len, routes, tun_addr, data = case
-    fastpath = make_fastpath(routes, subnet_len, tun_addr)
-    assert fastpath.process_egress(data) == as_tuple(
-        packet.egress(data, routes, subnet_len, tun_addr)
-    )
-    assert fastpath.process_ingress(data) == as_tuple(packet.ingress(data))
+    assert_agrees_with_reference(case)
 
 
 def test_fastpath_reply_is_the_reference_icmp_for_a_maximal_header():

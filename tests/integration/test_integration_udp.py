@@ -211,16 +211,21 @@ def test_expired_lease_disappears_from_the_other_daemons(topology):
     assert -0.05 <= late < LEASE_EVENT_BOUND, f"dropped {late:+.2f} s from the lease's expiry"
 
 
+def stop_and_check_cleanup(topo: Topology, host: Host, subnet: str, sig: int) -> None:
+    """Stop `host`'s daemon with `sig`: exit 0, flannel0 and its route gone, the lease kept."""
+    assert host.stop_flannel(sig) == 0
+    assert host.link("flannel0") is None
+    assert host.ip_json("route", "show", str(NETWORK)) == []
+    assert json.loads(stored_leases(topo.store_path)[lease_key(subnet)])["PublicIP"] == \
+        host.underlay_ip
+
+
 def test_sigterm_removes_tun_and_route_keeps_lease_and_restart_gets_same_subnet(topology):
     topo = topology(2)
     leases = topo.start_daemons()
     host, other = topo.hosts
     subnet = leases[host.label]["subnet"]
-    assert host.stop_flannel(signal.SIGTERM) == 0
-    assert host.link("flannel0") is None
-    assert host.ip_json("route", "show", str(NETWORK)) == []
-    assert json.loads(stored_leases(topo.store_path)[lease_key(subnet)])["PublicIP"] == \
-        host.underlay_ip
+    stop_and_check_cleanup(topo, host, subnet, signal.SIGTERM)
 
     host.start_flannel(topo.store_path)
     host.wait_ready()
@@ -239,12 +244,7 @@ def test_sigquit_and_sighup_stop_as_cleanly_as_sigterm(topology, sig):
     topo = topology(1)
     leases = topo.start_daemons()
     host = topo.hosts[0]
-    subnet = leases[host.label]["subnet"]
-    assert host.stop_flannel(sig) == 0
-    assert host.link("flannel0") is None
-    assert host.ip_json("route", "show", str(NETWORK)) == []
-    assert json.loads(stored_leases(topo.store_path)[lease_key(subnet)])["PublicIP"] == \
-        host.underlay_ip
+    stop_and_check_cleanup(topo, host, leases[host.label]["subnet"], sig)
     assert "signal received, shutting down" in host.log_path.read_text()
 
 

@@ -21,10 +21,8 @@ import pytest
 from flannel_udp import subnetenv
 from flannel_udp.lab import (
     DEFAULT_NETWORK_CONFIG,
-    FLANNEL_UDP,
     Host,
     Topology,
-    child_env,
     wait_until,
 )
 
@@ -89,9 +87,7 @@ def test_the_seeds_supervisord_section_runs_restarts_and_stops_flanneld(topology
     topo: Topology = topology(1)
     host = topo.hosts[0]
     store = topo.dir / "store.msgpack"
-    subprocess.run([*FLANNEL_UDP, "network", "set", "--local-store", str(store),
-                    json.dumps(DEFAULT_NETWORK_CONFIG)],
-                   check=True, capture_output=True, env=child_env())
+    host.flannel("network", "set", "--local-store", store, json.dumps(DEFAULT_NETWORK_CONFIG))
     conf = supervisor_files(host, store)
     host.popen(sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
