@@ -1,7 +1,7 @@
 """`flannel-udp run`: the control plane on asyncio. Lease, subnet.env, backend, control socket;
-then it follows the lease table, handing each lease event to the backend, until SIGTERM/SIGINT,
-which removes the backend's devices and routes and keeps the lease so that a restart gets the
-same subnet."""
+then it follows the lease table, handing each lease event to the backend, until a stop signal
+(STOP_SIGNALS), which removes the backend's devices and routes and keeps the lease so that a
+restart gets the same subnet."""
 
 from __future__ import annotations
 
