@@ -14,6 +14,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -585,3 +586,257 @@ def test_a_daemon_waits_for_an_unreachable_etcd_as_long_as_told_then_exits(ks):
     line = one_error_line(done, exit_code=None)
     assert "etcd unreachable" in line and "gave up after waiting 2 s" in line, line
     assert "trying again" in done.stderr  # it said what it was doing meanwhile
+
+
+# -- the v2 store's own -----------------------------------------------------------------------
+
+V2 = Keyspace("v2")
+
+
+def v2_write_many(cluster: EtcdCluster, key: str, count: int) -> None:
+    """`count` writes to one v2 key, straight over etcd's v2 HTTP API (etcdctl: 20 ms each)."""
+    url = f"{cluster.endpoints[0]}/v2/keys{key}"
+    for i in range(count):
+        request = urllib.request.Request(url, data=f"value={i}".encode(), method="PUT")
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+        urllib.request.urlopen(request, timeout=10).close()
+
+
+def test_v2_watch_from_an_index_etcd_no_longer_holds_lists_again_and_reports_the_difference(
+        etcd, caplog):
+    prefix = "/t-cleared/subnets"
+    V2.put(etcd, f"{prefix}/10.5.1.0-24", "stays")
+    V2.put(etcd, f"{prefix}/10.5.2.0-24", "goes")
+    V2.put(etcd, f"{prefix}/10.5.3.0-24", "old")
+
+    async def scenario():
+        store = V2.store(etcd, "/t-cleared")
+        since = await store.list_leases()
+        V2.delete(etcd, f"{prefix}/10.5.2.0-24")
+        V2.put(etcd, f"{prefix}/10.5.3.0-24", "new")
+        V2.put(etcd, f"{prefix}/10.5.4.0-24", "added")
+        # etcd v2 keeps the last 1000 events: these push the ones above out of its history
+        await asyncio.to_thread(v2_write_many, etcd, "/t-cleared-elsewhere", 1010)
+        seen: list = []
+        task = asyncio.create_task(collect(store, since, seen))
+        await until(lambda: len(seen) >= 3, 10, "the difference")
+        V2.put(etcd, f"{prefix}/10.5.5.0-24", "after")  # and the watch goes on from there
+        await until(lambda: len(seen) >= 4, 5, "the put after the listing")
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await store.close()
+        return seen
+
+    with caplog.at_level(logging.WARNING, logger="flannel-udp"):
+        seen = run(scenario())
+    assert sorted(seen[:3]) == [("delete", "10.5.2.0-24", b"goes"),
+                                ("put", "10.5.3.0-24", b"new"),
+                                ("put", "10.5.4.0-24", b"added")]
+    assert seen[3:] == [("put", "10.5.5.0-24", b"after")]
+    assert "history no longer holds index" in caplog.text
+    assert "listing the leases again" in caplog.text
+
+
+def test_v2_a_key_whose_ttl_runs_out_is_a_delete_within_two_seconds(etcd):
+    prefix = "/t-expire/subnets"
+
+    async def scenario():
+        store = V2.store(etcd, "/t-expire")
+        seen: list = []
+        task = asyncio.create_task(collect(store, await store.list_leases(), seen))
+        await asyncio.sleep(0.2)
+        V2.put(etcd, f"{prefix}/10.5.1.0-24", "short", ttl=1)
+        put_at = time.monotonic()
+        await until(lambda: ("delete", "10.5.1.0-24", b"short") in seen, 10, "the expiry")
+        task.cancel()
+        await store.close()
+        return time.monotonic() - put_at
+
+    # a correctness bound (etcd's TTL plus its once-a-500-ms expiry sweep), not a speed test
+    assert run(scenario()) < 1 + 2
+
+
+def test_v2_a_long_poll_outlives_the_request_timeout_and_is_asked_again(etcd, caplog,
+                                                                          monkeypatch):
+    from flannel_udp.stores import etcd2
+    monkeypatch.setattr(etcd2, "RPC_TIMEOUT", 0.3)  # what one request may take
+    monkeypatch.setattr(etcd2, "WATCH_REISSUE", 0.5)  # and a wait, before it is asked again
+    prefix = "/t-longpoll/subnets"
+
+    async def scenario():
+        store = V2.store(etcd, "/t-longpoll")
+        seen: list = []
+        task = asyncio.create_task(collect(store, await store.list_leases(), seen))
+        await asyncio.sleep(0.3 + 0.2)
+        V2.put(etcd, f"{prefix}/10.5.1.0-24", "a")  # within the first wait, after 0.3 s
+        await until(lambda: len(seen) == 1, 5, "the first put")
+        await asyncio.sleep(1.6)  # several waits asked again
+        V2.put(etcd, f"{prefix}/10.5.2.0-24", "b")
+        await until(lambda: len(seen) == 2, 5, "the second put")
+        task.cancel()
+        await store.close()
+        return seen
+
+    with caplog.at_level(logging.INFO, logger="flannel-udp"):
+        seen = run(scenario())
+    assert seen == [("put", "10.5.1.0-24", b"a"), ("put", "10.5.2.0-24", b"b")]
+    assert "interrupted" not in caplog.text and "listing" not in caplog.text, caplog.text
+
+
+def test_v2_a_directory_where_a_lease_key_belongs_is_skipped_with_a_warning_naming_it(
+        etcd, caplog):
+    prefix = "/t-dir/subnets"
+    V2.put(etcd, f"{prefix}/10.5.1.0-24", "not json at all")  # the lease layer's to refuse
+    etcd.etcdctl("mkdir", f"{prefix}/10.5.2.0-24", api=2)
+    etcd.etcdctl("set", f"{prefix}/10.5.3.0-24/inner", "x", api=2)
+
+    async def scenario():
+        store = V2.store(etcd, "/t-dir")
+        snapshot = await store.list_leases()
+        seen: list = []
+        task = asyncio.create_task(collect(store, snapshot, seen))
+        etcd.etcdctl("mkdir", f"{prefix}/10.5.4.0-24", api=2)
+        V2.put(etcd, f"{prefix}/10.5.5.0-24", "v")
+        await until(lambda: seen, 5, "the put after the directory")
+        etcd.etcdctl("rmdir", f"{prefix}/10.5.4.0-24", api=2)
+        V2.put(etcd, f"{prefix}/10.5.6.0-24", "w")
+        await until(lambda: len(seen) >= 2, 5, "the put after the rmdir")
+        task.cancel()
+        await store.close()
+        return snapshot, seen
+
+    with caplog.at_level(logging.WARNING, logger="flannel-udp"):
+        snapshot, seen = run(scenario())
+    assert [(r.key, r.value) for r in snapshot.records] == [("10.5.1.0-24", b"not json at all")]
+    assert seen == [("put", "10.5.5.0-24", b"v"), ("put", "10.5.6.0-24", b"w")]
+    for key in ("10.5.2.0-24", "10.5.3.0-24", "10.5.4.0-24"):
+        assert f"{prefix}/{key}: a v2 directory where a lease key belongs" in caplog.text
+
+
+def test_v2_tls_with_client_certificates_fails_over_between_members(tmp_path):
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    pki = make_test_pki(tmp_path / "pki", ["127.0.0.1"])
+    with EtcdCluster(3, pki=pki, enable_v2=True) as cluster:
+        cluster.start()
+        cluster.etcdctl("set", "/tls/config", "cfg", api=2)
+        store = V2.store(cluster, "/tls", cafile=str(pki.ca), certfile=str(pki.client_cert),
+                         keyfile=str(pki.client_key))
+
+        async def scenario():
+            created = await store.create_lease("10.5.1.0-24", b"v", 60)
+            seen: list = []
+            task = asyncio.create_task(collect(store, await store.list_leases(), seen))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(cluster.stop_member, 0)  # the one the store talks to
+            cluster.etcdctl("set", "/tls/subnets/10.5.2.0-24", "w", member=1, api=2)
+            await until(lambda: seen, 10, "the watch on another member")
+            after = (await store.get_config(), await store.create_lease("10.5.3.0-24", b"x", 60))
+            task.cancel()
+            return created, seen, after
+
+        created, seen, (config, created_after) = run(closing(store, scenario()))
+        assert created is not None and created_after is not None
+        assert seen == [("put", "10.5.2.0-24", b"w")]
+        assert config == b"cfg"
+
+
+def test_v2_a_member_without_the_v2_api_is_said_in_one_line_and_changes_nothing():
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    with EtcdCluster(1) as cluster:  # etcd 3.4's default: no v2
+        cluster.start()
+        base = ["--etcd-endpoints", cluster.endpoint_arg]
+        line = one_error_line(flannel_udp("network", "get", *base, "--etcd-api", "v2"),
+                              exit_code=1)
+        assert line == (f"flannel-udp: etcd at {cluster.endpoints[0]} does not serve the v2 API "
+                        "(start it with --enable-v2=true)")
+        refused = flannel_udp("network", "set", '{"Network":"10.7.0.0/16"}', *base,
+                              "--etcd-api", "v2")
+        assert "does not serve the v2 API" in one_error_line(refused, exit_code=1)
+        assert etcd_kvs(cluster, "/") == {}
+        # auto: no v2 counts as no config there; a v3 config is found as before
+        done = flannel_udp("network", "set", '{"Network":"10.7.0.0/16"}', *base)
+        assert done.returncode == 0 and "etcd v3 keyspace" in done.stdout, done.stderr
+        got = flannel_udp("network", "get", *base)
+        assert (got.returncode, got.stdout) == (0, '{"Network":"10.7.0.0/16"}\n'), got.stderr
+
+
+# -- which keyspace ---------------------------------------------------------------------------
+
+
+def config_flags(etcd: EtcdCluster, prefix: str) -> list[str]:
+    return ["--etcd-endpoints", etcd.endpoint_arg, "--etcd-prefix", prefix]
+
+
+def test_auto_finds_a_config_only_in_v2_as_the_seed_writes_it(etcd):
+    seed = '{"Network": "172.68.0.0/16", "Backend": {"Type": "host-gw"}}'
+    etcd.etcdctl("set", "/t-only-v2/network/config", seed, api=2)
+    got = flannel_udp("network", "get", *config_flags(etcd, "/t-only-v2/network"))
+    assert (got.returncode, got.stdout, got.stderr) == (0, seed + "\n", "")
+    v3 = flannel_udp("network", "get", *config_flags(etcd, "/t-only-v2/network"),
+                     "--etcd-api", "v3")
+    assert "no network config" in one_error_line(v3, exit_code=1)
+
+
+def test_with_a_config_in_both_keyspaces_auto_takes_v3_with_a_warning_and_v2_can_be_forced(
+        etcd):
+    etcd.etcdctl("set", "/t-both/config", '{"Network": "10.2.0.0/16"}', api=2)
+    etcd.etcdctl("put", "/t-both/config", '{"Network": "10.3.0.0/16"}')
+    got = flannel_udp("network", "get", *config_flags(etcd, "/t-both"))
+    assert (got.returncode, got.stdout) == (0, '{"Network": "10.3.0.0/16"}\n'), got.stderr
+    assert "both etcd keyspaces hold a network config; using etcd v3's" in got.stderr
+    assert "--etcd-api v2" in got.stderr
+    forced = flannel_udp("network", "get", *config_flags(etcd, "/t-both"), "--etcd-api", "v2")
+    assert (forced.returncode, forced.stdout) == (0, '{"Network": "10.2.0.0/16"}\n')
+    env = subprocess.run([sys.executable, "-m", "flannel_udp", "network", "get",
+                          *config_flags(etcd, "/t-both")], capture_output=True, text=True,
+                         env={**os.environ, "FLANNELD_ETCD_API": "v2"}, timeout=30)
+    assert (env.returncode, env.stdout) == (0, '{"Network": "10.2.0.0/16"}\n'), env.stderr
+
+
+def test_network_set_with_etcd_api_v2_writes_the_v2_keyspace(etcd):
+    config = '{"Network":"10.8.0.0/16","Backend":{"Type":"host-gw"}}'
+    done = flannel_udp("network", "set", config, *config_flags(etcd, "/t-set-v2"),
+                       "--etcd-api", "v2")
+    assert done.returncode == 0, done.stderr
+    assert "etcd v2 keyspace" in done.stdout
+    assert etcd.etcdctl("get", "/t-set-v2/config", api=2).stdout == config + "\n"
+    assert etcd_kvs(etcd, "/t-set-v2/") == {}  # v3: untouched
+
+
+def test_network_set_with_auto_writes_where_the_config_is_else_v3(etcd):
+    etcd.etcdctl("set", "/t-set-auto/config", '{"Network": "10.2.0.0/16"}', api=2)
+    done = flannel_udp("network", "set", '{"Network":"10.4.0.0/16"}',
+                       *config_flags(etcd, "/t-set-auto"))
+    assert done.returncode == 0 and "etcd v2 keyspace" in done.stdout, done.stderr
+    assert etcd.etcdctl("get", "/t-set-auto/config", api=2).stdout == '{"Network":"10.4.0.0/16"}\n'
+    assert etcd_kvs(etcd, "/t-set-auto/") == {}
+    fresh = flannel_udp("network", "set", '{"Network":"10.4.0.0/16"}',
+                        *config_flags(etcd, "/t-set-new"))
+    assert fresh.returncode == 0 and "etcd v3 keyspace" in fresh.stdout, fresh.stderr
+    assert V2.values(etcd, "/t-set-new/") == {}
+
+
+def test_a_refused_network_set_changes_neither_keyspace(etcd):
+    etcd.etcdctl("set", "/t-set-bad/config", '{"Network": "10.2.0.0/16"}', api=2)
+    done = flannel_udp("network", "set", '{"Network":"not a network"}',
+                       *config_flags(etcd, "/t-set-bad"), "--etcd-api", "v2")
+    one_error_line(done, exit_code=None)
+    assert V2.values(etcd, "/t-set-bad/") == {b"/t-set-bad/config": b'{"Network": "10.2.0.0/16"}'}
+    assert etcd_kvs(etcd, "/t-set-bad/") == {}
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_bad_etcd_api_exits_2_in_one_line(how):
+    argv = ["network", "get", "--etcd-endpoints", "http://127.0.0.1:2379"]
+    env = dict(os.environ)
+    if how == "flag":
+        argv += ["--etcd-api", "v4"]
+    else:
+        env["FLANNELD_ETCD_API"] = "v4"
+    done = subprocess.run([sys.executable, "-m", "flannel_udp", *argv], capture_output=True,
+                          text=True, env=env, timeout=30)
+    assert "--etcd-api" in one_error_line(done, exit_code=2)
