@@ -221,7 +221,8 @@ class Etcd2Store:
         key = str(node.get("key", ""))
         relative = key[len(self._subnets) + 1:]
         if node.get("dir"):
-            log.warning("lease %s: a v2 directory where a lease key belongs; skipped", key)
+            log.warning("lease store: skipping key %r: a v2 directory where a lease key belongs",
+                        key)
             return None
         value = node.get("value")
         return LeaseRecord(relative, (value if isinstance(value, str) else "").encode(),

@@ -710,7 +710,7 @@ def test_v2_a_directory_where_a_lease_key_belongs_is_skipped_with_a_warning_nami
     assert [(r.key, r.value) for r in snapshot.records] == [("10.5.1.0-24", b"not json at all")]
     assert seen == [("put", "10.5.5.0-24", b"v"), ("put", "10.5.6.0-24", b"w")]
     for key in ("10.5.2.0-24", "10.5.3.0-24", "10.5.4.0-24"):
-        assert f"{prefix}/{key}: a v2 directory where a lease key belongs" in caplog.text
+        assert f"'{prefix}/{key}': a v2 directory where a lease key belongs" in caplog.text
 
 
 def test_v2_tls_with_client_certificates_fails_over_between_members(tmp_path):
