@@ -352,7 +352,10 @@ class Etcd2Store:
             except asyncio.TimeoutError:
                 # etcd starts a wait at its current index, having found no event for us from
                 # waitIndex up to there: nothing was missed up to that index.
-                return None, max(last, started_at or 0)
+                last = max(last, started_at or 0)
+                log.debug("etcd v2 watch on %s: no event for %g s; asking again from index %d",
+                          endpoint.url, WATCH_REISSUE, last + 1)
+                return None, last
         if reply is None:
             raise aiohttp.ClientError("etcd answered 5xx (no leader?)")
         if reply.error_code == INDEX_CLEARED:
