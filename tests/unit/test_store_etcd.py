@@ -850,3 +850,30 @@ def test_a_bad_etcd_api_exits_2_in_one_line(how):
     done = subprocess.run([sys.executable, "-m", "flannel_udp", *argv], capture_output=True,
                           text=True, env=env, timeout=30)
     assert "--etcd-api" in one_error_line(done, exit_code=2)
+
+
+def run_until_the_interface(etcd: EtcdCluster, prefix: str, *flags: str
+                            ) -> subprocess.CompletedProcess:
+    """`run` on `prefix`, stopped by an --iface that names no interface: what it logged up to
+    there (the store and keyspace it chose)."""
+    return flannel_udp("run", *config_flags(etcd, prefix), *flags, "--iface", "fu-no-such-if",
+                       "--subnet-file", "/nonexistent/subnet.env", "--etcd-wait", "5")
+
+
+def test_the_daemon_logs_the_keyspace_it_chose(etcd):
+    etcd.etcdctl("set", "/t-run-v2/config", '{"Network": "172.68.0.0/16"}', api=2)
+    only_v2 = run_until_the_interface(etcd, "/t-run-v2")
+    assert "fu-no-such-if" in one_error_line(only_v2, exit_code=None)
+    assert "(prefix /t-run-v2), etcd v2 keyspace" in only_v2.stderr
+
+    etcd.etcdctl("put", "/t-run-v2/config", '{"Network": "10.3.0.0/16"}')
+    both = run_until_the_interface(etcd, "/t-run-v2")
+    assert "(prefix /t-run-v2), etcd v3 keyspace" in both.stderr
+    assert re.search(r" W .*both etcd keyspaces hold a network config; using etcd v3's",
+                     both.stderr), both.stderr
+    forced = run_until_the_interface(etcd, "/t-run-v2", "--etcd-api", "v2")
+    assert "etcd v2 keyspace" in forced.stderr and "both" not in forced.stderr
+
+    neither = run_until_the_interface(etcd, "/t-run-none")
+    line = one_error_line(neither, exit_code=None)
+    assert "no network config" in line and "neither the etcd v3 nor the v2 keyspace" in line
