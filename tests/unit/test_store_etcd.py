@@ -877,3 +877,27 @@ def test_the_daemon_logs_the_keyspace_it_chose(etcd):
     neither = run_until_the_interface(etcd, "/t-run-none")
     line = one_error_line(neither, exit_code=None)
     assert "no network config" in line and "neither the etcd v3 nor the v2 keyspace" in line
+
+
+def test_v2_every_write_and_removal_action_is_a_put_or_a_delete(etcd):
+    prefix = "/t-actions/subnets"
+
+    async def scenario():
+        store = V2.store(etcd, "/t-actions")
+        seen: list = []
+        task = asyncio.create_task(collect(store, await store.list_leases(), seen))
+        await asyncio.sleep(0.2)
+        key = f"{prefix}/10.5.1.0-24"
+        etcd.etcdctl("mk", key, "created", api=2)  # create
+        etcd.etcdctl("update", key, "updated", api=2)  # update
+        etcd.etcdctl("set", "--swap-with-value", "updated", key, "swapped", api=2)
+        etcd.etcdctl("rm", "--with-value", "swapped", key, api=2)  # compareAndDelete
+        await until(lambda: len(seen) >= 4, 5, "four events")
+        task.cancel()
+        await store.close()
+        return seen
+
+    assert run(scenario()) == [("put", "10.5.1.0-24", b"created"),
+                               ("put", "10.5.1.0-24", b"updated"),
+                               ("put", "10.5.1.0-24", b"swapped"),
+                               ("delete", "10.5.1.0-24", b"swapped")]
