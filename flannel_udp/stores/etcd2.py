@@ -76,6 +76,10 @@ class _Reply:
     def error_code(self) -> int | None:
         return self.body.get("errorCode") if isinstance(self.body, dict) else None
 
+    def server_error(self) -> str:
+        """A 5xx answer in a few words."""
+        return f"HTTP {self.status}: {self.body.get('message') or 'server error'}"
+
 
 def _index(headers: Any) -> int | None:
     try:
@@ -179,24 +183,27 @@ class Etcd2Store:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 failures.append((endpoint.url, _reason(e, endpoint)))
                 continue
-            if reply is None:  # the member answered but cannot serve now (no leader, ...)
-                failures.append((endpoint.url, "etcd answered 5xx (no leader?)"))
+            if reply.status >= 500:  # the member answered but cannot serve now (no leader, ...)
+                failures.append((endpoint.url, reply.server_error()))
                 continue
             self._current = index
             return reply
         raise unavailable_or_tls(failures, what)
 
     async def _reply(self, endpoint: Endpoint, response: aiohttp.ClientResponse,
-                     what: str) -> _Reply | None:
+                     what: str) -> _Reply:
+        """The answer; a refusal that is not etcd's JSON raises StoreError (5xx: left to the
+        caller, which tries another member)."""
         text = await response.text(errors="replace")
         try:
             body = json.loads(text)
         except ValueError:
             body = None
+        first = (text.strip().splitlines() or [""])[0][:120]
         if response.status >= 500:
-            return None
+            return _Reply(response.status, _index(response.headers),
+                          body if isinstance(body, dict) else {"message": first})
         if not isinstance(body, dict):
-            first = (text.strip().splitlines() or [""])[0][:120]
             if response.status == 404:
                 raise EtcdV2Disabled(f"etcd at {endpoint.url} does not serve the v2 API (start "
                                      "it with --enable-v2=true)")
@@ -356,8 +363,8 @@ class Etcd2Store:
                 log.debug("etcd v2 watch on %s: no event for %g s; asking again from index %d",
                           endpoint.url, WATCH_REISSUE, last + 1)
                 return None, last
-        if reply is None:
-            raise aiohttp.ClientError("etcd answered 5xx (no leader?)")
+        if reply.status >= 500:
+            raise aiohttp.ClientError(reply.server_error())
         if reply.error_code == INDEX_CLEARED:
             raise Relist(f"etcd's v2 history no longer holds index {last + 1} "
                          f"({reply.body.get('message', 'cleared')})")
