@@ -111,6 +111,8 @@ class EtcdOptions:
         cert, key = _read_pem("--etcd-certfile", certfile), _read_pem("--etcd-keyfile", keyfile)
         if certfile and keyfile:
             _check_key_pair(certfile, keyfile)
+        if cafile and _read_pem("--etcd-cafile", cafile):
+            _check_ca(cafile)
         return cls(parse_endpoints(endpoints), prefix, _read_pem("--etcd-cafile", cafile),
                    cert, key, username or None, password or None, certfile or None,
                    keyfile or None)
@@ -136,6 +138,16 @@ def _check_key_pair(certfile: str, keyfile: str) -> None:
     except OSError as e:
         raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: "
                         f"{e.strerror}") from None
+
+
+def _check_ca(cafile: str) -> None:
+    """UserError unless the file holds CA certificates (a TLS library would say so only at the
+    first connection, or with a traceback)."""
+    try:
+        ssl.create_default_context(cafile=cafile)
+    except ssl.SSLError:
+        raise UserError(f"--etcd-cafile {cafile}: a PEM file, but no certificate could be read "
+                        "from it") from None
 
 
 def key_path(*parts: str) -> str:

@@ -552,6 +552,16 @@ def test_bad_tls_or_auth_flags_exit_2_naming_them(flags, named):
     assert named in one_error_line(done, exit_code=None)
 
 
+@pytest.mark.parametrize("api", ["auto", "v3", "v2"])
+def test_a_ca_file_without_a_certificate_exits_2_naming_it(tmp_path, api):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n")
+    done = flannel_udp("network", "get", "--etcd-endpoints", "https://127.0.0.1:2379",
+                       "--etcd-cafile", str(bad), "--etcd-api", api)
+    line = one_error_line(done, exit_code=2)
+    assert f"--etcd-cafile {bad}: a PEM file, but no certificate could be read" in line, line
+
+
 @pytest.mark.parametrize("missing", ["--etcd-certfile", "--etcd-keyfile"])
 def test_a_missing_client_certificate_or_key_file_is_named(tmp_path, missing):
     present = tmp_path / "present.pem"
