@@ -54,5 +54,12 @@ def test_daemons_on_the_seeds_v2_config_use_the_v2_store_end_to_end(topology):
                    "h1 to see h2's lease go")
         wait_until(lambda: subnet in h1.peer_subnets(), 15, "h2's lease to be back in h1's table")
         assert ping_failures(pods) == []
+
+        # a lease as flanneld v0.11 writes it, with a short TTL: in the table, then expired out
+        v011 = '{"PublicIP":"192.168.77.40","BackendType":"host-gw"}'
+        etcd.etcdctl("set", "--ttl", "3", f"{PREFIX}/subnets/172.68.240.0-24", v011, api=2)
+        wait_until(lambda: "172.68.240.0/24" in h1.peer_subnets(), 5, "h1 to list the lease")
+        wait_until(lambda: "172.68.240.0/24" not in h1.peer_subnets(), 3 + 5,
+                   "the expired lease to leave h1's table")
     finally:
         etcd.cleanup()
