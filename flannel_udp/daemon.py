@@ -45,7 +45,7 @@ T = TypeVar("T")
 class RunOptions:
     store: Store
     store_name: str  # for messages
-    iface: str | None
+    iface: netlink.IfaceChoice  # which underlay interface (flanneld's --iface flags)
     public_ip: IPv4Address | None
     subnet_file: str
     renew_margin_minutes: int
@@ -176,7 +176,7 @@ class Daemon:
             lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
             opts.store_wait)
         self.config = config
-        ext = await asyncio.to_thread(netlink.find_interface, opts.iface)
+        ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
