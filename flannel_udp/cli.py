@@ -392,9 +392,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     lease = status["lease"]
     if lease:
-        left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
+        expiry = ("reserved (never expires)" if lease["expires"] is None
+                  else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
-              f"{lease['backend']}  expires in {left:.1f} h")
+              f"{lease['backend']}  {expiry}")
     if status.get("ip_forward") is False:
         print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
               "(sysctl -w net.ipv4.ip_forward=1)")

@@ -74,5 +74,8 @@ def test_a_deleted_lease_leaves_the_peers_and_a_reservation_is_kept_by_its_host(
     time.sleep(1.5)  # a daemon that stopped on its reservation would have done so by now
     assert h3.try_status() is not None
     assert p1.ping(p3.address, count=2)[p3.address].ok
+    shown = h3.flannel("status", "--control-socket", str(h3.control_socket)).stdout
+    assert f"lease    {RESERVED}  public IP {h3.underlay_ip}  backend udp  reserved (never " \
+        "expires)" in shown
     entry = listed(h1, flags)[RESERVED]
     assert (entry["public_ip"], entry["reserved"]) == (h3.underlay_ip, True)
