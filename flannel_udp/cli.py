@@ -1,5 +1,6 @@
 """The `flannel-udp` command: flanneld's flags (also as FLANNELD_<FLAG> variables, the command
-line winning) and the subcommands run, status, trace, network (get, set), docker-opts and demo."""
+line winning) and the subcommands run, status, trace, network (get, set), leases (list, delete,
+reserve), docker-opts and demo."""
 
 from __future__ import annotations
 
@@ -229,6 +230,29 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--file", metavar="FILE", help="read the config from FILE (- for standard "
                      "input)")
 
+    leases = sub.add_parser(
+        "leases", help="list, delete or reserve leases in the store, as etcdctl does for flannel",
+        description="The lease table by hand, for every store: flannel's keys (<net>-<len>) "
+        "and lease JSON. A reservation is a lease without TTL: the host with its public IP "
+        "takes that subnet, for ever.")
+    lease_sub = leases.add_subparsers(dest="leases_command", required=True, metavar="ACTION")
+    listing = lease_sub.add_parser("list", help="every lease: subnet, public IP, backend, "
+                                   "expiry (or reserved)")
+    _store_flags(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    delete = lease_sub.add_parser("delete", help="remove a lease: every peer drops its route")
+    _store_flags(delete)
+    delete.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24)")
+    reserve = lease_sub.add_parser(
+        "reserve", help="reserve a subnet for the host with a public IP (a lease without TTL)")
+    _store_flags(reserve)
+    reserve.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24)")
+    reserve.add_argument("--public-ip", required=True, metavar="IP",
+                         help="the public IP of the host that takes the subnet")
+    reserve.add_argument("--backend", metavar="TYPE",
+                         help="the lease's backend (default: the network config's, the only "
+                         "one accepted)")
+
     opts = sub.add_parser(
         "docker-opts", help="write dockerd options from subnet.env, as mk-docker-opts.sh",
         description="What flannel's mk-docker-opts.sh writes: DOCKER_OPT_BIP, "
@@ -389,6 +413,48 @@ def cmd_network(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leases(args: argparse.Namespace) -> int:
+    from flannel_udp import leaseadmin
+
+    # The arguments first: a command refused for its input opens no store.
+    subnet = None if args.leases_command == "list" else leaseadmin.parse_subnet_arg(args.subnet)
+    public_ip = None
+    if args.leases_command == "reserve":
+        try:
+            public_ip = IPv4Address(args.public_ip)
+        except ValueError:
+            raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    store, name = open_store(args)
+    if args.leases_command == "list":
+        entries = asyncio.run(_closing(store, leaseadmin.list_entries(store)))
+        if args.json:
+            print(json.dumps([e.as_json() for e in entries], indent=2))
+            return 0
+        print(f"{'SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}EXPIRY")
+        for e in entries:
+            if e.lease is None:
+                print(f"{e.key:<20}{'-':<17}{'-':<9}not a lease: {e.problem}")
+            else:
+                print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}"
+                      f"{e.lease.backend:<9}{leaseadmin.describe_expiry(e.lease)}")
+        if not entries:
+            print(f"(no leases in {name})")
+        return 0
+    assert subnet is not None
+    if args.leases_command == "delete":
+        gone = asyncio.run(_closing(store, leaseadmin.delete(store, name, subnet)))
+        holder = f" of {gone.lease.public_ip}" if gone.lease is not None else ""
+        print(f"deleted the lease {subnet}{holder} from {name}")
+        return 0
+    assert public_ip is not None
+    done, lease = asyncio.run(_closing(store, leaseadmin.reserve(
+        store, name, subnet, public_ip, args.backend)))
+    what = {"reserved": "reserved", "converted": "its lease made a reservation:",
+            "unchanged": "already reserved:"}[done]
+    print(f"{what} {subnet} for {public_ip} in {name}")
+    return 0
+
+
 def _age(since: float) -> str:
     seconds = int(time.time() - since)
     if seconds < 120:
@@ -413,9 +479,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     lease = status["lease"]
     if lease:
-        left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
+        expiry = ("reserved (never expires)" if lease["expires"] is None
+                  else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
-              f"{lease['backend']}  expires in {left:.1f} h")
+              f"{lease['backend']}  {expiry}")
     if status.get("ip_forward") is False:
         print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
               "(sysctl -w net.ipv4.ip_forward=1)")
@@ -501,7 +568,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo": cmd_demo,
-            "docker-opts": cmd_docker_opts, "trace": cmd_trace}
+            "docker-opts": cmd_docker_opts, "trace": cmd_trace, "leases": cmd_leases}
 
 
 def _long_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
