@@ -42,6 +42,8 @@ class StoreUnavailable(StoreError):
 
 
 class Store(Protocol):
+    keyspace: str  # what holds the leases, for messages and formats: "embedded", "etcd v3"
+
     async def get_config(self) -> bytes | None:
         """The network config JSON, or None when none was set."""
 

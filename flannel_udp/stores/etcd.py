@@ -232,6 +232,8 @@ class _Member:
 class EtcdStore:
     """Store on etcd v3; see `flannel_udp.stores.Store` for the contract of each method."""
 
+    keyspace = "etcd v3"
+
     def __init__(self, options: EtcdOptions) -> None:
         self.options = options
         self.name = f"etcd {','.join(e.url for e in options.endpoints)}"
