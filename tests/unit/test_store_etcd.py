@@ -26,8 +26,7 @@ from flannel_udp.config import parse_config
 from flannel_udp.lab import EtcdCluster, TestPKI, etcd_problem, make_test_pki
 from flannel_udp.lease import LEASE_TTL
 from flannel_udp.manager import LeaseManager
-from flannel_udp.stores import Snapshot, StoreError
-from flannel_udp.stores import etcd as etcd_store
+from flannel_udp.stores import Snapshot, StoreError, etcdcommon
 from flannel_udp.stores.etcd import EtcdOptions, EtcdStore
 
 CFG = parse_config('{"Network": "10.5.0.0/16"}')
@@ -223,7 +222,7 @@ def test_watch_reports_puts_changes_deletes_and_expiry_with_their_values(etcd):
 def test_watch_resumes_from_the_next_revision_after_etcd_restarts(etcd, caplog, monkeypatch):
     # The watch waits longer than etcd takes to restart and be changed, so the changes made in
     # between can only arrive by watching again from the last revision seen + 1.
-    monkeypatch.setattr(etcd_store, "WATCH_RETRY_MIN", 2.5)
+    monkeypatch.setattr(etcdcommon, "WATCH_RETRY_MIN", 2.5)
     prefix = "/t-restart/subnets"
 
     async def scenario():
