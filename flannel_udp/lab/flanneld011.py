@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import http.client
 import ipaddress
 import json
 import os
@@ -101,8 +102,9 @@ class V2Client:
                 except ValueError:
                     parsed = {"message": body.decode(errors="replace")}
                 raise V2Error(e.code, parsed) from None
-            except (OSError, ValueError) as e:  # refused, reset, timed out, cut short
-                failure = e if isinstance(e, OSError) else OSError(str(e))
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                # refused, reset, timed out, cut short (etcd killed mid-answer)
+                failure = e if isinstance(e, OSError) else OSError(f"{type(e).__name__}: {e}")
         assert failure is not None
         raise failure
 
