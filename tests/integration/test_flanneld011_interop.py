@@ -142,13 +142,14 @@ def cluster(request, module_topology):
     backend = request.param
     segments = [0, 1, 0, 1] if backend == "vxlan" else None
     topo: Topology = module_topology(4, segments=segments)
-    if topo.router is not None:  # etcd sits on segment 0, in the switch
-        topo.switch.run("ip", "route", "add", "192.168.78.0/24", "via", "192.168.77.1")
     for host in topo.hosts:
         gateway = ETCD_ADDRESS if topo.router is None else re.sub(
             r"\.\d+$", ".1", host.underlay_ip)
         host.run("ip", "route", "add", "default", "via", gateway)
-    etcd = EtcdCluster.in_topology(topo, enable_v2=True).start()
+    etcd = EtcdCluster.in_topology(topo, enable_v2=True)
+    if topo.router is not None:  # etcd sits on segment 0, in the switch
+        topo.switch.run("ip", "route", "add", "192.168.78.0/24", "via", "192.168.77.1")
+    etcd.start()
     try:
         etcd.etcdctl("set", f"{PREFIX}/config", CONFIGS[backend], api=2)
         h1, h2, h3, h4 = topo.hosts
@@ -186,6 +187,16 @@ def cluster(request, module_topology):
 def test_every_pod_pings_every_other(cluster: Cluster):
     assert ping_failures(cluster.pods) == []
     alive(cluster)
+    if cluster.backend == "vxlan":
+        # DirectRouting: peers on one segment route directly, the others encapsulate
+        h1, h2, h3, h4 = cluster.topo.hosts  # h1, h3 on segment 0; h2, h4 on segment 1
+        for host, direct, encapsulated in ((h1, h3, h4), (h4, h2, h1), (h3, h1, h2),
+                                           (h2, h4, h3)):
+            route = host.run("ip", "route", "get", cluster.pods[direct.label].address).stdout
+            assert f"via {direct.underlay_ip} dev eth0" in route, (host.label, route)
+            route = host.run("ip", "route", "get",
+                             cluster.pods[encapsulated.label].address).stdout
+            assert "dev flannel.1" in route, (host.label, route)
 
 
 def test_a_transfer_arrives_intact_both_ways_between_v011_and_flannel_udp(cluster: Cluster):
@@ -289,3 +300,4 @@ def test_the_stand_in_is_flanneld_v011_to_the_bytes(cluster: Cluster):
         assert [line.split("=")[0] for line in lines] == [
             "FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
         assert lines[0] == "FLANNEL_NETWORK=172.68.0.0/16"
+
