@@ -218,6 +218,8 @@ def test_our_leases_are_byte_identical_to_v011s_with_its_ttl(cluster: Cluster):
         extended = cluster.etcd.etcdctl("-o", "extended", "get", key, api=2).stdout
         ttl = int(re.search(r"^TTL: (\d+)$", extended, re.M).group(1))
         assert 86000 < ttl <= 86400, (host.label, extended)
+    for host in cluster.ours:  # found by the seed's command line alone
+        assert host.status()["keyspace"] == "etcd v2"
     if cluster.backend == "vxlan":  # the VtepMAC published is the device's
         for host in cluster.ours:
             mac = host.link("flannel.1")["address"]
