@@ -76,7 +76,7 @@ def _store_flags(parser: argparse.ArgumentParser) -> None:
          help="comma-separated etcd endpoints, e.g. https://10.0.0.1:2379; with them the "
               "leases live in etcd, as flanneld keeps them")
     _add(g, "--etcd-prefix", default="/coreos.com/network", help="etcd prefix")
-    _add(g, "--etcd-api", default="auto", choices=ETCD_APIS,
+    _add(g, "--etcd-api", default="auto", metavar="|".join(ETCD_APIS),
          help="etcd's keyspace: v3 (flanneld v0.18 and later), v2 (flanneld v0.11; etcd 3.4 "
               "serves it with --enable-v2=true), or auto: the one holding the network config, "
               "v3 when both do (default %(default)s)")

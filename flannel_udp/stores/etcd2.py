@@ -13,6 +13,7 @@ and reports the difference (the loop is `etcdcommon.follow`, shared with the v3 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -85,8 +86,14 @@ def _index(headers: Any) -> int | None:
 
 def _tls_reason(e: BaseException) -> str | None:
     """'TLS handshake failed: ...' for a TLS failure among the causes of `e`, else None."""
+    if isinstance(e, aiohttp.ClientConnectorCertificateError):
+        e = e.certificate_error
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        e = e.os_error
     seen: BaseException | None = e
-    while seen is not None:
+    for _ in range(5):  # the exception and a few of its causes
+        if seen is None:
+            break
         if isinstance(seen, ssl.SSLCertVerificationError):
             return (f"TLS handshake failed: {seen.reason or 'CERTIFICATE_VERIFY_FAILED'}: "
                     f"{seen.verify_message}")
@@ -96,13 +103,11 @@ def _tls_reason(e: BaseException) -> str | None:
                 return (f"TLS handshake failed: {reason} (no client certificate it "
                         "trusts?)")
             return f"TLS handshake failed: {reason}"
-        seen = seen.__cause__ or seen.__context__ or getattr(seen, "os_error", None)
-        if seen is e:
-            break
+        seen = seen.__cause__ or seen.__context__
     return None
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, endpoint: Endpoint) -> str:
     """A failed request in a few words."""
     tls = _tls_reason(e)
     if tls:
@@ -114,6 +119,8 @@ def _reason(e: BaseException) -> str:
             return "connection refused"
         return e.os_error.strerror or str(e.os_error)
     if isinstance(e, aiohttp.ServerDisconnectedError):
+        if not endpoint.secure:
+            return "the connection closed (is it an https:// endpoint?)"
         return "the connection closed"
     return str(e) or type(e).__name__
 
@@ -129,8 +136,10 @@ class Etcd2Store:
         self._ssl: ssl.SSLContext | None = None
         if any(e.secure for e in options.endpoints):
             self._ssl = options.ssl_context()
-        self._auth = (aiohttp.BasicAuth(options.username, options.password or "")
-                      if options.username else None)
+        self._headers = {}
+        if options.username:  # HTTP basic auth, as etcd's v2 client sends it
+            credentials = f"{options.username}:{options.password or ''}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._current = 0  # the member that answered last: tried first
@@ -143,7 +152,7 @@ class Etcd2Store:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             self._session = aiohttp.ClientSession(
-                auth=self._auth, timeout=aiohttp.ClientTimeout(
+                headers=self._headers, timeout=aiohttp.ClientTimeout(
                     total=None, connect=RPC_TIMEOUT, sock_connect=RPC_TIMEOUT))
             self._session_loop = loop
         return self._session
@@ -168,7 +177,7 @@ class Etcd2Store:
                         timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT)) as response:
                     reply = await self._reply(endpoint, response, what)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                failures.append((endpoint.url, _reason(e)))
+                failures.append((endpoint.url, _reason(e, endpoint)))
                 continue
             if reply is None:  # the member answered but cannot serve now (no leader, ...)
                 failures.append((endpoint.url, "etcd answered 5xx (no leader?)"))
@@ -212,7 +221,8 @@ class Etcd2Store:
         key = str(node.get("key", ""))
         relative = key[len(self._subnets) + 1:]
         if node.get("dir"):
-            log.warning("lease %s: a v2 directory where a lease key belongs; skipped", key)
+            log.warning("lease store: skipping key %r: a v2 directory where a lease key belongs",
+                        key)
             return None
         value = node.get("value")
         return LeaseRecord(relative, (value if isinstance(value, str) else "").encode(),
@@ -318,7 +328,7 @@ class Etcd2Store:
                 try:
                     event, last = await self._wait(endpoint, params, last)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                    failures.append((endpoint.url, _reason(e)))
+                    failures.append((endpoint.url, _reason(e, endpoint)))
                     continue
                 self._current = index
                 break
