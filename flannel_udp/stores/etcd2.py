@@ -371,6 +371,8 @@ class Etcd2Store:
         if not key.startswith(self._subnets):
             return []
         if action in _PUT_ACTIONS:
+            if key == self._subnets:  # the directory of leases itself made: nothing to apply
+                return []
             record = self._record(node)
             if record is None or not record.key:
                 return []
