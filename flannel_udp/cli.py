@@ -15,11 +15,12 @@ import time
 from collections.abc import Awaitable
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flannel_udp import __version__, control
 from flannel_udp.errors import UserError
-from flannel_udp.stores import Store, StoreError
+from flannel_udp.stores import StoreError
+from flannel_udp.stores.keyspace import ETCD_APIS, StoreChoice
 from flannel_udp.trace import trace_line
 
 if TYPE_CHECKING:
@@ -125,6 +126,10 @@ def _store_flags(parser: argparse.ArgumentParser) -> None:
          help="comma-separated etcd endpoints, e.g. https://10.0.0.1:2379; with them the "
               "leases live in etcd, as flanneld keeps them")
     _add(g, "--etcd-prefix", default="/coreos.com/network", help="etcd prefix")
+    _add(g, "--etcd-api", default="auto", metavar="|".join(ETCD_APIS),
+         help="etcd's keyspace: v3 (flanneld v0.18 and later), v2 (flanneld v0.11; etcd 3.4 "
+              "serves it with --enable-v2=true), or auto: the one holding the network config, "
+              "v3 when both do (default %(default)s)")
     _add(g, "--etcd-cafile", "--ca-file", metavar="FILE", help="etcd CA certificate")
     _add(g, "--etcd-certfile", "--cert-file", metavar="FILE", help="etcd client certificate")
     _add(g, "--etcd-keyfile", "--key-file", metavar="FILE", help="etcd client key")
@@ -276,24 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def open_store(args: argparse.Namespace) -> tuple[Store, str]:
-    """The store the flags name, and a name for it in messages."""
-    if args.etcd_endpoints:
-        from flannel_udp.stores.etcd import EtcdOptions, EtcdStore
-        store = EtcdStore(EtcdOptions.from_flags(
-            args.etcd_endpoints, args.etcd_prefix, args.etcd_cafile, args.etcd_certfile,
-            args.etcd_keyfile, args.etcd_username, args.etcd_password))
-        return store, f"{store.name} (prefix {args.etcd_prefix})"
-    from flannel_udp.stores.local import LocalStore
-    return LocalStore(args.local_store), f"lease store {args.local_store}"
+def open_store(args: argparse.Namespace) -> StoreChoice:
+    """The store the flags name (with etcd, the keyspaces --etcd-api allows)."""
+    from flannel_udp.stores.keyspace import open_store as open_stores
+    return open_stores(args.local_store, args.etcd_endpoints, args.etcd_api, args.etcd_prefix,
+                       args.etcd_cafile, args.etcd_certfile, args.etcd_keyfile,
+                       args.etcd_username, args.etcd_password)
 
 
-async def _closing(store: Store, work: Awaitable[T]) -> T:
-    """Await `work`, then release the store's connections."""
+async def _closing(stores: StoreChoice, work: Awaitable[T]) -> T:
+    """Await `work`, then release the stores' connections."""
     try:
         return await work
     finally:
-        await store.close()
+        await stores.close()
 
 
 # flanneld's flags for its Kubernetes subnet manager, and those of them that take no value.
@@ -343,8 +344,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to {MAX_BUSY_POLL_US} us")
     if args.iptables_resync < 1:
         raise UserError("--iptables-resync: must be 1 second or more")
-    store, name = open_store(args)
-    opts = RunOptions(store=store, store_name=name, iface=iface, public_ip=public_ip,
+    stores = open_store(args)
+    opts = RunOptions(store=stores.candidates[0], store_name=stores.where, stores=stores,
+                      iface=iface, public_ip=public_ip,
                       subnet_file=args.subnet_file,
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
@@ -354,7 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
                       healthz_port=args.healthz_port)
     import uvloop
-    return uvloop.run(_closing(store, Daemon(opts).run()))
+    return uvloop.run(_closing(stores, Daemon(opts).run()))
 
 
 def _iface_choice(args: argparse.Namespace) -> IfaceChoice:
@@ -384,12 +386,14 @@ def _iface_choice(args: argparse.Namespace) -> IfaceChoice:
 def cmd_network(args: argparse.Namespace) -> int:
     from flannel_udp.config import parse_config
 
-    store, name = open_store(args)
+    stores = open_store(args)
     if args.network_command == "get":
-        raw = asyncio.run(_closing(store, store.get_config()))
+        async def get() -> bytes | None:
+            return await (await stores.choose()).get_config()
+        raw = asyncio.run(_closing(stores, get()))
         if raw is None:
-            raise UserError(f"no network config in {name}: set one with flannel-udp network "
-                            f"set '{EXAMPLE_CONFIG}'", 1)
+            raise UserError(f"no network config in {stores.none_found()}: set one with "
+                            f"flannel-udp network set '{EXAMPLE_CONFIG}'", 1)
         print(raw.decode())
         return 0
     if args.config is None and args.file is None:
@@ -407,8 +411,13 @@ def cmd_network(args: argparse.Namespace) -> int:
     else:
         raw = args.config.encode()
     config = parse_config(raw)
-    asyncio.run(_closing(store, store.set_config(raw)))
-    print(f"network config written to {name}: Network {config.network}, "
+
+    async def put() -> str:
+        store = await stores.choose()  # auto: where a config is already, else v3
+        await store.set_config(raw)
+        return stores.describe(store)
+    where = asyncio.run(_closing(stores, put()))
+    print(f"network config written to {where}: Network {config.network}, "
           f"SubnetLen {config.subnet_len}, backend {config.backend_type}")
     return 0
 
@@ -424,31 +433,38 @@ def cmd_leases(args: argparse.Namespace) -> int:
             public_ip = IPv4Address(args.public_ip)
         except ValueError:
             raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
-    store, name = open_store(args)
+    stores = open_store(args)
+
+    async def work() -> tuple[Any, str]:
+        store = await stores.choose()  # with etcd, the keyspace holding the config
+        name = stores.describe(store)
+        if args.leases_command == "list":
+            return await leaseadmin.list_entries(store), name
+        assert subnet is not None
+        if args.leases_command == "delete":
+            return await leaseadmin.delete(store, name, subnet), name
+        assert public_ip is not None
+        return await leaseadmin.reserve(store, name, subnet, public_ip, args.backend), name
+    result, name = asyncio.run(_closing(stores, work()))
     if args.leases_command == "list":
-        entries = asyncio.run(_closing(store, leaseadmin.list_entries(store)))
         if args.json:
-            print(json.dumps([e.as_json() for e in entries], indent=2))
+            print(json.dumps([e.as_json() for e in result], indent=2))
             return 0
         print(f"{'SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}EXPIRY")
-        for e in entries:
+        for e in result:
             if e.lease is None:
                 print(f"{e.key:<20}{'-':<17}{'-':<9}not a lease: {e.problem}")
             else:
                 print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}"
                       f"{e.lease.backend:<9}{leaseadmin.describe_expiry(e.lease)}")
-        if not entries:
+        if not result:
             print(f"(no leases in {name})")
         return 0
-    assert subnet is not None
     if args.leases_command == "delete":
-        gone = asyncio.run(_closing(store, leaseadmin.delete(store, name, subnet)))
-        holder = f" of {gone.lease.public_ip}" if gone.lease is not None else ""
+        holder = f" of {result.lease.public_ip}" if result.lease is not None else ""
         print(f"deleted the lease {subnet}{holder} from {name}")
         return 0
-    assert public_ip is not None
-    done, lease = asyncio.run(_closing(store, leaseadmin.reserve(
-        store, name, subnet, public_ip, args.backend)))
+    done, lease = result
     what = {"reserved": "reserved", "converted": "its lease made a reservation:",
             "unchanged": "already reserved:"}[done]
     print(f"{what} {subnet} for {public_ip} in {name}")
@@ -483,6 +499,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  {expiry}")
+    if status.get("keyspace"):
+        print(f"store    {status['keyspace']}")
     if status.get("ip_forward") is False:
         print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
               "(sysctl -w net.ipv4.ip_forward=1)")

@@ -25,6 +25,7 @@ from flannel_udp.ipmasq import IpMasq, IptablesError, resync_forever
 from flannel_udp.lease import Lease
 from flannel_udp.manager import LeaseManager
 from flannel_udp.stores import Store, StoreError, StoreUnavailable
+from flannel_udp.stores.keyspace import StoreChoice
 from flannel_udp.trace import Tracing
 
 log = logging.getLogger("flannel-udp")
@@ -62,6 +63,9 @@ class RunOptions:
     iptables_resync: float = 5.0  # seconds between checks of the --ip-masq rules
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0  # 0: no /healthz and /metrics endpoint
+    # The stores the flags allow (etcd's v3 and v2 keyspaces): the one holding the network
+    # config replaces `store` at start. None: `store` it is.
+    stores: StoreChoice | None = None
 
 
 async def until_available(what: str, step: Callable[[], Awaitable[T]],
@@ -170,10 +174,18 @@ class Daemon:
 
     async def _run(self) -> int:
         opts = self.opts
+        if opts.stores is not None:
+            choice = opts.stores
+            opts.store = await until_available("looking for the network config", choice.choose,
+                                               opts.store_wait)
+            opts.store_name = choice.describe(opts.store)
+            missing = choice.none_found()
+        else:
+            missing = opts.store_name
         log.info("using %s", opts.store_name)  # the name says what kind of store it is
         config, seed_raw = await until_available(
             "reading the network config",
-            lambda: load_config(opts.store, opts.store_name, opts.net_config_path),
+            lambda: load_config(opts.store, missing, opts.net_config_path),
             opts.store_wait)
         self.config = config
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
@@ -385,13 +397,19 @@ class Daemon:
                    and (userspace is None or userspace.running()))
         return {"lease": held, "dataplane": running}
 
+    def _keyspace(self) -> str | None:
+        """The store's keyspace; None while the etcd keyspaces are still being asked."""
+        if self.opts.stores is not None and self.opts.stores.chosen is None:
+            return None
+        return self.opts.store.keyspace
+
     def status(self) -> dict[str, Any]:
         if self.manager is None or self.network is None or self.config is None:
             # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
             return {"lease": None, "network": str(self.config.network) if self.config else None,
                     "started": self.started, "peers": [], "counters": {},
                     "health": self.health(), "store_errors": self.store_errors,
-                    "ip_forward": netlink.ip_forward()}
+                    "ip_forward": netlink.ip_forward(), "keyspace": self._keyspace()}
         lease = self.manager.lease
         stats = self.network.stats()
         userspace = self._userspace()
@@ -412,6 +430,7 @@ class Daemon:
             "counters": droplog.countable(stats["counters"], self.config.backend_type),
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,
+            "keyspace": self._keyspace(),
             "ip_masq": self.ipmasq is not None,
             # The userspace data plane's; a kernel one has none of these (source check: None).
             "offloads": userspace.offloads() if userspace is not None else {},

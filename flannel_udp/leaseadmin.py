@@ -167,7 +167,7 @@ async def reserve(store: Store, store_name: str, subnet: IPv4Network, public_ip:
             return "converted", Lease(held.subnet, held.public_ip, held.backend_type,
                                       held.backend_data, None)
         backend_type = "" if config.backend_type == "udp" else config.backend_type
-        value = encode_lease_value(public_ip, backend_type)
+        value = encode_lease_value(public_ip, backend_type, v011=store.keyspace == "etcd v2")
         if await store.create_lease(key, value, LEASE_TTL) is not None:
             await store.put_lease(key, value, None)
             return "reserved", Lease(subnet, public_ip, backend_type, None, None)

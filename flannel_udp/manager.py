@@ -50,7 +50,9 @@ class LeaseManager:
         self.store = store
         self.config = config
         self.public_ip = public_ip
-        self.value = encode_lease_value(public_ip, backend_type, backend_data)
+        # On etcd's v2 keyspace the peers may be flanneld v0.11 nodes: write their format.
+        self.value = encode_lease_value(public_ip, backend_type, backend_data,
+                                        v011=store.keyspace == "etcd v2")
         self.renew_margin = renew_margin
         self.ttl = ttl
         self.lease: Lease | None = None

@@ -7,9 +7,11 @@ also on failure; `remove_stale_etcd()` deals with what a killed run left.
 API:
     etcd_problem() -> str | None            why etcd can't be run here, or None
     make_test_pki(directory, ips) -> TestPKI
-    EtcdCluster(members=1, netns=None, address="127.0.0.1", pki=None, directory=None)
+    EtcdCluster(members=1, netns=None, address="127.0.0.1", pki=None, directory=None,
+                enable_v2=False)
         a context manager; .start() .endpoints .endpoint_arg .client_flags()
-        .stop_member(i, sig) .start_member(i) .etcdctl(*args) .member_log(i) .cleanup()
+        .stop_member(i, sig) .start_member(i) .etcdctl(*args, api=3) .member_log(i)
+        .cleanup()
     EtcdCluster.in_topology(topo, members=1)  members on ETCD_ADDRESS in topo's switch
     remove_stale_etcd()                     kill etcd members of dead runs
 """
@@ -107,11 +109,12 @@ def _free_ports(count: int, address: str) -> list[int]:
 class EtcdCluster:
     """`members` etcd members on `address`: on free ports of the root namespace, or on fixed
     ones inside `netns` (whose owner stops the processes too). Data dirs and logs live in
-    `directory` (default: a temp dir of its own, removed by cleanup)."""
+    `directory` (default: a temp dir of its own, removed by cleanup). With `enable_v2` the
+    members also serve etcd's v2 API (`--enable-v2=true`), as the seed's etcd does."""
 
     def __init__(self, members: int = 1, *, netns: Netns | None = None,
                  address: str = "127.0.0.1", pki: TestPKI | None = None,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, enable_v2: bool = False) -> None:
         self.netns = netns
         self.address = address
         self.pki = pki
@@ -138,6 +141,8 @@ class EtcdCluster:
                     "--log-outputs", "stderr",
                     # quick elections, so that a killed member is replaced within a second
                     "--heartbeat-interval", "50", "--election-timeout", "500"]
+            if enable_v2:
+                argv.append("--enable-v2=true")
             if pki:
                 argv += ["--cert-file", str(pki.server_cert), "--key-file",
                          str(pki.server_key), "--trusted-ca-file", str(pki.ca),
@@ -147,8 +152,8 @@ class EtcdCluster:
         self._closed = False
 
     @classmethod
-    def in_topology(cls, topo: Topology, members: int = 1,
-                    pki: TestPKI | None = None) -> EtcdCluster:
+    def in_topology(cls, topo: Topology, members: int = 1, pki: TestPKI | None = None,
+                    enable_v2: bool = False) -> EtcdCluster:
         """Members in `topo`'s switch namespace on ETCD_ADDRESS (added to its bridge), which
         every host reaches over its eth0; stopped and removed with the topology too."""
         addrs = topo.switch.ip_json("addr", "show", "dev", "br0")
@@ -157,7 +162,7 @@ class EtcdCluster:
             topo.switch.run("ip", "addr", "add", f"{ETCD_ADDRESS}/{UNDERLAY_NET.prefixlen}",
                             "dev", "br0")
         return cls(members, netns=topo.switch, address=ETCD_ADDRESS, pki=pki,
-                   directory=topo.dir / f"etcd{next(_cluster_ids)}")
+                   directory=topo.dir / f"etcd{next(_cluster_ids)}", enable_v2=enable_v2)
 
     def __enter__(self) -> EtcdCluster:
         return self
@@ -243,16 +248,25 @@ class EtcdCluster:
             self.wait_healthy(index)
 
     def etcdctl(self, *args: str, member: int | None = None, check: bool = True,
-                timeout: float = 15, input: str | None = None) -> subprocess.CompletedProcess:
-        """etcdctl (v3 API) against one member (default: all), with the cluster's TLS files."""
+                timeout: float = 15, input: str | None = None, api: int = 3
+                ) -> subprocess.CompletedProcess:
+        """etcdctl against one member (default: all), with the cluster's TLS files; `api=2`
+        runs `ETCDCTL_API=2 etcdctl` (the v2 keyspace: `set`, `get`, `rm`, `mk`, ...)."""
         endpoints = self.endpoint_arg if member is None else self.endpoints[member]
-        argv = ["etcdctl", "--endpoints", endpoints, "--dial-timeout", "2s",
-                "--command-timeout", f"{max(1, int(timeout) - 1)}s"]
-        if self.pki:
-            argv += ["--cacert", str(self.pki.ca), "--cert", str(self.pki.client_cert),
-                     "--key", str(self.pki.client_key)]
+        if api == 2:
+            argv = ["etcdctl", "--endpoints", endpoints, "--timeout", "2s",
+                    "--total-timeout", f"{max(1, int(timeout) - 1)}s"]
+            if self.pki:
+                argv += ["--ca-file", str(self.pki.ca), "--cert-file",
+                         str(self.pki.client_cert), "--key-file", str(self.pki.client_key)]
+        else:
+            argv = ["etcdctl", "--endpoints", endpoints, "--dial-timeout", "2s",
+                    "--command-timeout", f"{max(1, int(timeout) - 1)}s"]
+            if self.pki:
+                argv += ["--cacert", str(self.pki.ca), "--cert", str(self.pki.client_cert),
+                         "--key", str(self.pki.client_key)]
         argv += args
-        env = {**os.environ, "ETCDCTL_API": "3"}
+        env = {**os.environ, "ETCDCTL_API": str(api)}
         if self.netns is not None:
             cmd = self.netns.argv(*argv)
         else:

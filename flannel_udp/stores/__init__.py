@@ -42,6 +42,10 @@ class StoreUnavailable(StoreError):
 
 
 class Store(Protocol):
+    # Which keyspace holds the table, for the log and `status`: "embedded", "etcd v3" or
+    # "etcd v2" (where flannel v0.11's lease JSON is spoken).
+    keyspace: str
+
     async def get_config(self) -> bytes | None:
         """The network config JSON, or None when none was set."""
 

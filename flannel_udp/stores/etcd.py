@@ -14,15 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import posixpath
 import re
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 # grpc's C core logs to stderr by itself (TLS handshake details, reconnects); every failure
 # reaches us as an exception we turn into one line, so it is silenced before grpc loads.
@@ -31,7 +27,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402
 from aetcd import rpc  # noqa: E402
 
-from flannel_udp.errors import UserError  # noqa: E402
 from flannel_udp.stores import (  # noqa: E402
     LeaseEvent,
     LeaseRecord,
@@ -39,13 +34,22 @@ from flannel_udp.stores import (  # noqa: E402
     StoreError,
     StoreUnavailable,
 )
+from flannel_udp.stores.etcdcommon import (  # noqa: E402
+    RPC_TIMEOUT,
+    Endpoint,
+    EtcdOptions,
+    EtcdTLSError,
+    Relist,
+    follow,
+    key_path,
+    parse_endpoints,
+    unavailable_or_tls,
+)
+
+__all__ = ["EtcdOptions", "EtcdStore", "EtcdTLSError", "parse_endpoints"]
 
 log = logging.getLogger("flannel-udp")
 
-DEFAULT_PORT = 2379
-RPC_TIMEOUT = 5.0  # seconds for one call to one member: a silent member is left after this
-WATCH_RETRY_MIN, WATCH_RETRY_MAX = 0.2, 2.0  # seconds between attempts to watch again
-OUTAGE_REPORT_EVERY = 30.0  # seconds between log lines while the watch cannot resume
 TTL_LOOKUPS = 32  # concurrent TimeToLive calls when listing
 _CHANNEL_OPTIONS = [
     # Reconnect within 2 s of a member coming back (grpc's default backoff grows to 120 s).
@@ -71,102 +75,8 @@ _ADDRESS_PREFIX = re.compile(r"^[A-Z_]+: (?:ipv4:|ipv6:|dns:)?\S+:\d+: ")
 _SSL_REASON = re.compile(r"OPENSSL_internal:([A-Z_]+)(?::\s*([^:]+))?")
 
 
-class EtcdTLSError(StoreError):
-    """The TLS handshake with etcd failed: a setting to fix, not an outage to wait out."""
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    url: str  # as given, for messages
-    target: str  # host:port for grpc
-    secure: bool
-
-
-def parse_endpoints(text: str) -> list[Endpoint]:
-    """`--etcd-endpoints`: comma-separated http(s)://host[:port] (a bare host:port means http,
-    as etcd's client takes it). UserError (exit 2) naming the bad one."""
-    endpoints = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            continue
-        url = item if "://" in item else f"http://{item}"
-        try:
-            parts = urlsplit(url)
-            port = parts.port or DEFAULT_PORT
-        except ValueError as e:
-            raise UserError(f"--etcd-endpoints: {item!r} is not a URL ({e})") from None
-        if parts.scheme not in ("http", "https"):
-            raise UserError(f"--etcd-endpoints: {item!r}: the scheme must be http or https")
-        if not parts.hostname or parts.path not in ("", "/") or parts.query:
-            raise UserError(f"--etcd-endpoints: {item!r} is not of the form "
-                            "http(s)://host:port")
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        endpoints.append(Endpoint(item, f"{host}:{port}", parts.scheme == "https"))
-    if not endpoints:
-        raise UserError("--etcd-endpoints: no endpoint given")
-    return endpoints
-
-
-def _read_pem(flag: str, path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise UserError(f"{flag} {path}: {e.strerror}") from None
-    if b"-----BEGIN" not in data:
-        raise UserError(f"{flag} {path}: not a PEM file")
-    return data
-
-
-@dataclass(frozen=True)
-class EtcdOptions:
-    """The etcd flags of flanneld, checked; the certificate files read once."""
-
-    endpoints: list[Endpoint]
-    prefix: str = "/coreos.com/network"
-    ca: bytes | None = None
-    cert: bytes | None = None
-    key: bytes | None = None
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def from_flags(cls, endpoints: str, prefix: str, cafile: str | None = None,
-                   certfile: str | None = None, keyfile: str | None = None,
-                   username: str | None = None, password: str | None = None) -> EtcdOptions:
-        if bool(certfile) != bool(keyfile):
-            raise UserError("--etcd-certfile and --etcd-keyfile go together: give both or "
-                            "neither")
-        if bool(username) != bool(password):
-            raise UserError("--etcd-username and --etcd-password go together: give both or "
-                            "neither")
-        # Read first: a missing file is then named by its flag and path (the pair check's
-        # OSError carries no file name).
-        cert, key = _read_pem("--etcd-certfile", certfile), _read_pem("--etcd-keyfile", keyfile)
-        if certfile and keyfile:
-            _check_key_pair(certfile, keyfile)
-        return cls(parse_endpoints(endpoints), prefix, _read_pem("--etcd-cafile", cafile),
-                   cert, key, username or None, password or None)
-
-
-def _check_key_pair(certfile: str, keyfile: str) -> None:
-    """UserError unless the files hold a certificate and its private key (grpc would only say
-    "Failed to create security handshaker" at the first call)."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certfile, keyfile)
-    except ssl.SSLError as e:
-        raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: not a "
-                        f"certificate and its key ({e.reason or e})") from None
-    except OSError as e:
-        raise UserError(f"--etcd-certfile {certfile} and --etcd-keyfile {keyfile}: "
-                        f"{e.strerror}") from None
-
-
 def _key(*parts: str) -> bytes:
-    # Go's path.Join, as flannel builds its keys: a trailing or doubled '/' in the prefix
-    # does not change them.
-    return posixpath.normpath(posixpath.join(*parts)).encode()
+    return key_path(*parts).encode()
 
 
 def _range_end(prefix: bytes) -> bytes:
@@ -232,6 +142,8 @@ class _Member:
 class EtcdStore:
     """Store on etcd v3; see `flannel_udp.stores.Store` for the contract of each method."""
 
+    keyspace = "etcd v3"
+
     def __init__(self, options: EtcdOptions) -> None:
         self.options = options
         self.name = f"etcd {','.join(e.url for e in options.endpoints)}"
@@ -288,11 +200,7 @@ class EtcdStore:
                     failures.append((member.endpoint.url,
                                      str(e) or f"no answer within {RPC_TIMEOUT:g} s"))
                 break
-        reasons = "; ".join(f"{url}: {reason}" for url, reason in failures)
-        if all(r.startswith("TLS handshake failed") for _, r in failures):
-            raise EtcdTLSError(f"etcd: {reasons} (check --etcd-cafile, --etcd-certfile and "
-                               "--etcd-keyfile)")
-        raise StoreUnavailable(f"etcd unreachable ({what}): {reasons}")
+        raise unavailable_or_tls(failures, what)
 
     async def _call(self, service: str, method: str, request: Any) -> Any:
         async def attempt(member: _Member, metadata: tuple) -> Any:
@@ -381,54 +289,13 @@ class EtcdStore:
 
     # -- the watch --
 
-    async def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
-        known = {r.key: r for r in since.records}
-        revision = since.revision  # every event up to here is in `known`
-        delay = WATCH_RETRY_MIN
-        outage_since: float | None = None
-        last_report = 0.0
-        while True:
-            try:
-                async for batch, seen in self._watch_from(revision, known):
-                    revision = seen
-                    if outage_since is not None:
-                        log.info("etcd watch resumed from revision %d after %.1f s",
-                                 revision + 1, time.time() - outage_since)
-                        outage_since = None
-                    delay = WATCH_RETRY_MIN
-                    if batch:
-                        yield batch
-            except _Relist as e:
-                log.warning("%s: listing the leases again", e)
-                try:
-                    snapshot = await self.list_leases()
-                except StoreError as e2:
-                    error: StoreError = e2
-                else:
-                    batch = _difference(known, snapshot)
-                    known = {r.key: r for r in snapshot.records}
-                    revision = snapshot.revision
-                    if batch:
-                        yield batch
-                    continue
-            except StoreError as e:
-                error = e
-            now = time.time()
-            if outage_since is None:
-                outage_since = last_report = now
-                log.warning("etcd watch interrupted (%s); forwarding on the last known lease "
-                            "table, watching again from revision %d", error, revision + 1)
-            elif now - last_report >= OUTAGE_REPORT_EVERY:
-                last_report = now
-                log.warning("etcd still unreachable after %.0f s (%s); still forwarding",
-                            now - outage_since, error)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WATCH_RETRY_MAX)
+    def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
+        return follow(since, self._watch_from, self.list_leases, "revision")
 
     async def _watch_from(self, revision: int, known: dict[str, LeaseRecord]
                           ) -> AsyncIterator[tuple[list[LeaseEvent], int]]:
         """One watch stream from `revision` + 1: (events, revision seen) per response, `known`
-        kept up to date. Ends by raising: StoreError when the stream breaks, _Relist when the
+        kept up to date. Ends by raising: StoreError when the stream breaks, Relist when the
         history from `revision` + 1 is gone."""
         call = None
 
@@ -450,11 +317,11 @@ class EtcdStore:
             if reply.created and reply.header.revision < revision:
                 # etcd went back in time (restored or rebuilt): watching from a revision it
                 # has not reached would miss everything until it gets there.
-                raise _Relist(f"etcd is at revision {reply.header.revision}, before the "
+                raise Relist(f"etcd is at revision {reply.header.revision}, before the "
                               f"{revision} seen: restored from a backup?")
             while True:
                 if reply.compact_revision:
-                    raise _Relist(f"etcd compacted the lease history past revision "
+                    raise Relist(f"etcd compacted the lease history past revision "
                                   f"{revision + 1} (to {reply.compact_revision})")
                 if reply.canceled:
                     raise StoreUnavailable(f"watch cancelled: {reply.cancel_reason or '?'}")
@@ -501,16 +368,3 @@ class EtcdStore:
         known.clear()
         known.update(table)
         return batch
-
-
-class _Relist(Exception):
-    """The history after the last revision seen is gone: only a fresh listing will do."""
-
-
-def _difference(known: dict[str, LeaseRecord], snapshot: Snapshot) -> list[LeaseEvent]:
-    """The events that turn the table `known` into `snapshot`."""
-    now = {r.key: r for r in snapshot.records}
-    events = [LeaseEvent("delete", r) for k, r in known.items() if k not in now]
-    events += [LeaseEvent("put", r) for k, r in now.items()
-               if k not in known or known[k].value != r.value]
-    return events

@@ -33,6 +33,8 @@ class StoreCorrupt(StoreError):
 class LocalStore:
     """Store on a local file; see `flannel_udp.stores.Store` for the contract of each method."""
 
+    keyspace = "embedded"
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._lock_path = self.path.with_name(self.path.name + ".lock")

@@ -3,6 +3,7 @@ flannel-udp does with it; the command line must do what the page says."""
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -50,3 +51,20 @@ def test_the_command_line_does_what_the_page_says(flag, support, tmp_path, capsy
     else:
         assert support.startswith("refused as unknown"), support
         assert not known, f"-{flag}: the page says it is refused, the command line takes it"
+
+
+def test_the_page_names_every_own_flag_of_run():
+    """flannel-udp's own flags of `run` (not flanneld's, nor an alias of one) are named on the
+    page, e.g. --etcd-api."""
+    run = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    own = set()
+    for action in run._actions:
+        names = [o for o in action.option_strings if o.startswith("--")]
+        if not names or action.help == argparse.SUPPRESS or names[0] in ("--help", "--version"):
+            continue
+        if not any(n[2:] in FLANNELD_FLAGS for n in names):
+            own.add(names[0])
+    assert "--etcd-api" in own
+    text = PAGE.read_text()
+    assert [f for f in sorted(own) if f"`{f}`" not in text] == []

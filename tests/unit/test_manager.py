@@ -33,6 +33,20 @@ def test_own_lease_is_reused_before_the_old_subnet_file(tmp_path):
     assert records[0].expiration > time.time() + 3000  # refreshed with the manager's TTL
 
 
+def test_on_etcds_v2_keyspace_the_lease_is_written_as_flannel_v011_writes_it(tmp_path):
+    class V2Keyspace(LocalStore):  # the lease format follows the keyspace, whatever the store
+        keyspace = "etcd v2"
+
+    async def scenario(store):
+        await LeaseManager(store, CFG, ME, "host-gw", None, renew_margin=60.0).acquire(None)
+        return (await store.list_leases()).records[0].value
+
+    assert asyncio.run(scenario(V2Keyspace(tmp_path / "v2"))) == \
+        b'{"PublicIP":"192.168.0.10","BackendType":"host-gw"}'
+    assert asyncio.run(scenario(LocalStore(tmp_path / "embedded"))) == \
+        b'{"PublicIP":"192.168.0.10","PublicIPv6":null,"BackendType":"host-gw"}'
+
+
 def test_old_subnet_is_taken_when_free_else_another(tmp_path):
     async def scenario():
         store = LocalStore(tmp_path / "leases")
