@@ -54,6 +54,35 @@ def _env_int(dest: str, default: int) -> int:
         raise UserError(f"FLANNELD_{dest.upper()}={value}: expected an integer") from None
 
 
+GO_TRUE = ("1", "t", "true")  # Go's strconv.ParseBool, any case
+GO_FALSE = ("0", "f", "false")
+
+
+def go_bool(text: str) -> bool:
+    """A boolean flag's value as Go's flag package takes it (`-flag=false`)."""
+    if text.lower() in GO_TRUE:
+        return True
+    if text.lower() in GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true or false)")
+
+
+def _add_default_true(group: argparse._ArgumentGroup | argparse.ArgumentParser, name: str,
+                      **kw: object) -> None:
+    """A boolean flag that is on unless turned off with `--flag=false` (or FLANNELD_<FLAG>=
+    false), as flanneld's Go booleans with default true: it takes an optional value."""
+    dest = name.lstrip("-").replace("-", "_")
+    value = _env(dest)
+    default = True
+    if value is not None:
+        try:
+            default = go_bool(str(value))
+        except argparse.ArgumentTypeError:
+            raise UserError(f"FLANNELD_{dest.upper()}={value}: expected true or false") from None
+    group.add_argument(name, dest=dest, nargs="?", const=True, default=default, type=go_bool,
+                       metavar="true|false", **kw)
+
+
 def _add(group: argparse._ArgumentGroup | argparse.ArgumentParser, *names: str,
          default: object = None, **kw: object) -> None:
     """A flag whose default comes from FLANNELD_<FLAG> when set."""
@@ -113,7 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
          help="port of the /healthz and /metrics endpoint (default 0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
-         help="re-check the --ip-masq rules this often (default %(default)s)")
+         help="re-check the masquerade and forward rules this often (default %(default)s)")
+    _add_default_true(run, "--iptables-forward-rules",
+                      help="accept forwarded traffic from and to the Network (flanneld's "
+                           "FLANNEL-FWD chain, or nftables' forward chain with EnableNFTables); "
+                           "on by default, as in flanneld: --iptables-forward-rules=false "
+                           "turns it off")
+    _add(run, "--ip-masq-fully-random-disable", action="store_true",
+         help="masquerade without --random-fully (fully-random in nftables)")
+    _add(run, "--ip-blackhole-route", action="store_true",
+         help="add a blackhole route for this node's subnet, removed on stop")
     _add(run, "--no-source-check", action="store_true",
          help="forward datagrams from anyone, not only from lease holders with a source "
               "inside their subnet, as flanneld does (for debugging)")
@@ -265,7 +303,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       source_check=not args.no_source_check, busy_poll_us=args.busy_poll,
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
-                      healthz_port=args.healthz_port)
+                      healthz_port=args.healthz_port,
+                      forward_rules=args.iptables_forward_rules,
+                      random_fully_disable=args.ip_masq_fully_random_disable,
+                      blackhole_route=args.ip_blackhole_route)
     import uvloop
     return uvloop.run(_closing(store, Daemon(opts).run()))
 

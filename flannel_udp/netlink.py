@@ -19,7 +19,8 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 from flannel_udp.errors import UserError
 
 TUN_TXQUEUELEN = 5000
-RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
+RTNH_F_ONLINK, RTN_UNICAST, RTN_BLACKHOLE = 4, 1, 6  # <linux/rtnetlink.h>
+RTPROT_BOOT = 3  # what flanneld's netlink library sets: `ip route` shows no proto
 IFF_LOOPBACK = 0x8  # <linux/if.h>
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -126,6 +127,38 @@ def delete_routes(name: str, routes: list[IPv4Network]) -> None:
             except NetlinkError as e:
                 if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
                     raise
+
+
+def add_blackhole_route(dst: IPv4Network) -> None:
+    """`ip route append blackhole DST` in the main table unless there is one (flanneld's
+    --ip-blackhole-route for its own subnet). Appended, so that a pod bridge's route for the
+    same subnet, there already (a restart) or added later, still wins; the blackhole keeps the
+    subnet's packets from the default route once that is gone."""
+    with IPRoute() as ipr:
+        if _blackholes(ipr, dst):
+            return
+        try:
+            ipr.route("append", dst=str(dst), type=RTN_BLACKHOLE, proto=RTPROT_BOOT)
+        except NetlinkError as e:
+            raise UserError(f"--ip-blackhole-route: cannot add `blackhole {dst}`: "
+                            f"{os.strerror(e.code)}", exit_code=1) from None
+
+
+def delete_blackhole_route(dst: IPv4Network) -> None:
+    """Remove the blackhole route for `dst`; one already gone is fine."""
+    with IPRoute() as ipr:
+        for _ in _blackholes(ipr, dst):
+            try:
+                ipr.route("del", dst=str(dst), type=RTN_BLACKHOLE)
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+
+
+def _blackholes(ipr: IPRoute, dst: IPv4Network) -> list:
+    return [r for r in ipr.get_routes(family=socket.AF_INET, table=254)
+            if r["type"] == RTN_BLACKHOLE and r["dst_len"] == dst.prefixlen
+            and r.get("RTA_DST") == str(dst.network_address)]
 
 
 def link_exists(name: str) -> bool:
