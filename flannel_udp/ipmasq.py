@@ -23,6 +23,7 @@ import logging
 import re
 import shutil
 import subprocess
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
@@ -136,20 +137,23 @@ def iptables_version(flag: str = "--ip-masq") -> tuple[int, ...]:
 
 
 class TrafficRules(Protocol):
-    """A node's masquerade and forward rules. Each method blocks on the rule commands: call
-    them from a worker thread."""
+    """A node's masquerade and forward rules (IptablesRules here, NftablesRules in
+    nftrules.py). Each method blocks on the rule commands: call them from a worker thread."""
 
+    @abstractmethod
     def setup(self, subnet: IPv4Network) -> None:
         """Install the rules for our lease `subnet` (replacing those of an earlier subnet)."""
 
+    @abstractmethod
     def ensure(self) -> bool:
         """Put the rules back if any went missing; True when it had to."""
 
+    @abstractmethod
     def teardown(self) -> None:
         """Remove every rule and chain (or table) of ours; what is already gone is no error."""
 
 
-class IptablesRules:
+class IptablesRules(TrafficRules):
     """flanneld's iptables rules of one node: the masquerade ones (`masq`) and the forward ones
     (`forward`), either or both."""
 

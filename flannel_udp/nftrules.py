@@ -18,7 +18,7 @@ import subprocess
 from ipaddress import IPv4Network
 
 from flannel_udp.errors import UserError
-from flannel_udp.ipmasq import KUBE_PROXY_MARK, MULTICAST, IptablesError
+from flannel_udp.ipmasq import KUBE_PROXY_MARK, MULTICAST, IptablesError, TrafficRules
 
 log = logging.getLogger("flannel-udp")
 
@@ -74,9 +74,9 @@ def tables_script() -> list[str]:
             for family, name in TABLES]
 
 
-class NftablesRules:
+class NftablesRules(TrafficRules):
     """flanneld's nftables rules of one node: `masq` the postrtg chain, `forward` the forward
-    chain, either or both. A `TrafficRules` (ipmasq.py)."""
+    chain, either or both."""
 
     def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
                  forward: bool = True) -> None:
