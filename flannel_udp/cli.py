@@ -178,7 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
          help="port of the /healthz and /metrics endpoint (default 0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
-         help="re-check the --ip-masq rules this often (default %(default)s)")
+         help="re-check the masquerade and forward rules this often (default %(default)s)")
+    _add(run, "--iptables-forward-rules", action="store_true", default=True,
+         help="accept forwarded traffic from and to the Network (flanneld's FLANNEL-FWD chain, "
+              "or nftables' forward chain with EnableNFTables); on by default, as in "
+              "flanneld: --iptables-forward-rules=false turns it off")
+    _add(run, "--ip-masq-fully-random-disable", action="store_true",
+         help="masquerade without --random-fully (fully-random in nftables)")
+    _add(run, "--ip-blackhole-route", action="store_true",
+         help="add a blackhole route for this node's subnet, removed on stop")
     _add(run, "--no-source-check", action="store_true",
          help="forward datagrams from anyone, not only from lease holders with a source "
               "inside their subnet, as flanneld does (for debugging)")
@@ -354,7 +362,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       source_check=not args.no_source_check, busy_poll_us=args.busy_poll,
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
-                      healthz_port=args.healthz_port)
+                      healthz_port=args.healthz_port,
+                      forward_rules=args.iptables_forward_rules,
+                      random_fully_disable=args.ip_masq_fully_random_disable,
+                      blackhole_route=args.ip_blackhole_route)
     import uvloop
     return uvloop.run(_closing(stores, Daemon(opts).run()))
 

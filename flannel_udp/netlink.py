@@ -20,7 +20,9 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 from flannel_udp.errors import UserError
 
 TUN_TXQUEUELEN = 5000
-RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
+RTNH_F_ONLINK, RTN_UNICAST, RTN_BLACKHOLE = 4, 1, 6  # <linux/rtnetlink.h>
+RTPROT_BOOT = 3  # what flanneld's netlink library sets: `ip route` shows no proto
+BLACKHOLE_METRIC = 0xFFFFFFFF  # the last resort: any other route for the subnet goes first
 IFF_LOOPBACK = 0x8  # <linux/if.h>
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -248,6 +250,41 @@ def delete_routes(name: str, routes: list[IPv4Network]) -> None:
             except NetlinkError as e:
                 if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
                     raise
+
+
+def add_blackhole_route(dst: IPv4Network) -> None:
+    """`ip route add blackhole DST metric BLACKHOLE_METRIC` in the main table unless it is
+    there (--ip-blackhole-route for our own subnet): whatever the pods' own routes do not
+    cover is dropped here instead of leaving by the default route. flanneld adds it with metric
+    0, which shadows a pod bridge's route for the same subnet added after it (the kernel appends
+    its prefix route behind the blackhole); with the highest metric every such route wins."""
+    with IPRoute() as ipr:
+        if _blackholes(ipr, dst):
+            return
+        try:
+            ipr.route("add", dst=str(dst), type=RTN_BLACKHOLE, proto=RTPROT_BOOT,
+                      priority=BLACKHOLE_METRIC)
+        except NetlinkError as e:
+            raise UserError(f"--ip-blackhole-route: cannot add `blackhole {dst}`: "
+                            f"{os.strerror(e.code)}", exit_code=1) from None
+
+
+def delete_blackhole_route(dst: IPv4Network) -> None:
+    """Remove our blackhole route for `dst`; one already gone is fine."""
+    with IPRoute() as ipr:
+        for _ in _blackholes(ipr, dst):
+            try:
+                ipr.route("del", dst=str(dst), type=RTN_BLACKHOLE, priority=BLACKHOLE_METRIC)
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+
+
+def _blackholes(ipr: IPRoute, dst: IPv4Network) -> list:
+    return [r for r in ipr.get_routes(family=socket.AF_INET, table=254)
+            if r["type"] == RTN_BLACKHOLE and r["dst_len"] == dst.prefixlen
+            and r.get("RTA_DST") == str(dst.network_address)
+            and r.get("RTA_PRIORITY") == BLACKHOLE_METRIC]
 
 
 def link_exists(name: str) -> bool:
