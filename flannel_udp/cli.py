@@ -1,5 +1,6 @@
 """The `flannel-udp` command: flanneld's flags (also as FLANNELD_<FLAG> variables, the command
-line winning) and the subcommands run, status, trace, network (get, set), docker-opts and demo."""
+line winning) and the subcommands run, status, trace, network (get, set), leases (list, delete,
+reserve), docker-opts and demo."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flannel_udp import __version__, control
 from flannel_udp.errors import UserError
@@ -21,10 +23,16 @@ from flannel_udp.stores import StoreError
 from flannel_udp.stores.keyspace import ETCD_APIS, StoreChoice
 from flannel_udp.trace import trace_line
 
+if TYPE_CHECKING:
+    from flannel_udp.netlink import IfaceChoice
+
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
 EXAMPLE_CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}'
 # Accepted for flanneld compatibility; their features come in later versions.
-NOT_ACTIVE_YET = ("iface_regex",)
+NOT_ACTIVE_YET: tuple[str, ...] = ()
+# strconv.ParseBool's spellings, which Go's flag package takes for `-flag=value`.
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 
 log = logging.getLogger("flannel-udp")
 T = TypeVar("T")
@@ -34,10 +42,10 @@ def _env(dest: str, default: object = None) -> object:
     return os.environ.get(f"FLANNELD_{dest.upper()}", default)
 
 
-def _env_bool(dest: str) -> bool:
+def _env_bool(dest: str, default: bool = False) -> bool:
     value = _env(dest)
     if value is None:
-        return False
+        return default
     if str(value).lower() in ("1", "true", "yes", "on"):
         return True
     if str(value).lower() in ("0", "false", "no", "off", ""):
@@ -55,12 +63,54 @@ def _env_int(dest: str, default: int) -> int:
         raise UserError(f"FLANNELD_{dest.upper()}={value}: expected an integer") from None
 
 
+def go_bool(text: str) -> bool:
+    """A boolean flag's value as Go's flag package reads it (strconv.ParseBool)."""
+    if text in GO_TRUE:
+        return True
+    if text in GO_FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {text!r}: give true or false")
+
+
+class GoBool(argparse.Action):
+    """A boolean flag as Go's flag package takes it: `--flag` or `--flag=true|false`, the last
+    one given winning. go_style writes a bare `--flag` as `--flag=true`, so that the next word
+    is never taken for its value (Go never does)."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: bool = False,
+                 help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs="?", const=True, default=default,
+                         type=go_bool, metavar="=true|false", help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+
+
+class Repeatable(argparse.Action):
+    """A flag that may be given several times, as flanneld's --iface: its values in order. The
+    FLANNELD_<FLAG> default (one value, as flanneld reads it) counts only when the command line
+    gives none."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        earlier = [] if given is None or given is self.default else given
+        setattr(namespace, self.dest, [*earlier, values])
+
+
 def _add(group: argparse._ArgumentGroup | argparse.ArgumentParser, *names: str,
          default: object = None, **kw: object) -> None:
-    """A flag whose default comes from FLANNELD_<FLAG> when set."""
+    """A flag whose default comes from FLANNELD_<FLAG> when set. Booleans (action
+    "store_true") take Go's `--flag=true|false` too; action "append" makes a Repeatable."""
     dest = names[0].lstrip("-").replace("-", "_")
     if kw.get("action") == "store_true":
-        group.add_argument(*names, dest=dest, default=_env_bool(dest), **kw)
+        kw["action"] = GoBool
+        group.add_argument(*names, dest=dest, default=_env_bool(dest, bool(default)), **kw)
+    elif kw.get("action") == "append":
+        kw["action"] = Repeatable
+        value = _env(dest)
+        group.add_argument(*names, dest=dest, default=[value] if value else [], **kw)
     elif kw.get("type") is int:
         group.add_argument(*names, dest=dest, default=_env_int(dest, default), **kw)
     else:
@@ -102,10 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--net-config-path", metavar="FILE",
          help="network config JSON that seeds a store which has none yet")
     _add(run, "--public-ip", metavar="IP",
-         help="IP address other hosts reach this one at (default: the --iface address)")
-    _add(run, "--iface", metavar="NAME|IP",
-         help="underlay interface (default: the interface of the default route)")
-    _add(run, "--iface-regex", metavar="REGEX", help="not active yet")
+         help="IP address other hosts reach this one at (default: the underlay interface's "
+              "address)")
+    _add(run, "--public-ipv6", metavar="IPV6",
+         help="refused: IPv6 is not supported yet")
+    _add(run, "--iface", action="append", metavar="NAME|IP",
+         help="underlay interface, by name or IPv4 address; repeatable, the first that exists "
+              "with an IPv4 address wins (default: the interface holding --public-ip, else "
+              "the default route's)")
+    _add(run, "--iface-regex", action="append", metavar="REGEX",
+         help="underlay interface whose IPv4 address, else name, the regex matches; "
+              "repeatable, tried in order after every --iface")
+    _add(run, "--iface-can-reach", metavar="IP",
+         help="underlay interface (and address) of the route to IP, as `ip route get IP`; "
+              "tried after --iface and --iface-regex")
     _add(run, "--subnet-file", default="/run/flannel/subnet.env", metavar="PATH",
          help="where to write the lease for the container runtime (default %(default)s)")
     _add(run, "--subnet-lease-renew-margin", type=int, default=60, metavar="MINUTES",
@@ -118,7 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
          help="port of the /healthz and /metrics endpoint (default 0 = off)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
-         help="re-check the --ip-masq rules this often (default %(default)s)")
+         help="re-check the masquerade and forward rules this often (default %(default)s)")
+    _add(run, "--iptables-forward-rules", action="store_true", default=True,
+         help="accept forwarded traffic from and to the Network (flanneld's FLANNEL-FWD chain, "
+              "or nftables' forward chain with EnableNFTables); on by default, as in "
+              "flanneld: --iptables-forward-rules=false turns it off")
+    _add(run, "--ip-masq-fully-random-disable", action="store_true",
+         help="masquerade without --random-fully (fully-random in nftables)")
+    _add(run, "--ip-blackhole-route", action="store_true",
+         help="add a blackhole route for this node's subnet, removed on stop")
     _add(run, "--no-source-check", action="store_true",
          help="forward datagrams from anyone, not only from lease holders with a source "
               "inside their subnet, as flanneld does (for debugging)")
@@ -174,6 +242,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the config as JSON text; - reads it from standard input")
     put.add_argument("--file", metavar="FILE", help="read the config from FILE (- for standard "
                      "input)")
+
+    leases = sub.add_parser(
+        "leases", help="list, delete or reserve leases in the store, as etcdctl does for flannel",
+        description="The lease table by hand, for every store: flannel's keys (<net>-<len>) "
+        "and lease JSON. A reservation is a lease without TTL: the host with its public IP "
+        "takes that subnet, for ever.")
+    lease_sub = leases.add_subparsers(dest="leases_command", required=True, metavar="ACTION")
+    listing = lease_sub.add_parser("list", help="every lease: subnet, public IP, backend, "
+                                   "expiry (or reserved)")
+    _store_flags(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    delete = lease_sub.add_parser("delete", help="remove a lease: every peer drops its route")
+    _store_flags(delete)
+    delete.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24)")
+    reserve = lease_sub.add_parser(
+        "reserve", help="reserve a subnet for the host with a public IP (a lease without TTL)")
+    _store_flags(reserve)
+    reserve.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24)")
+    reserve.add_argument("--public-ip", required=True, metavar="IP",
+                         help="the public IP of the host that takes the subnet")
+    reserve.add_argument("--backend", metavar="TYPE",
+                         help="the lease's backend (default: the network config's, the only "
+                         "one accepted)")
 
     opts = sub.add_parser(
         "docker-opts", help="write dockerd options from subnet.env, as mk-docker-opts.sh",
@@ -232,10 +323,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             raise UserError(f"{flag}: flannel-udp has no Kubernetes subnet manager; it keeps the "
                             "leases in etcd (--etcd-endpoints) or in its embedded store")
+    if args.public_ipv6:
+        raise UserError(f"--public-ipv6 {args.public_ipv6}: IPv6 is not supported yet; "
+                        "flannel-udp carries IPv4 only: leave the flag out")
     for dest in NOT_ACTIVE_YET:
         if getattr(args, dest):
             log.warning("--%s is accepted but not active yet in this version",
                         dest.replace("_", "-"))
+    iface = _iface_choice(args)
     if args.subnet_lease_renew_margin < 1 or args.subnet_lease_renew_margin > 1439:
         raise UserError("--subnet-lease-renew-margin: must be 1..1439 minutes (the lease "
                         "lasts 24 h)")
@@ -259,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--iptables-resync: must be 1 second or more")
     stores = open_store(args)
     opts = RunOptions(store=stores.candidates[0], store_name=stores.where, stores=stores,
-                      iface=args.iface, public_ip=public_ip,
+                      iface=iface, public_ip=public_ip,
                       subnet_file=args.subnet_file,
                       renew_margin_minutes=args.subnet_lease_renew_margin,
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
@@ -267,9 +362,36 @@ def cmd_run(args: argparse.Namespace) -> int:
                       source_check=not args.no_source_check, busy_poll_us=args.busy_poll,
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
-                      healthz_port=args.healthz_port)
+                      healthz_port=args.healthz_port,
+                      forward_rules=args.iptables_forward_rules,
+                      random_fully_disable=args.ip_masq_fully_random_disable,
+                      blackhole_route=args.ip_blackhole_route)
     import uvloop
     return uvloop.run(_closing(stores, Daemon(opts).run()))
+
+
+def _iface_choice(args: argparse.Namespace) -> IfaceChoice:
+    """--iface, --iface-regex and --iface-can-reach, checked. An empty value is left out: to
+    flanneld it means the default route's interface, as no value does."""
+    from flannel_udp.netlink import IfaceChoice
+
+    regexes = []
+    for text in filter(None, args.iface_regex):
+        try:
+            regexes.append(re.compile(text))
+        except re.error as e:
+            raise UserError(f"--iface-regex {text}: not a valid regular expression ({e})") \
+                from None
+    can_reach = None
+    if args.iface_can_reach:
+        try:
+            can_reach = IPv4Address(args.iface_can_reach)
+        except ValueError:
+            raise UserError(f"--iface-can-reach {args.iface_can_reach}: not an IPv4 address"
+                            + (" (IPv6 is not supported yet)" if ":" in args.iface_can_reach
+                               else "")) from None
+    return IfaceChoice(names=tuple(filter(None, args.iface)), regexes=tuple(regexes),
+                       can_reach=can_reach)
 
 
 def cmd_network(args: argparse.Namespace) -> int:
@@ -311,6 +433,55 @@ def cmd_network(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leases(args: argparse.Namespace) -> int:
+    from flannel_udp import leaseadmin
+
+    # The arguments first: a command refused for its input opens no store.
+    subnet = None if args.leases_command == "list" else leaseadmin.parse_subnet_arg(args.subnet)
+    public_ip = None
+    if args.leases_command == "reserve":
+        try:
+            public_ip = IPv4Address(args.public_ip)
+        except ValueError:
+            raise UserError(f"--public-ip {args.public_ip}: not an IPv4 address") from None
+    stores = open_store(args)
+
+    async def work() -> tuple[Any, str]:
+        store = await stores.choose()  # with etcd, the keyspace holding the config
+        name = stores.describe(store)
+        if args.leases_command == "list":
+            return await leaseadmin.list_entries(store), name
+        assert subnet is not None
+        if args.leases_command == "delete":
+            return await leaseadmin.delete(store, name, subnet), name
+        assert public_ip is not None
+        return await leaseadmin.reserve(store, name, subnet, public_ip, args.backend), name
+    result, name = asyncio.run(_closing(stores, work()))
+    if args.leases_command == "list":
+        if args.json:
+            print(json.dumps([e.as_json() for e in result], indent=2))
+            return 0
+        print(f"{'SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}EXPIRY")
+        for e in result:
+            if e.lease is None:
+                print(f"{e.key:<20}{'-':<17}{'-':<9}not a lease: {e.problem}")
+            else:
+                print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}"
+                      f"{e.lease.backend:<9}{leaseadmin.describe_expiry(e.lease)}")
+        if not result:
+            print(f"(no leases in {name})")
+        return 0
+    if args.leases_command == "delete":
+        holder = f" of {result.lease.public_ip}" if result.lease is not None else ""
+        print(f"deleted the lease {subnet}{holder} from {name}")
+        return 0
+    done, lease = result
+    what = {"reserved": "reserved", "converted": "its lease made a reservation:",
+            "unchanged": "already reserved:"}[done]
+    print(f"{what} {subnet} for {public_ip} in {name}")
+    return 0
+
+
 def _age(since: float) -> str:
     seconds = int(time.time() - since)
     if seconds < 120:
@@ -335,9 +506,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     lease = status["lease"]
     if lease:
-        left = (lease["expires"] - time.time()) / 3600 if lease["expires"] else float("inf")
+        expiry = ("reserved (never expires)" if lease["expires"] is None
+                  else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
-              f"{lease['backend']}  expires in {left:.1f} h")
+              f"{lease['backend']}  {expiry}")
     if status.get("keyspace"):
         print(f"store    {status['keyspace']}")
     if status.get("ip_forward") is False:
@@ -425,31 +597,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "network": cmd_network, "status": cmd_status, "demo": cmd_demo,
-            "docker-opts": cmd_docker_opts, "trace": cmd_trace}
+            "docker-opts": cmd_docker_opts, "trace": cmd_trace, "leases": cmd_leases}
 
 
-def _options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
-    """Every long option of the parser and its subcommands, and those that take no value."""
-    longs: set[str] = set()
-    flags: set[str] = set()
+def _long_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every long option of the parser and its subcommands, and its action."""
+    found: dict[str, argparse.Action] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
-                sub_longs, sub_flags = _options(sub)
-                longs |= sub_longs
-                flags |= sub_flags
+                found.update(_long_actions(sub))
             continue
-        names = [o for o in action.option_strings if o.startswith("--")]
-        longs.update(names)
-        if action.nargs == 0:
-            flags.update(names)
-    return longs, flags
+        found.update((o, action) for o in action.option_strings if o.startswith("--"))
+    return found
+
+
+def _options(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
+    """Every long option of the parser and its subcommands, and the booleans among them."""
+    actions = _long_actions(parser)
+    return set(actions), {o for o, a in actions.items() if a.nargs == 0 or isinstance(a, GoBool)}
 
 
 def go_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """flanneld's command lines in argparse's terms. Go's flag package takes `-flag` as well as
-    `--flag`, `-flag=value`, and booleans as `-flag=true|false`: the seed's unit mixes them."""
-    longs, flags = _options(parser)
+    `--flag`, `-flag=value`, and booleans as `-flag=true|false`, the last one winning: the
+    seed's unit mixes them."""
+    actions = _long_actions(parser)
+    longs = set(actions)
+    flags = {o for o, a in actions.items() if a.nargs == 0}
     out: list[str] = []
     for i, arg in enumerate(argv):
         if arg == "--":
@@ -462,7 +637,12 @@ def go_style(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
                 out += [f"-{name}", value]
                 continue
         name, eq, value = arg.partition("=")
-        if eq and name in flags:
+        if isinstance(actions.get(name), GoBool):
+            if not eq:
+                arg = f"{name}=true"  # never `--flag value`: Go takes no value after a boolean
+            elif value in GO_TRUE + GO_FALSE:
+                arg = f"{name}={str(go_bool(value)).lower()}"
+        elif eq and name in flags:
             if value.lower() in ("true", "t", "1"):
                 arg = name
             elif value.lower() in ("false", "f", "0"):

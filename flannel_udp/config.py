@@ -41,6 +41,8 @@ class NetworkConfig:
     backend_type: str
     # backend options, keys as flannel spells them
     backend: dict[str, Any] = field(default_factory=dict)
+    # EnableNFTables: flanneld's masquerade and forward rules in nftables, not iptables
+    enable_nftables: bool = False
 
     def subnet_step(self) -> int:
         return 1 << (32 - self.subnet_len)
@@ -141,8 +143,14 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raise ConfigError(f"Backend.Type: {backend_type!r} is not implemented in flannel-udp yet "
                           f"(it runs: {', '.join(IMPLEMENTED_BACKENDS)})")
 
+    nftables = cfg.get("EnableNFTables")
+    nftables = False if nftables is None else nftables
+    if not isinstance(nftables, bool):
+        raise ConfigError(f"EnableNFTables: expected true or false, got {json.dumps(nftables)}")
+
     config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
-                           subnet_max=subnet_max, backend_type=backend_type, backend=backend)
+                           subnet_max=subnet_max, backend_type=backend_type, backend=backend,
+                           enable_nftables=nftables)
     # Bad options are refused here (so by `network set`), not at every daemon's start. host-gw
     # reads none, as flannel's. The vxlan backend's own module checks its options (imported
     # here, not at the top: it imports this module).

@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,9 +21,10 @@ from flannel_udp.backends import DataplaneSettings, Network, UserspaceDataplane,
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
-from flannel_udp.ipmasq import IpMasq, IptablesError, resync_forever
+from flannel_udp.ipmasq import IptablesError, IptablesRules, TrafficRules, resync_forever
 from flannel_udp.lease import Lease
 from flannel_udp.manager import LeaseManager
+from flannel_udp.nftrules import NftablesRules
 from flannel_udp.stores import Store, StoreError, StoreUnavailable
 from flannel_udp.stores.keyspace import StoreChoice
 from flannel_udp.trace import Tracing
@@ -46,7 +47,7 @@ T = TypeVar("T")
 class RunOptions:
     store: Store
     store_name: str  # for messages
-    iface: str | None
+    iface: netlink.IfaceChoice  # which underlay interface (flanneld's --iface flags)
     public_ip: IPv4Address | None
     subnet_file: str
     renew_margin_minutes: int
@@ -60,7 +61,11 @@ class RunOptions:
     # After forwarding, a fast-path thread polls this long (us) before it sleeps; 0: at once.
     busy_poll_us: int = 0
     drop_log_interval: float = 10.0  # seconds; at most one line per drop reason this often
-    iptables_resync: float = 5.0  # seconds between checks of the --ip-masq rules
+    iptables_resync: float = 5.0  # seconds between checks of the masquerade and forward rules
+    # flanneld's FLANNEL-FWD accept rules for the Network, on by default as in flanneld.
+    forward_rules: bool = True
+    random_fully_disable: bool = False  # MASQUERADE without --random-fully
+    blackhole_route: bool = False  # `ip route add blackhole <our subnet>`
     healthz_ip: str = "0.0.0.0"
     healthz_port: int = 0  # 0: no /healthz and /metrics endpoint
     # The stores the flags allow (etcd's v3 and v2 keyspaces): the one holding the network
@@ -116,6 +121,25 @@ async def seed(store: Store, raw: bytes, config: NetworkConfig, seed_path: str) 
                         f"started from {seed_path}; start again to use the store's", exit_code=1)
 
 
+def open_rules(config: NetworkConfig, opts: RunOptions) -> TrafficRules | None:
+    """The masquerade and forward rules the flags and config ask for, in iptables or (with
+    EnableNFTables) nftables; None when none is asked. A missing or unusable tool refuses the
+    start when --ip-masq asked for it; the forward rules alone (flanneld's default) are only
+    skipped, with a warning."""
+    masq, forward = opts.ip_masq, opts.forward_rules
+    if not (masq or forward):
+        return None
+    kind = NftablesRules if config.enable_nftables else IptablesRules
+    try:
+        return kind.probe(config.network, masq=masq, forward=forward,
+                          random_fully_disable=opts.random_fully_disable)
+    except UserError as e:
+        if masq:
+            raise
+        log.warning("%s; no forward rules (--iptables-forward-rules=false silences this)", e)
+        return None
+
+
 class Daemon:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
@@ -123,7 +147,9 @@ class Daemon:
         self.config: NetworkConfig | None = None
         self.network: Network | None = None
         self.manager: LeaseManager | None = None
-        self.ipmasq: IpMasq | None = None
+        self.rules: TrafficRules | None = None
+        self.blackhole: IPv4Network | None = None  # our subnet's blackhole route, once added
+        self._ready = False  # rules, routes and subnet.env in place: /readyz answers 200
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
         self._serving = False  # the lease is held and subnet.env written: `status` answers
@@ -188,15 +214,15 @@ class Daemon:
             lambda: load_config(opts.store, missing, opts.net_config_path),
             opts.store_wait)
         self.config = config
-        ext = await asyncio.to_thread(netlink.find_interface, opts.iface)
+        ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
         if netlink.ip_forward() is False:  # refused by none: host-gw needs it as much
             log.warning("%s", IP_FORWARD_OFF)
-        if opts.ip_masq:  # no iptables: say so before taking anything
-            self.ipmasq = await asyncio.to_thread(IpMasq.probe, config.network)
+        # No iptables (or nft): say so before taking anything.
+        self.rules = await asyncio.to_thread(open_rules, config, opts)
         self.network = network = make_network(
             config, ext, public_ip, DataplaneSettings(opts.source_check, opts.busy_poll_us))
         # Backends may create devices over netlink, which can't run on the loop thread.
@@ -246,28 +272,25 @@ class Daemon:
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
         log.info("wrote %s", opts.subnet_file)
-        if self.ipmasq is not None:
-            try:
-                await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
-            except IptablesError as e:
-                raise UserError(f"--ip-masq: {e}", exit_code=1) from None
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, stop.set)
-        tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
-                 asyncio.create_task(self._follow(), name="watch"),
-                 asyncio.create_task(self._log_drops(), name="drop-log"),
-                 asyncio.create_task(stop.wait(), name="stop")]
-        if self.ipmasq is not None:
-            tasks.append(asyncio.create_task(
-                resync_forever(self.ipmasq, opts.iptables_resync), name="ip-masq"))
-        self._serving = True
-        log.info("running: %d peers; status: flannel-udp status --control-socket %s",
-                 len(peers), opts.control_socket)
-        sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
+        tasks: list[asyncio.Task] = []
         try:
+            await self._put_rules_in_place(lease.subnet)
+            self._ready = True
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, stop.set)
+            tasks = [asyncio.create_task(manager.renew_forever(), name="renew"),
+                     asyncio.create_task(self._follow(), name="watch"),
+                     asyncio.create_task(self._log_drops(), name="drop-log"),
+                     asyncio.create_task(stop.wait(), name="stop")]
+            if self.rules is not None:
+                tasks.append(asyncio.create_task(
+                    resync_forever(self.rules, opts.iptables_resync), name="rules"))
+            self._serving = True
+            log.info("running: %d peers; status: flannel-udp status --control-socket %s",
+                     len(peers), opts.control_socket)
+            sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.get_name() != "stop" and task.exception() is not None:
@@ -275,15 +298,42 @@ class Daemon:
             log.info("signal received, shutting down")
             return 0
         finally:
+            self._ready = False
             sdnotify.notify("STOPPING=1")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.ipmasq is not None:
-                try:
-                    await asyncio.to_thread(self.ipmasq.teardown)
-                except IptablesError as e:
-                    log.error("ip-masq: removing the rules failed: %s", e)
+            await self._remove_rules()
+
+    async def _put_rules_in_place(self, subnet: IPv4Network) -> None:
+        """The masquerade and forward rules and the blackhole route for our `subnet`."""
+        if self.rules is not None:
+            try:
+                await asyncio.to_thread(self.rules.setup, subnet)
+            except IptablesError as e:
+                flag = "--ip-masq" if self.opts.ip_masq else "--iptables-forward-rules"
+                raise UserError(f"{flag}: {e}", exit_code=1) from None
+        if self.opts.blackhole_route and self.blackhole != subnet:
+            if self.blackhole is not None:
+                await asyncio.to_thread(netlink.delete_blackhole_route, self.blackhole)
+            await asyncio.to_thread(netlink.add_blackhole_route, subnet)
+            self.blackhole = subnet
+            log.info("added route blackhole %s (--ip-blackhole-route)", subnet)
+
+    async def _remove_rules(self) -> None:
+        """Undo _put_rules_in_place; failures are logged, the stop goes on."""
+        if self.rules is not None:
+            try:
+                await asyncio.to_thread(self.rules.teardown)
+            except IptablesError as e:
+                log.error("removing the masquerade and forward rules failed: %s", e)
+        if self.blackhole is not None:
+            try:
+                await asyncio.to_thread(netlink.delete_blackhole_route, self.blackhole)
+                log.info("removed route blackhole %s", self.blackhole)
+            except Exception as e:  # netlink's errors: the stop must go on
+                log.error("removing route blackhole %s failed: %s", self.blackhole, e)
+            self.blackhole = None
 
     async def _follow(self) -> None:
         """Apply lease events; a store that fails is retried while forwarding goes on."""
@@ -358,8 +408,7 @@ class Daemon:
                 await asyncio.to_thread(self.network.close)
                 await asyncio.to_thread(self.network.open)
                 await asyncio.to_thread(self.network.start, lease, peers)
-                if self.ipmasq is not None:
-                    await asyncio.to_thread(self.ipmasq.setup, lease.subnet)
+                await self._put_rules_in_place(lease.subnet)
         finally:
             self._reacquiring = False
         self._write_subnet_env(lease)
@@ -409,7 +458,8 @@ class Daemon:
             return {"lease": None, "network": str(self.config.network) if self.config else None,
                     "started": self.started, "peers": [], "counters": {},
                     "health": self.health(), "store_errors": self.store_errors,
-                    "ip_forward": netlink.ip_forward(), "keyspace": self._keyspace()}
+                    "ready": False, "ip_forward": netlink.ip_forward(),
+                    "keyspace": self._keyspace()}
         lease = self.manager.lease
         stats = self.network.stats()
         userspace = self._userspace()
@@ -431,7 +481,12 @@ class Daemon:
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,
             "keyspace": self._keyspace(),
-            "ip_masq": self.ipmasq is not None,
+            "ip_masq": self.opts.ip_masq,
+            # iptables or nftables: where the masquerade and forward rules are; None: none
+            "rules": (None if self.rules is None
+                      else "nftables" if isinstance(self.rules, NftablesRules) else "iptables"),
+            "blackhole_route": None if self.blackhole is None else str(self.blackhole),
+            "ready": self._ready,
             # The userspace data plane's; a kernel one has none of these (source check: None).
             "offloads": userspace.offloads() if userspace is not None else {},
             "trace": userspace.trace_info() if userspace is not None else {},

@@ -1,7 +1,8 @@
 """`--healthz-ip`/`--healthz-port`: a tiny HTTP/1.0 server on the daemon's event loop.
 `/healthz` and `/` answer 200 while the node holds its lease and its data plane runs, 503
-otherwise; `/metrics` is the status in Prometheus' text format (metrics.py). Both read one
-snapshot of the daemon's status, the data `flannel-udp status` shows."""
+otherwise; `/readyz` (newer flanneld's) answers 200 once the node's rules, routes and subnet.env
+are in place, 503 before; `/metrics` is the status in Prometheus' text format (metrics.py). All
+read one snapshot of the daemon's status, the data `flannel-udp status` shows."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def health(status: dict[str, Any]) -> tuple[bool, str]:
     return True, "ok"
 
 
+def readiness(status: dict[str, Any]) -> tuple[bool, str]:
+    """(ready, one line saying why) from the status' "ready" flag."""
+    if status.get("ready"):
+        return True, "ok"
+    return False, "not ready: lease, rules or subnet.env not in place yet"
+
+
 def respond(method: str, path: str, status: Callable[[], dict[str, Any]]
             ) -> tuple[int, str, bytes]:
     """(HTTP status, content type, body) for one request."""
@@ -43,9 +51,12 @@ def respond(method: str, path: str, status: Callable[[], dict[str, Any]]
     if path in ("/", "/healthz"):
         ok, why = health(status())
         return (200 if ok else 503), "text/plain", why.encode() + b"\n"
+    if path == "/readyz":
+        ok, why = readiness(status())
+        return (200 if ok else 503), "text/plain", why.encode() + b"\n"
     if path == "/metrics":
         return 200, metrics.CONTENT_TYPE, metrics.render(status())
-    return 404, "text/plain", b"not found: try /healthz or /metrics\n"
+    return 404, "text/plain", b"not found: try /healthz, /readyz or /metrics\n"
 
 
 async def serve(host: str, port: int, status: Callable[[], dict[str, Any]]
@@ -85,5 +96,5 @@ async def serve(host: str, port: int, status: Callable[[], dict[str, Any]]
                             "(another flanneld or flannel-udp?)", exit_code=1) from None
         raise UserError(f"--healthz-ip {host} --healthz-port {port}: cannot listen: "
                         f"{e.strerror or e}", exit_code=1) from None
-    log.info("healthz: http://%s:%d/healthz and /metrics", host, port)
+    log.info("healthz: http://%s:%d/healthz, /readyz and /metrics", host, port)
     return server

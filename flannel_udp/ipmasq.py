@@ -1,6 +1,8 @@
-"""`--ip-masq`: flanneld's iptables rules (chains FLANNEL-POSTRTG in nat, FLANNEL-FWD in filter),
-installed after the lease is taken, re-checked every `--iptables-resync` seconds and removed on
-shutdown.
+"""flanneld's traffic rules in iptables: `--ip-masq`'s masquerade chain FLANNEL-POSTRTG (nat)
+and `--iptables-forward-rules`' FLANNEL-FWD (filter, on by default as in flanneld), installed
+after the lease is taken, re-checked every `--iptables-resync` seconds and removed on shutdown.
+`TrafficRules` is what the daemon asks of them; nftrules.py is the nftables twin
+(`EnableNFTables`).
 
 It drives the `iptables` and `iptables-restore` commands, as flanneld does (through
 go-iptables): they work with both kernel back ends (nf_tables and legacy) and take the xtables
@@ -21,9 +23,11 @@ import logging
 import re
 import shutil
 import subprocess
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
+from typing import Protocol
 
 from flannel_udp.errors import UserError
 
@@ -41,7 +45,7 @@ LOCK_WAIT = "5"  # seconds to wait for the xtables lock
 
 
 class IptablesError(Exception):
-    """An iptables command failed; the message quotes it and its stderr."""
+    """An iptables (or nft) command failed; the message quotes it and its stderr."""
 
 
 @dataclass(frozen=True)
@@ -117,77 +121,106 @@ def _run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess:
         raise IptablesError(f"{' '.join(argv)}: no answer within 30 s") from None
 
 
-def iptables_version() -> tuple[int, ...]:
-    """The iptables version, e.g. (1, 8, 9); UserError when iptables is missing or broken."""
+def iptables_version(flag: str = "--ip-masq") -> tuple[int, ...]:
+    """The iptables version, e.g. (1, 8, 9); UserError naming `flag` when iptables is missing
+    or broken."""
     for tool in ("iptables", "iptables-restore"):
         if shutil.which(tool) is None:
-            raise UserError(f"--ip-masq needs the {tool} command: install iptables "
+            raise UserError(f"{flag} needs the {tool} command: install iptables "
                             "(e.g. apt-get install iptables)", exit_code=1)
     result = _run("iptables", "--version")
     match = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", result.stdout)
     if result.returncode != 0 or match is None:
-        raise UserError(f"--ip-masq: `iptables --version` failed: "
+        raise UserError(f"{flag}: `iptables --version` failed: "
                         f"{(result.stderr or result.stdout).strip()}", exit_code=1)
     return tuple(int(g or 0) for g in match.groups())
 
 
-class IpMasq:
-    """The rules of one node; `setup`, `ensure` (periodically) and `teardown` block on the
-    iptables commands: call them from a worker thread."""
+class TrafficRules(Protocol):
+    """A node's masquerade and forward rules (IptablesRules here, NftablesRules in
+    nftrules.py). Each method blocks on the rule commands: call them from a worker thread."""
 
-    def __init__(self, network: IPv4Network, random_fully: bool) -> None:
+    @abstractmethod
+    def setup(self, subnet: IPv4Network) -> None:
+        """Install the rules for our lease `subnet` (replacing those of an earlier subnet)."""
+
+    @abstractmethod
+    def ensure(self) -> bool:
+        """Put the rules back if any went missing; True when it had to."""
+
+    @abstractmethod
+    def teardown(self) -> None:
+        """Remove every rule and chain (or table) of ours; what is already gone is no error."""
+
+
+class IptablesRules(TrafficRules):
+    """flanneld's iptables rules of one node: the masquerade ones (`masq`) and the forward ones
+    (`forward`), either or both."""
+
+    def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
+                 forward: bool = True) -> None:
         self.network = network
         self.random_fully = random_fully
+        self.masq = masq
+        self.forward = forward
         self.subnet: IPv4Network | None = None
         self.rules: list[Rule] = []
 
     @classmethod
-    def probe(cls, network: IPv4Network) -> IpMasq:
-        """Check that iptables is usable here (UserError if not) and what it supports."""
-        version = iptables_version()
-        ipm = cls(network, random_fully=version >= RANDOM_FULLY_SINCE)
-        # A harmless lookup proves we may read the nat table (root, modules, a working back end).
-        result = _run("iptables", "-w", LOCK_WAIT, "-t", "nat", "-S", "POSTROUTING")
+    def probe(cls, network: IPv4Network, masq: bool, forward: bool,
+              random_fully_disable: bool = False) -> IptablesRules:
+        """Check that iptables is usable here (UserError naming the flag that asked for it if
+        not) and what it supports."""
+        flag = "--ip-masq" if masq else "--iptables-forward-rules"
+        version = iptables_version(flag)
+        rules = cls(network, version >= RANDOM_FULLY_SINCE and not random_fully_disable,
+                    masq=masq, forward=forward)
+        # A harmless lookup proves we may read the table (root, modules, a working back end).
+        table, chain = ("nat", "POSTROUTING") if masq else ("filter", "FORWARD")
+        result = _run("iptables", "-w", LOCK_WAIT, "-t", table, "-S", chain)
         if result.returncode != 0:
-            raise UserError(f"--ip-masq: iptables cannot read the nat table: "
+            raise UserError(f"{flag}: iptables cannot read the {table} table: "
                             f"{result.stderr.strip()}", exit_code=1)
-        return ipm
+        return rules
+
+    def _chains(self) -> list[str]:
+        return ([MASQ_CHAIN] if self.masq else []) + ([FORWARD_CHAIN] if self.forward else [])
 
     def setup(self, subnet: IPv4Network) -> None:
-        """Install the rules for our lease `subnet` (replacing those of an earlier subnet)."""
         self.subnet = subnet
-        self.rules = (masq_rules(self.network, subnet, self.random_fully)
-                      + forward_rules(self.network))
+        self.rules = ((masq_rules(self.network, subnet, self.random_fully) if self.masq else [])
+                      + (forward_rules(self.network) if self.forward else []))
         self._rewrite()
-        log.info("ip-masq: %s and %s rules in place for %s in %s%s", MASQ_CHAIN, FORWARD_CHAIN,
-                 subnet, self.network, " (--random-fully)" if self.random_fully else "")
+        log.info("iptables: %s in place for %s in %s%s", " and ".join(self._chains()), subnet,
+                 self.network, " (MASQUERADE --random-fully)" if self.masq and self.random_fully
+                 else "")
 
     def missing(self) -> list[Rule]:
         """The rules that are not there now."""
         return [r for r in self.rules if not self._exists(r)]
 
     def ensure(self) -> bool:
-        """Put the rules back if any went missing; True when it had to."""
         gone = self.missing()
         if not gone:
             return False
-        log.warning("ip-masq: %d iptables rule(s) missing (e.g. %s in %s); rewriting %s and %s",
-                    len(gone), gone[0].restore_line(), gone[0].table, MASQ_CHAIN, FORWARD_CHAIN)
+        log.warning("iptables: %d rule(s) missing (e.g. %s in %s); rewriting %s", len(gone),
+                    gone[0].restore_line(), gone[0].table, " and ".join(self._chains()))
         self._rewrite()
         return True
 
     def teardown(self) -> None:
-        """Remove our jumps and chains; what is already gone is no error."""
         for table, parent, chain, comment in (("nat", "POSTROUTING", MASQ_CHAIN, MASQ_COMMENT),
                                               ("filter", "FORWARD", FORWARD_CHAIN,
                                                FORWARD_COMMENT)):
+            if chain not in self._chains():
+                continue
             jump = ("-m", "comment", "--comment", comment, "-j", chain)
             while _run("iptables", "-w", LOCK_WAIT, "-t", table, "-D", parent,
                        *jump).returncode == 0:
                 pass  # a jump added twice by hand goes too
             _run("iptables", "-w", LOCK_WAIT, "-t", table, "-F", chain)
             _run("iptables", "-w", LOCK_WAIT, "-t", table, "-X", chain)
-        log.info("ip-masq: removed %s and %s", MASQ_CHAIN, FORWARD_CHAIN)
+        log.info("iptables: removed %s", " and ".join(self._chains()))
 
     def _exists(self, rule: Rule) -> bool:
         result = _run("iptables", "-w", LOCK_WAIT, "-t", rule.table, "-C", rule.chain,
@@ -209,11 +242,11 @@ class IpMasq:
             raise IptablesError(f"iptables-restore --noflush: {result.stderr.strip()}")
 
 
-async def resync_forever(ipm: IpMasq, period: float) -> None:
+async def resync_forever(rules: TrafficRules, period: float) -> None:
     """Every `period` seconds put back what went missing; failures are logged and retried."""
     while True:
         await asyncio.sleep(period)
         try:
-            await asyncio.to_thread(ipm.ensure)
+            await asyncio.to_thread(rules.ensure)
         except IptablesError as e:
-            log.error("ip-masq: %s; retrying in %g s", e, period)
+            log.error("traffic rules: %s; retrying in %g s", e, period)

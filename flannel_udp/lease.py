@@ -54,12 +54,20 @@ def parse_subnet_key(key: str) -> IPv4Network | None:
 
 
 def encode_lease_value(public_ip: IPv4Address, backend_type: str = "",
-                       backend_data: bytes | None = None) -> bytes:
-    """The value flannel writes: Go's json.Marshal of LeaseAttrs, field order included."""
-    parts = [f'"PublicIP":{json.dumps(str(public_ip))}', '"PublicIPv6":null']
+                       backend_data: bytes | None = None, *, v011: bool = False) -> bytes:
+    """The value flannel writes: Go's json.Marshal of LeaseAttrs, field order included.
+
+    `v011`: as flannel v0.11 writes it on etcd's v2 keyspace, whose LeaseAttrs has no
+    PublicIPv6 and whose vxlan BackendData has no VNI (every node takes the config's)."""
+    parts = [f'"PublicIP":{json.dumps(str(public_ip))}']
+    if not v011:
+        parts.append('"PublicIPv6":null')
     if backend_type:
         parts.append(f'"BackendType":{json.dumps(backend_type)}')
     if backend_data is not None and backend_data not in (b"", b"null"):
+        if v011 and backend_type == "vxlan":
+            backend_data = VxlanLeaseData(None, VxlanLeaseData.decode(backend_data).vtep_mac
+                                          ).encode()
         parts.append(f'"BackendData":{backend_data.decode()}')
     return ("{" + ",".join(parts) + "}").encode()
 
@@ -107,14 +115,16 @@ def format_mac(mac: bytes) -> str:
 @dataclass(frozen=True)
 class VxlanLeaseData:
     """The BackendData of a vxlan lease (flannel's vxlanLeaseAttrs): the node's VNI and the MAC
-    of its VXLAN endpoint, to which inner Ethernet frames must be addressed."""
+    of its VXLAN endpoint, to which inner Ethernet frames must be addressed. flannel v0.11
+    writes no VNI (`vni` None): its nodes all use the config's VNI."""
 
-    vni: int
+    vni: int | None
     vtep_mac: bytes  # 6 bytes
 
     def encode(self) -> bytes:
-        """Go's json.Marshal of vxlanLeaseAttrs, field order included."""
-        return f'{{"VNI":{self.vni},"VtepMAC":"{format_mac(self.vtep_mac)}"}}'.encode()
+        """Go's json.Marshal of vxlanLeaseAttrs, field order included (v0.11's without a VNI)."""
+        mac = f'"VtepMAC":"{format_mac(self.vtep_mac)}"'
+        return ("{" + (mac if self.vni is None else f'"VNI":{self.vni},{mac}') + "}").encode()
 
     @classmethod
     def decode(cls, data: bytes | None) -> VxlanLeaseData:
@@ -126,8 +136,8 @@ class VxlanLeaseData:
         if not isinstance(attrs, dict):
             raise LeaseValueError("BackendData is not a JSON object")
         attrs = {k.lower(): v for k, v in attrs.items()}  # Go's json matches names so
-        vni = attrs.get("vni")
-        if isinstance(vni, bool) or not isinstance(vni, int):
+        vni = attrs.get("vni")  # absent in flannel v0.11's leases
+        if "vni" in attrs and (isinstance(vni, bool) or not isinstance(vni, int)):
             raise LeaseValueError(f"VNI {json.dumps(vni)} is not an integer")
         try:
             mac = parse_mac(attrs.get("vtepmac"))

@@ -50,7 +50,9 @@ class LeaseManager:
         self.store = store
         self.config = config
         self.public_ip = public_ip
-        self.value = encode_lease_value(public_ip, backend_type, backend_data)
+        # On etcd's v2 keyspace the peers may be flanneld v0.11 nodes: write their format.
+        self.value = encode_lease_value(public_ip, backend_type, backend_data,
+                                        v011=store.keyspace == "etcd v2")
         self.renew_margin = renew_margin
         self.ttl = ttl
         self.lease: Lease | None = None
@@ -58,6 +60,9 @@ class LeaseManager:
         self._snapshot: Snapshot | None = None
         self.holds_lease = False  # our lease was in the table at the last load_peers()
         self.store_errors = 0  # renewals that failed
+        # Set when our lease changes under the renewal's feet (made a reservation by hand,
+        # renewed, taken anew): the renewal then works out its next time again.
+        self._lease_changed = asyncio.Event()
 
     # -- parsing store records, one place --
 
@@ -114,18 +119,25 @@ class LeaseManager:
 
     def _took(self, subnet: IPv4Network, expiration: float | None, how: str) -> Lease:
         self.lease = Lease(subnet, self.public_ip, expiration=expiration)
+        self._lease_changed.set()
         log.info("acquired lease %s (%s), expires in %.0f s", subnet, how,
                  (expiration or time.time()) - time.time())
         return self.lease
 
     async def renew_forever(self) -> None:
-        """Renew `renew_margin` seconds before expiry; retry every minute on failure."""
+        """Renew `renew_margin` seconds before expiry; retry every minute on failure. A
+        reservation (no expiry) is left as it is, also one made while we run."""
         while True:
             assert self.lease is not None
+            self._lease_changed.clear()
             expiration = self.lease.expiration
-            if expiration is None:  # a reservation never expires
-                return
-            await asyncio.sleep(max(0.0, expiration - self.renew_margin - time.time()))
+            wait = None if expiration is None else max(0.0, expiration - self.renew_margin
+                                                       - time.time())
+            try:
+                await asyncio.wait_for(self._lease_changed.wait(), wait)
+                continue  # changed meanwhile: work the time out again
+            except asyncio.TimeoutError:
+                pass
             try:
                 new_exp = await self.store.put_lease(subnet_key(self.lease.subnet), self.value,
                                                      self.ttl)
@@ -177,6 +189,15 @@ class LeaseManager:
                 elif lease.public_ip != self.public_ip:
                     log.error("our subnet %s is now leased to %s", lease.subnet,
                               lease.public_ip)
+                elif lease.expiration != self.lease.expiration:
+                    # flanneld too takes its lease's expiry from the watch: a lease made a
+                    # reservation by hand is not renewed (given a TTL again) behind it.
+                    if lease.expiration is None:
+                        log.info("our lease %s is now a reservation: it never expires",
+                                 lease.subnet)
+                    self.lease = Lease(self.lease.subnet, self.public_ip,
+                                       expiration=lease.expiration)
+                    self._lease_changed.set()
                 continue
             if event.kind == "delete":
                 if self.peers.pop(lease.subnet, None) is not None:

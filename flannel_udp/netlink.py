@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
 from flannel_udp.errors import UserError
 
 TUN_TXQUEUELEN = 5000
-RTNH_F_ONLINK, RTN_UNICAST = 4, 1  # <linux/rtnetlink.h>
+RTNH_F_ONLINK, RTN_UNICAST, RTN_BLACKHOLE = 4, 1, 6  # <linux/rtnetlink.h>
+RTPROT_BOOT = 3  # what flanneld's netlink library sets: `ip route` shows no proto
+BLACKHOLE_METRIC = 0xFFFFFFFF  # the last resort: any other route for the subnet goes first
 IFF_LOOPBACK = 0x8  # <linux/if.h>
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
@@ -34,44 +37,165 @@ class ExtIface:
     mtu: int
 
 
-def find_interface(spec: str | None) -> ExtIface:
-    """The interface named `spec`, or holding address `spec`, or of the default route; never
-    the loopback interface, which other hosts cannot reach."""
+@dataclass(frozen=True)
+class IfaceChoice:
+    """Which underlay interface flanneld's flags ask for. Tried in flanneld's order, the first
+    hit winning: each --iface (a name or an IPv4 address), then each --iface-regex (matched
+    first against the interfaces' IPv4 addresses, then against their names), then
+    --iface-can-reach (the interface `ip route get` would use). With none of them: the
+    interface holding --public-ip, else the default route's."""
+
+    names: tuple[str, ...] = ()
+    regexes: tuple[re.Pattern[str], ...] = ()
+    can_reach: IPv4Address | None = None
+
+    def asks(self) -> bool:
+        return bool(self.names or self.regexes or self.can_reach)
+
+    def flags(self) -> str:
+        """The selection flags as given, for messages."""
+        return ", ".join([*(f"--iface {n}" for n in self.names),
+                          *(f"--iface-regex {r.pattern}" for r in self.regexes),
+                          *([f"--iface-can-reach {self.can_reach}"] if self.can_reach else [])])
+
+
+@dataclass(frozen=True)
+class _Link:
+    name: str
+    index: int
+    mtu: int
+    loopback: bool
+    addresses: tuple[IPv4Address, ...]  # every IPv4 address, in the kernel's order
+
+    @property
+    def usable(self) -> list[IPv4Address]:
+        """flanneld's candidates for the interface's address: global unicast ones, then
+        link-local ones (169.254/16); never loopback, multicast or broadcast."""
+        ok = [a for a in self.addresses
+              if not (a.is_loopback or a.is_multicast or a.is_unspecified
+                      or a == IPv4Address("255.255.255.255"))]
+        return ([a for a in ok if not a.is_link_local] + [a for a in ok if a.is_link_local])
+
+
+class _Miss(Exception):
+    """One candidate of the selection matched no usable interface; the message says why."""
+
+
+def find_interface(choice: IfaceChoice, public_ip: IPv4Address | None = None,
+                   netns: str | None = None) -> ExtIface:
+    """The underlay interface and its address, as flanneld picks them (IfaceChoice, and
+    --public-ip when no selection flag is given); never the loopback interface, which other
+    hosts cannot reach. `netns`: look in that named network namespace instead of this
+    process's (for tests). Nothing matching: one UserError naming each candidate and why it
+    missed."""
+    with NetNS(netns) if netns else IPRoute() as ipr:
+        links = _links(ipr)
+        if not choice.asks():
+            return _default_interface(ipr, links, public_ip)
+        misses = []
+        for spec in choice.names:
+            try:
+                return _named(links, spec)
+            except _Miss as e:
+                misses.append(f"--iface {spec}: {e}")
+        for regex in choice.regexes:
+            try:
+                return _matching(links, regex)
+            except _Miss as e:
+                misses.append(f"--iface-regex {regex.pattern}: {e}")
+        if choice.can_reach is not None:
+            try:
+                return _reaching(ipr, links, choice.can_reach)
+            except _Miss as e:
+                misses.append(f"--iface-can-reach {choice.can_reach}: {e}")
+    if len(misses) == 1:
+        raise UserError(misses[0])
+    raise UserError(f"no interface matches {choice.flags()}: " + "; ".join(misses))
+
+
+def _links(ipr: IPRoute) -> list[_Link]:
+    addresses: dict[int, list[IPv4Address]] = {}
+    for a in ipr.get_addr(family=socket.AF_INET):
+        addresses.setdefault(a["index"], []).append(IPv4Address(a.get("IFA_ADDRESS")))
+    return sorted((_Link(name=link.get("IFLA_IFNAME"), index=link["index"],
+                         mtu=link.get("IFLA_MTU"), loopback=bool(link["flags"] & IFF_LOOPBACK),
+                         addresses=tuple(addresses.get(link["index"], ())))
+                   for link in ipr.get_links()), key=lambda link: link.index)
+
+
+def _chosen(link: _Link, address: IPv4Address | None = None) -> ExtIface:
+    """`link` with `address`, else its first usable address; _Miss when other hosts could not
+    reach it there."""
+    if link.loopback:
+        raise _Miss(f"{link.name} is the loopback interface, which other hosts cannot reach; "
+                    "name the underlay interface or its address")
+    if address is None:
+        if not link.usable:
+            raise _Miss(f"interface {link.name} has no IPv4 address; give it one or pick "
+                        "another with --iface")
+        address = link.usable[0]
+    elif address.is_loopback:
+        raise _Miss(f"{address} is a loopback address, which other hosts cannot reach; name "
+                    "the underlay interface or its address")
+    return ExtIface(name=link.name, index=link.index, address=address, mtu=link.mtu)
+
+
+def _named(links: list[_Link], spec: str) -> ExtIface:
+    """--iface: the interface called `spec`, or the one holding the IPv4 address `spec`."""
     wanted = _as_ipv4(spec)
-    with IPRoute() as ipr:
-        if spec is None:
-            routes = ipr.get_default_routes(family=socket.AF_INET)
-            if not routes:
-                raise UserError("no IPv4 default route to pick the interface from; "
-                                "name it with --iface")
-            index = routes[0].get("RTA_OIF")
-        elif wanted is None:
-            found = ipr.link_lookup(ifname=spec)
-            if not found:
-                raise UserError(f"--iface {spec}: no such interface")
-            index = found[0]
-        else:
-            matches = [a["index"] for a in ipr.get_addr(family=socket.AF_INET)
-                       if a.get("IFA_ADDRESS") == str(wanted)]
-            if not matches:
-                raise UserError(f"--iface {spec}: no interface has this address")
-            index = matches[0]
-        link = ipr.get_links(index)[0]
-        name = link.get("IFLA_IFNAME")
-        flag = f"--iface {spec}" if spec is not None else "the default route's interface"
-        if link["flags"] & IFF_LOOPBACK:
-            raise UserError(f"{flag}: {name} is the loopback interface, which other hosts "
-                            "cannot reach; name the underlay interface or its address")
-        addresses = [IPv4Address(a.get("IFA_ADDRESS"))
-                     for a in ipr.get_addr(family=socket.AF_INET, index=index)]
-        if not addresses:
-            raise UserError(f"interface {name} has no IPv4 address; give it one or pick "
-                            "another with --iface")
-        address = wanted or addresses[0]
-        if address.is_loopback:
-            raise UserError(f"{flag}: {address} is a loopback address, which other hosts cannot "
-                            "reach; name the underlay interface or its address")
-        return ExtIface(name=name, index=index, address=address, mtu=link.get("IFLA_MTU"))
+    for link in links:
+        if (wanted in link.addresses) if wanted is not None else (link.name == spec):
+            return _chosen(link, wanted)
+    raise _Miss("no such interface" if wanted is None else "no interface has this address")
+
+
+def _matching(links: list[_Link], regex: re.Pattern[str]) -> ExtIface:
+    """--iface-regex, as flanneld: the first interface with a usable IPv4 address the regex
+    matches (with that address); else the first interface whose name it matches."""
+    for link in links:
+        for address in link.usable:
+            if regex.search(str(address)):
+                return _chosen(link, address)
+    for link in links:
+        if regex.search(link.name):
+            return _chosen(link)
+    shown = ", ".join(f"{link.name} {'/'.join(map(str, link.usable)) or '-'}" for link in links)
+    raise _Miss(f"matches no interface's name or IPv4 address (interfaces: {shown})")
+
+
+def _reaching(ipr: IPRoute, links: list[_Link], target: IPv4Address) -> ExtIface:
+    """--iface-can-reach: the interface and source address of the kernel's route to `target`."""
+    try:
+        route = ipr.route("get", dst=str(target))[0]
+    except NetlinkError as e:
+        raise _Miss(f"no route to it ({os.strerror(e.code)})") from None
+    oif, source = route.get("RTA_OIF"), _as_ipv4(route.get("RTA_PREFSRC"))
+    link = next((link for link in links if link.index == oif), None)
+    if link is None:
+        raise _Miss(f"its route leaves by interface index {oif}, which is gone")
+    return _chosen(link, source)
+
+
+def _default_interface(ipr: IPRoute, links: list[_Link],
+                       public_ip: IPv4Address | None) -> ExtIface:
+    """No selection flag: the interface holding --public-ip (flanneld v0.22), else, as
+    flanneld v0.11 and for a public IP that is not this host's (NAT), the default route's."""
+    if public_ip is not None:
+        holder = next((link for link in links if public_ip in link.addresses), None)
+        if holder is not None:
+            return _chosen(holder, public_ip)
+    routes = ipr.get_default_routes(family=socket.AF_INET)
+    if not routes:
+        raise UserError("no IPv4 default route to pick the interface from; name it with "
+                        "--iface, --iface-regex or --iface-can-reach")
+    oif = routes[0].get("RTA_OIF")
+    link = next((link for link in links if link.index == oif), None)
+    if link is None:
+        raise UserError(f"the default route leaves by interface index {oif}, which is gone")
+    try:
+        return _chosen(link)
+    except _Miss as e:
+        raise UserError(f"the default route's interface: {e}") from None
 
 
 def ip_forward() -> bool | None:
@@ -126,6 +250,41 @@ def delete_routes(name: str, routes: list[IPv4Network]) -> None:
             except NetlinkError as e:
                 if e.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
                     raise
+
+
+def add_blackhole_route(dst: IPv4Network) -> None:
+    """`ip route add blackhole DST metric BLACKHOLE_METRIC` in the main table unless it is
+    there (--ip-blackhole-route for our own subnet): whatever the pods' own routes do not
+    cover is dropped here instead of leaving by the default route. flanneld adds it with metric
+    0, which shadows a pod bridge's route for the same subnet added after it (the kernel appends
+    its prefix route behind the blackhole); with the highest metric every such route wins."""
+    with IPRoute() as ipr:
+        if _blackholes(ipr, dst):
+            return
+        try:
+            ipr.route("add", dst=str(dst), type=RTN_BLACKHOLE, proto=RTPROT_BOOT,
+                      priority=BLACKHOLE_METRIC)
+        except NetlinkError as e:
+            raise UserError(f"--ip-blackhole-route: cannot add `blackhole {dst}`: "
+                            f"{os.strerror(e.code)}", exit_code=1) from None
+
+
+def delete_blackhole_route(dst: IPv4Network) -> None:
+    """Remove our blackhole route for `dst`; one already gone is fine."""
+    with IPRoute() as ipr:
+        for _ in _blackholes(ipr, dst):
+            try:
+                ipr.route("del", dst=str(dst), type=RTN_BLACKHOLE, priority=BLACKHOLE_METRIC)
+            except NetlinkError as e:
+                if e.code not in _GONE:
+                    raise
+
+
+def _blackholes(ipr: IPRoute, dst: IPv4Network) -> list:
+    return [r for r in ipr.get_routes(family=socket.AF_INET, table=254)
+            if r["type"] == RTN_BLACKHOLE and r["dst_len"] == dst.prefixlen
+            and r.get("RTA_DST") == str(dst.network_address)
+            and r.get("RTA_PRIORITY") == BLACKHOLE_METRIC]
 
 
 def link_exists(name: str) -> bool:

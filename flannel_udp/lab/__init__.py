@@ -10,6 +10,8 @@ next (`remove_stale`, `remove_stale_etcd`).
     topology      `Topology`: hosts on a bridge (or on segments joined by a router), pods
     kernel_vxlan  `KernelVxlanNode`: a kernel VXLAN device and entries as flanneld programs them
     etcd          `EtcdCluster`: etcd members on loopback or inside a topology, a test PKI
+    flanneld011   `python -m flannel_udp.lab.flanneld011 ...`: a stand-in for flanneld v0.11 on
+                  etcd's v2 keyspace (host-gw, vxlan, udp), run inside a host namespace
     probes        `python -m flannel_udp.lab.probes ...`: ping, TCP sink, sender and connect,
                   run inside the namespaces
 

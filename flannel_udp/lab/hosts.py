@@ -57,17 +57,20 @@ class Host(Netns):
         return self.run(*FLANNEL_UDP, *args, check=check, timeout=timeout)
 
     def start_flannel(self, store: str | os.PathLike, net_config: str | os.PathLike | None = None,
-                      *extra: str, iface: str = "eth0", env: dict[str, str] | None = None,
+                      *extra: str, iface: str | None = "eth0",
+                      env: dict[str, str] | None = None,
                       env_only: bool = False) -> subprocess.Popen:
         """Start `flannel-udp run` in the foreground of this host, logging to `log_path`;
         `extra` is appended to its arguments (e.g. "-v", "1"), `env` to its environment (e.g.
-        NOTIFY_SOCKET). With `env_only` the settings go as FLANNELD_* variables instead of
-        flags, as a container entrypoint gets them."""
+        NOTIFY_SOCKET); `iface` None gives no --iface (e.g. for --iface-regex in `extra`). With
+        `env_only` the settings go as FLANNELD_* variables instead of flags, as a container
+        entrypoint gets them."""
         if self.daemon is not None and self.daemon.poll() is None:
             raise NetnsError(f"{self.label}: a daemon runs already (pid {self.daemon.pid})")
-        settings = {"local-store": str(store), "iface": iface,
-                    "subnet-file": str(self.subnet_file),
+        settings = {"local-store": str(store), "subnet-file": str(self.subnet_file),
                     "control-socket": str(self.control_socket)}
+        if iface is not None:
+            settings["iface"] = iface
         if net_config is not None:
             settings["net-config-path"] = str(net_config)
         environment = child_env()

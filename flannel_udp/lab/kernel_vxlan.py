@@ -5,9 +5,19 @@ against (bench)."""
 from __future__ import annotations
 
 import ipaddress
+import subprocess
+from typing import Protocol
 
-from flannel_udp.lab.hosts import Host
 from flannel_udp.lab.topology import UNDERLAY_MTU
+
+
+class CommandHost(Protocol):
+    """Where the commands run: a lab `Host` from outside, or the namespace itself from inside
+    (the flanneld v0.11 stand-in, `flannel_udp.lab.flanneld011`)."""
+
+    underlay_ip: str
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess: ...
 
 
 class KernelVxlanNode:
@@ -17,15 +27,15 @@ class KernelVxlanNode:
     The reference that flannel-udp must interoperate with (tests) and be measured against
     (bench). `lease_value()` is the lease flanneld would write for it."""
 
-    def __init__(self, host: Host, subnet: str, *, vni: int = 1, port: int = 8472,
+    def __init__(self, host: CommandHost, subnet: str, *, vni: int = 1, port: int = 8472,
                  mac: str | None = None, underlay_dev: str = "eth0",
-                 udp_csum: bool | None = None) -> None:
+                 udp_csum: bool | None = None, mtu: int = UNDERLAY_MTU - 50) -> None:
         """`udp_csum` True/False: `udpcsum`/`noudpcsum` on the device (UDP checksums set or
         zero in the frames it sends); None leaves the kernel's default (set).
 
         The underlay keeps its offloads as they come: over a veth the frames reach the next
         namespace with inner checksums partial and as 64 KB GSO frames, as from nodes that are
-        containers on one machine."""
+        containers on one machine. `mtu`: the device's, flanneld's underlay MTU - 50."""
         self.host = host
         self.subnet = ipaddress.IPv4Network(subnet)
         self.vni = vni
@@ -38,8 +48,7 @@ class KernelVxlanNode:
         host.run("ip", "link", "add", self.dev, "type", "vxlan", "id", str(vni),
                  "local", host.underlay_ip, "dev", underlay_dev, "dstport", str(port),
                  "nolearning", *csum)
-        host.run("ip", "link", "set", self.dev, "address", self.mac,
-                 "mtu", str(UNDERLAY_MTU - 50))
+        host.run("ip", "link", "set", self.dev, "address", self.mac, "mtu", str(mtu))
         host.run("ip", "addr", "add", f"{self.subnet.network_address}/32", "dev", self.dev)
         host.run("ip", "link", "set", self.dev, "up")
 

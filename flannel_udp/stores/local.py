@@ -167,8 +167,9 @@ class LocalStore:
                 stamp = new_stamp
             live = self._live(data, time.time())
             events = [LeaseEvent("delete", r) for k, r in known.items() if k not in live]
-            events += [LeaseEvent("put", r) for k, r in live.items()
-                       if k not in known or known[k].value != r.value]
+            # A new expiry is a change too (as every put is one in etcd): a lease made a
+            # reservation keeps its value, and its holder must learn that it never expires.
+            events += [LeaseEvent("put", r) for k, r in live.items() if known.get(k) != r]
             known = live
             if events:
                 yield events

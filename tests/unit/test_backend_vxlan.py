@@ -88,3 +88,11 @@ def test_only_well_formed_vxlan_leases_of_our_vni_are_reachable():
     assert not net.accepts(peer(None))
     assert not net.accepts(peer(VxlanLeaseData(2, bytes(6)).encode()))
     assert not net.accepts(peer(good, "host-gw"))
+
+
+def test_a_v011_vxlan_lease_without_vni_is_a_peer_on_the_configs_vni():
+    v011 = b'{"VtepMAC":"5a:28:a0:26:72:83"}'
+    for vni in (1, 4096):
+        net = network(VNI=vni)
+        assert net.accepts(peer(v011))
+        assert net._route_args(peer(v011)) == (bytes.fromhex("5a28a0267283"),)

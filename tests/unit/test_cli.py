@@ -1,6 +1,7 @@
 """The command line: flanneld's flags, FLANNELD_ variables, aliases, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ def test_defaults_are_flanneld_defaults(monkeypatch):
     assert args.subnet_lease_renew_margin == 60
     assert args.etcd_prefix == "/coreos.com/network"
     assert args.healthz_ip == "0.0.0.0" and args.healthz_port == 0
-    assert args.iface is None and args.ip_masq is False
+    assert args.iface == [] and args.ip_masq is False
 
 
 def test_environment_sets_flags_and_the_command_line_wins(monkeypatch):
@@ -32,11 +33,11 @@ def test_environment_sets_flags_and_the_command_line_wins(monkeypatch):
     monkeypatch.setenv("FLANNELD_IP_MASQ", "true")
     monkeypatch.setenv("FLANNELD_ETCD_ENDPOINTS", "http://127.0.0.1:2379")
     args = build_parser().parse_args(["run"])
-    assert (args.iface, args.subnet_lease_renew_margin, args.ip_masq) == ("eth7", 30, True)
+    assert (args.iface, args.subnet_lease_renew_margin, args.ip_masq) == (["eth7"], 30, True)
     assert args.etcd_endpoints == "http://127.0.0.1:2379"
     args = build_parser().parse_args(["run", "--iface", "eth9",
                                       "--subnet-lease-renew-margin", "5"])
-    assert (args.iface, args.subnet_lease_renew_margin) == ("eth9", 5)
+    assert (args.iface, args.subnet_lease_renew_margin) == (["eth9"], 5)
 
 
 def test_deployment_article_spellings_are_aliases():
@@ -188,7 +189,7 @@ def test_the_seed_units_go_style_flags_are_taken():
     assert args.etcd_endpoints == "https://10.0.0.1:2379,https://10.0.0.2:2379"
     args = parser.parse_args(cli.go_style(["run", *SEED_SCRIPT], parser))
     assert (args.public_ip, args.iface, args.healthz_port, args.subnet_file) == (
-        "192.168.77.1", "ens33", 2401, "./subnet.env")
+        "192.168.77.1", ["ens33"], 2401, "./subnet.env")
 
 
 @pytest.mark.parametrize(("argv", "ip_masq", "v"), [
@@ -242,3 +243,64 @@ def test_glogs_flags_are_accepted():
     args = parser.parse_args(cli.go_style(["run", "-vmodule=*=2", "-log_backtrace_at=:0"],
                                           parser))
     assert (args.vmodule, args.log_backtrace_at) == ("*=2", ":0")
+
+
+@pytest.mark.parametrize(("argv", "ip_masq"), [
+    (["--ip-masq", "-ip-masq=false"], False), (["-ip-masq=false", "--ip-masq"], True),
+    (["-ip-masq=0", "-ip-masq=T"], True), (["--ip-masq=TRUE", "--ip-masq=F"], False)])
+def test_a_boolean_given_twice_takes_the_last_value_as_go_does(argv, ip_masq):
+    parser = build_parser()
+    assert parser.parse_args(cli.go_style(["run", *argv], parser)).ip_masq is ip_masq
+
+
+def test_a_boolean_false_on_the_command_line_beats_the_environment(monkeypatch):
+    monkeypatch.setenv("FLANNELD_IP_MASQ", "true")
+    parser = build_parser()
+    assert parser.parse_args(cli.go_style(["run"], parser)).ip_masq is True
+    assert parser.parse_args(cli.go_style(["run", "-ip-masq=false"], parser)).ip_masq is False
+
+
+def test_a_boolean_takes_no_separate_value_and_refuses_other_spellings():
+    done = flannel_udp("run", "--ip-masq", "false")  # Go: `false` is no value of -ip-masq
+    assert done.returncode == 2 and "unrecognized arguments: false" in done.stderr
+    done = flannel_udp("run", "--ip-masq=yes")
+    assert done.returncode == 2 and "invalid boolean value 'yes'" in done.stderr
+
+
+def test_iface_and_iface_regex_repeat_in_order_and_the_command_line_replaces_the_environment(
+        monkeypatch):
+    monkeypatch.setenv("FLANNELD_IFACE", "eth7")
+    monkeypatch.setenv("FLANNELD_IFACE_REGEX", "^en")
+    monkeypatch.setenv("FLANNELD_IFACE_CAN_REACH", "10.0.0.1")
+    parser = build_parser()
+    args = parser.parse_args(cli.go_style(["run"], parser))
+    assert (args.iface, args.iface_regex, args.iface_can_reach) == (["eth7"], ["^en"],
+                                                                    "10.0.0.1")
+    args = parser.parse_args(cli.go_style(
+        ["run", "-iface=nosuch", "--iface", "10.0.0.2", "-iface-regex", "^wl",
+         "--iface-regex=^eth", "-iface-can-reach=10.1.1.1"], parser))
+    assert (args.iface, args.iface_regex, args.iface_can_reach) == (
+        ["nosuch", "10.0.0.2"], ["^wl", "^eth"], "10.1.1.1")
+
+
+def test_an_empty_flanneld_iface_is_ignored_as_flanneld_ignores_it(monkeypatch):
+    monkeypatch.setenv("FLANNELD_IFACE", "")
+    assert build_parser().parse_args(["run"]).iface == []
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["--public-ipv6", "fd77::1"], {}, "--public-ipv6 fd77::1: IPv6 is not supported yet"),
+    ([], {"FLANNELD_PUBLIC_IPV6": "fd77::1"}, "--public-ipv6 fd77::1: IPv6 is not supported"),
+    (["--iface-regex", "(eth"], {}, "--iface-regex (eth: not a valid regular expression"),
+    (["--iface-can-reach", "banana"], {}, "--iface-can-reach banana: not an IPv4 address"),
+    (["-iface-can-reach=fd00::1"], {}, "not an IPv4 address (IPv6 is not supported yet)"),
+])
+def test_refused_interface_flags_are_one_line_and_change_nothing(tmp_path, argv, env, message):
+    store = tmp_path / "store"
+    subnet_file = tmp_path / "subnet.env"
+    done = flannel_udp("run", *argv, "--local-store", str(store), "--subnet-file",
+                       str(subnet_file), env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr
+    assert not store.exists() and not subnet_file.exists()

@@ -13,6 +13,7 @@ from flannel_udp.config import parse_config
 from flannel_udp.daemon import Daemon, RunOptions
 from flannel_udp.lease import Lease, encode_lease_value
 from flannel_udp.manager import LeaseManager
+from flannel_udp.netlink import IfaceChoice
 from flannel_udp.stores import LeaseEvent, Snapshot, StoreUnavailable
 from flannel_udp.stores.local import LocalStore
 
@@ -75,7 +76,7 @@ def test_after_a_store_outage_the_daemon_applies_the_changes_and_retakes_its_lea
     subnet_file = tmp_path / "subnet.env"
 
     async def scenario():
-        daemon = Daemon(RunOptions(store=store, store_name="test store", iface=None,
+        daemon = Daemon(RunOptions(store=store, store_name="test store", iface=IfaceChoice(),
                                    public_ip=ME, subnet_file=str(subnet_file),
                                    renew_margin_minutes=60, net_config_path=None,
                                    control_socket=str(tmp_path / "sock")))

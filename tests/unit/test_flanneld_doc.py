@@ -35,14 +35,19 @@ def test_the_page_lists_every_flanneld_flag_once():
 
 
 @pytest.mark.parametrize(("flag", "support"), sorted(page_rows().items()))
-def test_the_command_line_does_what_the_page_says(flag, support):
+def test_the_command_line_does_what_the_page_says(flag, support, tmp_path, capsys):
     parser = cli.build_parser()
-    longs, _ = cli._options(parser)
+    longs, booleans = cli._options(parser)
     known = f"--{flag}" in longs or flag == "v"
     if support.startswith(("taken", "accepted")):
         assert known, f"-{flag}: the page says {support!r}, the command line does not know it"
     elif support.startswith("refused in one line"):
-        assert f"--{flag}" in cli.KUBE_FLAGS
+        store = tmp_path / "store"
+        value = [] if f"--{flag}" in booleans else ["x"]
+        code = cli.main(["run", f"-{flag}", *value, "--local-store", str(store)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"flannel-udp: --{flag}"), err
+        assert err.count("\n") == 1 and not store.exists(), err
     else:
         assert support.startswith("refused as unknown"), support
         assert not known, f"-{flag}: the page says it is refused, the command line takes it"

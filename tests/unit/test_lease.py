@@ -38,6 +38,37 @@ def test_vxlan_lease_value_keeps_flannels_field_order():
                      b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
 
 
+# flannel v0.11's values on etcd's v2 keyspace, as REFERENCE.md section 5 saw them written
+V011_UDP = b'{"PublicIP":"192.168.77.1"}'
+V011_HOST_GW = b'{"PublicIP":"192.168.77.1","BackendType":"host-gw"}'
+V011_VXLAN = (b'{"PublicIP":"192.168.77.1","BackendType":"vxlan",'
+              b'"BackendData":{"VtepMAC":"5a:28:a0:26:72:83"}}')
+
+
+def test_v011_lease_values_are_written_byte_for_byte():
+    ip = IPv4Address("192.168.77.1")
+    assert encode_lease_value(ip, v011=True) == V011_UDP
+    assert encode_lease_value(ip, "host-gw", v011=True) == V011_HOST_GW
+    # the backend hands its current BackendData (with VNI); v0.11's has none
+    ours = VxlanLeaseData(1, bytes.fromhex("5a28a0267283")).encode()
+    assert encode_lease_value(ip, "vxlan", ours, v011=True) == V011_VXLAN
+    # and the same calls without v011 still write flannel >= v0.18's values
+    assert encode_lease_value(ip, "host-gw") == (
+        b'{"PublicIP":"192.168.77.1","PublicIPv6":null,"BackendType":"host-gw"}')
+
+
+def test_v011_lease_values_decode():
+    udp, host_gw, vxlan = (decode_lease(NET, v) for v in (V011_UDP, V011_HOST_GW, V011_VXLAN))
+    assert (udp.backend, host_gw.backend, vxlan.backend) == ("udp", "host-gw", "vxlan")
+    assert {udp.public_ip, host_gw.public_ip, vxlan.public_ip} == {IPv4Address("192.168.77.1")}
+    assert host_gw.backend_data is None
+    # no VNI: the config's (all v0.11 nodes share it; VNI 1 unless the config says otherwise)
+    assert VxlanLeaseData.decode(vxlan.backend_data) == VxlanLeaseData(
+        None, bytes.fromhex("5a28a0267283"))
+    assert VxlanLeaseData(None, bytes.fromhex("5a28a0267283")).encode() == \
+        b'{"VtepMAC":"5a:28:a0:26:72:83"}'
+
+
 def test_key_round_trip():
     assert subnet_key(NET) == "10.5.52.0-24"
     assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == NET

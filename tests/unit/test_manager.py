@@ -33,6 +33,20 @@ def test_own_lease_is_reused_before_the_old_subnet_file(tmp_path):
     assert records[0].expiration > time.time() + 3000  # refreshed with the manager's TTL
 
 
+def test_on_etcds_v2_keyspace_the_lease_is_written_as_flannel_v011_writes_it(tmp_path):
+    class V2Keyspace(LocalStore):  # the lease format follows the keyspace, whatever the store
+        keyspace = "etcd v2"
+
+    async def scenario(store):
+        await LeaseManager(store, CFG, ME, "host-gw", None, renew_margin=60.0).acquire(None)
+        return (await store.list_leases()).records[0].value
+
+    assert asyncio.run(scenario(V2Keyspace(tmp_path / "v2"))) == \
+        b'{"PublicIP":"192.168.0.10","BackendType":"host-gw"}'
+    assert asyncio.run(scenario(LocalStore(tmp_path / "embedded"))) == \
+        b'{"PublicIP":"192.168.0.10","PublicIPv6":null,"BackendType":"host-gw"}'
+
+
 def test_old_subnet_is_taken_when_free_else_another(tmp_path):
     async def scenario():
         store = LocalStore(tmp_path / "leases")
@@ -113,3 +127,44 @@ def test_leases_of_another_length_than_subnetlen_are_skipped_naming_the_key(tmp_
     assert [str(p.subnet) for p in peers] == ["10.5.203.0/24"]
     for key in ("10.5.201.128-25", "10.5.0.0-16", "10.5.202.0-23"):
         assert f"skipping lease {key}: not a /24 subnet" in caplog.text
+
+
+def test_a_reservation_is_never_renewed_and_its_renewal_task_does_not_end(tmp_path):
+    # The daemon stops when one of its tasks ends: a renewal that returned on a reservation
+    # stopped the node that held one.
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        await store.put_lease("10.5.33.0-24", encode_lease_value(ME), None)
+        m = manager(store, ttl=1.0, margin=0.7)
+        lease = await m.acquire(None)
+        task = asyncio.create_task(m.renew_forever())
+        await asyncio.sleep(1.5)  # past a 1 s lease's renewal and expiry
+        ended = task.done()
+        task.cancel()
+        return lease, ended, (await store.list_leases()).records
+
+    lease, ended, records = asyncio.run(scenario())
+    assert lease.subnet == IPv4Network("10.5.33.0/24") and lease.expiration is None
+    assert not ended
+    assert [(r.key, r.expiration) for r in records] == [("10.5.33.0-24", None)]
+
+
+def test_our_lease_made_a_reservation_while_we_run_is_not_renewed_back(tmp_path):
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        m = manager(store, ttl=1.5, margin=1.0)
+        lease = await m.acquire(None)
+        await m.load_peers()
+        key = f"{lease.subnet.network_address}-24"
+        watch = asyncio.create_task(m.watch(lambda lease: None, lambda subnet: None,
+                                            lambda: asyncio.sleep(0)))
+        renew = asyncio.create_task(m.renew_forever())
+        await store.put_lease(key, encode_lease_value(ME), None)  # `leases reserve`, by hand
+        await asyncio.sleep(2.0)  # past the renewal a 1.5 s lease would have had
+        watch.cancel()
+        renew.cancel()
+        return m.lease, (await store.list_leases()).records
+
+    lease, records = asyncio.run(scenario())
+    assert lease.expiration is None
+    assert [r.expiration for r in records] == [None]

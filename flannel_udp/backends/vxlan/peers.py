@@ -22,7 +22,8 @@ def peer_vtep_mac(lease: Lease, vni: int) -> bytes:
         data = VxlanLeaseData.decode(lease.backend_data)
     except LeaseValueError as e:
         raise Unreachable(f"malformed vxlan lease: {e}") from None
-    if data.vni != vni:
+    # A lease without VNI (flannel v0.11's) means the config's, which is ours.
+    if data.vni is not None and data.vni != vni:
         raise Unreachable(f"VNI {data.vni} is not ours ({vni})")
     return data.vtep_mac
 
