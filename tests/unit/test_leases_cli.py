@@ -1,7 +1,7 @@
-"""`flannel-udp leases list|delete|reserve` on the embedded store and on a real etcd (v3): flannel's
-keys and lease JSON, a reservation as a key without TTL, every refusal one line that changes
-nothing. On etcd, leases "by hand" are written with etcdctl as flannel writes them; each test
-uses a prefix of its own on the module's etcd."""
+"""`flannel-udp leases list|delete|reserve` on the embedded store and on a real etcd (its v3 and
+v2 keyspaces): flannel's keys and lease JSON (v0.11's on v2), a reservation as a key without TTL,
+every refusal one line that changes nothing. On etcd, leases "by hand" are written with etcdctl
+as flannel writes them; each test uses a prefix of its own on the module's etcd."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from flannel_udp.lab.etcd import EtcdCluster, etcd_problem
 from flannel_udp.stores.local import LocalStore
 
 CONFIG = '{"Network": "10.5.0.0/16"}'
@@ -38,6 +41,13 @@ class StoreUnderTest:
     put_by_hand: Callable[[str, bytes, int | None], None]  # key, value, TTL (None: none)
     dump: Callable[[], object]  # the whole store as it is held, to compare before and after
     raw: Callable[[], dict[str, tuple[bytes, bool]]]  # key -> (value, has a TTL)
+    v011: bool = False  # etcd's v2 keyspace: flannel v0.11's lease JSON
+
+    def udp_value(self, public_ip: str) -> bytes:
+        """A udp lease's value as flannel writes it in this keyspace."""
+        if self.v011:
+            return f'{{"PublicIP":"{public_ip}"}}'.encode()
+        return f'{{"PublicIP":"{public_ip}","PublicIPv6":null}}'.encode()
 
     def leases(self, *argv: str) -> subprocess.CompletedProcess:
         return flannel_udp("leases", *argv, *self.flags)
@@ -81,14 +91,60 @@ def on_etcd(etcd) -> StoreUnderTest:
                           put, kvs, raw)
 
 
-@pytest.fixture(params=["embedded", "etcd"])
+def on_etcd_v2(etcd: EtcdCluster) -> StoreUnderTest:
+    prefix = f"/leases-cli-{next(_prefixes)}/network"
+
+    def put(key: str, value: bytes, ttl: int | None) -> None:
+        etcd.etcdctl("set", *(["--ttl", str(ttl)] if ttl else []), f"{prefix}/subnets/{key}",
+                     value.decode(), api=2)
+
+    def nodes() -> dict[str, dict]:
+        try:
+            with urllib.request.urlopen(f"{etcd.endpoints[0]}/v2/keys{prefix}?recursive=true",
+                                        timeout=10) as response:
+                todo = [json.load(response)["node"]]
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return {}
+            raise
+        found = {}
+        while todo:
+            node = todo.pop()
+            todo += node.get("nodes", [])
+            if not node.get("dir"):
+                found[node["key"]] = {k: v for k, v in node.items() if k != "ttl"}
+        return found
+
+    def raw() -> dict[str, tuple[bytes, bool]]:
+        return {k.removeprefix(f"{prefix}/subnets/"): (node["value"].encode(),
+                                                       "expiration" in node)
+                for k, node in nodes().items() if k.startswith(f"{prefix}/subnets/")}
+
+    return StoreUnderTest(["--etcd-endpoints", etcd.endpoint_arg, "--etcd-prefix", prefix,
+                           "--etcd-api", "v2"], put, nodes, raw, v011=True)
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdCluster]:
+    """One etcd for the module, serving both keyspaces (as the seed's, run with v2 on)."""
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    with EtcdCluster(1, enable_v2=True) as cluster:
+        yield cluster.start()
+
+
+@pytest.fixture(params=["embedded", "etcd v3", "etcd v2"])
 def store(request, tmp_path: Path) -> Iterator[StoreUnderTest]:
     """A store holding CONFIG and OTHER's lease on 10.5.2.0/24 (24 h TTL)."""
-    s = embedded(tmp_path) if request.param == "embedded" else on_etcd(
-        request.getfixturevalue("etcd"))
+    if request.param == "embedded":
+        s = embedded(tmp_path)
+    else:
+        open_etcd = on_etcd if request.param == "etcd v3" else on_etcd_v2
+        s = open_etcd(request.getfixturevalue("etcd"))
     result = flannel_udp("network", "set", CONFIG, *s.flags)
     assert result.returncode == 0, result.stderr
-    s.put_by_hand("10.5.2.0-24", f'{{"PublicIP":"{OTHER}","PublicIPv6":null}}'.encode(), 86400)
+    s.put_by_hand("10.5.2.0-24", s.udp_value(OTHER), 86400)
     yield s
 
 
@@ -123,8 +179,7 @@ def test_reserve_writes_flannels_key_and_lease_json_without_ttl(store):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"reserved 10.5.7.0/24 for {ME} in ")
     # flannel's UDP lease value, byte for byte, on a key with no TTL
-    assert store.raw()["10.5.7.0-24"] == (f'{{"PublicIP":"{ME}","PublicIPv6":null}}'.encode(),
-                                          False)
+    assert store.raw()["10.5.7.0-24"] == (store.udp_value(ME), False)
     again = store.leases("reserve", "10.5.7.0-24", "--public-ip", ME)
     assert again.returncode == 0 and again.stdout.startswith("already reserved: 10.5.7.0/24")
 
