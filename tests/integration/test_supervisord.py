@@ -1,30 +1,30 @@
 """The seed deployment's supervisord section, run for real: supervisord (from PyPI) in a host
-namespace starts flannel-udp's `flanneld` with the seed's shell-script flags, restarts it after
-kill -9 (the same lease back), and stops it with the section's `stopsignal=QUIT`, which must
-clean up as SIGTERM does (flannel0 gone, exit 0, so `exitcodes=0,2` counts it as expected).
+namespace starts flannel-udp's `flanneld` from the seed's flanneld.sh, with its flags as written
+(`--public-ip= --endpoints=https://... --ca-file= --cert-file= --key-file= --iface=
+--subnet-file=./subnet.env --healthz-port=2401`) against an etcd 3.4 with v2 on and client
+certificates, the config written as the seed writes it (`ETCDCTL_API=2 etcdctl set
+/coreos.com/network/config '...'`, host-gw). supervisord restarts it after kill -9 (the same
+lease back) and stops it with the section's `stopsignal=QUIT`, which must stop it as SIGTERM
+does (exit 0, so `exitcodes=0,2` counts it as expected).
 
-Two changes to the seed's section: `startsecs=3` instead of 30 (the test would wait 30 s for
-RUNNING twice), and the embedded store instead of etcd's v2 keyspace (not supported yet)."""
+One change to the seed's section: `startsecs=3` instead of 30 (the test would wait 30 s for
+RUNNING twice); and the script adds `-control-socket`, as hosts here share one filesystem."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 import pytest
 
 from flannel_udp import subnetenv
-from flannel_udp.lab import (
-    DEFAULT_NETWORK_CONFIG,
-    Host,
-    Topology,
-    wait_until,
-)
+from flannel_udp.lab import EtcdCluster, Host, Topology, make_test_pki, wait_until
+from flannel_udp.lab.etcd import ETCD_ADDRESS
 
 pytestmark = pytest.mark.netns
 
@@ -33,13 +33,19 @@ FLANNELD = (f"{sys.executable} -c 'import sys; from flannel_udp.cli import flann
             "sys.argv[0] = \"flanneld\"; raise SystemExit(flanneld_main())'")
 
 
-def supervisor_files(host: Host, store: Path) -> Path:
+SEED_CONFIG = '{"Network": "172.68.0.0/16", "Backend": {"Type": "host-gw"}}'
+
+
+def supervisor_files(host: Host, etcd: EtcdCluster) -> Path:
     """The seed's flanneld.sh and supervisord section, in `host`'s directory."""
     d = host.dir
+    pki = etcd.pki
+    assert pki is not None
     script = d / "flanneld.sh"
     script.write_text(
         "#!/bin/sh\n"
-        f"exec {FLANNELD} --public-ip={host.underlay_ip} --local-store={store} "
+        f"exec {FLANNELD} --public-ip={host.underlay_ip} --endpoints={etcd.endpoint_arg} "
+        f"--ca-file={pki.ca} --cert-file={pki.client_cert} --key-file={pki.client_key} "
         f"--iface=eth0 --subnet-file=./subnet.env --healthz-port=2401 "
         f"-control-socket={d}/control.sock\n")
     script.chmod(0o755)
@@ -86,9 +92,10 @@ def state(host: Host, conf: Path) -> tuple[str, int | None]:
 def test_the_seeds_supervisord_section_runs_restarts_and_stops_flanneld(topology):
     topo: Topology = topology(1)
     host = topo.hosts[0]
-    store = topo.dir / "store.msgpack"
-    host.flannel("network", "set", "--local-store", store, json.dumps(DEFAULT_NETWORK_CONFIG))
-    conf = supervisor_files(host, store)
+    etcd = EtcdCluster.in_topology(topo, pki=make_test_pki(topo.dir / "pki", [ETCD_ADDRESS]),
+                                   enable_v2=True).start()
+    etcd.etcdctl("set", "/coreos.com/network/config", SEED_CONFIG, api=2)
+    conf = supervisor_files(host, etcd)
     host.popen(sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf,
                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = host.dir / "flanneld.log"
@@ -98,19 +105,26 @@ def test_the_seeds_supervisord_section_runs_restarts_and_stops_flanneld(topology
         return pid if status == "RUNNING" else None
 
     first = wait_until(running, 30, f"{PROGRAM} RUNNING")
-    subnet = subnetenv.read(host.dir / "subnet.env")["FLANNEL_SUBNET"]
-    assert host.link("flannel0") is not None
+    env = wait_until(lambda: subnetenv.read(host.dir / "subnet.env"), 10, "subnet.env")
+    subnet = env["FLANNEL_SUBNET"]
+    assert env["FLANNEL_NETWORK"] == "172.68.0.0/16"
+    key = "/coreos.com/network/subnets/" + str(IPv4Interface(subnet).network).replace("/", "-")
+    # flanneld v0.11's host-gw lease, in the v2 keyspace where the seed's config is
+    assert etcd.etcdctl("get", key, api=2).stdout.strip() == (
+        f'{{"PublicIP":"{host.underlay_ip}","BackendType":"host-gw"}}')
+    assert "etcd v2" in (host.dir / "flanneld.log").read_text()
 
     os.kill(first, signal.SIGKILL)
     second = wait_until(lambda: (pid := running()) != first and pid, 30,
                         f"{PROGRAM} restarted after kill -9")
-    wait_until(lambda: host.link("flannel0") is not None, 10, "flannel0 back")
+    wait_until(lambda: (host.try_status() or {}).get("lease"), 15,
+               "the restarted daemon's lease")
     assert subnetenv.read(host.dir / "subnet.env")["FLANNEL_SUBNET"] == subnet
 
     out = ctl(host, conf, "stop", PROGRAM)
     assert "stopped" in out, out
     assert state(host, conf)[0] == "STOPPED"
     assert not os.path.exists(f"/proc/{second}")
-    assert host.link("flannel0") is None, "SIGQUIT left flannel0 behind"
+    assert f"stopped: {PROGRAM} (exit status 0)" in (host.dir / "supervisord.log").read_text()
     assert "signal received, shutting down" in log.read_text()
     ctl(host, conf, "shutdown")
