@@ -23,11 +23,10 @@ import logging
 import re
 import shutil
 import subprocess
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from typing import Protocol
 
 from flannel_udp.errors import UserError
 
@@ -136,9 +135,18 @@ def iptables_version(flag: str = "--ip-masq") -> tuple[int, ...]:
     return tuple(int(g or 0) for g in match.groups())
 
 
-class TrafficRules(Protocol):
+class TrafficRules(ABC):
     """A node's masquerade and forward rules (IptablesRules here, NftablesRules in
-    nftrules.py). Each method blocks on the rule commands: call them from a worker thread."""
+    nftrules.py): the masquerade ones (`masq`) and the forward ones (`forward`), either or
+    both. Each method blocks on the rule commands: call them from a worker thread."""
+
+    def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
+                 forward: bool = True) -> None:
+        self.network = network
+        self.random_fully = random_fully
+        self.masq = masq
+        self.forward = forward
+        self.subnet: IPv4Network | None = None
 
     @abstractmethod
     def setup(self, subnet: IPv4Network) -> None:
@@ -154,16 +162,11 @@ class TrafficRules(Protocol):
 
 
 class IptablesRules(TrafficRules):
-    """flanneld's iptables rules of one node: the masquerade ones (`masq`) and the forward ones
-    (`forward`), either or both."""
+    """flanneld's iptables rules of one node."""
 
     def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
                  forward: bool = True) -> None:
-        self.network = network
-        self.random_fully = random_fully
-        self.masq = masq
-        self.forward = forward
-        self.subnet: IPv4Network | None = None
+        super().__init__(network, random_fully, masq, forward)
         self.rules: list[Rule] = []
 
     @classmethod

@@ -76,15 +76,11 @@ def tables_script() -> list[str]:
 
 class NftablesRules(TrafficRules):
     """flanneld's nftables rules of one node: `masq` the postrtg chain, `forward` the forward
-    chain, either or both."""
+    chain."""
 
     def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
                  forward: bool = True) -> None:
-        self.network = network
-        self.random_fully = random_fully
-        self.masq = masq
-        self.forward = forward
-        self.subnet: IPv4Network | None = None
+        super().__init__(network, random_fully, masq, forward)
         self.script = ""
         self.written = ""  # `nft list table`s right after the last write
 
