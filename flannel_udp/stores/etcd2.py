@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -39,6 +40,7 @@ from flannel_udp.stores.etcdcommon import (
 )
 
 log = logging.getLogger("flannel-udp")
+T = TypeVar("T")
 
 # A wait that saw no event is asked again after this long: it notices a member that vanished
 # without closing the connection, and moves the index on (etcd keeps only 1000 events).
@@ -164,31 +166,38 @@ class Etcd2Store:
     def _url(self, endpoint: Endpoint, key: str) -> str:
         return f"{endpoint.base_url}/v2/keys{key}"
 
-    async def _request(self, method: str, key: str, what: str,
-                       params: dict[str, str] | None = None,
-                       form: dict[str, str] | None = None) -> _Reply:
-        """The request on the current member, else on each next one; StoreUnavailable when no
-        member could serve it, StoreError when one refused it."""
+    async def _on_members(self, what: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """`attempt(endpoint)` on the current member, else on each next one; StoreUnavailable
+        when no member could serve it (a StoreError, a member's refusal, goes through)."""
         failures: list[tuple[str, str]] = []
         count = len(self.options.endpoints)
         for i in range(count):
             index = (self._current + i) % count
             endpoint = self.options.endpoints[index]
             try:
-                async with self._client().request(
-                        method, self._url(endpoint, key), params=params, data=form,
-                        ssl=self._ssl if endpoint.secure else None,
-                        timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT)) as response:
-                    reply = await self._reply(endpoint, response, what)
+                result = await attempt(endpoint)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 failures.append((endpoint.url, _reason(e, endpoint)))
                 continue
-            if reply.status >= 500:  # the member answered but cannot serve now (no leader, ...)
-                failures.append((endpoint.url, reply.server_error()))
-                continue
             self._current = index
-            return reply
+            return result
         raise unavailable_or_tls(failures, what)
+
+    async def _request(self, method: str, key: str, what: str,
+                       params: dict[str, str] | None = None,
+                       form: dict[str, str] | None = None) -> _Reply:
+        """The request on the current member, else on each next one; StoreUnavailable when no
+        member could serve it, StoreError when one refused it."""
+        async def attempt(endpoint: Endpoint) -> _Reply:
+            async with self._client().request(
+                    method, self._url(endpoint, key), params=params, data=form,
+                    ssl=self._ssl if endpoint.secure else None,
+                    timeout=aiohttp.ClientTimeout(total=RPC_TIMEOUT)) as response:
+                reply = await self._reply(endpoint, response, what)
+            if reply.status >= 500:  # the member answered but cannot serve now (no leader...)
+                raise aiohttp.ClientError(reply.server_error())
+            return reply
+        return await self._on_members(what, attempt)
 
     async def _reply(self, endpoint: Endpoint, response: aiohttp.ClientResponse,
                      what: str) -> _Reply:
@@ -327,20 +336,8 @@ class Etcd2Store:
         params = {"wait": "true", "recursive": "true"}
         while True:
             params["waitIndex"] = str(last + 1)
-            failures: list[tuple[str, str]] = []
-            count = len(self.options.endpoints)
-            for i in range(count):
-                index = (self._current + i) % count
-                endpoint = self.options.endpoints[index]
-                try:
-                    event, last = await self._wait(endpoint, params, last)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                    failures.append((endpoint.url, _reason(e, endpoint)))
-                    continue
-                self._current = index
-                break
-            else:
-                raise unavailable_or_tls(failures, "watch")
+            event, last = await self._on_members(
+                "watch", functools.partial(self._wait, params=params, last=last))
             yield (self._event(event, known) if event is not None else []), last
 
     async def _wait(self, endpoint: Endpoint, params: dict[str, str],
