@@ -10,7 +10,16 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS
@@ -299,6 +308,14 @@ def disable_ipv6(name: str) -> None:
         knob.write_text("1\n")
 
 
+def set_accept_ra(name: str, accept: bool) -> None:
+    """Router advertisements accepted on a device or not (flanneld turns them off on its VXLAN
+    devices)."""
+    knob = Path(f"/proc/sys/net/ipv6/conf/{name}/accept_ra")
+    if knob.exists():
+        knob.write_text("1\n" if accept else "0\n")
+
+
 def tx_dropped(name: str) -> int | None:
     """Packets the kernel dropped on the way out through `name` (a full TUN queue, for a TUN).
     Read from /sys, which `ip netns exec` and container runtimes mount for the namespace."""
@@ -311,31 +328,41 @@ def tx_dropped(name: str) -> int | None:
 # -- kernel routing state of the routing-model backends (host-gw, DirectRouting, kernel VXLAN) --
 
 
+AnyAddress = IPv4Address | IPv6Address
+AnyNetwork = IPv4Network | IPv6Network
+
+
+def _family(address: AnyAddress | AnyNetwork) -> int:
+    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+
 @dataclass(frozen=True)
 class Route:
-    """`dst via gateway dev oif`; `onlink`: the gateway need not be on a connected subnet."""
+    """`dst via gateway dev oif` (IPv4 or IPv6); `onlink`: the gateway need not be on a
+    connected subnet."""
 
-    dst: IPv4Network
-    gateway: IPv4Address
+    dst: AnyNetwork
+    gateway: AnyAddress
     oif: int
     onlink: bool = False
 
 
 @dataclass(frozen=True)
 class Neighbour:
-    """A permanent ARP entry `address -> mac` on device `ifindex`."""
+    """A permanent ARP (IPv4) or NDP (IPv6) entry `address -> mac` on device `ifindex`."""
 
-    address: IPv4Address
+    address: AnyAddress
     mac: bytes
     ifindex: int
 
 
 @dataclass(frozen=True)
 class FdbEntry:
-    """A permanent forwarding entry `mac -> dst` on VXLAN device `ifindex` (bridge fdb ... self)."""
+    """A permanent forwarding entry `mac -> dst` on VXLAN device `ifindex` (bridge fdb ... self);
+    `dst` is IPv6 on a VXLAN device with an IPv6 underlay."""
 
     mac: bytes
-    dst: IPv4Address
+    dst: AnyAddress
     ifindex: int
 
 
@@ -359,11 +386,12 @@ def describe(entry: KernelEntry) -> str:
 
 def _install(ipr: IPRoute, entry: KernelEntry) -> None:
     if isinstance(entry, Route):
-        ipr.route("replace", dst=str(entry.dst), gateway=str(entry.gateway), oif=entry.oif,
+        ipr.route("replace", family=_family(entry.dst), dst=str(entry.dst),
+                  gateway=str(entry.gateway), oif=entry.oif,
                   flags=RTNH_F_ONLINK if entry.onlink else 0)
     elif isinstance(entry, Neighbour):
-        ipr.neigh("replace", dst=str(entry.address), lladdr=_mac_text(entry.mac),
-                  ifindex=entry.ifindex, state=NUD_PERMANENT)
+        ipr.neigh("replace", family=_family(entry.address), dst=str(entry.address),
+                  lladdr=_mac_text(entry.mac), ifindex=entry.ifindex, state=NUD_PERMANENT)
     else:
         ipr.fdb("replace", ifindex=entry.ifindex, lladdr=_mac_text(entry.mac),
                 dst=str(entry.dst), state=NUD_PERMANENT, flags=NTF_SELF)
@@ -371,10 +399,11 @@ def _install(ipr: IPRoute, entry: KernelEntry) -> None:
 
 def _withdraw(ipr: IPRoute, entry: KernelEntry) -> None:
     if isinstance(entry, Route):
-        ipr.route("del", dst=str(entry.dst), gateway=str(entry.gateway), oif=entry.oif)
+        ipr.route("del", family=_family(entry.dst), dst=str(entry.dst),
+                  gateway=str(entry.gateway), oif=entry.oif)
     elif isinstance(entry, Neighbour):
-        ipr.neigh("del", dst=str(entry.address), lladdr=_mac_text(entry.mac),
-                  ifindex=entry.ifindex)
+        ipr.neigh("del", family=_family(entry.address), dst=str(entry.address),
+                  lladdr=_mac_text(entry.mac), ifindex=entry.ifindex)
     else:
         ipr.fdb("del", ifindex=entry.ifindex, lladdr=_mac_text(entry.mac), dst=str(entry.dst))
 
@@ -405,36 +434,45 @@ def withdraw(entries: list[KernelEntry]) -> None:
 def missing(entries: list[KernelEntry]) -> list[KernelEntry]:
     """Those of `entries` the kernel does not hold now (e.g. deleted by hand)."""
     have: set[KernelEntry] = set()
+    families = {_family(e.dst if isinstance(e, Route) else
+                        e.address if isinstance(e, Neighbour) else e.dst) for e in entries}
     with IPRoute() as ipr:
-        if any(isinstance(e, Route) for e in entries):
-            for r in ipr.get_routes(family=socket.AF_INET, table=254):
+        for family in families:
+            if not any(isinstance(e, Route) and _family(e.dst) == family for e in entries):
+                continue
+            for r in ipr.get_routes(family=family, table=254):
                 if r.get("RTA_GATEWAY") and r.get("RTA_DST"):
-                    have.add(Route(IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
-                                   IPv4Address(r.get("RTA_GATEWAY")), r.get("RTA_OIF"),
+                    have.add(Route(ip_network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
+                                   ip_address(r.get("RTA_GATEWAY")), r.get("RTA_OIF"),
                                    bool(r["flags"] & RTNH_F_ONLINK)))
         for ifindex in {e.ifindex for e in entries if not isinstance(e, Route)}:
             try:
-                for n in ipr.get_neighbours(family=socket.AF_INET, ifindex=ifindex):
-                    if n.get("NDA_DST") and n.get("NDA_LLADDR"):
-                        have.add(Neighbour(IPv4Address(n.get("NDA_DST")),
-                                           bytes.fromhex(n.get("NDA_LLADDR").replace(":", "")),
-                                           ifindex))
+                for family in families:
+                    for n in ipr.get_neighbours(family=family, ifindex=ifindex):
+                        if n.get("NDA_DST") and n.get("NDA_LLADDR"):
+                            have.add(Neighbour(ip_address(n.get("NDA_DST")),
+                                               _mac_bytes(n.get("NDA_LLADDR")), ifindex))
                 for f in ipr.fdb("dump", ifindex=ifindex):
                     if f.get("NDA_DST") and f.get("NDA_LLADDR"):
-                        have.add(FdbEntry(bytes.fromhex(f.get("NDA_LLADDR").replace(":", "")),
-                                          IPv4Address(f.get("NDA_DST")), ifindex))
+                        have.add(FdbEntry(_mac_bytes(f.get("NDA_LLADDR")),
+                                          ip_address(f.get("NDA_DST")), ifindex))
             except NetlinkError as e:
                 if e.code not in _GONE:
                     raise
     return [e for e in entries if e not in have]
 
 
-def direct_route_to(address: IPv4Address) -> tuple[int | None, str]:
-    """(the outgoing interface, "") when the kernel reaches `address` by a directly connected,
-    gateway-less route (flannel's ip.DirectRouting); else (None, why not)."""
+def _mac_bytes(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def direct_route_to(address: AnyAddress) -> tuple[int | None, str]:
+    """(the outgoing interface, "") when the kernel reaches `address` (IPv4 or IPv6) by a
+    directly connected, gateway-less route (flannel's ip.DirectRouting); else (None, why
+    not)."""
     with IPRoute() as ipr:
         try:
-            found = ipr.route("get", dst=str(address))
+            found = ipr.route("get", family=_family(address), dst=str(address))
         except NetlinkError as e:
             return None, f"no route to it ({os.strerror(e.code)})"
     route = found[0]
@@ -468,14 +506,16 @@ def delete_link(name: str) -> None:
                     raise
 
 
-def create_vxlan(name: str, vni: int, local: IPv4Address, underlay: int, port: int,
+def create_vxlan(name: str, vni: int, local: AnyAddress, underlay: int, port: int,
                  mac: bytes, mtu: int) -> int:
     """A kernel VXLAN device as flanneld makes it (nolearning, local address, underlay device,
-    port, MAC, MTU), up; its index. OSError when the kernel refuses (no vxlan module, no
-    permission, the name or the port taken); then nothing is left behind."""
+    port, MAC, MTU), up; its index. An IPv6 `local` makes an IPv6 underlay (flanneld's
+    flannel-v6.<VNI>). OSError when the kernel refuses (no vxlan module, no permission, the
+    name or the port taken); then nothing is left behind."""
+    local_attr = {"vxlan_local6" if local.version == 6 else "vxlan_local": str(local)}
     with IPRoute() as ipr:
         try:
-            ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local),
+            ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vni, **local_attr,
                      vxlan_link=underlay, vxlan_port=port, vxlan_learning=0,
                      address=_mac_text(mac), mtu=mtu)
         except NetlinkError as e:
@@ -490,12 +530,12 @@ def create_vxlan(name: str, vni: int, local: IPv4Address, underlay: int, port: i
         return index
 
 
-def add_address(name: str, address: IPv4Interface) -> None:
+def add_address(name: str, address: IPv4Interface | IPv6Interface) -> None:
     """Give device `name` an address (one it holds already is fine)."""
     with IPRoute() as ipr:
         try:
-            ipr.addr("add", index=ipr.link_lookup(ifname=name)[0], address=str(address.ip),
-                     prefixlen=address.network.prefixlen)
+            ipr.addr("add", index=ipr.link_lookup(ifname=name)[0], family=_family(address.ip),
+                     address=str(address.ip), prefixlen=address.network.prefixlen)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise UserError(f"cannot add {address} to {name}: {os.strerror(e.code)}",

@@ -22,7 +22,7 @@ from typing import Any
 from flannel_udp import netlink
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
-from flannel_udp.netlink import KernelEntry, Route
+from flannel_udp.netlink import AnyAddress, AnyNetwork, KernelEntry, Route
 
 log = logging.getLogger("flannel-udp")
 
@@ -63,10 +63,16 @@ def resync_period() -> float:
 def direct_route(lease: Lease) -> Route | str:
     """flannel's DirectRouting test: the route `<subnet> via <PublicIP>` when the kernel reaches
     the PublicIP by a gateway-less route, else why not. Asks the kernel: worker thread only."""
-    oif, why = netlink.direct_route_to(lease.public_ip)
+    return direct_route_via(lease.subnet, lease.public_ip)
+
+
+def direct_route_via(dst: AnyNetwork, via: AnyAddress) -> Route | str:
+    """The route `<dst> via <via>` when the kernel reaches `via` (IPv4 or IPv6) by a
+    gateway-less route, else why not (flannel's ip.DirectRouting). Worker thread only."""
+    oif, why = netlink.direct_route_to(via)
     if oif is None:
         return why
-    return Route(lease.subnet, lease.public_ip, oif)
+    return Route(dst, via, oif)
 
 
 class PeerRoutes:

@@ -7,6 +7,11 @@ remote vxlan lease gets a permanent neighbour entry (its network address -> its 
 permanent FDB entry (its VtepMAC -> its PublicIP) and a route `<subnet> via <network address>
 onlink`, all removed when the lease goes. Unlike flanneld, which keeps the device, SIGTERM
 deletes it, as the other backends remove their devices.
+
+With IPv6 (EnableIPv6) a second device, `flannel-v6.<VNI>`, as flanneld's: local = our
+PublicIPv6 on the same underlay device, MTU = underlay - 70, its own VtepMAC (BackendV6Data),
+`<our IPv6 subnet's network address>/128`, and per remote dual-stack lease the same three
+entries over IPv6 (NDP neighbour, FDB entry to the peer's PublicIPv6, onlink route).
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from typing import Any
 
 from flannel_udp import netlink
 from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.vxlan.options import vxlan_settings
-from flannel_udp.backends.vxlan.peers import plan_vxlan_peer
+from flannel_udp.backends.vxlan.peers import V6Peer, plan_vxlan_peer, plan_vxlan_v6_peer
 from flannel_udp.config import NetworkConfig
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
@@ -30,6 +35,7 @@ from flannel_udp.netlink import ExtIface, FdbEntry, KernelEntry, Neighbour, Rout
 log = logging.getLogger("flannel-udp")
 
 DEVICE_PREFIX = "flannel."  # + VNI, as flanneld
+V6_DEVICE_PREFIX = "flannel-v6."  # + VNI, flanneld's IPv6 device
 
 
 class KernelVxlanUnavailable(UserError):
@@ -61,56 +67,89 @@ class KernelVxlanNetwork(Network):
 
     backend_type = "vxlan"
 
-    def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address) -> None:
+    def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+                 public_ipv6: IPv6Address | None = None) -> None:
+        """`public_ipv6`: our PublicIPv6 with EnableIPv6 (the IPv6 device's underlay address);
+        None: IPv4 only."""
         self.config = config
         self.ext = ext
         self.public_ip = public_ip
-        self.settings = vxlan_settings(config, ext, public_ip)
+        self.public_ipv6 = public_ipv6
+        self.settings = vxlan_settings(config, ext, public_ip, public_ipv6)
         self.mtu = self.settings.mtu
         self.backend_data = self.settings.backend_data
+        self.backend_v6_data = self.settings.backend_v6_data
         self.device = f"{DEVICE_PREFIX}{self.settings.vni}"
+        self.device6 = f"{V6_DEVICE_PREFIX}{self.settings.vni}" if public_ipv6 else None
         self._index = 0
+        self._index6 = 0
         self._routes: PeerRoutes | None = None
-        self._claim: socket.socket | None = None
+        self._claims: list[socket.socket] = []
 
     def open(self) -> None:
-        """Create the device; KernelVxlanUnavailable when the kernel won't, UserError when a
-        running daemon has it."""
-        self._claim = claim_device(self.device)
+        """Create the device(s); KernelVxlanUnavailable when the kernel won't, UserError when a
+        running daemon has one."""
         try:
-            self._create_device()
+            self._claims.append(claim_device(self.device))
+            self._index = self._create_device(self.device, self.public_ip, self.mtu,
+                                              self.settings.vtep_mac)
+            if self.device6 is not None:
+                assert self.public_ipv6 is not None and self.settings.v6_vtep_mac is not None
+                self._claims.append(claim_device(self.device6))
+                self._index6 = self._create_device(self.device6, self.public_ipv6,
+                                                   self.settings.v6_device_mtu,
+                                                   self.settings.v6_vtep_mac)
+                netlink.set_accept_ra(self.device6, False)  # as flanneld: no SLAAC on it
         except BaseException:
             self.close()
             raise
 
-    def _create_device(self) -> None:
-        kind = netlink.link_kind(self.device)
+    def _create_device(self, name: str, local: IPv4Address | IPv6Address, mtu: int,
+                       mac: bytes) -> int:
+        kind = netlink.link_kind(name)
         if kind == "vxlan":  # a flanneld's or a killed run's: programmed by someone else
-            log.info("removing the VXLAN device %s left behind", self.device)
-            netlink.delete_link(self.device)
+            log.info("removing the VXLAN device %s left behind", name)
+            netlink.delete_link(name)
         elif kind is not None:
             raise KernelVxlanUnavailable(
-                f"cannot create VXLAN device {self.device}: a {kind or 'plain'} device of "
+                f"cannot create VXLAN device {name}: a {kind or 'plain'} device of "
                 f"that name exists (remove it, or set Backend.Dataplane \"userspace\")")
         s = self.settings
         try:
-            self._index = netlink.create_vxlan(self.device, s.vni, self.public_ip,
-                                               self.ext.index, s.port, s.vtep_mac, self.mtu)
+            return netlink.create_vxlan(name, s.vni, local, self.ext.index, s.port, mac, mtu)
         except OSError as e:
             raise KernelVxlanUnavailable(
-                f"cannot create VXLAN device {self.device} (VNI {s.vni}, port {s.port} on "
-                f"{self.ext.name}): {e.strerror}") from None
+                f"cannot create VXLAN device {name} (VNI {s.vni}, port {s.port} on "
+                f"{self.ext.name}, local {local}): {e.strerror}") from None
 
     def start(self, lease: Lease, peers: list[Lease]) -> None:
         netlink.add_address(self.device, IPv4Interface((lease.subnet.network_address, 32)))
+        if self._index6 and lease.ipv6_subnet is not None:
+            assert self.device6 is not None
+            netlink.add_address(self.device6,
+                                IPv6Interface((lease.ipv6_subnet.network_address, 128)))
         self._routes = PeerRoutes(self._plan)
         self._routes.start(peers)
         log.info("vxlan backend, kernel dataplane: %s VNI %d, VtepMAC %s, mtu %d, UDP port %d "
                  "on %s", self.device, self.settings.vni, format_mac(self.settings.vtep_mac),
                  self.mtu, self.settings.port, self.ext.name)
+        if self._index6:
+            assert self.settings.v6_vtep_mac is not None
+            log.info("vxlan backend, kernel dataplane: %s VNI %d, VtepMAC %s, mtu %d, local %s",
+                     self.device6, self.settings.vni, format_mac(self.settings.v6_vtep_mac),
+                     self.settings.v6_device_mtu, self.public_ipv6)
 
     def _plan(self, lease: Lease) -> Plan:
-        return plan_vxlan_peer(lease, self.settings, self._encapsulate)
+        plan = plan_vxlan_peer(lease, self.settings, self._encapsulate)
+        if not self._index6 or lease.ipv6_subnet is None or lease.backend != "vxlan":
+            return plan  # flanneld takes a peer over IPv6 only when both have it
+        peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
+        plan6 = plan_vxlan_v6_peer(peer, self.settings, self._encapsulate_v6)
+        shown = {**plan.shown, "v6_subnet": str(peer.subnet), "v6_path": plan6.path,
+                 **{f"v6_{k}": v for k, v in plan6.shown.items()}}
+        if plan6.problem is not None:
+            shown["v6_problem"] = plan6.problem
+        return Plan(plan.entries + plan6.entries, plan.path, plan.problem, shown)
 
     def _encapsulate(self, lease: Lease, mac: bytes) -> tuple[KernelEntry, ...]:
         """flanneld's three entries for a remote vxlan lease, in its order."""
@@ -118,6 +157,14 @@ class KernelVxlanNetwork(Network):
         return (Neighbour(gateway, mac, self._index),
                 FdbEntry(mac, lease.public_ip, self._index),
                 Route(lease.subnet, gateway, self._index, onlink=True))
+
+    def _encapsulate_v6(self, peer: V6Peer, mac: bytes) -> tuple[KernelEntry, ...]:
+        """The same three over IPv6, on flannel-v6.<VNI>."""
+        assert peer.public_ip is not None
+        gateway = peer.subnet.network_address
+        return (Neighbour(gateway, mac, self._index6),
+                FdbEntry(mac, peer.public_ip, self._index6),
+                Route(peer.subnet, gateway, self._index6, onlink=True))
 
     def accepts(self, lease: Lease) -> bool:
         plan = self._routes.plan(lease.subnet) if self._routes is not None else None
@@ -133,13 +180,17 @@ class KernelVxlanNetwork(Network):
 
     def stats(self) -> dict[str, Any]:
         plans = self._routes.plans if self._routes is not None else {}
+        lease = {"vni": self.settings.vni, "vtep_mac": format_mac(self.settings.vtep_mac),
+                 "dataplane": "kernel", "device": self.device,
+                 "direct_routing": self.settings.direct_routing}
+        if self._index6 and self.settings.v6_vtep_mac is not None:
+            lease.update({"v6_device": self.device6,
+                          "v6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
+                          "v6_counters": netlink.link_counters(self.device6 or "")})
         return {"counters": netlink.link_counters(self.device),
                 "peers": {str(subnet): {"path": plan.path, **plan.shown}
                           for subnet, plan in plans.items()},
-                "lease": {"vni": self.settings.vni,
-                          "vtep_mac": format_mac(self.settings.vtep_mac),
-                          "dataplane": "kernel", "device": self.device,
-                          "direct_routing": self.settings.direct_routing}}
+                "lease": lease}
 
     def userspace(self) -> UserspaceDataplane | None:
         return None  # the kernel forwards
@@ -148,9 +199,10 @@ class KernelVxlanNetwork(Network):
         if self._routes is not None:
             self._routes.close()
             self._routes = None
-        if self._index:
-            netlink.delete_link(self.device)  # its neighbours, FDB entries and routes go too
-            self._index = 0
-        if self._claim is not None:
-            self._claim.close()
-            self._claim = None
+        for name, index in ((self.device, self._index), (self.device6, self._index6)):
+            if index and name is not None:
+                netlink.delete_link(name)  # its neighbours, FDB entries and routes go too
+        self._index = self._index6 = 0
+        for claim in self._claims:
+            claim.close()
+        self._claims = []

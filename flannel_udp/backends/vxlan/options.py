@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
 from flannel_udp.config import (
@@ -29,6 +29,7 @@ log = logging.getLogger("flannel-udp")
 
 VXLAN_DEFAULT_PORT = 8472  # Linux's default and flannel's (IANA's is 4789)
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+VXLAN_V6_OVERHEAD = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14
 VNI_MAX = (1 << 24) - 1
 # "auto" (the default) takes the kernel's VXLAN device when it can be created and the userspace
 # one otherwise.
@@ -75,9 +76,10 @@ def vxlan_options(config: NetworkConfig) -> VxlanOptions:
                         dataplane=dataplane.lower(), direct_routing=direct_routing)
 
 
-def vtep_mac_for(public_ip: IPv4Address, vni: int) -> bytes:
+def vtep_mac_for(public_ip: IPv4Address | IPv6Address, vni: int) -> bytes:
     """Our VtepMAC: stable for a node (hash of public IP and VNI), unicast, locally
-    administered, so it can't clash with a vendor-assigned MAC."""
+    administered, so it can't clash with a vendor-assigned MAC. The IPv6 device's, from the
+    PublicIPv6, differs from the IPv4 one's, as flanneld's two devices' MACs do."""
     digest = hashlib.sha256(f"flannel-udp vtep {public_ip} {vni}".encode()).digest()
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
@@ -91,15 +93,26 @@ class VxlanSettings:
     mtu: int  # of the pods: underlay - 50
     vtep_mac: bytes
     direct_routing: bool
+    # The IPv6 device's (flannel-v6.<VNI>), with an IPv6 underlay; None without one.
+    v6_vtep_mac: bytes | None = None
+    v6_device_mtu: int = 0  # underlay - 70
 
     @property
     def backend_data(self) -> bytes:
         return VxlanLeaseData(self.vni, self.vtep_mac).encode()
 
+    @property
+    def backend_v6_data(self) -> bytes | None:
+        """BackendV6Data, flanneld's: the same VNI, the IPv6 device's VtepMAC."""
+        if self.v6_vtep_mac is None:
+            return None
+        return VxlanLeaseData(self.vni, self.v6_vtep_mac).encode()
 
-def vxlan_settings(config: NetworkConfig, ext: ExtIface,
-                   public_ip: IPv4Address) -> VxlanSettings:
-    """The vxlan options applied to this node; UserError for an underlay too small."""
+
+def vxlan_settings(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
+                   public_ipv6: IPv6Address | None = None) -> VxlanSettings:
+    """The vxlan options applied to this node; UserError for an underlay too small.
+    `public_ipv6`: the IPv6 underlay's address, for the IPv6 device (None: no IPv6)."""
     options = vxlan_options(config)
     underlay_mtu = options.mtu or ext.mtu
     if options.mtu and options.mtu > ext.mtu:
@@ -110,4 +123,6 @@ def vxlan_settings(config: NetworkConfig, ext: ExtIface,
         raise UserError(f"{ext.name}'s MTU {ext.mtu} is too small for VXLAN: pods would get "
                         f"{mtu}, IPv4 needs {MIN_IPV4_MTU}")
     return VxlanSettings(options.vni, options.port, mtu, vtep_mac_for(public_ip, options.vni),
-                         options.direct_routing)
+                         options.direct_routing,
+                         None if public_ipv6 is None else vtep_mac_for(public_ipv6, options.vni),
+                         underlay_mtu - VXLAN_V6_OVERHEAD)
