@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from flannel_udp.errors import UserError
@@ -43,14 +43,33 @@ class NetworkConfig:
     backend: dict[str, Any] = field(default_factory=dict)
     # EnableNFTables: flanneld's masquerade and forward rules in nftables, not iptables
     enable_nftables: bool = False
+    # Dual stack (flannel's EnableIPv6): each lease holds an IPv6 subnet too. The ipv6_* fields
+    # are set (defaults filled in) exactly when enable_ipv6 is.
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet_len: int = 64
+    ipv6_subnet_min: IPv6Address | None = None
+    ipv6_subnet_max: IPv6Address | None = None
 
     def subnet_step(self) -> int:
         return 1 << (32 - self.subnet_len)
+
+    def ipv6_subnet_step(self) -> int:
+        return 1 << (128 - self.ipv6_subnet_len)
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """True when `subnet` is a lease this config could have handed out."""
         return (subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network)
                 and self.subnet_min <= subnet.network_address <= self.subnet_max)
+
+    def contains_ipv6_subnet(self, subnet: IPv6Network) -> bool:
+        """True when `subnet` is an IPv6 lease subnet this config could have handed out."""
+        if (not self.enable_ipv6 or self.ipv6_network is None or self.ipv6_subnet_min is None
+                or self.ipv6_subnet_max is None):
+            return False
+        return (subnet.prefixlen == self.ipv6_subnet_len and subnet.subnet_of(self.ipv6_network)
+                and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max)
 
 
 def _canonical_keys(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:

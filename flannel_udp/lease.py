@@ -10,7 +10,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from flannel_udp.config import NetworkConfig
 
@@ -29,6 +29,12 @@ class Lease:
     backend_type: str = ""  # flannel's UDP backend publishes none
     backend_data: bytes | None = None  # raw JSON, kept byte for byte
     expiration: float | None = None  # unix time; None for a reservation that never expires
+    # Dual stack: the lease's IPv6 subnet (in its key after '&'), the node's IPv6 underlay
+    # address (PublicIPv6) and the v6 backend's data (BackendV6Data, raw JSON kept byte for
+    # byte). All None for a v4-only lease.
+    ipv6_subnet: IPv6Network | None = None
+    public_ipv6: IPv6Address | None = None
+    backend_v6_data: bytes | None = None
 
     @property
     def backend(self) -> str:
