@@ -177,6 +177,7 @@ class Here:
 
     def __init__(self, underlay_ip: str) -> None:
         self.underlay_ip = underlay_ip
+        self.underlay_ipv6: str | None = None  # v0.11 knows no IPv6
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(argv, capture_output=True, text=True)

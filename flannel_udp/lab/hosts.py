@@ -35,11 +35,13 @@ class Host(Netns):
     """A host namespace: underlay eth0, and the files and process of its flannel-udp daemon."""
 
     def __init__(self, name: str, index: int, directory: Path,
-                 processes: list[subprocess.Popen], underlay_ip: str, segment: int = 0) -> None:
+                 processes: list[subprocess.Popen], underlay_ip: str, segment: int = 0,
+                 underlay_ipv6: str | None = None) -> None:
         super().__init__(name, processes)
         self.index = index
         self.segment = segment
         self.underlay_ip = underlay_ip
+        self.underlay_ipv6 = underlay_ipv6
         self.dir = directory
         self.subnet_file = directory / "subnet.env"
         self.control_socket = directory / "control.sock"
@@ -164,7 +166,8 @@ class Host(Netns):
 
 
 class Pod(Netns):
-    """A pod namespace attached to a host by a veth; `address` is its eth0 address."""
+    """A pod namespace attached to a host by a veth; `address` is its eth0 address,
+    `address6` its IPv6 one (None without an IPv6 subnet)."""
 
     def __init__(self, name: str, index: int, host: Host, address: str, gateway: str,
                  processes: list[subprocess.Popen]) -> None:
@@ -173,18 +176,23 @@ class Pod(Netns):
         self.host = host
         self.address = address
         self.gateway = gateway
+        self.address6: str | None = None
 
     @property
     def label(self) -> str:
         return f"p{self.index}"
 
-    def tcp_transfer(self, dst: Pod, port: int, size: int,
-                     timeout: float = 60) -> dict[str, Any]:
-        """`size` random bytes from this pod to a one-connection sink in `dst` on `port`:
-        {"sent": bytes, "received": bytes, "intact": the SHA-256 of both ends agree}."""
+    def tcp_transfer(self, dst: Pod, port: int, size: int, timeout: float = 60,
+                     ipv6: bool = False) -> dict[str, Any]:
+        """`size` random bytes from this pod to a one-connection sink in `dst` on `port` (at its
+        `address6` with `ipv6`): {"sent": bytes, "received": bytes, "intact": the SHA-256 of
+        both ends agree}."""
         data = os.urandom(size)
-        sink = dst.tcp_sink(dst.address, port, timeout)
-        sent = self.tcp_send(dst.address, port, data, timeout)
+        address = dst.address6 if ipv6 else dst.address
+        if address is None:
+            raise NetnsError(f"{dst.label} has no IPv6 address")
+        sink = dst.tcp_sink(address, port, timeout)
+        sent = self.tcp_send(address, port, data, timeout)
         got = dst.tcp_sink_result(sink, timeout)
         return {"sent": sent["bytes"], "received": got["bytes"],
                 "intact": got["sha256"] == hashlib.sha256(data).hexdigest()}

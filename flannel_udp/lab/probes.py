@@ -3,13 +3,15 @@ ping|tcp-sink|tcp-send|tcp-connect ...`: an ICMP pinger (so no ping binary is ne
 error is reported as such), a TCP sink/sender that check a transfer by its SHA-256, and a TCP
 connect that reports how it ended (e.g. ENETUNREACH: flannel answers no ICMP with ICMP, so a
 ping to an unleased address just times out, while a TCP SYN gets net unreachable). Each prints
-JSON for `Netns` to read."""
+JSON for `Netns` to read. IPv6 destinations are pinged with ICMPv6 (the kernel fills in its
+checksum and strips the IPv6 header on receive)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
 import hashlib
+import ipaddress
 import json
 import os
 import select
@@ -24,6 +26,36 @@ _ICMP_ECHO_REPLY, _ICMP_UNREACH, _ICMP_ECHO, _ICMP_TIME_EXCEEDED = 0, 3, 8, 11
 _UNREACH_CODES = {0: "net unreachable", 1: "host unreachable", 2: "protocol unreachable",
                   3: "port unreachable", 4: "fragmentation needed", 13: "administratively "
                   "prohibited"}
+
+
+_ICMP6_UNREACH, _ICMP6_TOO_BIG, _ICMP6_TIME_EXCEEDED, _ICMP6_ECHO, _ICMP6_ECHO_REPLY = (
+    1, 2, 3, 128, 129)
+_ICMP6_ERRORS = {_ICMP6_UNREACH: "unreachable", _ICMP6_TOO_BIG: "packet too big",
+                 _ICMP6_TIME_EXCEEDED: "time exceeded"}
+_IPV6_HEADER = 40
+
+
+def _echo6_request(ident: int, seq: int) -> bytes:
+    return struct.pack("!BBHHH", _ICMP6_ECHO, 0, 0, ident, seq) + b"flannel-udp-probe"
+
+
+def _parse_icmp6(message: bytes, ident: int, source: str) -> tuple[int, str | None] | None:
+    """(seq, error or None) when the ICMPv6 `message` (no IPv6 header) answers our echo."""
+    if len(message) < 8:
+        return None
+    icmp_type, code = message[0], message[1]
+    if icmp_type == _ICMP6_ECHO_REPLY:
+        pkt_ident, seq = struct.unpack_from("!HH", message, 4)
+        return (seq, None) if pkt_ident == ident else None
+    if icmp_type in _ICMP6_ERRORS:
+        inner = 8 + _IPV6_HEADER  # the offending packet's ICMPv6 header (no extension headers)
+        if len(message) < inner + 8 or message[inner] != _ICMP6_ECHO:
+            return None
+        pkt_ident, seq = struct.unpack_from("!HH", message, inner + 4)
+        if pkt_ident != ident:
+            return None
+        return seq, f"{_ICMP6_ERRORS[icmp_type]} (code {code}) from {source}"
+    return None
 
 
 def _echo_request(ident: int, seq: int) -> bytes:
@@ -63,6 +95,8 @@ def _parse_icmp(packet: bytes, ident: int) -> tuple[int, str | None] | None:
 
 def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    v6 = {d for d in dsts if ipaddress.ip_address(d).version == 6}
     ident = os.getpid() & 0xFFFF
     results = [{"dst": d, "sent": 0, "received": 0, "rtts_ms": [], "errors": [], "answered": []}
                for d in dsts]
@@ -78,7 +112,10 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
             index, dst = probes.pop(0)
             seq = (seq + 1) & 0xFFFF
             try:
-                sock.sendto(_echo_request(ident, seq), (dst, 0))
+                if dst in v6:
+                    sock6.sendto(_echo6_request(ident, seq), (dst, 0))
+                else:
+                    sock.sendto(_echo_request(ident, seq), (dst, 0))
                 pending[seq] = (index, now)
                 numbers[seq] = results[index]["sent"] + 1
             except OSError as e:  # e.g. no route in this namespace
@@ -90,11 +127,15 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
         if not probes and now >= last_send + timeout:
             break
         wait = (next_send if probes else last_send + timeout) - now
-        readable, _, _ = select.select([sock], [], [], max(0.0, wait))
+        readable, _, _ = select.select([sock, sock6], [], [], max(0.0, wait))
         if not readable:
             continue
-        packet, _ = sock.recvfrom(65535)
-        answer = _parse_icmp(packet, ident)
+        if readable[0] is sock6:
+            packet, sender = sock6.recvfrom(65535)
+            answer = _parse_icmp6(packet, ident, sender[0])
+        else:
+            packet, _ = sock.recvfrom(65535)
+            answer = _parse_icmp(packet, ident)
         if answer is None or answer[0] not in pending:
             continue
         index, sent_at = pending.pop(answer[0])
@@ -110,7 +151,8 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
 
 
 def _tcp_sink_main(bind: str, port: int, timeout: float) -> int:
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
+    server = socket.socket(family, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((bind, port))
     server.listen(1)

@@ -5,10 +5,14 @@ Layout (nothing is created in the root namespace; `ip netns add` only leaves a m
 /run/netns):
 
     <prefix>-sw   switch: bridge br0 with one port h<i> per host (br<k> per extra segment k)
-    <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 on br<k>
-    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24, MTU 1500, ip_forward on; runs a daemon
+    <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 and
+                  fd77:0:0:k::1 on br<k>
+    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24 and fd77::(10+i)/64 (dual-stack underlay,
+                  the IPv6 address written with the same digits), MTU 1500, forwarding on
+                  for both; runs a daemon
     <prefix>-p<i> pod on a host: eth0 = second address of the host's flannel subnet, default
-                  route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET)
+                  route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET);
+                  with an IPv6 subnet (FLANNEL_IPV6_SUBNET) the same over IPv6
 
 `prefix` is `fu<pid>-<n>` (see `netns`). Each topology has a temp dir for the store, the network
 config, and per host its subnet.env, control socket and daemon log.
@@ -52,6 +56,16 @@ _topology_ids = itertools.count()
 def segment_net(segment: int) -> ipaddress.IPv4Network:
     """The underlay subnet of segment `segment` (bridge br<segment>; the router is .1)."""
     return ipaddress.IPv4Network((int(UNDERLAY_NET.network_address) + (segment << 8), 24))
+
+
+def segment_net6(segment: int) -> ipaddress.IPv6Network:
+    """The IPv6 underlay subnet of segment `segment`: fd77:0:0:<segment>::/64."""
+    return ipaddress.IPv6Network(f"fd77:0:0:{segment}::/64")
+
+
+def underlay_ipv6(segment: int, index: int) -> str:
+    """Host `index`'s IPv6 underlay address: fd77::11 beside 192.168.77.11."""
+    return str(ipaddress.IPv6Address(f"fd77:0:0:{segment}::{10 + index}"))
 
 
 class Topology:
@@ -134,8 +148,11 @@ class Topology:
             self._ip(sw, "link", "set", f"rt{segment}", "master", f"br{segment}", "up")
             self._ip(rt, "addr", "add", f"{net.network_address + 1}/{net.prefixlen}",
                      "dev", f"eth{segment}")
+            self._ip(rt, "addr", "add", f"{segment_net6(segment).network_address + 1}/64",
+                     "dev", f"eth{segment}", "nodad")
             self._ip(rt, "link", "set", f"eth{segment}", "up")
-        self.router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.router.run("sysctl", "-qw", "net.ipv4.ip_forward=1",
+                        "net.ipv6.conf.all.forwarding=1")
 
     def add_host(self, index: int, segment: int = 0) -> Host:
         if segment not in self.segments:
@@ -144,7 +161,7 @@ class Topology:
         directory.mkdir()
         underlay_ip = str(segment_net(segment).network_address + 10 + index)
         host = Host(f"{self.prefix}-h{index}", index, directory, self.processes, underlay_ip,
-                    segment)
+                    segment, underlay_ipv6(segment, index))
         self._add_namespace(host.name)
         self.hosts.append(host)
         sw = self.switch.name
@@ -156,12 +173,15 @@ class Topology:
         self._ip(host.name, "link", "set", "lo", "up")
         net = segment_net(segment)
         self._ip(host.name, "addr", "add", f"{host.underlay_ip}/{net.prefixlen}", "dev", "eth0")
+        self._ip(host.name, "addr", "add", f"{host.underlay_ipv6}/64", "dev", "eth0", "nodad")
         self._ip(host.name, "link", "set", "eth0", "up")
         for other in self.segments if self.router is not None else ():
             if other != segment:
                 self._ip(host.name, "route", "add", str(segment_net(other)),
                          "via", str(net.network_address + 1))
-        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+                self._ip(host.name, "-6", "route", "add", str(segment_net6(other)),
+                         "via", str(segment_net6(segment).network_address + 1))
+        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
         return host
 
     def host(self, index: int) -> Host:
@@ -176,13 +196,18 @@ class Topology:
         return path
 
     def add_pod(self, host: Host, flannel_subnet: str | None = None,
-                mtu: int | None = None) -> Pod:
+                mtu: int | None = None, flannel_ipv6_subnet: str | None = None) -> Pod:
         """A pod namespace on `host`: the host's side of the veth gets `flannel_subnet` (the
         FLANNEL_SUBNET form, e.g. 10.244.3.1/24), the pod the next address with a default route
-        via it, both MTU `mtu`. Both default to the host's subnet.env. One pod per host."""
+        via it, both MTU `mtu`. Both default to the host's subnet.env. With
+        `flannel_ipv6_subnet` (FLANNEL_IPV6_SUBNET's form, e.g. fd99:0:0:5c::1/64; default:
+        subnet.env's when both others are defaulted) the same over IPv6: the pod's
+        `address6`. One pod per host."""
         if any(p.host is host for p in self.pods):
             raise NetnsError(f"{host.label} has a pod already (one pod per host)")
         env = host.subnet_env() if flannel_subnet is None or mtu is None else {}
+        if flannel_ipv6_subnet is None:
+            flannel_ipv6_subnet = env.get("FLANNEL_IPV6_SUBNET")
         if flannel_subnet is None:
             flannel_subnet = env.get("FLANNEL_SUBNET")
         if mtu is None:
@@ -205,6 +230,14 @@ class Topology:
         self._ip(pod.name, "addr", "add", str(address), "dev", "eth0")
         self._ip(pod.name, "link", "set", "eth0", "up")
         self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
+        if flannel_ipv6_subnet is not None:
+            gateway6 = ipaddress.IPv6Interface(flannel_ipv6_subnet)
+            address6 = ipaddress.IPv6Interface(
+                f"{gateway6.ip + 1}/{gateway6.network.prefixlen}")
+            pod.address6 = str(address6.ip)
+            self._ip(host.name, "addr", "add", str(gateway6), "dev", veth, "nodad")
+            self._ip(pod.name, "addr", "add", str(address6), "dev", "eth0", "nodad")
+            self._ip(pod.name, "-6", "route", "add", "default", "via", str(gateway6.ip))
         return pod
 
     def remove_pod(self, pod: Pod) -> None:
