@@ -73,7 +73,7 @@ class KernelVxlanNode:
                      "local", host.underlay_ipv6, "dev", underlay_dev, "dstport", str(port),
                      "nolearning", *csum)
             host.run("ip", "link", "set", self.dev6, "address", self.mac6)
-            host.run("sysctl", "-qw", f"net.ipv6.conf.{self.dev6}.accept_ra=0")
+            host.run("sysctl", "-qw", f"net/ipv6/conf/{self.dev6}/accept_ra=0")  # dots in the name
             host.run("ip", "-6", "addr", "add", f"{self.ipv6_subnet.network_address}/128",
                      "dev", self.dev6, "nodad")
             host.run("ip", "link", "set", self.dev6, "up")

@@ -112,6 +112,11 @@ class Topology:
         result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
         if result.returncode != 0:
             raise NetnsError(f"ip netns add {name}: {result.stderr.strip()}")
+        # No IPv6 DAD on the devices made here: their link-local addresses would stay tentative
+        # for a second or two, and neighbour discovery through them with, losing the first
+        # IPv6 packets of a fresh topology.
+        Netns(name).run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0",
+                        "net.ipv6.conf.all.accept_dad=0")
 
     def _ip(self, ns: str, *args: str) -> None:
         cmd = ["ip", "-n", ns, *args]
