@@ -1,7 +1,9 @@
 """`EnableNFTables`: flanneld's masquerade and forward rules in nftables instead of iptables, in
 the tables and chains later flanneld versions (pkg/trafficmngr/nftables) write: table
 `ip flannel-ipv4` with chains `postrtg` (nat, hook postrouting, priority srcnat) and `forward`
-(filter, hook forward, priority filter), and an empty `ip6 flannel-ipv6`.
+(filter, hook forward, priority filter), and `ip6 flannel-ipv6`, empty but in dual stack
+(EnableIPv6), where it holds the same two chains for the IPv6 network and subnet (`ip6 saddr`,
+multicast ff00::/8).
 
 Each write is one `nft -f -` transaction that declares the tables and chains, flushes our chains
 and adds the rules, so a partial rewrite never shows. The check every `--iptables-resync`
@@ -15,10 +17,17 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from flannel_udp.errors import UserError
-from flannel_udp.ipmasq import KUBE_PROXY_MARK, MULTICAST, IptablesError, TrafficRules
+from flannel_udp.ipmasq import (
+    KUBE_PROXY_MARK,
+    MULTICAST,
+    MULTICAST6,
+    AnyNetwork,
+    IptablesError,
+    TrafficRules,
+)
 
 log = logging.getLogger("flannel-udp")
 
@@ -40,33 +49,43 @@ def _nft(*argv: str, script: str | None = None) -> subprocess.CompletedProcess:
         raise IptablesError(f"{' '.join(cmd)}: no answer within 30 s") from None
 
 
-def forward_script(network: IPv4Network) -> list[str]:
-    """flanneld's forward chain: accept whatever comes from or goes to the Network."""
-    t = f"ip {IPV4_TABLE}"
+def _table(network: AnyNetwork) -> tuple[str, str]:
+    """(the table, as nft names it, of the network's IP version; that version's match word)."""
+    if network.version == 6:
+        return f"ip6 {IPV6_TABLE}", "ip6"
+    return f"ip {IPV4_TABLE}", "ip"
+
+
+def forward_script(network: AnyNetwork) -> list[str]:
+    """flanneld's forward chain: accept whatever comes from or goes to the Network (in
+    flannel-ipv6 for the IPv6 network)."""
+    t, ip = _table(network)
     return [f"add chain {t} {FORWARD_CHAIN} {{ type filter hook forward priority filter ; "
             'comment "chain to accept flannel traffic" ; }',
             f"flush chain {t} {FORWARD_CHAIN}",
-            f"add rule {t} {FORWARD_CHAIN} ip saddr {network} accept",
-            f"add rule {t} {FORWARD_CHAIN} ip daddr {network} accept"]
+            f"add rule {t} {FORWARD_CHAIN} {ip} saddr {network} accept",
+            f"add rule {t} {FORWARD_CHAIN} {ip} daddr {network} accept"]
 
 
-def masq_script(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[str]:
-    """flanneld's postrtg chain for Network `network` and our lease `subnet`, in its order.
-    Its fourth rule is flanneld's nftables one (`ip saddr != <subnet> ip daddr <Network>`),
-    not the iptables chain's (`! -s <Network> -d <subnet>`)."""
-    t = f"ip {IPV4_TABLE}"
+def masq_script(network: AnyNetwork, subnet: AnyNetwork, random_fully: bool) -> list[str]:
+    """flanneld's postrtg chain for Network `network` and our lease `subnet`, in its order
+    (in flannel-ipv6, with `ip6` matches, for the IPv6 network). Its fourth rule is flanneld's
+    nftables one (`ip saddr != <subnet> ip daddr <Network>`), not the iptables chain's
+    (`! -s <Network> -d <subnet>`)."""
+    t, ip = _table(network)
     n, s = network, subnet
+    multicast = MULTICAST6 if network.version == 6 else MULTICAST
     masq = "masquerade fully-random" if random_fully else "masquerade"
     mark = KUBE_PROXY_MARK.split("/")[0]  # flanneld matches the mark's value, no mask
     return [f"add chain {t} {MASQ_CHAIN} {{ type nat hook postrouting priority srcnat ; "
             'comment "chain to manage traffic masquerading by flannel" ; }',
             f"flush chain {t} {MASQ_CHAIN}",
             f"add rule {t} {MASQ_CHAIN} meta mark {mark} return",  # kube-proxy's: no double NAT
-            f"add rule {t} {MASQ_CHAIN} ip saddr {s} ip daddr {n} return",  # pod to pod
-            f"add rule {t} {MASQ_CHAIN} ip saddr {n} ip daddr {s} return",
-            f"add rule {t} {MASQ_CHAIN} ip saddr != {s} ip daddr {n} return",
-            f"add rule {t} {MASQ_CHAIN} ip saddr {n} ip daddr != {MULTICAST} {masq}",
-            f"add rule {t} {MASQ_CHAIN} ip saddr != {n} ip daddr {n} {masq}"]
+            f"add rule {t} {MASQ_CHAIN} {ip} saddr {s} {ip} daddr {n} return",  # pod to pod
+            f"add rule {t} {MASQ_CHAIN} {ip} saddr {n} {ip} daddr {s} return",
+            f"add rule {t} {MASQ_CHAIN} {ip} saddr != {s} {ip} daddr {n} return",
+            f"add rule {t} {MASQ_CHAIN} {ip} saddr {n} {ip} daddr != {multicast} {masq}",
+            f"add rule {t} {MASQ_CHAIN} {ip} saddr != {n} {ip} daddr {n} {masq}"]
 
 
 def tables_script() -> list[str]:
@@ -79,14 +98,15 @@ class NftablesRules(TrafficRules):
     chain."""
 
     def __init__(self, network: IPv4Network, random_fully: bool, masq: bool = True,
-                 forward: bool = True) -> None:
-        super().__init__(network, random_fully, masq, forward)
+                 forward: bool = True, ipv6_network: IPv6Network | None = None) -> None:
+        super().__init__(network, random_fully, masq, forward, ipv6_network)
         self.script = ""
         self.written = ""  # `nft list table`s right after the last write
 
     @classmethod
     def probe(cls, network: IPv4Network, masq: bool, forward: bool,
-              random_fully_disable: bool = False) -> NftablesRules:
+              random_fully_disable: bool = False,
+              ipv6_network: IPv6Network | None = None) -> NftablesRules:
         """Check that nft works here (UserError if not) and whether the kernel takes
         `masquerade fully-random`, the way flanneld checks it (a check-only transaction)."""
         if shutil.which("nft") is None:
@@ -105,22 +125,29 @@ class NftablesRules(TrafficRules):
                                 f"{plain.stderr.strip()}", exit_code=1)
             log.warning("nftables: masquerade fully-random unsupported")
         return cls(network, random_fully and not random_fully_disable, masq=masq,
-                   forward=forward)
+                   forward=forward, ipv6_network=ipv6_network)
 
     def _chains(self) -> list[str]:
         return (([MASQ_CHAIN] if self.masq else []) + ([FORWARD_CHAIN] if self.forward else []))
 
-    def setup(self, subnet: IPv4Network) -> None:
+    def setup(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         self.subnet = subnet
+        self.ipv6_subnet = ipv6_subnet
         lines = tables_script()
         if self.forward:
             lines += forward_script(self.network)
         if self.masq:
             lines += masq_script(self.network, subnet, self.random_fully)
+        v6 = self.ipv6_network is not None and ipv6_subnet is not None
+        if v6 and self.forward:
+            lines += forward_script(self.ipv6_network)
+        if v6 and self.masq:
+            lines += masq_script(self.ipv6_network, ipv6_subnet, self.random_fully)
         self.script = "\n".join(lines) + "\n"
         self._rewrite()
-        log.info("nftables: table %s, chain(s) %s in place for %s in %s%s", IPV4_TABLE,
+        log.info("nftables: table %s, chain(s) %s in place for %s in %s%s%s", IPV4_TABLE,
                  " and ".join(self._chains()), subnet, self.network,
+                 f"; table {IPV6_TABLE} for {ipv6_subnet} in {self.ipv6_network}" if v6 else "",
                  " (masquerade fully-random)" if self.masq and self.random_fully else "")
 
     def listing(self) -> str:
@@ -134,8 +161,8 @@ class NftablesRules(TrafficRules):
     def ensure(self) -> bool:
         if self.listing() == self.written:
             return False
-        log.warning("nftables: table %s is not as written (a rule, chain or table changed or "
-                    "went missing); rewriting it", IPV4_TABLE)
+        log.warning("nftables: table %s or %s is not as written (a rule, chain or table "
+                    "changed or went missing); rewriting them", IPV4_TABLE, IPV6_TABLE)
         self._rewrite()
         return True
 
