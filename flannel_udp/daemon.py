@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
-from flannel_udp.backends import DataplaneSettings, Network, UserspaceDataplane, make_network
+from flannel_udp.backends import (
+    DataplaneSettings,
+    Network,
+    UserspaceDataplane,
+    check_ipv6,
+    make_network,
+)
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
@@ -214,6 +220,7 @@ class Daemon:
             lambda: load_config(opts.store, missing, opts.net_config_path),
             opts.store_wait)
         self.config = config
+        check_ipv6(config)  # before anything is taken
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
