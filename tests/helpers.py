@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from flannel_udp import _fastpath
 from flannel_udp.lab import FLANNEL_UDP, Host, KernelVxlanNode, Netns, list_namespaces, wait_until
-from flannel_udp.lease import LEASE_TTL, decode_lease, parse_subnet_key, subnet_key
+from flannel_udp.lease import LEASE_TTL, decode_lease, parse_lease_key, subnet_key
 from flannel_udp.packet import Action, Result, Vtep, VxlanRoute, checksum, prefix_mask
 from flannel_udp.stores.local import LocalStore
 
@@ -129,23 +129,32 @@ def flanneld_lease(public_ip: str, vni: int, mac: str) -> bytes:
 
 
 def publish(node: KernelVxlanNode, store: Path) -> None:
-    """The kernel node's lease, written as flanneld writes it."""
-    asyncio.run(LocalStore(store).put_lease(
-        subnet_key(node.subnet), flanneld_lease(node.host.underlay_ip, node.vni, node.mac),
-        LEASE_TTL))
+    """The kernel node's lease, written as flanneld writes it (its dual-stack key and value
+    when the node has an IPv6 subnet)."""
+    if node.ipv6_subnet is not None:
+        key, value = node.lease_key(), node.lease_value()
+    else:
+        key = subnet_key(node.subnet)
+        value = flanneld_lease(node.host.underlay_ip, node.vni, node.mac)
+    asyncio.run(LocalStore(store).put_lease(key, value, LEASE_TTL))
 
 
 def program_from_store(node: KernelVxlanNode, store: Path) -> None:
     """What flanneld does with the vxlan leases it sees: a neighbour, FDB entry and route for
     each remote one, the VtepMAC read from the lease's BackendData."""
     for key, value in stored_leases(store).items():
-        subnet = parse_subnet_key(key)
-        assert subnet is not None
-        lease = decode_lease(subnet, value)
+        parsed = parse_lease_key(key)
+        assert parsed is not None
+        lease = decode_lease(parsed[0], value, ipv6_subnet=parsed[1])
         if lease.backend == "vxlan" and lease.subnet != node.subnet:
             vtep_mac = json.loads(lease.backend_data or b"{}").get("VtepMAC")
             if vtep_mac:
                 node.add_peer(str(lease.subnet), str(lease.public_ip), vtep_mac)
+            # flanneld's dual-stack node: the same over IPv6 on flannel-v6.<VNI>
+            v6_mac = json.loads(lease.backend_v6_data or b"{}").get("VtepMAC")
+            if (node.ipv6_subnet is not None and lease.ipv6_subnet is not None
+                    and lease.public_ipv6 is not None and v6_mac):
+                node.add_peer6(str(lease.ipv6_subnet), str(lease.public_ipv6), v6_mac)
 
 
 # -- the fast path against its reference, flannel_udp.packet ----------------------------------
