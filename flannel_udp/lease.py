@@ -218,29 +218,70 @@ def subnet_is_free(subnet: IPv4Network, leases: Iterable[Lease]) -> bool:
     return all(not lease.subnet.overlaps(subnet) for lease in leases)
 
 
+def ipv6_subnet_is_free(subnet: IPv6Network, leases: Iterable[Lease]) -> bool:
+    return all(lease.ipv6_subnet is None or not lease.ipv6_subnet.overlaps(subnet)
+               for lease in leases)
+
+
+def lease_fits(config: NetworkConfig, lease: Lease) -> bool:
+    """Whether this config could have handed `lease` out: its v4 subnet, and a v6 subnet exactly
+    when the config enables IPv6 (flannel's isSubnetConfigCompat and isIPv6SubnetConfigCompat)."""
+    if not config.contains_subnet(lease.subnet):
+        return False
+    if not config.enable_ipv6:
+        return lease.ipv6_subnet is None
+    return lease.ipv6_subnet is not None and config.contains_ipv6_subnet(lease.ipv6_subnet)
+
+
 def own_lease(config: NetworkConfig, leases: Iterable[Lease],
               public_ip: IPv4Address) -> Lease | None:
     """An existing lease of ours (by PublicIP) that still fits the config: flannel reuses it."""
     for lease in leases:
-        if lease.public_ip == public_ip and config.contains_subnet(lease.subnet):
+        if lease.public_ip == public_ip and lease_fits(config, lease):
             return lease
     return None
+
+
+def stale_own_leases(config: NetworkConfig, leases: Iterable[Lease],
+                     public_ip: IPv4Address) -> list[Lease]:
+    """Leases of ours (by PublicIP) the config could not have handed out, e.g. a v4-only one
+    once the network is dual stack: flannel deletes them and takes a lease anew. Reservations
+    (no expiry) are an admin's and are left alone."""
+    return [lease for lease in leases if lease.public_ip == public_ip
+            and lease.expiration is not None and not lease_fits(config, lease)]
+
+
+def _free_networks(first: int, last: int, step: int, prefixlen: int, taken: set[int],
+                   kind: type[IPv4Network] | type[IPv6Network], limit: int) -> list:
+    found: list = []
+    addr = first
+    while addr <= last and len(found) < limit:
+        if addr not in taken:
+            found.append(kind((addr, prefixlen)))
+        addr += step
+    return found
 
 
 def free_candidates(config: NetworkConfig, leases: Iterable[Lease],
                     limit: int = MAX_CANDIDATES) -> list[IPv4Network]:
     """The first `limit` free subnets from SubnetMin up, in order."""
-    taken = sorted(int(lease.subnet.network_address) for lease in leases
-                   if lease.subnet.overlaps(config.network))
-    taken_set = set(taken)
-    step = config.subnet_step()
-    found: list[IPv4Network] = []
-    addr = int(config.subnet_min)
-    while addr <= int(config.subnet_max) and len(found) < limit:
-        if addr not in taken_set:
-            found.append(IPv4Network((addr, config.subnet_len)))
-        addr += step
-    return found
+    taken = {int(lease.subnet.network_address) for lease in leases
+             if lease.subnet.overlaps(config.network)}
+    return _free_networks(int(config.subnet_min), int(config.subnet_max), config.subnet_step(),
+                          config.subnet_len, taken, IPv4Network, limit)
+
+
+def free_ipv6_candidates(config: NetworkConfig, leases: Iterable[Lease],
+                         limit: int = MAX_CANDIDATES) -> list[IPv6Network]:
+    """The first `limit` free IPv6 subnets from IPv6SubnetMin up, in order."""
+    assert config.ipv6_network is not None and config.ipv6_subnet_min is not None
+    assert config.ipv6_subnet_max is not None
+    network = config.ipv6_network
+    taken = {int(lease.ipv6_subnet.network_address) for lease in leases
+             if lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(network)}
+    return _free_networks(int(config.ipv6_subnet_min), int(config.ipv6_subnet_max),
+                          config.ipv6_subnet_step(), config.ipv6_subnet_len, taken,
+                          IPv6Network, limit)
 
 
 def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
@@ -252,6 +293,20 @@ def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
             and subnet_is_free(preferred, leases)):
         return preferred
     candidates = [c for c in free_candidates(config, leases) if subnet_is_free(c, leases)]
+    if not candidates:
+        return None
+    return (rng or random).choice(candidates)
+
+
+def choose_new_ipv6_subnet(config: NetworkConfig, leases: list[Lease],
+                           preferred: IPv6Network | None,
+                           rng: random.Random | None = None) -> IPv6Network | None:
+    """As choose_new_subnet, in the IPv6Network (preferred: the old FLANNEL_IPV6_SUBNET)."""
+    if (preferred is not None and config.contains_ipv6_subnet(preferred)
+            and ipv6_subnet_is_free(preferred, leases)):
+        return preferred
+    candidates = [c for c in free_ipv6_candidates(config, leases)
+                  if ipv6_subnet_is_free(c, leases)]
     if not candidates:
         return None
     return (rng or random).choice(candidates)

@@ -91,6 +91,19 @@ def test_docker_opts_default_writes_individual_then_combined_as_mk_docker_opts()
                    'DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1472 "\n')
 
 
+def test_docker_opts_in_dual_stack_give_docker_the_ipv6_subnet():
+    env = {"FLANNEL_NETWORK": "10.99.0.0/16", "FLANNEL_SUBNET": "10.99.15.1/24",
+           "FLANNEL_IPV6_NETWORK": "fd99::/56", "FLANNEL_IPV6_SUBNET": "fd99:0:0:5c::1/64",
+           "FLANNEL_MTU": "1450", "FLANNEL_IPMASQ": "true"}
+    out = render(env, DockerOptsOptions(), environ={})
+    assert out == ('DOCKER_OPT_BIP="--bip=10.99.15.1/24"\n'
+                   'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+                   'DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fd99:0:0:5c::1/64"\n'
+                   'DOCKER_OPT_MTU="--mtu=1450"\n'
+                   'DOCKER_OPTS=" --bip=10.99.15.1/24 --ip-masq=false '
+                   '--ipv6 --fixed-cidr-v6=fd99:0:0:5c::1/64 --mtu=1450 "\n')
+
+
 def test_docker_opts_without_flannel_masquerading_leaves_ip_masq_to_docker():
     env = {**SUBNET_ENV, "FLANNEL_IPMASQ": "false"}
     out = render(env, DockerOptsOptions(), environ={})
