@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -138,7 +138,8 @@ def open_rules(config: NetworkConfig, opts: RunOptions) -> TrafficRules | None:
     kind = NftablesRules if config.enable_nftables else IptablesRules
     try:
         return kind.probe(config.network, masq=masq, forward=forward,
-                          random_fully_disable=opts.random_fully_disable)
+                          random_fully_disable=opts.random_fully_disable,
+                          ipv6_network=config.ipv6_network if config.enable_ipv6 else None)
     except UserError as e:
         if masq:
             raise
@@ -281,7 +282,7 @@ class Daemon:
         log.info("wrote %s", opts.subnet_file)
         tasks: list[asyncio.Task] = []
         try:
-            await self._put_rules_in_place(lease.subnet)
+            await self._put_rules_in_place(lease.subnet, lease.ipv6_subnet)
             self._ready = True
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -312,11 +313,13 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._remove_rules()
 
-    async def _put_rules_in_place(self, subnet: IPv4Network) -> None:
-        """The masquerade and forward rules and the blackhole route for our `subnet`."""
+    async def _put_rules_in_place(self, subnet: IPv4Network,
+                                  ipv6_subnet: IPv6Network | None = None) -> None:
+        """The masquerade and forward rules (IPv6 ones too in dual stack) and the blackhole
+        route for our `subnet`."""
         if self.rules is not None:
             try:
-                await asyncio.to_thread(self.rules.setup, subnet)
+                await asyncio.to_thread(self.rules.setup, subnet, ipv6_subnet)
             except IptablesError as e:
                 flag = "--ip-masq" if self.opts.ip_masq else "--iptables-forward-rules"
                 raise UserError(f"{flag}: {e}", exit_code=1) from None
@@ -415,7 +418,7 @@ class Daemon:
                 await asyncio.to_thread(self.network.close)
                 await asyncio.to_thread(self.network.open)
                 await asyncio.to_thread(self.network.start, lease, peers)
-                await self._put_rules_in_place(lease.subnet)
+                await self._put_rules_in_place(lease.subnet, lease.ipv6_subnet)
         finally:
             self._reacquiring = False
         self._write_subnet_env(lease)
