@@ -10,6 +10,7 @@ from typing import Any
 from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork, KernelVxlanUnavailable
 from flannel_udp.backends.vxlan.userspace import VxlanNetwork
+from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
 log = logging.getLogger("flannel-udp")
@@ -27,12 +28,18 @@ class AutoVxlanNetwork(Network):
         self._userspace = userspace
         self._chosen: KernelVxlanNetwork | VxlanNetwork = kernel
         self.backend_data = kernel.backend_data
+        self.backend_v6_data = kernel.backend_v6_data
         self.mtu = kernel.mtu
 
     def open(self) -> None:
         try:
             self._kernel.open()
         except KernelVxlanUnavailable as e:
+            if self._kernel.public_ipv6 is not None:
+                # The userspace dataplane carries no IPv6 yet: falling back would drop it.
+                raise UserError(f"EnableIPv6: {e}; the userspace dataplane does not carry "
+                                "IPv6 yet, so Dataplane \"auto\" cannot fall back to it",
+                                exit_code=1) from None
             log.warning("vxlan dataplane: userspace (TUN %s), as the kernel's is not available: "
                         "%s", self._userspace.tun_name, e)
             self._chosen = self._userspace
