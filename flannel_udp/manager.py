@@ -37,6 +37,12 @@ RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flann
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
 
 
+def refuse_ipv6_on_v2() -> None:
+    """EnableIPv6 on etcd's v2 keyspace: flannel v0.11, whose keyspace it is, has no IPv6."""
+    raise UserError("EnableIPv6: flannel v0.11's etcd v2 keyspace has no IPv6 leases; keep the "
+                    "dual-stack network config in etcd's v3 keyspace (--etcd-api v3)")
+
+
 @dataclass
 class Peer:
     lease: Lease
@@ -54,8 +60,7 @@ class LeaseManager:
         if config.enable_ipv6 and public_ipv6 is None:
             raise ValueError("a dual-stack lease needs a PublicIPv6")
         if config.enable_ipv6 and store.keyspace == "etcd v2":
-            raise UserError("EnableIPv6: flannel v0.11's etcd v2 keyspace has no IPv6 leases; "
-                            "keep the dual-stack network config in etcd's v3 keyspace")
+            refuse_ipv6_on_v2()
         self.store = store
         self.config = config
         self.public_ip = public_ip

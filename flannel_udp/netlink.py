@@ -34,6 +34,7 @@ RTPROT_BOOT = 3  # what flanneld's netlink library sets: `ip route` shows no pro
 BLACKHOLE_METRIC = 0xFFFFFFFF  # the last resort: any other route for the subnet goes first
 IFF_LOOPBACK = 0x8  # <linux/if.h>
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP6_FORWARD = Path("/proc/sys/net/ipv6/conf/all/forwarding")
 
 
 @dataclass(frozen=True)
@@ -207,12 +208,36 @@ def _default_interface(ipr: IPRoute, links: list[_Link],
         raise UserError(f"the default route's interface: {e}") from None
 
 
+IFA_F_DEPRECATED = 0x20  # <linux/if_addr.h>; flannel skips such addresses too
+RT_SCOPE_UNIVERSE = 0
+
+
+def interface_ipv6(index: int, netns: str | None = None) -> IPv6Address | None:
+    """The first global IPv6 address of interface `index` (flanneld's ExtV6Addr: not
+    link-local, not deprecated); None when it has none. `netns`: as find_interface."""
+    with NetNS(netns) if netns else IPRoute() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET6, index=index):
+            flags = a.get("IFA_FLAGS") or a["flags"]
+            if a["scope"] != RT_SCOPE_UNIVERSE or flags & IFA_F_DEPRECATED:
+                continue
+            return IPv6Address(a.get("IFA_ADDRESS"))
+    return None
+
+
 def ip_forward() -> bool | None:
     """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward); None when it can't
     be read. Off, the kernel passes nothing between the pods' interfaces and the overlay, for
     every backend (host-gw's routes as much as a TUN)."""
     try:
         return IP_FORWARD.read_text().strip() != "0"
+    except OSError:
+        return None
+
+
+def ip6_forward() -> bool | None:
+    """As ip_forward, for IPv6 (net.ipv6.conf.all.forwarding)."""
+    try:
+        return IP6_FORWARD.read_text().strip() != "0"
     except OSError:
         return None
 

@@ -86,6 +86,7 @@ class Network(ABC):
 
     backend_type: str  # published in our lease ('' for flannel's udp)
     backend_data: bytes | None  # published in our lease, raw JSON
+    backend_v6_data: bytes | None = None  # dual stack: BackendV6Data, raw JSON (vxlan's)
     mtu: int  # the MTU pods should use (FLANNEL_MTU)
 
     @abstractmethod
@@ -146,7 +147,7 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 # The backends that carry IPv6 (EnableIPv6, dual stack); the others refuse it at start.
-IPV6_BACKENDS: tuple[str, ...] = ()
+IPV6_BACKENDS: tuple[str, ...] = ("host-gw",)
 
 
 def check_ipv6(config: NetworkConfig) -> None:

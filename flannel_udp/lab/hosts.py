@@ -35,13 +35,12 @@ class Host(Netns):
     """A host namespace: underlay eth0, and the files and process of its flannel-udp daemon."""
 
     def __init__(self, name: str, index: int, directory: Path,
-                 processes: list[subprocess.Popen], underlay_ip: str, segment: int = 0,
-                 underlay_ipv6: str | None = None) -> None:
+                 processes: list[subprocess.Popen], underlay_ip: str, segment: int = 0) -> None:
         super().__init__(name, processes)
         self.index = index
         self.segment = segment
         self.underlay_ip = underlay_ip
-        self.underlay_ipv6 = underlay_ipv6
+        self.underlay_ipv6: str | None = None  # on a dual-stack underlay
         self.dir = directory
         self.subnet_file = directory / "subnet.env"
         self.control_socket = directory / "control.sock"
@@ -176,21 +175,21 @@ class Pod(Netns):
         self.host = host
         self.address = address
         self.gateway = gateway
-        self.address6: str | None = None
+        self.address6: str | None = None  # dual stack: its IPv6 address
 
     @property
     def label(self) -> str:
         return f"p{self.index}"
 
-    def tcp_transfer(self, dst: Pod, port: int, size: int, timeout: float = 60,
-                     ipv6: bool = False) -> dict[str, Any]:
+    def tcp_transfer(self, dst: Pod, port: int, size: int,
+                     timeout: float = 60, ipv6: bool = False) -> dict[str, Any]:
         """`size` random bytes from this pod to a one-connection sink in `dst` on `port` (at its
-        `address6` with `ipv6`): {"sent": bytes, "received": bytes, "intact": the SHA-256 of
+        IPv6 address with `ipv6`): {"sent": bytes, "received": bytes, "intact": the SHA-256 of
         both ends agree}."""
         data = os.urandom(size)
         address = dst.address6 if ipv6 else dst.address
         if address is None:
-            raise NetnsError(f"{dst.label} has no IPv6 address")
+            raise ValueError(f"{dst.label} has no IPv6 address")
         sink = dst.tcp_sink(address, port, timeout)
         sent = self.tcp_send(address, port, data, timeout)
         got = dst.tcp_sink_result(sink, timeout)

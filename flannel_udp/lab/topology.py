@@ -5,14 +5,14 @@ Layout (nothing is created in the root namespace; `ip netns add` only leaves a m
 /run/netns):
 
     <prefix>-sw   switch: bridge br0 with one port h<i> per host (br<k> per extra segment k)
-    <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 and
-                  fd77:0:0:k::1 on br<k>
-    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24 and fd77::(10+i)/64 (dual-stack underlay,
-                  the IPv6 address written with the same digits), MTU 1500, forwarding on
-                  for both; runs a daemon
+    <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 on br<k>
+                  (with `ipv6` also fd77:0:0:k::1)
+    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24, MTU 1500, ip_forward on; runs a daemon;
+                  with `ipv6`, also fd77::(10+i)/64 (hex; fd77:0:0:k::(10+i) on segment k)
+                  and IPv6 forwarding on (dual stack)
     <prefix>-p<i> pod on a host: eth0 = second address of the host's flannel subnet, default
                   route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET);
-                  with an IPv6 subnet (FLANNEL_IPV6_SUBNET) the same over IPv6
+                  dual stack (FLANNEL_IPV6_SUBNET in subnet.env) the same in IPv6
 
 `prefix` is `fu<pid>-<n>` (see `netns`). Each topology has a temp dir for the store, the network
 config, and per host its subnet.env, control socket and daemon log.
@@ -44,6 +44,7 @@ from flannel_udp.lab.netns import (
 )
 
 UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")  # segment 0; segment k is 192.168.77+k
+UNDERLAY_NET6 = ipaddress.IPv6Network("fd77::/64")  # segment 0's IPv6, with `ipv6`
 UNDERLAY_MTU = 1500
 DEFAULT_NETWORK_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 # The docs' promise: a lease put, deleted or expired in the store is in (or out of) every
@@ -59,26 +60,22 @@ def segment_net(segment: int) -> ipaddress.IPv4Network:
 
 
 def segment_net6(segment: int) -> ipaddress.IPv6Network:
-    """The IPv6 underlay subnet of segment `segment`: fd77:0:0:<segment>::/64."""
-    return ipaddress.IPv6Network(f"fd77:0:0:{segment}::/64")
-
-
-def underlay_ipv6(segment: int, index: int) -> str:
-    """Host `index`'s IPv6 underlay address: fd77::11 beside 192.168.77.11."""
-    return str(ipaddress.IPv6Address(f"fd77:0:0:{segment}::{10 + index}"))
+    """The IPv6 underlay subnet of segment `segment` (with `ipv6`): fd77:0:0:<segment>::/64."""
+    return ipaddress.IPv6Network((int(UNDERLAY_NET6.network_address) + (segment << 64), 64))
 
 
 class Topology:
     """Hosts on one bridge, plus pods added later; a context manager that always cleans up."""
 
     def __init__(self, hosts: int = 3, prefix: str | None = None,
-                 segments: Sequence[int] | None = None) -> None:
+                 segments: Sequence[int] | None = None, ipv6: bool = False) -> None:
         """`segments`: the underlay segment of each host (default all 0); with more than one
         segment a router namespace `<prefix>-rt` joins them and every host routes the other
         segments through it, so hosts on different segments reach each other only via a
-        gateway."""
+        gateway. `ipv6`: a dual-stack underlay (the router too)."""
         if not 1 <= hosts <= 200:
             raise ValueError("hosts must be between 1 and 200")
+        self.ipv6 = ipv6
         self.prefix = prefix or f"fu{os.getpid()}-{next(_topology_ids)}"
         self.processes: list[subprocess.Popen] = []
         self.hosts: list[Host] = []
@@ -112,11 +109,12 @@ class Topology:
         result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
         if result.returncode != 0:
             raise NetnsError(f"ip netns add {name}: {result.stderr.strip()}")
-        # No IPv6 DAD on the devices made here: their link-local addresses would stay tentative
-        # for a second or two, and neighbour discovery through them with, losing the first
-        # IPv6 packets of a fresh topology.
-        Netns(name).run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0",
-                        "net.ipv6.conf.all.accept_dad=0")
+        if self.ipv6:
+            # No DAD on the devices made here: their link-local addresses would stay tentative
+            # for a second or two, and neighbour discovery through them with, losing the
+            # first IPv6 packets of a fresh topology.
+            Netns(name).run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0",
+                            "net.ipv6.conf.all.accept_dad=0")
 
     def _ip(self, ns: str, *args: str) -> None:
         cmd = ["ip", "-n", ns, *args]
@@ -153,11 +151,13 @@ class Topology:
             self._ip(sw, "link", "set", f"rt{segment}", "master", f"br{segment}", "up")
             self._ip(rt, "addr", "add", f"{net.network_address + 1}/{net.prefixlen}",
                      "dev", f"eth{segment}")
-            self._ip(rt, "addr", "add", f"{segment_net6(segment).network_address + 1}/64",
-                     "dev", f"eth{segment}", "nodad")
+            if self.ipv6:
+                self._ip(rt, "addr", "add", f"{segment_net6(segment).network_address + 1}/64",
+                         "dev", f"eth{segment}", "nodad")
             self._ip(rt, "link", "set", f"eth{segment}", "up")
-        self.router.run("sysctl", "-qw", "net.ipv4.ip_forward=1",
-                        "net.ipv6.conf.all.forwarding=1")
+        self.router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            self.router.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 
     def add_host(self, index: int, segment: int = 0) -> Host:
         if segment not in self.segments:
@@ -166,7 +166,9 @@ class Topology:
         directory.mkdir()
         underlay_ip = str(segment_net(segment).network_address + 10 + index)
         host = Host(f"{self.prefix}-h{index}", index, directory, self.processes, underlay_ip,
-                    segment, underlay_ipv6(segment, index))
+                    segment)
+        if self.ipv6:
+            host.underlay_ipv6 = str(segment_net6(segment).network_address + 10 + index)
         self._add_namespace(host.name)
         self.hosts.append(host)
         sw = self.switch.name
@@ -178,15 +180,21 @@ class Topology:
         self._ip(host.name, "link", "set", "lo", "up")
         net = segment_net(segment)
         self._ip(host.name, "addr", "add", f"{host.underlay_ip}/{net.prefixlen}", "dev", "eth0")
-        self._ip(host.name, "addr", "add", f"{host.underlay_ipv6}/64", "dev", "eth0", "nodad")
         self._ip(host.name, "link", "set", "eth0", "up")
         for other in self.segments if self.router is not None else ():
             if other != segment:
                 self._ip(host.name, "route", "add", str(segment_net(other)),
                          "via", str(net.network_address + 1))
-                self._ip(host.name, "-6", "route", "add", str(segment_net6(other)),
-                         "via", str(segment_net6(segment).network_address + 1))
-        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            # nodad: the address is usable at once (no tentative phase to wait out)
+            self._ip(host.name, "addr", "add", f"{host.underlay_ipv6}/{UNDERLAY_NET6.prefixlen}",
+                     "dev", "eth0", "nodad")
+            host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            for other in self.segments if self.router is not None else ():
+                if other != segment:
+                    self._ip(host.name, "-6", "route", "add", str(segment_net6(other)),
+                             "via", str(segment_net6(segment).network_address + 1))
         return host
 
     def host(self, index: int) -> Host:
@@ -204,15 +212,14 @@ class Topology:
                 mtu: int | None = None, flannel_ipv6_subnet: str | None = None) -> Pod:
         """A pod namespace on `host`: the host's side of the veth gets `flannel_subnet` (the
         FLANNEL_SUBNET form, e.g. 10.244.3.1/24), the pod the next address with a default route
-        via it, both MTU `mtu`. Both default to the host's subnet.env. With
-        `flannel_ipv6_subnet` (FLANNEL_IPV6_SUBNET's form, e.g. fd99:0:0:5c::1/64; default:
-        subnet.env's when both others are defaulted) the same over IPv6: the pod's
-        `address6`. One pod per host."""
+        via it, both MTU `mtu`. Both default to the host's subnet.env. One pod per host. Dual
+        stack: the same in IPv6 with `flannel_ipv6_subnet` (FLANNEL_IPV6_SUBNET's form, e.g.
+        fd99:0:0:5c::1/64), by default subnet.env's when that is read."""
         if any(p.host is host for p in self.pods):
             raise NetnsError(f"{host.label} has a pod already (one pod per host)")
         env = host.subnet_env() if flannel_subnet is None or mtu is None else {}
-        if flannel_ipv6_subnet is None:
-            flannel_ipv6_subnet = env.get("FLANNEL_IPV6_SUBNET")
+        if flannel_ipv6_subnet is not None:
+            env["FLANNEL_IPV6_SUBNET"] = flannel_ipv6_subnet
         if flannel_subnet is None:
             flannel_subnet = env.get("FLANNEL_SUBNET")
         if mtu is None:
@@ -235,14 +242,13 @@ class Topology:
         self._ip(pod.name, "addr", "add", str(address), "dev", "eth0")
         self._ip(pod.name, "link", "set", "eth0", "up")
         self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
-        if flannel_ipv6_subnet is not None:
-            gateway6 = ipaddress.IPv6Interface(flannel_ipv6_subnet)
-            address6 = ipaddress.IPv6Interface(
-                f"{gateway6.ip + 1}/{gateway6.network.prefixlen}")
-            pod.address6 = str(address6.ip)
+        if env.get("FLANNEL_IPV6_SUBNET"):  # dual stack: the same in IPv6
+            gateway6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
+            address6 = ipaddress.IPv6Interface(f"{gateway6.ip + 1}/{gateway6.network.prefixlen}")
             self._ip(host.name, "addr", "add", str(gateway6), "dev", veth, "nodad")
             self._ip(pod.name, "addr", "add", str(address6), "dev", "eth0", "nodad")
             self._ip(pod.name, "-6", "route", "add", "default", "via", str(gateway6.ip))
+            pod.address6 = str(address6.ip)
         return pod
 
     def remove_pod(self, pod: Pod) -> None:

@@ -54,7 +54,7 @@ def ip6tables(host: Host, table: str) -> list[str]:
 
 
 def test_ip6tables_chains_are_flanneld_s_come_back_and_go(topology):
-    host = topology(1).hosts[0]
+    host = topology(1, ipv6=True).hosts[0]
     driver = Driver(host, "iptables")
     try:
         nat = ip6tables(host, "nat")
@@ -96,7 +96,7 @@ def test_ip6tables_chains_are_flanneld_s_come_back_and_go(topology):
 
 
 def test_nftables_ip6_table_holds_flanneld_s_chains_comes_back_and_goes(topology):
-    host = topology(1).hosts[0]
+    host = topology(1, ipv6=True).hosts[0]
     driver = Driver(host, "nft")
     try:
         table = host.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout

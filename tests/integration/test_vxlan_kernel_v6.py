@@ -125,7 +125,7 @@ def connect(flanneld: KernelVxlanNode, driven: list[Driven]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(module_topology) -> Iterator[Cluster]:
-    topo = module_topology(3)
+    topo = module_topology(3, ipv6=True)
     h1, h2, h3 = topo.hosts
     flanneld = KernelVxlanNode(h1, "10.244.1.0/24", ipv6_subnet=f"{V6_PREFIX}1::/64")
     driven = [drive(h, f"10.244.{h.index}.0/24", f"{V6_PREFIX}{h.index}::/64") for h in (h2, h3)]
@@ -233,7 +233,7 @@ def test_status_shows_the_v6_device_and_each_peer_s_v6_path(cluster: Cluster):
 
 
 def test_direct_routing_routes_v6_peers_on_the_link_via_their_public_ipv6(topology):
-    topo = topology(3, segments=[0, 0, 1])
+    topo = topology(3, segments=[0, 0, 1], ipv6=True)
     h1, h2, h3 = topo.hosts
     config = {**CONFIG, "Backend": {**CONFIG["Backend"], "DirectRouting": True}}
     driven = [drive(h, f"10.244.{h.index}.0/24", f"{V6_PREFIX}{h.index}::/64", config)
@@ -269,7 +269,7 @@ def test_direct_routing_routes_v6_peers_on_the_link_via_their_public_ipv6(topolo
 
 
 def test_close_removes_both_devices_and_their_entries(topology):
-    topo = topology(2)
+    topo = topology(2, ipv6=True)
     h1, h2 = topo.hosts
     d1 = drive(h1, "10.244.1.0/24", f"{V6_PREFIX}1::/64")
     d2 = drive(h2, "10.244.2.0/24", f"{V6_PREFIX}2::/64")

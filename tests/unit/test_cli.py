@@ -289,8 +289,10 @@ def test_an_empty_flanneld_iface_is_ignored_as_flanneld_ignores_it(monkeypatch):
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), [
-    (["--public-ipv6", "fd77::1"], {}, "--public-ipv6 fd77::1: IPv6 is not supported yet"),
-    ([], {"FLANNELD_PUBLIC_IPV6": "fd77::1"}, "--public-ipv6 fd77::1: IPv6 is not supported"),
+    (["--public-ipv6", "192.168.77.1"], {}, "--public-ipv6 192.168.77.1: not an IPv6 address"),
+    ([], {"FLANNELD_PUBLIC_IPV6": "banana"}, "--public-ipv6 banana: not an IPv6 address"),
+    (["--public-ipv6", "::1"], {}, "--public-ipv6 ::1: other hosts cannot reach it there"),
+    (["-public-ipv6=fe80::1"], {}, "--public-ipv6 fe80::1: a link-local address"),
     (["--iface-regex", "(eth"], {}, "--iface-regex (eth: not a valid regular expression"),
     (["--iface-can-reach", "banana"], {}, "--iface-can-reach banana: not an IPv4 address"),
     (["-iface-can-reach=fd00::1"], {}, "not an IPv4 address (IPv6 is not supported yet)"),
