@@ -249,7 +249,8 @@ class Daemon:
         # No iptables (or nft): say so before taking anything.
         self.rules = await asyncio.to_thread(open_rules, config, opts)
         self.network = network = make_network(
-            config, ext, public_ip, DataplaneSettings(opts.source_check, opts.busy_poll_us))
+            config, ext, public_ip, DataplaneSettings(opts.source_check, opts.busy_poll_us),
+            self.public_ipv6)
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
@@ -124,34 +124,45 @@ class Network(ABC):
         """Stop forwarding and remove what open() and start() created. Idempotent."""
 
 
-Factory = Callable[[NetworkConfig, "ExtIface", IPv4Address, DataplaneSettings], Network]
+# (config, underlay, PublicIP, dataplane settings, PublicIPv6 in dual stack else None)
+Factory = Callable[[NetworkConfig, "ExtIface", IPv4Address, DataplaneSettings,
+                    IPv6Address | None], Network]
 
 
 def _udp(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-         settings: DataplaneSettings) -> Network:
+         settings: DataplaneSettings, public_ipv6: IPv6Address | None) -> Network:
     from flannel_udp.backends.udp import UdpNetwork
     return UdpNetwork(config, ext, settings)
 
 
 def _vxlan(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-           settings: DataplaneSettings) -> Network:
+           settings: DataplaneSettings, public_ipv6: IPv6Address | None) -> Network:
     from flannel_udp.backends.vxlan import vxlan_network
-    return vxlan_network(config, ext, public_ip, settings)
+    return vxlan_network(config, ext, public_ip, settings, public_ipv6)
 
 
 def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-             settings: DataplaneSettings) -> Network:
+             settings: DataplaneSettings, public_ipv6: IPv6Address | None) -> Network:
     from flannel_udp.backends.hostgw import HostGwNetwork
     return HostGwNetwork(config, ext)
 
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 # The backends that carry IPv6 (EnableIPv6, dual stack); the others refuse it at start.
-IPV6_BACKENDS: tuple[str, ...] = ("host-gw",)
+IPV6_BACKENDS: tuple[str, ...] = ("host-gw", "vxlan")
+# vxlan carries it on the kernel's VXLAN devices (Dataplane "kernel", or "auto" taking them).
+VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
 
 
 def check_ipv6(config: NetworkConfig) -> None:
     """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
+    if config.enable_ipv6 and config.backend_type == "vxlan":
+        from flannel_udp.backends.vxlan.options import vxlan_options
+        dataplane = vxlan_options(config).dataplane
+        if dataplane not in VXLAN_IPV6_DATAPLANES:
+            raise UserError(f"EnableIPv6: the vxlan backend's {dataplane} dataplane does not "
+                            "carry IPv6 yet; set Backend.Dataplane \"kernel\" (flannel-v6.<VNI>) "
+                            "or drop EnableIPv6")
     if config.enable_ipv6 and config.backend_type not in IPV6_BACKENDS:
         which = ", ".join(IPV6_BACKENDS) or "none yet"
         raise UserError(f"EnableIPv6: backend {config.backend_type} does not carry IPv6 in "
@@ -160,7 +171,10 @@ def check_ipv6(config: NetworkConfig) -> None:
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-                 settings: DataplaneSettings) -> Network:
-    """The backend the config names; UserError for options it can't work with."""
+                 settings: DataplaneSettings, public_ipv6: IPv6Address | None = None
+                 ) -> Network:
+    """The backend the config names; UserError for options it can't work with.
+    `public_ipv6`: ours in dual stack (EnableIPv6), else None."""
     check_ipv6(config)
-    return BACKENDS[config.backend_type](config, ext, public_ip, settings)
+    return BACKENDS[config.backend_type](config, ext, public_ip, settings,
+                                         public_ipv6 if config.enable_ipv6 else None)

@@ -5,7 +5,7 @@ No devices: only classes are built."""
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -80,11 +80,27 @@ def test_every_backend_gets_the_settings_and_is_a_network(backend):
         assert (candidate.source_check, candidate.busy_poll_us) == (False, 300)
 
 
-@pytest.mark.parametrize("backend", ["udp", "vxlan"])
-def test_a_backend_without_ipv6_refuses_enable_ipv6_in_one_line(backend):
+@pytest.mark.parametrize("backend, message", [
+    ({"Type": "udp"}, "EnableIPv6: backend udp does not carry IPv6"),
+    ({"Type": "vxlan", "Dataplane": "userspace"},
+     "EnableIPv6: the vxlan backend's userspace dataplane does not carry IPv6 yet"),
+])
+def test_a_backend_without_ipv6_refuses_enable_ipv6_in_one_line(backend, message):
     config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
-                                      "IPv6Network": "fd99::/56", "Backend": {"Type": backend}}))
+                                      "IPv6Network": "fd99::/56", "Backend": backend}))
     with pytest.raises(UserError) as err:
         make_network(config, EXT, PUBLIC_IP, DataplaneSettings())
-    assert str(err.value).startswith(f"EnableIPv6: backend {backend} does not carry IPv6")
+    assert str(err.value).startswith(message)
     assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("dataplane", ["kernel", "auto"])
+def test_vxlan_on_the_kernel_dataplane_takes_enable_ipv6_and_publishes_backend_v6_data(
+        dataplane):
+    config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
+                                      "IPv6Network": "fd99::/56",
+                                      "Backend": {"Type": "vxlan", "Dataplane": dataplane}}))
+    network = make_network(config, EXT, PUBLIC_IP, DataplaneSettings(),
+                           IPv6Address("fd77::11"))
+    data = json.loads(network.backend_v6_data or b"null")
+    assert data["VNI"] == 1 and data["VtepMAC"] != json.loads(network.backend_data)["VtepMAC"]

@@ -7,7 +7,7 @@ is taken; both dataplanes share them, so they publish the same lease and take th
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING
 
 from flannel_udp.backends import DataplaneSettings, Network
@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 
 
 def vxlan_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-                  settings: DataplaneSettings) -> Network:
-    """The `Network` of the dataplane the config's `Backend.Dataplane` names."""
+                  settings: DataplaneSettings, public_ipv6: IPv6Address | None = None
+                  ) -> Network:
+    """The `Network` of the dataplane the config's `Backend.Dataplane` names; with
+    `public_ipv6` (dual stack) the kernel one also makes flannel-v6.<VNI> on it."""
     # Imported here: validating the options (`network set`) needs none of the dataplanes.
     from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
     from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork
@@ -29,6 +31,6 @@ def vxlan_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
     if dataplane == "userspace":
         return VxlanNetwork(config, ext, public_ip, settings)
     if dataplane == "kernel":
-        return KernelVxlanNetwork(config, ext, public_ip)
-    return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip),
+        return KernelVxlanNetwork(config, ext, public_ip, public_ipv6)
+    return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip, public_ipv6),
                             VxlanNetwork(config, ext, public_ip, settings))
