@@ -7,6 +7,7 @@ clean stop; the same with EnableNFTables."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import pytest
 from helpers import program_from_store, publish, stored_leases
 
 from flannel_udp.lab import Host, KernelVxlanNode, Pod, Topology, ping_failures, wait_until
+from flannel_udp.lease import LEASE_TTL
+from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
 
@@ -169,3 +172,60 @@ def test_enable_nftables_puts_the_v6_chains_in_ip6_flannel_ipv6_and_removes_them
         assert line in table, (line, table)
     assert host.stop_flannel(signal.SIGTERM) == 0
     assert host.run("nft", "list", "tables").stdout.strip() == ""
+
+
+def test_a_dual_stack_lease_put_and_deleted_adds_and_removes_the_v6_entries_live(
+        cluster: Cluster):
+    store = LocalStore(cluster.topo.store_path)
+    host = cluster.daemons[0]
+    mac6, subnet6 = "0e:f6:00:00:00:77", "fd99:0:0:e0::/64"
+    key = "10.244.224.0-24&fd99:0:0:e0::-64"
+    value = ('{"PublicIP":"192.168.77.70","PublicIPv6":"fd77::70","BackendType":"vxlan",'
+             '"BackendData":{"VNI":1,"VtepMAC":"0e:fa:00:00:00:77"},'
+             f'"BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}').encode()
+
+    def entries() -> tuple[bool, bool, bool]:
+        fdb = json.loads(host.run("bridge", "-j", "fdb", "show", "dev", DEV6).stdout)
+        return (any(n.get("lladdr") == mac6 for n in host.ip_json("-6", "neigh", "show",
+                                                                    "dev", DEV6)),
+                any(f["mac"] == mac6 and f.get("dst") == "fd77::70" for f in fdb),
+                bool(host.ip_json("-6", "route", "show", "exact", subnet6)))
+
+    asyncio.run(store.put_lease(key, value, LEASE_TTL))
+    try:
+        wait_until(lambda: entries() == (True, True, True), 3, f"{host.label} to add {subnet6}")
+    finally:
+        asyncio.run(store.delete_lease(key))
+    wait_until(lambda: entries() == (False, False, False), 3, f"{host.label} to drop {subnet6}")
+
+
+def test_a_v4_only_vxlan_lease_is_taken_over_ipv4_only(cluster: Cluster):
+    store = LocalStore(cluster.topo.store_path)
+    host = cluster.daemons[0]
+    key, subnet = "10.244.225.0-24", "10.244.225.0/24"
+    value = (b'{"PublicIP":"192.168.77.71","PublicIPv6":null,"BackendType":"vxlan",'
+             b'"BackendData":{"VNI":1,"VtepMAC":"0e:fa:00:00:00:71"}}')
+    asyncio.run(store.put_lease(key, value, LEASE_TTL))
+    try:
+        wait_until(lambda: host.ip_json("route", "show", "exact", subnet), 3,
+                   f"{host.label} to route {subnet}")
+        assert not [f for f in json.loads(host.run("bridge", "-j", "fdb", "show", "dev",
+                                                   DEV6).stdout)
+                    if f["mac"] == "0e:fa:00:00:00:71"]
+        peer = host.status()["peers"]
+        assert any(p["subnet"] == subnet for p in peer)
+    finally:
+        asyncio.run(store.delete_lease(key))
+
+
+def test_a_restarted_daemon_keeps_its_dual_stack_lease_and_v6_vtep_mac(cluster: Cluster):
+    host = cluster.daemons[1]
+    before = stored_leases(cluster.topo.store_path)
+    key = next(k for k, v in before.items() if json.loads(v)["PublicIP"] == host.underlay_ip)
+    assert host.stop_flannel(signal.SIGTERM) == 0
+    assert host.link(DEV6) is None
+    start(cluster.topo, CONFIG, [host], "--ip-masq")
+    assert stored_leases(cluster.topo.store_path)[key] == before[key]
+    target = cluster.pods[host.label].address6
+    for label in ("h1", "h2"):
+        assert cluster.pods[label].ping(target, count=2)[target].ok, label
