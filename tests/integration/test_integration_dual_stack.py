@@ -163,6 +163,16 @@ def test_each_peer_is_a_v4_route_via_its_public_ip_and_a_v6_route_via_its_public
                                                                    "eth0")]
             route4 = host.ip_json("route", "show", "exact", lease["subnet"])
             assert [(r["gateway"], r["dev"]) for r in route4] == [(other.underlay_ip, "eth0")]
+    # and `status` as a person reads it
+    h1 = cluster.topo.host(1)
+    text = h1.flannel("status", "--control-socket", str(h1.control_socket)).stdout
+    mine = h1.lease()
+    assert (f"ipv6     {mine['ipv6_subnet']}  public IPv6 {h1.underlay_ipv6}  network "
+            "fd99::/56") in text
+    h2 = cluster.topo.host(2).lease()
+    assert any(line.split()[:4] == [h2["subnet"], cluster.topo.host(2).underlay_ip,
+                                    h2["ipv6_subnet"], cluster.topo.host(2).underlay_ipv6]
+               for line in text.splitlines()), text
 
 
 def test_a_v4_only_lease_gets_its_v4_route_only_and_routes_go_with_their_lease(
