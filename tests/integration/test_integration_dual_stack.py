@@ -202,6 +202,14 @@ def test_a_v4_only_lease_gets_its_v4_route_only_and_routes_go_with_their_lease(
     assert time.monotonic() - started < 5
 
 
+def test_a_v6_route_deleted_by_hand_comes_back(cluster: Cluster):
+    h1, h3 = cluster.topo.host(1), cluster.topo.host(3)
+    subnet6 = h3.lease()["ipv6_subnet"]
+    h1.run("ip", "-6", "route", "del", subnet6)
+    wait_until(lambda: v6_routes(h1, subnet6), 5, "h1's resync to put the v6 route back")
+    assert [r["gateway"] for r in v6_routes(h1, subnet6)] == [h3.underlay_ipv6]
+
+
 def test_a_daemon_restarted_keeps_its_dual_stack_lease(cluster: Cluster):
     h2 = cluster.topo.host(2)
     before = h2.lease()
@@ -222,3 +230,41 @@ def _flags_of(host: Host) -> list[str]:
     words = first.split()
     return words[words.index("--etcd-endpoints"):words.index("--etcd-endpoints") + 2] \
         if "--etcd-endpoints" in words else []
+
+
+# -- the node's PublicIPv6 ------------------------------------------------------------------
+
+
+def test_no_ipv6_address_on_the_underlay_is_one_line_and_takes_nothing(topology):
+    topo = topology(1)  # an IPv4-only underlay
+    h1 = topo.host(1)
+    h1.start_flannel(topo.store_path, topo.write_net_config(DUAL_CONFIG))
+    assert h1.daemon.wait(20) == 2
+    assert h1.log_tail(1).endswith("flannel-udp: EnableIPv6: interface eth0 has no global IPv6 "
+                                   "address; give it one or set --public-ipv6"), h1.log_tail()
+    assert asyncio.run(LocalStore(topo.store_path).list_leases()).records == ()
+    assert not h1.subnet_file.exists()
+
+
+def test_public_ipv6_is_the_given_one_and_is_ignored_without_enable_ipv6(topology):
+    topo = topology(1, ipv6=True)
+    h1 = topo.host(1)
+    h1.start_flannel(topo.store_path, topo.write_net_config(DUAL_CONFIG),
+                     "--public-ipv6", "fd77::1:2")
+    h1.wait_ready(20)
+    assert h1.lease()["public_ipv6"] == "fd77::1:2"
+    assert list(asyncio.run(LocalStore(topo.store_path).list_leases()).records)[0].value == (
+        b'{"PublicIP":"192.168.77.11","PublicIPv6":"fd77::1:2","BackendType":"host-gw"}')
+    assert h1.stop_flannel() == 0
+
+    v4_store = topo.dir / "v4-store"
+    h1.start_flannel(v4_store, topo.write_net_config(
+        {"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}, "v4.json"),
+        "--public-ipv6", "fd77::1:2")
+    h1.wait_ready(20)
+    assert h1.lease()["public_ipv6"] is None
+    assert "--public-ipv6 fd77::1:2: ignored, the network config has no EnableIPv6" in \
+        h1.log_path.read_text()
+    assert "FLANNEL_IPV6_SUBNET" not in h1.subnet_env()
+    assert list(asyncio.run(LocalStore(v4_store).list_leases()).records)[0].value == (
+        b'{"PublicIP":"192.168.77.11","PublicIPv6":null,"BackendType":"host-gw"}')
