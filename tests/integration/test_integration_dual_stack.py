@@ -210,6 +210,19 @@ def test_a_v6_route_deleted_by_hand_comes_back(cluster: Cluster):
     assert [r["gateway"] for r in v6_routes(h1, subnet6)] == [h3.underlay_ipv6]
 
 
+def test_own_dual_stack_lease_deleted_behind_its_back_is_taken_again_whole(cluster: Cluster):
+    h1 = cluster.topo.host(1)
+    lease = h1.lease()
+    v4, v6 = (ipaddress.ip_network(lease[k]) for k in ("subnet", "ipv6_subnet"))
+    key = f"{v4.network_address}-24&{v6.network_address}-64"
+    value = cluster.stored()[key]
+    cluster.delete(key)
+    wait_until(lambda: cluster.stored().get(key) == value, 5,
+               "h1 to take its dual-stack lease again")
+    again = h1.lease()
+    assert (again["subnet"], again["ipv6_subnet"]) == (lease["subnet"], lease["ipv6_subnet"])
+
+
 def test_a_daemon_restarted_keeps_its_dual_stack_lease(cluster: Cluster):
     h2 = cluster.topo.host(2)
     before = h2.lease()
