@@ -535,6 +535,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                   else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  {expiry}")
+        if lease.get("ipv6_subnet"):
+            print(f"ipv6     {lease['ipv6_subnet']}  public IPv6 {lease['public_ipv6']}  "
+                  f"network {status.get('ipv6_network')}")
     if status.get("keyspace"):
         print(f"store    {status['keyspace']}")
     if status.get("ip_forward") is False:
@@ -562,12 +565,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")
-    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
+    dual = bool(lease and lease.get("ipv6_subnet"))
+    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}"
+          + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if dual else "") + f"{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")
     for p in status["peers"]:
         # A peer's VtepMAC is shown once it has a route ("-": skipped, see the log).
-        print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}"
+        print(f"{p['subnet']:<20}{p['public_ip']:<17}"
+              + (f"{p.get('ipv6_subnet') or '-':<26}{p.get('public_ipv6') or '-':<26}"
+                 if dual else "")
+              + f"{p['backend']:<9}"
               + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"

@@ -37,6 +37,11 @@ RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flann
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
 
 
+def _shown(lease: Lease) -> str:
+    """A lease's subnets for the log: '10.244.3.0/24', dual stack '10.244.3.0/24 fd00::/64'."""
+    return str(lease.subnet) + ("" if lease.ipv6_subnet is None else f" {lease.ipv6_subnet}")
+
+
 def refuse_ipv6_on_v2() -> None:
     """EnableIPv6 on etcd's v2 keyspace: flannel v0.11, whose keyspace it is, has no IPv6."""
     raise UserError("EnableIPv6: flannel v0.11's etcd v2 keyspace has no IPv6 leases; keep the "
@@ -187,7 +192,7 @@ class LeaseManager:
               expiration: float | None, how: str) -> Lease:
         self.lease = self._lease(subnet, ipv6_subnet, expiration)
         self._lease_changed.set()
-        log.info("acquired lease %s (%s), expires in %.0f s", lease_key(self.lease), how,
+        log.info("acquired lease %s (%s), expires in %.0f s", _shown(self.lease), how,
                  (expiration or time.time()) - time.time())
         return self.lease
 
@@ -215,7 +220,7 @@ class LeaseManager:
                 await asyncio.sleep(RENEW_RETRY)
                 continue
             self.lease = self._lease(self.lease.subnet, self.lease.ipv6_subnet, new_exp)
-            log.info("renewed lease %s", lease_key(self.lease))
+            log.info("renewed lease %s", _shown(self.lease))
 
     # -- following the table --
 
@@ -279,11 +284,11 @@ class LeaseManager:
                 # node that moved from a v4-only lease to a dual-stack one).
                 if known is not None and lease_key(known.lease) == lease_key(lease):
                     del self.peers[lease.subnet]
-                    log.info("peer %s (%s) went away", lease_key(lease), lease.public_ip)
+                    log.info("peer %s (%s) went away", _shown(lease), lease.public_ip)
                     on_remove(lease.subnet)
             else:
                 old = self.peers.get(lease.subnet)
                 self.peers[lease.subnet] = Peer(lease, time.time())
-                log.info("peer %s at %s (%s) %s", lease_key(lease), lease.public_ip,
+                log.info("peer %s at %s (%s) %s", _shown(lease), lease.public_ip,
                          lease.backend, "changed" if old else "appeared")
                 on_add(lease)

@@ -240,6 +240,18 @@ def test_metrics_carry_the_status_counters_per_direction_peer_reason_and_offload
     assert {k: got.get(k) for k in expected} == expected
 
 
+def test_metrics_info_carries_the_dual_stack_lease():
+    status = {**STATUS, "ipv6_network": "fd99::/56",
+              "lease": {**STATUS["lease"], "ipv6_subnet": "fd99:0:0:25::/64",
+                        "public_ipv6": "fd77::b"}}
+    info = [(labels, value) for (name, labels), value in samples(metrics.render(status)).items()
+            if name == "flannel_udp_info"]
+    assert info == [((("backend", "udp"), ("ipv6_network", "fd99::/56"),
+                      ("ipv6_subnet", "fd99:0:0:25::/64"), ("network", "10.244.0.0/16"),
+                      ("public_ip", "192.168.77.11"), ("public_ipv6", "fd77::b"),
+                      ("subnet", "10.244.3.0/24")), 1.0)]
+
+
 def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():
     status = {**STATUS, "counters": {**STATUS["counters"], "icmp_suppressed": 7,
                                      "drops": {"unknown_sender": 5, "spoofed_inner_source": 6}}}
