@@ -225,11 +225,11 @@ def test_a_lease_removed_takes_its_v6_entries_and_added_back_restores_them(clust
 def test_status_shows_the_v6_device_and_each_peer_s_v6_path(cluster: Cluster):
     d = cluster.driven[0]
     stats = d.send("add " + json.dumps(cluster.driven[1].lease))
-    assert stats["lease"]["v6_device"] == DEV6
-    assert stats["lease"]["v6_vtep_mac"] == mac_of(d.lease["data6"])
+    assert stats["lease"]["ipv6_device"] == DEV6
+    assert stats["lease"]["ipv6_vtep_mac"] == mac_of(d.lease["data6"])
     peer = stats["peers"][cluster.driven[1].lease["subnet"]]
-    assert (peer["path"], peer["v6_path"], peer["v6_subnet"]) == (
-        "vxlan", "vxlan", cluster.driven[1].lease["subnet6"])
+    assert (peer["path"], peer["ipv6_path"], peer["ipv6_vtep_mac"]) == (
+        "vxlan", "vxlan", mac_of(cluster.driven[1].lease["data6"]))
 
 
 def test_direct_routing_routes_v6_peers_on_the_link_via_their_public_ipv6(topology):
@@ -254,8 +254,8 @@ def test_direct_routing_routes_v6_peers_on_the_link_via_their_public_ipv6(topolo
         assert (route["gateway"], route["dev"], route["flags"]) == (
             f"{V6_PREFIX}3::", DEV6, ["onlink"])
         stats = driven[0].send("add " + json.dumps(driven[1].lease))
-        assert stats["peers"]["10.244.2.0/24"]["v6_path"] == "direct"
-        assert stats["peers"]["10.244.3.0/24"]["v6_path"] == "vxlan"
+        assert stats["peers"]["10.244.2.0/24"]["ipv6_path"] == "direct"
+        assert stats["peers"]["10.244.3.0/24"]["ipv6_path"] == "vxlan"
         for label, pod in pods.items():
             targets = [p.address6 for p in pods.values() if p is not pod]
             results = pod.ping(*targets, count=2)

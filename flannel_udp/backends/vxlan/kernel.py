@@ -145,10 +145,11 @@ class KernelVxlanNetwork(Network):
             return plan  # flanneld takes a peer over IPv6 only when both have it
         peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
         plan6 = plan_vxlan_v6_peer(peer, self.settings, self._encapsulate_v6)
-        shown = {**plan.shown, "v6_subnet": str(peer.subnet), "v6_path": plan6.path,
-                 **{f"v6_{k}": v for k, v in plan6.shown.items()}}
+        # status's names, as host-gw's (the daemon adds ipv6_subnet and public_ipv6)
+        shown = {**plan.shown, "ipv6_path": plan6.path,
+                 **{f"ipv6_{k}": v for k, v in plan6.shown.items()}}
         if plan6.problem is not None:
-            shown["v6_problem"] = plan6.problem
+            shown["ipv6_path"] = f"{plan6.path}: {plan6.problem}"
         return Plan(plan.entries + plan6.entries, plan.path, plan.problem, shown)
 
     def _encapsulate(self, lease: Lease, mac: bytes) -> tuple[KernelEntry, ...]:
@@ -184,9 +185,9 @@ class KernelVxlanNetwork(Network):
                  "dataplane": "kernel", "device": self.device,
                  "direct_routing": self.settings.direct_routing}
         if self._index6 and self.settings.v6_vtep_mac is not None:
-            lease.update({"v6_device": self.device6,
-                          "v6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
-                          "v6_counters": netlink.link_counters(self.device6 or "")})
+            lease.update({"ipv6_device": self.device6,
+                          "ipv6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
+                          "ipv6_counters": netlink.link_counters(self.device6 or "")})
         return {"counters": netlink.link_counters(self.device),
                 "peers": {str(subnet): {"path": plan.path, **plan.shown}
                           for subnet, plan in plans.items()},
