@@ -229,3 +229,24 @@ def test_a_restarted_daemon_keeps_its_dual_stack_lease_and_v6_vtep_mac(cluster: 
     target = cluster.pods[host.label].address6
     for label in ("h1", "h2"):
         assert cluster.pods[label].ping(target, count=2)[target].ok, label
+
+
+@pytest.mark.parametrize("dataplane", ["auto", "kernel"])
+def test_where_flannel_v6_cannot_be_made_the_start_is_one_line_and_takes_nothing(
+        topology, dataplane):
+    topo = topology(1, ipv6=True)
+    host = topo.hosts[0]
+    host.run("ip", "link", "add", DEV6, "type", "bridge")  # the name is taken
+    config = {**CONFIG, "Backend": {"Type": "vxlan", "Dataplane": dataplane}}
+    result = host.flannel("run", "--local-store", topo.store_path, "--net-config-path",
+                          topo.write_net_config(config), "--subnet-file", host.subnet_file,
+                          "--control-socket", host.control_socket, "--iface", "eth0",
+                          check=False, timeout=20)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"cannot create VXLAN device {DEV6}: a bridge device of that name exists" in last
+    if dataplane == "auto":
+        assert "does not carry IPv6 yet, so Dataplane \"auto\" cannot fall back" in last
+    assert host.link(DEV) is None and host.link("flvx.1") is None
+    assert stored_leases(topo.store_path) == {}
