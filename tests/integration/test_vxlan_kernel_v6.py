@@ -25,7 +25,8 @@ DEV6 = "flannel-v6.1"
 # Runs in a host namespace: a KernelVxlanNetwork with our dual-stack lease; prints its lease
 # data, then takes "add <lease>" / "remove <subnet>" lines on stdin, and closes at EOF.
 DRIVER = r"""
-import json, sys
+import json, os, sys
+os.environ["FLANNEL_UDP_ROUTE_RESYNC"] = "0.5"  # entries deleted by hand come back quickly
 from ipaddress import ip_address, ip_network
 from flannel_udp import netlink
 from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork
@@ -220,6 +221,24 @@ def test_a_lease_removed_takes_its_v6_entries_and_added_back_restores_them(clust
     wait_until(lambda: entries() == (True, True, True), 3, f"{host.label} to add {subnet6}")
     target = cluster.pods[other.host.label].address6
     assert cluster.pods[host.label].ping(target, count=2)[target].ok
+
+
+def test_v6_entries_deleted_by_hand_come_back_at_the_next_resync(cluster: Cluster):
+    d, other = cluster.driven
+    host, subnet6 = d.host, other.lease["subnet6"]
+    gateway, mac = subnet6.split("/")[0], mac_of(other.lease["data6"])
+    host.run("ip", "-6", "route", "del", subnet6)
+    host.run("ip", "-6", "neigh", "del", gateway, "dev", DEV6)
+    host.run("bridge", "fdb", "del", mac, "dev", DEV6, "self")
+
+    def back() -> bool:
+        fdb = json.loads(host.run("bridge", "-j", "fdb", "show", "dev", DEV6).stdout)
+        return (bool(host.ip_json("-6", "route", "show", "exact", subnet6))
+                and bool(host.ip_json("-6", "neigh", "show", gateway, "dev", DEV6))
+                and any(f["mac"] == mac and f.get("dst") == other.lease["public_ipv6"]
+                        for f in fdb))
+
+    wait_until(back, 5, f"{host.label}'s v6 entries for {subnet6} to come back")
 
 
 def test_status_shows_the_v6_device_and_each_peer_s_v6_path(cluster: Cluster):
