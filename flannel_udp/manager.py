@@ -26,6 +26,7 @@ from flannel_udp.lease import (
     lease_from_record,
     lease_key,
     own_lease,
+    parse_lease_key,
     stale_own_leases,
     subnet_key,
 )
@@ -89,10 +90,13 @@ class LeaseManager:
     # -- parsing store records, one place --
 
     def _parse(self, record: LeaseRecord) -> Lease | None:
+        if parse_lease_key(record.key) is None:
+            log.warning("lease store: skipping key %r: not a subnet key", record.key)
+            return None
         try:
             lease = lease_from_record(record.key, record.value, record.expiration)
         except LeaseValueError as e:
-            log.warning("lease store: skipping %s: %s", record.key, e)
+            log.warning("lease store: skipping lease %s: %s", record.key, e)
             return None
         subnet = lease.subnet
         if not subnet.subnet_of(self.config.network):

@@ -208,17 +208,18 @@ def _default_interface(ipr: IPRoute, links: list[_Link],
         raise UserError(f"the default route's interface: {e}") from None
 
 
-IFA_F_DEPRECATED = 0x20  # <linux/if_addr.h>; flannel skips such addresses too
+IFA_F_DADFAILED, IFA_F_DEPRECATED = 0x08, 0x20  # <linux/if_addr.h>; flannel skips deprecated
 RT_SCOPE_UNIVERSE = 0
 
 
 def interface_ipv6(index: int, netns: str | None = None) -> IPv6Address | None:
     """The first global IPv6 address of interface `index` (flanneld's ExtV6Addr: not
-    link-local, not deprecated); None when it has none. `netns`: as find_interface."""
+    link-local, not deprecated, not a duplicate); None when it has none. `netns`: as
+    find_interface."""
     with NetNS(netns) if netns else IPRoute() as ipr:
         for a in ipr.get_addr(family=socket.AF_INET6, index=index):
             flags = a.get("IFA_FLAGS") or a["flags"]
-            if a["scope"] != RT_SCOPE_UNIVERSE or flags & IFA_F_DEPRECATED:
+            if a["scope"] != RT_SCOPE_UNIVERSE or flags & (IFA_F_DEPRECATED | IFA_F_DADFAILED):
                 continue
             return IPv6Address(a.get("IFA_ADDRESS"))
     return None

@@ -268,3 +268,17 @@ def test_reserve_without_a_network_config_is_refused_in_one_line(tmp_path):
     assert result.stderr.startswith("flannel-udp: no network config in lease store ")
     assert result.stderr.count("\n") == 1
     assert s.dump() is None  # not even the store file was made
+
+
+def test_reserve_in_a_dual_stack_network_is_refused_in_one_line(tmp_path):
+    s = embedded(tmp_path)
+    dual = ('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd99::/56", '
+            '"Backend": {"Type": "host-gw"}}')
+    assert flannel_udp("network", "set", dual, *s.flags).returncode == 0
+    before = s.dump()
+    result = s.leases("reserve", "10.5.7.0/24", "--public-ip", ME)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("flannel-udp: leases reserve: not for a dual-stack network yet (its "
+                             "leases need an IPv6 subnet and PublicIPv6 too); put the key with "
+                             "etcdctl\n")
+    assert s.dump() == before
