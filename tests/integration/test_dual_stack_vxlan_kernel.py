@@ -245,7 +245,8 @@ def test_where_flannel_v6_cannot_be_made_the_start_is_one_line_and_takes_nothing
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert f"cannot create VXLAN device {DEV6}: a bridge device of that name exists" in last
+    assert f"cannot create VXLAN device {DEV6}: a bridge device of that name exists " \
+        "(remove it)" in last
     if dataplane == "auto":
         assert "does not carry IPv6 yet, so Dataplane \"auto\" cannot fall back" in last
     assert host.link(DEV) is None and host.link("flvx.1") is None

@@ -111,9 +111,12 @@ class KernelVxlanNetwork(Network):
             log.info("removing the VXLAN device %s left behind", name)
             netlink.delete_link(name)
         elif kind is not None:
+            # In dual stack the userspace dataplane is no way out: it carries no IPv6 yet.
+            hint = ("remove it" if self.public_ipv6 is not None
+                    else "remove it, or set Backend.Dataplane \"userspace\"")
             raise KernelVxlanUnavailable(
                 f"cannot create VXLAN device {name}: a {kind or 'plain'} device of "
-                f"that name exists (remove it, or set Backend.Dataplane \"userspace\")")
+                f"that name exists ({hint})")
         s = self.settings
         try:
             return netlink.create_vxlan(name, s.vni, local, self.ext.index, s.port, mac, mtu)
