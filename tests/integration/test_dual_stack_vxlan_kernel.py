@@ -59,11 +59,10 @@ def cluster(module_topology) -> Cluster:
 
 
 def lease_of(cluster: Cluster, host: Host) -> tuple[str, dict]:
-    for key, value in stored_leases(cluster.topo.store_path).items():
-        lease = json.loads(value)
-        if lease["PublicIP"] == host.underlay_ip:
-            return key.rsplit("/", 1)[-1], lease
-    raise AssertionError(f"no lease of {host.label}")
+    """The host's lease: its key's last part (`10.244.3.0-24&fd99:0:0:5c::-64`), its value."""
+    key = lease_of_host(cluster.topo, host)
+    leases = {k.rsplit("/", 1)[-1]: v for k, v in stored_leases(cluster.topo.store_path).items()}
+    return key, json.loads(leases[key])
 
 
 def test_leases_and_subnet_env_are_flanneld_s_dual_stack_ones(cluster: Cluster):
@@ -251,3 +250,36 @@ def test_where_flannel_v6_cannot_be_made_the_start_is_one_line_and_takes_nothing
         assert "does not carry IPv6 yet, so Dataplane \"auto\" cannot fall back" in last
     assert host.link(DEV) is None and host.link("flvx.1") is None
     assert stored_leases(topo.store_path) == {}
+
+
+def test_direct_routing_in_dual_stack_routes_v6_peers_on_the_link_via_their_public_ipv6(
+        topology):
+    topo = topology(3, segments=[0, 0, 1], ipv6=True)
+    h1, h2, h3 = topo.hosts
+    config = {**CONFIG, "Backend": {**CONFIG["Backend"], "DirectRouting": True}}
+    start(topo, config, topo.hosts)
+    leases = topo.wait_peers()
+    pods = {h.label: topo.add_pod(h) for h in topo.hosts}
+    subnet6 = {h.label: lease_of_host(topo, h).partition("&")[2].replace("-", "/")
+               for h in topo.hosts}
+    # h2 shares h1's segment: a plain route via its PublicIPv6; h3 is behind the router
+    [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h2"])
+    assert (route["gateway"], route["dev"]) == (h2.underlay_ipv6, "eth0")
+    [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h3"])
+    assert (route["gateway"], route["dev"], route["flags"]) == (
+        subnet6["h3"].split("/")[0], DEV6, ["onlink"])
+    paths = {p["subnet"]: p["ipv6_path"] for p in h1.status()["peers"]}
+    assert paths == {leases["h2"]["subnet"]: "direct", leases["h3"]["subnet"]: "vxlan"}
+    for label, pod in pods.items():
+        targets = [p.address6 for p in pods.values() if p is not pod]
+        results = pod.ping(*targets, count=2)
+        assert all(r.ok for r in results.values()), (label, results)
+    assert pods["h1"].tcp_transfer(pods["h2"], 7601, 8 << 20, ipv6=True)["intact"]
+    assert pods["h1"].tcp_transfer(pods["h3"], 7602, 8 << 20, ipv6=True)["intact"]
+
+
+def lease_of_host(topo: Topology, host: Host) -> str:
+    for key, value in stored_leases(topo.store_path).items():
+        if json.loads(value)["PublicIP"] == host.underlay_ip:
+            return key.rsplit("/", 1)[-1]
+    raise AssertionError(f"no lease of {host.label}")
