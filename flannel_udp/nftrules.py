@@ -178,4 +178,9 @@ class NftablesRules(TrafficRules):
         result = _nft(script=self.script)
         if result.returncode != 0:
             raise IptablesError(f"nft -f: {result.stderr.strip()}")
-        self.written = self.listing()
+        written = self.listing()
+        # A table or chain deleted between the write and this listing must not become what
+        # "as written" means: then the next check rewrites.
+        wanted = [f"table {family} {name} " for family, name in TABLES] + [
+            f"chain {chain} " for chain in self._chains()]
+        self.written = written if all(w in written for w in wanted) else ""
