@@ -11,6 +11,7 @@ etcdctl on etcd); a v4-only lease gets its v4 route only, and a lease's routes g
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import itertools
 import json
@@ -91,7 +92,6 @@ def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Call
 
 
 def base64_bytes(text: str) -> bytes:
-    import base64
     return base64.b64decode(text)
 
 
