@@ -79,6 +79,7 @@ class LeaseManager:
         self.renew_margin = renew_margin
         self.ttl = ttl
         self.lease: Lease | None = None
+        self._key = ""  # the store key of our lease, once taken
         self.peers: dict[IPv4Network, Peer] = {}
         self._snapshot: Snapshot | None = None
         self.holds_lease = False  # our lease was in the table at the last load_peers()
@@ -121,7 +122,12 @@ class LeaseManager:
         return lease
 
     def _parse_all(self, snapshot: Snapshot) -> list[Lease]:
-        return [lease for r in snapshot.records if (lease := self._parse(r)) is not None]
+        return [lease for _, lease in self._parse_keyed(snapshot)]
+
+    def _parse_keyed(self, snapshot: Snapshot) -> list[tuple[str, Lease]]:
+        """The leases with the keys they are stored under (as written, which a key put by hand
+        need not be in the canonical form `lease_key` gives)."""
+        return [(r.key, lease) for r in snapshot.records if (lease := self._parse(r)) is not None]
 
     # -- acquisition and renewal --
 
@@ -131,21 +137,24 @@ class LeaseManager:
         `preferred_v6`) if free, else a random free subnet; a lost race tries again. A dual-stack
         lease is one key holding both subnets, created atomically: both or neither."""
         for _ in range(ACQUIRE_ATTEMPTS):
-            snapshot = await self.store.list_leases()
-            leases = self._parse_all(snapshot)
+            keyed = self._parse_keyed(await self.store.list_leases())
+            leases = [lease for _, lease in keyed]
+            stored_key = {id(lease): key for key, lease in keyed}
             mine = own_lease(self.config, leases, self.public_ip)
             if mine is not None:
                 # A reservation (a lease that never expires) stays one, as in flannel.
                 ttl = None if mine.expiration is None else self.ttl
-                expiration = await self.store.put_lease(lease_key(mine), self.value, ttl)
-                return self._took(mine.subnet, mine.ipv6_subnet, expiration, "reusing our lease")
+                key = stored_key[id(mine)]
+                expiration = await self.store.put_lease(key, self.value, ttl)
+                return self._took(key, mine.subnet, mine.ipv6_subnet, expiration,
+                                  "reusing our lease")
             stale = stale_own_leases(self.config, leases, self.public_ip)
             for old in stale:
                 # E.g. our v4-only lease once the network is dual stack: flannel deletes it;
                 # its v4 subnet is asked for again.
                 log.info("lease %s of ours does not fit the network config; deleting it",
-                         lease_key(old))
-                await self.store.delete_lease(lease_key(old))
+                         stored_key[id(old)])
+                await self.store.delete_lease(stored_key[id(old)])
             if stale:
                 preferred = preferred or stale[0].subnet
                 continue
@@ -174,7 +183,7 @@ class LeaseManager:
                     continue
             if expiration is not None:
                 how = "the subnet of the old subnet file" if subnet == preferred else "new"
-                return self._took(subnet, ipv6_subnet, expiration, how)
+                return self._took(key, subnet, ipv6_subnet, expiration, how)
             log.debug("lease %s was taken meanwhile; trying again", key)
         raise UserError("could not acquire a subnet: every attempt lost a race", exit_code=1)
 
@@ -192,8 +201,9 @@ class LeaseManager:
         return Lease(subnet, self.public_ip, expiration=expiration, ipv6_subnet=ipv6_subnet,
                      public_ipv6=self.public_ipv6)
 
-    def _took(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
+    def _took(self, key: str, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
               expiration: float | None, how: str) -> Lease:
+        self._key = key  # renewals put this key
         self.lease = self._lease(subnet, ipv6_subnet, expiration)
         self._lease_changed.set()
         log.info("acquired lease %s (%s), expires in %.0f s", _shown(self.lease), how,
@@ -215,7 +225,7 @@ class LeaseManager:
             except asyncio.TimeoutError:
                 pass
             try:
-                new_exp = await self.store.put_lease(lease_key(self.lease), self.value,
+                new_exp = await self.store.put_lease(self._key, self.value,
                                                      self.ttl)
             except StoreError as e:
                 self.store_errors += 1

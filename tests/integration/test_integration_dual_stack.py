@@ -1,6 +1,9 @@
-"""End to end, dual stack on host-gw: three hosts on an underlay with IPv4 (192.168.77.1x) and
-IPv6 (fd77::1x) addresses, `EnableIPv6` with `IPv6Network` fd99::/56, on the embedded store and
-on etcd's v3 keyspace. Every pair of pods pings and moves a TCP transfer over v4 and over v6;
+"""End to end, dual stack on host-gw: three flannel-udp hosts and a fourth programmed as flanneld
+v0.22.3 programs a host-gw node (its lease in flanneld's bytes, its routes `<subnet> via
+<PublicIP>` and `<v6 subnet> via <PublicIPv6>`, its subnet.env), on an underlay with IPv4
+(192.168.77.1x) and IPv6 (fd77::1x) addresses, `EnableIPv6` with `IPv6Network` fd99::/56, on
+the embedded store and on etcd's v3 keyspace. Every pair of pods pings and moves a TCP
+transfer over v4 and over v6;
 each peer is a v4 route via its PublicIP and a v6 route via its PublicIPv6; the leases are one
 key per host holding both subnets, with the value flanneld v0.22.3 writes (read back with
 etcdctl on etcd); a v4-only lease gets its v4 route only, and a lease's routes go with it."""
@@ -8,6 +11,7 @@ etcdctl on etcd); a v4-only lease gets its v4 route only, and a lease's routes g
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import itertools
 import json
@@ -32,9 +36,16 @@ DUAL_CONFIG = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "f
 _ports = itertools.count(7301)
 
 
+# The flanneld-style node h4: its lease as flanneld v0.22.3 writes it
+KERNEL_V4, KERNEL_V6 = "10.244.240.0/24", "fd99:0:0:f0::/64"
+KERNEL_KEY = "10.244.240.0-24&fd99:0:0:f0::-64"
+
+
 @dataclass
 class Cluster:
     topo: Topology
+    daemons: list[Host]  # h1..h3, flannel-udp
+    kernel: Host  # h4, programmed as flanneld programs a host-gw node
     pods: dict[str, Pod]
     leases: dict[str, dict]
     stored: Callable[[], dict[str, bytes]]  # key (under <prefix>/subnets/) -> value
@@ -81,7 +92,6 @@ def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Call
 
 
 def base64_bytes(text: str) -> bytes:
-    import base64
     return base64.b64decode(text)
 
 
@@ -91,18 +101,40 @@ def base64_text(text: str) -> str:
 
 @pytest.fixture(scope="module", params=["embedded", "etcd v3"])
 def cluster(request, module_topology) -> Cluster:
-    topo = module_topology(3, ipv6=True)
+    topo = module_topology(4, ipv6=True)
+    *daemons, kernel = topo.hosts
     flags, stored, put, delete, cleanup = (_embedded if request.param == "embedded"
                                            else _etcd)(topo)
     os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
     try:
-        leases = topo.start_daemons(DUAL_CONFIG, None, *flags)
+        leases = topo.start_daemons(DUAL_CONFIG, daemons, *flags)
     finally:
         del os.environ[RESYNC_ENV]
+    program_as_flanneld(kernel, daemons, put)
+    for host in daemons:
+        wait_until(lambda h=host: KERNEL_V4 in h.peer_subnets(), 5,
+                   f"{host.label} to list the flanneld-style node")
     pods = {h.label: topo.add_pod(h) for h in topo.hosts}
-    yield Cluster(topo, pods, leases, stored, put, delete)
+    yield Cluster(topo, daemons, kernel, pods, leases, stored, put, delete)
     topo.cleanup()  # the daemons first: etcd must outlive them
     cleanup()
+
+
+def program_as_flanneld(node: Host, daemons: list[Host], put: Callable) -> None:
+    """What flanneld v0.22.3's host-gw does on `node`: its lease, a route per peer and family,
+    its subnet.env."""
+    assert node.underlay_ipv6 is not None
+    put(KERNEL_KEY, (f'{{"PublicIP":"{node.underlay_ip}","PublicIPv6":"{node.underlay_ipv6}",'
+                     '"BackendType":"host-gw"}').encode())
+    for host in daemons:
+        lease = host.lease()
+        node.run("ip", "route", "add", lease["subnet"], "via", host.underlay_ip, "dev", "eth0")
+        node.run("ip", "-6", "route", "add", lease["ipv6_subnet"], "via", host.underlay_ipv6,
+                 "dev", "eth0")
+    node.subnet_file.write_text(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.240.1/24\n"
+        "FLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_IPV6_SUBNET=fd99:0:0:f0::1/64\n"
+        "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n")
 
 
 def v6_routes(host: Host, subnet: str) -> list[dict]:
@@ -128,8 +160,10 @@ def test_every_pair_pings_and_moves_tcp_over_v4_and_over_v6(cluster: Cluster):
 
 def test_leases_are_one_key_per_host_holding_both_subnets_as_flanneld_writes_them(
         cluster: Cluster):
-    expected = {}
-    for host in cluster.topo.hosts:
+    kernel = cluster.kernel
+    expected = {KERNEL_KEY: (f'{{"PublicIP":"{kernel.underlay_ip}","PublicIPv6":'
+                             f'"{kernel.underlay_ipv6}","BackendType":"host-gw"}}').encode()}
+    for host in cluster.daemons:
         lease = host.lease()
         v4, v6 = ipaddress.ip_network(lease["subnet"]), ipaddress.ip_network(lease["ipv6_subnet"])
         assert v6.subnet_of(ipaddress.IPv6Network("fd99::/56")) and v6.prefixlen == 64
@@ -146,14 +180,16 @@ def test_leases_are_one_key_per_host_holding_both_subnets_as_flanneld_writes_the
 
 def test_each_peer_is_a_v4_route_via_its_public_ip_and_a_v6_route_via_its_public_ipv6(
         cluster: Cluster):
-    for host in cluster.topo.hosts:
+    kernel = cluster.kernel
+    for host in cluster.daemons:
         status = host.status()
         assert status["ipv6_network"] == "fd99::/56"
         peers = {p["subnet"]: p for p in status["peers"]}
         for other in cluster.topo.hosts:
             if other is host:
                 continue
-            lease = other.lease()
+            lease = other.lease() if other is not kernel else {
+                "subnet": KERNEL_V4, "ipv6_subnet": KERNEL_V6}
             peer = peers[lease["subnet"]]
             assert (peer["ipv6_subnet"], peer["public_ipv6"]) == (lease["ipv6_subnet"],
                                                                   other.underlay_ipv6)
@@ -228,12 +264,12 @@ def test_a_daemon_restarted_keeps_its_dual_stack_lease(cluster: Cluster):
     before = h2.lease()
     assert h2.stop_flannel() == 0
     # its routes and addresses were removed with it; the lease stays in the store
-    assert len(cluster.stored()) == 3
+    assert len(cluster.stored()) == 4
     h2.start_flannel(cluster.topo.store_path, None, *_flags_of(h2))
     h2.wait_ready(20)
     after = h2.lease()
     assert (after["subnet"], after["ipv6_subnet"]) == (before["subnet"], before["ipv6_subnet"])
-    cluster.topo.wait_peers()
+    cluster.topo.wait_peers(cluster.daemons)
 
 
 def _flags_of(host: Host) -> list[str]:

@@ -169,3 +169,23 @@ def test_enable_ipv6_is_refused_on_etcds_v2_keyspace(tmp_path):
     with pytest.raises(UserError) as err:
         manager(V2Keyspace(tmp_path / "v2"))
     assert str(err.value).startswith("EnableIPv6: flannel v0.11's etcd v2 keyspace has no IPv6")
+
+
+def test_our_lease_under_a_key_written_by_hand_in_another_form_is_reused_under_that_key(
+        tmp_path):
+    key = "10.99.33.0-24&fd99:0000:0000:0033:0:0:0:0-64"  # not the canonical fd99:0:0:33::
+    async def scenario():
+        store = LocalStore(tmp_path / "leases")
+        await store.create_lease(key, encode_lease_value(ME, "host-gw", public_ipv6=ME6), 60)
+        m = manager(store)
+        lease = await m.acquire(None)
+        m.lease = m._lease(lease.subnet, lease.ipv6_subnet, time.time())  # due now
+        renewal = asyncio.create_task(m.renew_forever())
+        await asyncio.sleep(0.3)
+        renewal.cancel()
+        return lease, (await store.list_leases()).records
+
+    lease, records = asyncio.run(scenario())
+    assert lease.ipv6_subnet == IPv6Network("fd99:0:0:33::/64")
+    assert [r.key for r in records] == [key]
+    assert records[0].expiration > time.time() + 3000  # renewed with the manager's TTL
