@@ -285,9 +285,6 @@ class Daemon:
                  config.ipv6_network, config.ipv6_subnet_len, address)
         if netlink.ip6_forward() is False:
             log.warning("%s", IP6_FORWARD_OFF)
-        if self.opts.ip_masq:
-            log.warning("--ip-masq: IPv6 traffic leaving the IPv6Network is not masqueraded yet "
-                        "(the rules are IPv4 only)")
         return address
 
     def _log_dataplane_flags(self, config: NetworkConfig,
