@@ -167,7 +167,7 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
             while True:
                 # A GRO read holds datagrams of ``size`` bytes, the last one possibly shorter.
                 step = n - off if n - off < size else size
-                pkt = ingress_frame(s, base + off, step, sender, &v)
+                pkt = ingress_frame(s, base + off, step, sender, NULL, &v)
                 if every:
                     trace_record(&qu.ig_trace, every, 1, pkt,
                                  v.length if v.action == ACT_TUN else step, &v, sender)

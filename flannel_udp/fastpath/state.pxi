@@ -6,6 +6,7 @@ ctypedef struct RouteEntry:
     uint32_t peer           # peer public IPv4, host order
     uint32_t used
     uint8_t mac[6]          # VXLAN: the peer's VtepMAC
+    uint8_t underlay6       # an IPv6 route whose peer is reached over IPv6 (RouteEntry6.peer6)
     # tx_* written only under the egress half's mutex, rx_* only under the ingress half's.
     uint64_t tx_packets
     uint64_t tx_bytes
@@ -17,6 +18,20 @@ ctypedef struct RouteTable:
     uint32_t capacity       # power of two
     uint32_t count
     uint32_t shift          # 32 - log2(capacity), for Fibonacci hashing
+
+ctypedef struct RouteEntry6:
+    # An IPv6 subnet's route: ``base`` first, so that a RouteEntry* to it carries the MAC, the
+    # counters and (IPv4 underlay) the peer for the code that both families share.
+    RouteEntry base
+    uint64_t hi             # key: the network address, high and low 64 bits
+    uint64_t lo
+    uint8_t peer6[16]       # the peer's PublicIPv6 when base.underlay6
+
+ctypedef struct RouteTable6:
+    RouteEntry6* slots
+    uint32_t capacity       # power of two
+    uint32_t count
+    uint32_t shift          # 64 - log2(capacity)
 
 ctypedef struct TraceRecord:
     # One per-packet decision, for `flannel-udp trace`.
@@ -62,6 +77,14 @@ ctypedef struct Shared:
     int source_check
     RouteTable senders      # peers' PublicIPs (in .subnet), .peer = how many subnets each holds
     uint32_t trace_every    # 0: no tracer; N: one decision in N goes to the trace rings
+    # IPv6 inner packets: off unless FastPath got tun_addr6 (then v6 packets count as not_ipv4).
+    int v6
+    RouteTable6 table6      # peers' IPv6 subnets
+    uint64_t mask6_hi       # the IPv6 lease prefix mask
+    uint64_t mask6_lo
+    uint8_t vtep_mac6[6]    # VXLAN: ours for IPv6 (a flannel-v6 device's own VtepMAC)
+    uint8_t tun_addr6[16]   # our IPv6 subnet's network address: source of our ICMPv6 errors
+    RouteTable6 senders6    # peers' PublicIPv6s (the key), .base.peer = how many subnets each
 
 ctypedef struct Counters:
     uint64_t packets

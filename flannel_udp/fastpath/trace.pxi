@@ -30,6 +30,10 @@ cdef void trace_record(TraceRing* r, uint32_t every, uint8_t direction, const ui
         rec.proto = pkt[IPV4_PROTO_OFFSET]
         rec.src = rd32(pkt + IPV4_SRC_OFFSET)
         rec.dst = rd32(pkt + IPV4_DST_OFFSET)
+    elif pkt != NULL and n >= IPV6_HEADER_LEN and (pkt[IPV6_VERSION_OFFSET] >> 4) == 6:
+        rec.proto = pkt[IPV6_NEXT_HEADER_OFFSET]     # addresses: not in the record (IPv4's)
+        rec.src = 0
+        rec.dst = 0
     else:
         rec.proto = 0
         rec.src = 0
