@@ -1,0 +1,144 @@
+"""IPv6 through the fast path's threads on real fds: the TUN rig of test_fastpath_threads with an
+IPv6 address and route on the TUN and an IPv6 application in its namespace, both modes, plain
+and virtio-header TUNs: datagrams out to a peer (hop limit, VXLAN's 0x86DD frame, complete
+checksums), in from it past the IPv6 source check, and fragments passed on as opaque packets."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from helpers import OUR_MAC, PEER_MAC, FastPath, checksum
+from pyroute2 import netns
+from test_fastpath_threads import TUN_ADDR, TUN_NAME, TunRig, ip_cmd, tun_rig, wait_for
+
+__all__ = ["tun_rig"]  # the rig fixture, used here as there
+
+TUN_ADDR6 = "fd99:0:0:1::"
+NETWORK6 = "fd99::/48"
+REMOTE_SUBNET6 = "fd99:0:0:2::"
+REMOTE_POD6 = "fd99:0:0:2::7"
+OUR_MAC6 = bytes.fromhex("0e0000000006")
+VXLAN_ENCAP_LEN = 22
+
+
+def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes, hop_limit: int = 5) -> bytes:
+    """An IPv6 UDP packet with its (in IPv6 mandatory) checksum."""
+    length = 8 + len(payload)
+    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    pseudo = s + d + length.to_bytes(4, "big") + bytes([0, 0, 0, 17])
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    csum = checksum(pseudo + udp) or 0xFFFF
+    udp = udp[:6] + csum.to_bytes(2, "big") + udp[8:]
+    return bytes([0x60, 0, 0, 0]) + length.to_bytes(2, "big") + bytes([17, hop_limit]) + s + d + udp
+
+
+def udp6_checksum_ok(pkt: bytes) -> bool:
+    pseudo = pkt[8:40] + (len(pkt) - 40).to_bytes(4, "big") + bytes([0, 0, 0, 17])
+    return checksum(pseudo + pkt[40:]) == 0
+
+
+@pytest.fixture
+def rig6(tun_rig: TunRig) -> Iterator[tuple[TunRig, socket.socket]]:
+    """The rig with fd99:0:0:1:: on its TUN, a route for the IPv6 network through it, and an
+    IPv6 UDP socket of an application in the namespace."""
+    ip_cmd("-n", tun_rig.netns, "-6", "addr", "add", f"{TUN_ADDR6}/128", "dev", TUN_NAME, "nodad")
+    ip_cmd("-n", tun_rig.netns, "-6", "route", "add", NETWORK6, "dev", TUN_NAME)
+    netns.pushns(tun_rig.netns)
+    try:
+        app6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    finally:
+        netns.popns()
+    try:
+        app6.bind(("::", 0))
+        app6.settimeout(3)
+        yield tun_rig, app6
+    finally:
+        app6.close()
+
+
+def make(rig: TunRig, mode: str) -> FastPath:
+    peer_port = rig.peer_sock.getsockname()[1]
+    kw: dict[str, object] = {}
+    if mode == "vxlan":
+        kw = {"mode": "vxlan", "vni": 1, "vtep_mac": OUR_MAC, "vtep_mac6": OUR_MAC6,
+              "send_fds": [s.fileno() for s in rig.sender_socks]}
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24,
+                        vnet_hdr=rig.vnet_hdr, source_check=True, tun_addr6=TUN_ADDR6,
+                        subnet_len6=64, **kw)
+    if mode == "vxlan":
+        fastpath.set_route6(REMOTE_SUBNET6, "127.0.0.1", PEER_MAC)
+    else:
+        fastpath.set_route6(REMOTE_SUBNET6, "127.0.0.1")
+    return fastpath
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", ["udp", "vxlan"])
+@pytest.mark.parametrize("tun_rig", [False, True], indirect=True, ids=["plain-tun", "vnet-tun"])
+def test_ipv6_goes_out_to_the_peer_and_comes_in_to_the_app(rig6, mode):
+    rig, app6 = rig6
+    fastpath = make(rig, mode)
+    fastpath.start()
+    try:
+        # Egress: the app's datagram leaves as flannel's udp carries IPv4 (hop limit - 1), or
+        # as a flannel-v6 device frames it (our IPv6 VtepMAC to the peer's, 0x86DD).
+        app6.sendto(b"egress-v6", (REMOTE_POD6, 4242))
+        datagram = rig.peer_sock.recv(65536)
+        if mode == "vxlan":
+            assert datagram[8:VXLAN_ENCAP_LEN] == PEER_MAC + OUR_MAC6 + b"\x86\xdd"
+            inner = datagram[VXLAN_ENCAP_LEN:]
+            assert inner[7] == 64
+        else:
+            inner = datagram
+            assert inner[7] == 63
+        assert inner[0] >> 4 == 6 and inner[6] == 17
+        assert inner[8:24] == ipaddress.IPv6Address(TUN_ADDR6).packed
+        assert inner[24:40] == ipaddress.IPv6Address(REMOTE_POD6).packed
+        assert inner[48:] == b"egress-v6"
+        assert udp6_checksum_ok(inner)  # completed if the TUN left it partial
+
+        # Ingress: from inside the peer's IPv6 subnet, from the peer's PublicIP: delivered.
+        app_port = app6.getsockname()[1]
+        pkt = udp6(REMOTE_POD6, TUN_ADDR6, 4242, app_port, b"ingress-v6")
+        frame = pkt
+        if mode == "vxlan":
+            frame = (bytes.fromhex("0800000000000100") + OUR_MAC6 + PEER_MAC + b"\x86\xdd" + pkt)
+        rig.peer_sock.sendto(frame, rig.fastpath_sock.getsockname())
+        data, source = app6.recvfrom(65536)
+        assert data == b"ingress-v6" and source[:2] == (REMOTE_POD6, 4242)
+        # A source outside the sender's IPv6 lease is dropped by the source check.
+        spoofed = udp6("fd99:0:0:3::7", TUN_ADDR6, 4242, app_port, b"spoofed")
+        if mode == "vxlan":
+            spoofed = (bytes.fromhex("0800000000000100") + OUR_MAC6 + PEER_MAC + b"\x86\xdd"
+                       + spoofed)
+        rig.peer_sock.sendto(spoofed, rig.fastpath_sock.getsockname())
+        assert wait_for(lambda: fastpath.counters()["ingress_drops"]["spoofed_inner_source"] == 1)
+        ((subnet, peer, _, stats),) = fastpath.routes6()
+        assert (subnet, peer) == (REMOTE_SUBNET6, "127.0.0.1")
+        assert wait_for(lambda: fastpath.routes6()[0][3]["rx_packets"] == 1)
+        assert fastpath.routes6()[0][3]["tx_packets"] == 1
+    finally:
+        fastpath.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("tun_rig", [False, True], indirect=True, ids=["plain-tun", "vnet-tun"])
+def test_ipv6_fragments_pass_as_opaque_packets(rig6):
+    """A datagram larger than the TUN's MTU leaves the app as IPv6 fragments (next header 44):
+    each is carried as it is, the transport behind the extension header never looked at."""
+    rig, app6 = rig6
+    fastpath = make(rig, "udp")
+    fastpath.start()
+    try:
+        app6.sendto(b"f" * 3000, (REMOTE_POD6, 4242))
+        fragments = []
+        while sum(len(f) - 48 for f in fragments) < 3008:
+            fragments.append(rig.peer_sock.recv(65536))
+        assert all(f[6] == 44 for f in fragments) and len(fragments) == 3
+        assert wait_for(lambda: fastpath.counters()["tx_packets"] == 3)
+    finally:
+        fastpath.stop()
