@@ -126,7 +126,9 @@ cdef class FastPath:
     IPv6 inner packets are forwarded once ``tun_addr6`` (our IPv6 subnet's network address)
     is given, routed by ``set_route6`` on ``subnet_len6``-bit prefixes; in VXLAN mode their
     frames carry ``vtep_mac6`` (default: ``vtep_mac``), as a flannel-v6 device's. Without it an
-    IPv6 packet is dropped as not_ipv4.
+    IPv6 packet is dropped as not_ipv4. An IPv6 underlay (routes to PublicIPv6s): ``udp6_fd``,
+    an IPv6-only UDP socket bound to the port, receives; egress to IPv6 peers sends from
+    ``send6_fds`` (default: ``udp6_fd``), as from ``send_fds`` to IPv4 ones.
     """
 
     cdef Shared* shared
@@ -142,6 +144,7 @@ cdef class FastPath:
             raise MemoryError()
         self.shared.stop_fd = -1
         self.shared.udp_fd = -1
+        self.shared.udp6_fd = -1
         self.queue.tun_fd = -1
         self.queue.park_fds[0] = self.queue.park_fds[1] = -1
         self.queue.shared = self.shared
@@ -172,7 +175,8 @@ cdef class FastPath:
                  str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None,
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
                  bint source_check=False, int busy_poll_us=0, int mtu=0,
-                 str tun_addr6=None, int subnet_len6=64, object vtep_mac6=None):
+                 str tun_addr6=None, int subnet_len6=64, object vtep_mac6=None,
+                 object udp6_fd=None, object send6_fds=None):
         cdef unsigned int i
         cdef uint8_t tun6[16]
         if self.queue.eg.started or self.queue.ig.started:
@@ -208,9 +212,23 @@ cdef class FastPath:
             raise ValueError(f"send_fds: 1 to {MAX_SENDERS} sockets, not {len(senders)}")
         if mode == "udp" and len(senders) != 1:
             raise ValueError("send_fds: UDP mode sends from one socket")
+        if udp6_fd is None:
+            senders6 = [] if send6_fds is None else [int(fd) for fd in send6_fds]
+            if senders6:
+                raise ValueError("send6_fds: an IPv6 underlay needs udp6_fd")
+        else:
+            senders6 = [int(udp6_fd)] if send6_fds is None else [int(fd) for fd in send6_fds]
+            if not 1 <= len(senders6) <= MAX_SENDERS:
+                raise ValueError(f"send6_fds: 1 to {MAX_SENDERS} sockets, not {len(senders6)}")
+            if mode == "udp" and len(senders6) != 1:
+                raise ValueError("send6_fds: UDP mode sends from one socket")
         for i in range(len(senders)):
             self.shared.send_fds[i] = senders[i]
         self.shared.n_senders = len(senders)
+        for i in range(len(senders6)):
+            self.shared.send_fds[len(senders) + i] = senders6[i]
+        self.shared.n6_senders = len(senders6)
+        self.shared.udp6_fd = -1 if udp6_fd is None else int(udp6_fd)
         self.queue.tun_fd = tun_fd
         self.shared.udp_fd = udp_fd
         self.shared.port = htons(<uint16_t>port)
@@ -353,9 +371,9 @@ cdef class FastPath:
         return 0
 
     def set_route6(self, str subnet, str peer_ip, object vtep_mac=None) -> None:
-        """Route IPv6 ``subnet`` (its network address) to ``peer_ip`` (the peer's PublicIP),
-        in VXLAN mode to its IPv6 ``vtep_mac`` (BackendV6Data's VtepMAC) there; replaces an
-        existing route."""
+        """Route IPv6 ``subnet`` (its network address) to ``peer_ip`` (the peer's PublicIP, or
+        its PublicIPv6 over an IPv6 underlay), in VXLAN mode to its IPv6 ``vtep_mac``
+        (BackendV6Data's VtepMAC) there; replaces an existing route."""
         cdef RouteEntry6 want
         cdef RouteEntry6* old
         cdef RouteEntry6 old_copy
@@ -363,7 +381,13 @@ cdef class FastPath:
         cdef int rc
         memset(&want, 0, sizeof(RouteEntry6))
         self._subnet_key6(subnet, &want.hi, &want.lo)
-        want.base.peer = parse_ipv4(peer_ip)
+        if ":" in peer_ip:
+            if self.shared.n6_senders == 0:
+                raise ValueError(f"{peer_ip}: an IPv6 peer needs an IPv6 underlay (udp6_fd)")
+            parse_ipv6(peer_ip, want.peer6)
+            want.base.underlay6 = 1
+        else:
+            want.base.peer = parse_ipv4(peer_ip)
         if self.shared.mode == MODE_VXLAN:
             copy_mac(want.base.mac, vtep_mac, "vtep_mac")
         elif vtep_mac is not None:
@@ -529,7 +553,9 @@ cdef class FastPath:
         if self.queue.eg.started or self.queue.ig.started:
             return
         if self.queue.tun_fd < 0 or self.shared.udp_fd < 0 or any(
-                self.shared.send_fds[i] < 0 for i in range(self.shared.n_senders)):
+                self.shared.send_fds[i] < 0
+                for i in range(self.shared.n_senders + self.shared.n6_senders)) \
+                or (self.shared.n6_senders and self.shared.udp6_fd < 0):
             raise ValueError("start() needs a TUN fd and UDP socket fds")
         if self.queue.eg.bufs == NULL:
             # malloc'd, not calloc'd: untouched pages cost no RSS until traffic needs them.
@@ -611,7 +637,10 @@ cdef class FastPath:
                               flow_of(self.shared, pkt, v.length))
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_SEND:
-                peer = format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr))
+                if q.fam6[0]:
+                    peer = format_ipv6(q.addrs6[0].sin6_addr.s6_addr)
+                else:
+                    peer = format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr))
                 if not offloaded:
                     return (v.action, (<char*>q.iov[0].iov_base)[:q.iov[0].iov_len], peer, 0,
                             q.sender[0])

@@ -13,6 +13,7 @@ without one they are dropped as NOT_IPV4.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ class Result:
 
     action: Action
     data: bytes = b""
-    peer: int = 0
+    peer: int | ipaddress.IPv6Address = 0  # a PublicIP, or a PublicIPv6
     drop: Drop | None = None
     sender: int = 0
     csum_at: int = 0
@@ -141,13 +142,15 @@ class Result:
 
 @dataclass(frozen=True)
 class Vtep:
-    """This node's VXLAN endpoint: VNI, VtepMAC, how many send sockets flows spread over, and
-    the VtepMAC of its IPv6 frames (a flannel-v6 device's own; None: ``mac``)."""
+    """This node's VXLAN endpoint: VNI, VtepMAC, how many send sockets flows spread over, the
+    VtepMAC of its IPv6 frames (a flannel-v6 device's own; None: ``mac``), and how many IPv6
+    send sockets flows to PublicIPv6s spread over (numbered after the IPv4 ones)."""
 
     vni: int
     mac: bytes
     senders: int = 1
     mac6: bytes | None = None
+    senders6: int = 1
 
     @property
     def ipv6_mac(self) -> bytes:
@@ -157,8 +160,8 @@ class Vtep:
 @dataclass(frozen=True)
 class Ipv6Routes:
     """A node's IPv6 side: the route table (IPv6 subnet network address as a 128-bit int -> a
-    peer's PublicIP, or a VxlanRoute), the IPv6 lease prefix length, and our IPv6 subnet's
-    network address."""
+    peer's PublicIP (an int) or PublicIPv6 (an IPv6Address), or a VxlanRoute to either), the
+    IPv6 lease prefix length, and our IPv6 subnet's network address."""
 
     routes: Mapping[int, object]
     subnet_len: int = 64
@@ -167,21 +170,23 @@ class Ipv6Routes:
 
 @dataclass(frozen=True)
 class VxlanRoute:
-    """Where a remote subnet's VXLAN frames go: the peer's PublicIP and VtepMAC."""
+    """Where a remote subnet's VXLAN frames go: the peer's PublicIP (or, for an IPv6 subnet,
+    its PublicIPv6 as an IPv6Address) and VtepMAC."""
 
-    peer: int
+    peer: int | ipaddress.IPv6Address
     mac: bytes
 
 
 @dataclass(frozen=True)
 class Sender:
-    """Who sent a datagram (its outer source address) and the leases to check it against:
-    the route table as subnet -> peer PublicIP, and the lease prefix length."""
+    """Who sent a datagram (its outer source address: an int, or an IPv6Address over an IPv6
+    underlay) and the leases to check it against: the route table as subnet -> peer PublicIP,
+    and the lease prefix length; the same for IPv6 subnets."""
 
-    address: int
+    address: int | ipaddress.IPv6Address
     routes: Mapping[int, int]
     subnet_len: int
-    routes6: Mapping[int, int] = field(default_factory=dict)  # IPv6 subnet -> PublicIP
+    routes6: Mapping[int, object] = field(default_factory=dict)  # IPv6 subnet -> PublicIP(v6)
     subnet_len6: int = 64
 
 
@@ -382,8 +387,10 @@ def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: 
         if isinstance(routed6, Result):
             return routed6
         packet, peer = routed6
-        assert isinstance(peer, int)
-        return Result(Action.SEND, _decrement_hop_limit(packet), peer)
+        assert isinstance(peer, int | ipaddress.IPv6Address)
+        # The IPv6 underlay's socket is numbered after the IPv4 one.
+        return Result(Action.SEND, _decrement_hop_limit(packet), peer,
+                      sender=1 if isinstance(peer, ipaddress.IPv6Address) else 0)
     routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=True)
     if isinstance(routed, Result):
         return routed
@@ -480,8 +487,13 @@ def vxlan_egress(packet: bytes, routes: Mapping[int, VxlanRoute], subnet_len: in
             return routed6
         packet, route6 = routed6
         assert isinstance(route6, VxlanRoute)
+        flow = flow_hash(packet)
+        if isinstance(route6.peer, ipaddress.IPv6Address):
+            sender = vtep.senders + sender_index(flow, vtep.senders6)
+        else:
+            sender = sender_index(flow, vtep.senders)
         return Result(Action.SEND, vxlan_encap(packet, vtep.vni, route6.mac, vtep.ipv6_mac),
-                      route6.peer, sender=sender_index(flow_hash(packet), vtep.senders))
+                      route6.peer, sender=sender)
     routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=False)
     if isinstance(routed, Result):
         return routed

@@ -90,11 +90,21 @@ cdef void add_message(const Shared* s, EgressState* q, unsigned int k, uint8_t* 
     of the flow hashed ``flow``."""
     q.iov[k].iov_base = first - encap_len(s)
     q.iov[k].iov_len = wire_len
-    q.addrs[k].sin_family = AF_INET
-    q.addrs[k].sin_port = s.port
-    q.addrs[k].sin_addr.s_addr = htonl(e.peer)
     # VXLAN: one socket per flow keeps a flow on one outer source port (and in order).
-    q.sender[k] = <unsigned int>((<uint64_t>flow * s.n_senders) >> 32)
+    if e.underlay6:
+        q.fam6[k] = 1
+        q.addrs6[k].sin6_family = AF_INET6
+        q.addrs6[k].sin6_port = s.port
+        q.addrs6[k].sin6_flowinfo = 0
+        q.addrs6[k].sin6_scope_id = 0
+        memcpy(q.addrs6[k].sin6_addr.s6_addr, (<const RouteEntry6*>e).peer6, 16)
+        q.sender[k] = s.n_senders + <unsigned int>((<uint64_t>flow * s.n6_senders) >> 32)
+    else:
+        q.fam6[k] = 0
+        q.addrs[k].sin_family = AF_INET
+        q.addrs[k].sin_port = s.port
+        q.addrs[k].sin_addr.s_addr = htonl(e.peer)
+        q.sender[k] = <unsigned int>((<uint64_t>flow * s.n_senders) >> 32)
     q.routes[k] = e
     q.sent_lens[k] = inner_len
     q.segs[k] = segs

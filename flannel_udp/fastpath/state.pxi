@@ -71,7 +71,11 @@ ctypedef struct Shared:
     int udp_gro             # udp_fd has UDP_GRO: a read may hold several datagrams
     uint32_t mtu            # the TUN's (0: unknown)
     unsigned int n_senders
-    int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
+    # egress sends from these: n_senders IPv4 sockets (UDP mode: udp_fd only), then n6_senders
+    # IPv6 ones (to PublicIPv6s; UDP mode: udp6_fd only)
+    int send_fds[2 * MAX_SENDERS]
+    unsigned int n6_senders
+    int udp6_fd             # receives over IPv6 (bound to the port; -1: no IPv6 underlay)
     int stop_fd             # eventfd; readable = threads must exit
     # Source validation: only a lease holder's PublicIP may send, only from its own subnet.
     int source_check
@@ -125,6 +129,8 @@ ctypedef struct EgressState:
     # them, and what they are charged to (inner bytes, so tx matches the peer's rx).
     iovec iov[MSG_MAX]
     sockaddr_in addrs[MSG_MAX]
+    sockaddr_in6 addrs6[MSG_MAX]    # where fam6 says so: to a PublicIPv6
+    uint8_t fam6[MSG_MAX]
     unsigned int sender[MSG_MAX]
     RouteEntry* routes[MSG_MAX]
     size_t sent_lens[MSG_MAX]
@@ -134,7 +140,7 @@ ctypedef struct EgressState:
     # In send order, grouped by sender: msgs[j] carries message order[j].
     mmsghdr msgs[MSG_MAX]
     unsigned int order[MSG_MAX]
-    unsigned int run_end[MAX_SENDERS]
+    unsigned int run_end[2 * MAX_SENDERS]
     uint8_t reply[VNET_HDR_LEN + ICMP_MAX]  # the ICMP error, behind room for a virtio header
     Counters counters
     double icmp_tokens      # the ICMP token bucket (under the egress mutex)
@@ -170,7 +176,8 @@ ctypedef struct IngressState:
     uint8_t* arena          # ING_ARENA: the segments of a super-packet split (Coalescer.arena)
     mmsghdr msgs[BATCH]
     iovec iov[BATCH]
-    sockaddr_in names[BATCH]    # the datagrams' senders, for source validation
+    sockaddr_in6 names[BATCH]   # the datagrams' senders, for source validation (a
+                                # sockaddr_in from the IPv4 socket)
     uint64_t ctrl[BATCH * CTRL_WORDS]
     Coalescer co
     Counters counters

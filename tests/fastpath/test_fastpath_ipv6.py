@@ -1,8 +1,9 @@
 """IPv6 inner packets in the native fast path against its Python reference, both modes: the
 IPv6 route table beside the IPv4 one, the hop limit (UDP mode), VXLAN frames with ethertype
-0x86DD between IPv6 VtepMACs, the source check of IPv6 sources, the flow hash, and the offloads
-(TCPV6/UDP_L4 splitting, partial IPv6 checksums on ingress). Mutated packets and frames are fed
-to both as in test_source_check."""
+0x86DD between IPv6 VtepMACs, the source check of IPv6 sources, peers over an IPv6 underlay
+(routes to PublicIPv6s, their own send sockets, senders checked by IPv6 address), the flow
+hash, and the offloads (TCPV6/UDP_L4 splitting, partial IPv6 checksums on ingress). Mutated
+packets and frames are fed to both as in test_source_check."""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def text6(addr: int) -> str:
     return str(ipaddress.IPv6Address(addr))
 
 
+def peer_text(peer: int | ipaddress.IPv6Address) -> str:
+    return dotted(peer) if isinstance(peer, int) else str(peer)
+
+
+# PublicIPs, and PublicIPv6s (an IPv6 underlay).
+public_addresses = st.one_of(addresses, addresses6.map(ipaddress.IPv6Address))
+
+
 def ipv6_packet(src: int, dst: int, next_header: int, l4: bytes, hop_limit: int = 64) -> bytes:
     return (bytes([0x60, 0, 0, 0]) + len(l4).to_bytes(2, "big") + bytes([next_header, hop_limit])
             + src.to_bytes(16, "big") + dst.to_bytes(16, "big") + l4)
@@ -64,12 +73,12 @@ def with_l4_checksum(pkt: bytes, at: int) -> bytes:
 
 @st.composite
 def ipv6_tables(draw: st.DrawFn, min_size: int = 0) -> tuple[int, dict[int, int]]:
-    """An IPv6 prefix length and subnets routed to IPv4 PublicIPs."""
+    """An IPv6 prefix length and subnets routed to PublicIPs or PublicIPv6s."""
     subnet_len = draw(st.one_of(st.sampled_from([64, 48, 80, 128, 0]), st.integers(0, 128)))
     mask = prefix_mask6(subnet_len)
     subnets = draw(st.lists(addresses6.map(lambda a: a & mask), min_size=min_size, max_size=8,
                             unique=True))
-    return subnet_len, {subnet: draw(addresses) for subnet in subnets}
+    return subnet_len, {subnet: draw(public_addresses) for subnet in subnets}
 
 
 @st.composite
@@ -111,9 +120,9 @@ def dual_fastpath(routes: dict[int, object], subnet_len: int, routes6: dict[int,
     """A FastPath with an IPv6 side: UDP mode, or VXLAN with `vtep` (routes to VxlanRoutes)."""
     if vtep is not None:
         kw.update(mode="vxlan", vni=vtep.vni, vtep_mac=vtep.mac, vtep_mac6=vtep.ipv6_mac,
-                  send_fds=[-1] * vtep.senders)
+                  send_fds=[-1] * vtep.senders, send6_fds=[-1] * vtep.senders6)
     fastpath = FastPath(-1, -1, 8285, TUN_ADDR, subnet_len, tun_addr6=TUN_ADDR6,
-                        subnet_len6=subnet_len6, **kw)
+                        subnet_len6=subnet_len6, udp6_fd=-1, **kw)
     for subnet, route in routes.items():
         if isinstance(route, VxlanRoute):
             fastpath.set_route(dotted(subnet), dotted(route.peer), route.mac)
@@ -121,9 +130,9 @@ def dual_fastpath(routes: dict[int, object], subnet_len: int, routes6: dict[int,
             fastpath.set_route(dotted(subnet), dotted(route))
     for subnet, route in routes6.items():
         if isinstance(route, VxlanRoute):
-            fastpath.set_route6(text6(subnet), dotted(route.peer), route.mac)
+            fastpath.set_route6(text6(subnet), peer_text(route.peer), route.mac)
         else:
-            fastpath.set_route6(text6(subnet), dotted(route))
+            fastpath.set_route6(text6(subnet), peer_text(route))
     return fastpath
 
 
@@ -145,7 +154,8 @@ def v6_side(routes6: dict[int, object], subnet_len6: int) -> Ipv6Routes:
 
 def vxlan_vtep(draw: st.DrawFn) -> Vtep:
     base = draw(vteps())
-    return Vtep(base.vni, base.mac, base.senders, draw(st.one_of(st.none(), macs)))
+    return Vtep(base.vni, base.mac, base.senders, draw(st.one_of(st.none(), macs)),
+                draw(st.one_of(st.just(4), st.integers(1, 64))))
 
 
 @settings(max_examples=500, **SLOW)
@@ -182,14 +192,14 @@ def ipv6_senders(draw: st.DrawFn) -> tuple[Sender, bytes]:
         host_bits = ~prefix_mask6(subnet_len6) & ((1 << 128) - 1)
         src = draw(st.sampled_from(sorted(routes6))) | (draw(addresses6) & host_bits)
     # Mostly the holder of the source's subnet, else another peer or anyone.
-    peers = sorted(set(routes.values()) | set(routes6.values()))
+    peers = sorted(set(routes.values()) | set(routes6.values()), key=str)
     kind = draw(st.integers(0, 3))
     if src is not None and kind:
         address = routes6[src & prefix_mask6(subnet_len6)]
     elif peers and kind:
         address = draw(st.sampled_from(peers))
     else:
-        address = draw(addresses)
+        address = draw(public_addresses)
     if draw(st.integers(0, 4)) == 4:
         return Sender(address, routes, subnet_len, routes6, subnet_len6), \
             draw(ipv4_packets(routes, subnet_len))
@@ -204,7 +214,7 @@ def test_udp_ingress_of_ipv6_agrees_with_reference(case, source_check):
     fastpath = dual_fastpath(dict(sender.routes), sender.subnet_len, dict(sender.routes6),
                              sender.subnet_len6, source_check=source_check)
     v6 = v6_side(dict(sender.routes6), sender.subnet_len6)
-    assert fastpath.process_ingress(data, dotted(sender.address)) == as_tuple(
+    assert fastpath.process_ingress(data, peer_text(sender.address)) == as_tuple(
         packet.ingress(data, sender if source_check else None, v6))
 
 
@@ -222,7 +232,7 @@ def test_vxlan_ingress_of_ipv6_agrees_with_reference(case, data):
     dst = data.draw(st.sampled_from([vtep.ipv6_mac, vtep.ipv6_mac, vtep.mac]))
     frame = (bytes([0x08, 0, 0, 0]) + vtep.vni.to_bytes(3, "big") + b"\x00" + dst
              + b"\x02" * 6 + ethertype.to_bytes(2, "big") + pkt)
-    assert fastpath.process_ingress(frame, dotted(sender.address)) == as_tuple(
+    assert fastpath.process_ingress(frame, peer_text(sender.address)) == as_tuple(
         packet.vxlan_ingress(frame, vtep, sender, v6_side(dict(sender.routes6),
                                                           sender.subnet_len6)))
 
@@ -247,7 +257,7 @@ def test_mutated_ipv6_agrees_with_reference_both_modes(case, rng, vxlan):
                                  sender.subnet_len6, source_check=True)
         frame = mutate(rng, pkt)
         expected = packet.ingress(frame, sender, v6)
-    assert fastpath.process_ingress(frame, dotted(sender.address)) == as_tuple(expected)
+    assert fastpath.process_ingress(frame, peer_text(sender.address)) == as_tuple(expected)
 
 
 def test_ipv6_is_not_ipv4_without_an_ipv6_side():

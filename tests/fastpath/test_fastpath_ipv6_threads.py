@@ -142,3 +142,72 @@ def test_ipv6_fragments_pass_as_opaque_packets(rig6):
         assert wait_for(lambda: fastpath.counters()["tx_packets"] == 3)
     finally:
         fastpath.stop()
+
+
+def socket6_in(rig: TunRig, address: str, port: int = 0) -> socket.socket:
+    """An IPv6-only UDP socket of the rig's namespace bound to `address`."""
+    netns.pushns(rig.netns)
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    finally:
+        netns.popns()
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address, port))
+    sock.settimeout(3)
+    return sock
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("mode", ["udp", "vxlan"])
+@pytest.mark.parametrize("tun_rig", [False, True], indirect=True, ids=["plain-tun", "vnet-tun"])
+def test_ipv6_underlay_carries_frames_to_and_from_a_public_ipv6(rig6, mode):
+    """A route to a PublicIPv6 sends over the IPv6 sockets; the IPv6 socket receives, and only
+    a lease holder's PublicIPv6 gets its frames into the TUN."""
+    rig, app6 = rig6
+    ip_cmd("-n", rig.netns, "-6", "addr", "add", "fd77::9/128", "dev", "lo", "nodad")
+    peer_port = rig.peer_sock.getsockname()[1]
+    socks = [socket6_in(rig, "::1", peer_port), socket6_in(rig, "::1"), socket6_in(rig, "::1"),
+             socket6_in(rig, "fd77::9")]
+    peer6, receiver6, send6, intruder = socks
+    try:
+        kw: dict[str, object] = {}
+        if mode == "vxlan":
+            kw = {"mode": "vxlan", "vni": 1, "vtep_mac": OUR_MAC, "vtep_mac6": OUR_MAC6,
+                  "send6_fds": [send6.fileno()]}
+        fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR,
+                            24, vnet_hdr=rig.vnet_hdr, source_check=True, tun_addr6=TUN_ADDR6,
+                            udp6_fd=receiver6.fileno(), **kw)
+        fastpath.set_route6(REMOTE_SUBNET6, "::1", PEER_MAC if mode == "vxlan" else None)
+        fastpath.start()
+        try:
+            app6.sendto(b"over-v6", (REMOTE_POD6, 4242))
+            datagram, source = peer6.recvfrom(65536)
+            assert source[1] == (send6 if mode == "vxlan" else receiver6).getsockname()[1]
+            inner = datagram[VXLAN_ENCAP_LEN:] if mode == "vxlan" else datagram
+            assert inner[48:] == b"over-v6"
+
+            app_port = app6.getsockname()[1]
+            pkt = udp6(REMOTE_POD6, TUN_ADDR6, 4242, app_port, b"back-over-v6")
+            if mode == "vxlan":
+                pkt = (bytes.fromhex("0800000000000100") + OUR_MAC6 + PEER_MAC + b"\x86\xdd"
+                       + pkt)
+            intruder.sendto(pkt, receiver6.getsockname())       # no lease holder: dropped
+            peer6.sendto(pkt, receiver6.getsockname())
+            data, _ = app6.recvfrom(65536)
+            assert data == b"back-over-v6"
+            assert wait_for(lambda: fastpath.counters()["ingress_drops"]["unknown_sender"] == 1)
+            assert wait_for(lambda: fastpath.routes6()[0][3]["rx_packets"] == 1)
+            assert fastpath.routes6()[0][1] == "::1"
+        finally:
+            fastpath.stop()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_an_ipv6_peer_needs_an_ipv6_underlay():
+    fastpath = FastPath(-1, -1, 8285, TUN_ADDR, 24, tun_addr6=TUN_ADDR6)
+    with pytest.raises(ValueError, match="IPv6 underlay"):
+        fastpath.set_route6(REMOTE_SUBNET6, "fd77::2")
+    with pytest.raises(ValueError, match="udp6_fd"):
+        FastPath(-1, -1, 8285, TUN_ADDR, 24, tun_addr6=TUN_ADDR6, send6_fds=[-1])
