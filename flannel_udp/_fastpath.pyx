@@ -128,7 +128,9 @@ cdef class FastPath:
     frames carry ``vtep_mac6`` (default: ``vtep_mac``), as a flannel-v6 device's. Without it an
     IPv6 packet is dropped as not_ipv4. An IPv6 underlay (routes to PublicIPv6s): ``udp6_fd``,
     an IPv6-only UDP socket bound to the port, receives; egress to IPv6 peers sends from
-    ``send6_fds`` (default: ``udp6_fd``), as from ``send_fds`` to IPv4 ones.
+    ``send6_fds`` (default: ``udp6_fd``), as from ``send_fds`` to IPv4 ones. ``path_mtu6``: an
+    IPv6 packet that would leave longer (a super-packet: its segments) is answered with ICMPv6
+    packet too big (0: none is), rate limited with the other ICMP errors.
     """
 
     cdef Shared* shared
@@ -176,7 +178,7 @@ cdef class FastPath:
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
                  bint source_check=False, int busy_poll_us=0, int mtu=0,
                  str tun_addr6=None, int subnet_len6=64, object vtep_mac6=None,
-                 object udp6_fd=None, object send6_fds=None):
+                 object udp6_fd=None, object send6_fds=None, int path_mtu6=0):
         cdef unsigned int i
         cdef uint8_t tun6[16]
         if self.queue.eg.started or self.queue.ig.started:
@@ -189,6 +191,8 @@ cdef class FastPath:
             raise ValueError(f"busy_poll_us: 0 to {BUSY_POLL_MAX_US}, not {busy_poll_us}")
         if not 0 <= mtu <= BUF_SIZE:
             raise ValueError(f"mtu: 0 to {BUF_SIZE}, not {mtu}")
+        if path_mtu6 != 0 and not IPV6_MIN_MTU <= path_mtu6 <= BUF_SIZE:
+            raise ValueError(f"path_mtu6: 0 or {IPV6_MIN_MTU} to {BUF_SIZE}, not {path_mtu6}")
         if not 0 <= subnet_len6 <= 128:
             raise ValueError(f"subnet_len6 out of range: {subnet_len6}")
         if tun_addr6 is not None:
@@ -241,6 +245,7 @@ cdef class FastPath:
         self.queue.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.shared.mtu = <uint32_t>mtu
         self.shared.v6 = tun_addr6 is not None
+        self.shared.path_mtu6 = <uint32_t>path_mtu6
         if self.shared.v6:
             memcpy(self.shared.tun_addr6, tun6, 16)
         host_bits: object = 128 - subnet_len6     # a Python int: the shifts exceed C's
@@ -604,7 +609,7 @@ cdef class FastPath:
         cdef uint8_t* buf = <uint8_t*>malloc(HEADROOM + n + 1)
         cdef uint8_t* pkt = buf + HEADROOM
         cdef EgressState* q = <EgressState*>calloc(1, sizeof(EgressState))
-        cdef uint8_t reply[ICMP_MAX]
+        cdef uint8_t reply[REPLY_MAX]
         cdef Verdict v
         cdef unsigned int k = 0
         cdef bint offloaded = vnet_hdr is not None
@@ -614,6 +619,7 @@ cdef class FastPath:
             free(buf)
             free(q)
             raise MemoryError()
+        memset(buf, 0, HEADROOM)     # no virtio header: a zeroed one
         memcpy(pkt, <const char*>packet, n)
         if offloaded:
             memcpy(pkt - VNET_HDR_LEN, <const char*><bytes>vnet_hdr, VNET_HDR_LEN)

@@ -51,6 +51,15 @@ IPV6_SRC_OFFSET = 8
 IPV6_DST_OFFSET = 24
 IPV6_ADDR_LEN = 16
 PROTO_ICMPV6 = 58
+PROTO_IPV6_FRAGMENT = 44  # the fragment extension header
+IPV6_FRAG_OFFSET_OFFSET = 2  # of the fragment header: offset (13 bits), then 3 flag bits
+IPV6_FRAG_OFFSET_MASK = 0xFFF8
+IPV6_MIN_MTU = 1280
+# ICMPv6 (RFC 4443): the errors we answer with; types below ICMPV6_INFO_MIN are errors.
+ICMPV6_HEADER_LEN = 8
+ICMPV6_DEST_UNREACH, ICMPV6_NO_ROUTE = 1, 0
+ICMPV6_PACKET_TOO_BIG = 2
+ICMPV6_INFO_MIN = 128
 # TCP (RFC 9293) and UDP (RFC 768):
 TCP_HEADER_LEN = 20  # without options
 TCP_SEQ_OFFSET = 4
@@ -100,7 +109,7 @@ class Drop(enum.IntEnum):
     # more than there is)
     TTL_EXPIRED = 5  # or the IPv6 hop limit
     NO_ROUTE = 6
-    TOO_BIG = 7  # the kernel refused the send with EMSGSIZE
+    TOO_BIG = 7  # the kernel refused the send with EMSGSIZE; an IPv6 packet over the path MTU
     SEND_ERROR = 8  # any other send failure
     TUN_WRITE_ERROR = 9
     VXLAN_SHORT = 10  # shorter than the VXLAN header plus the inner Ethernet header
@@ -166,6 +175,7 @@ class Ipv6Routes:
     routes: Mapping[int, object]
     subnet_len: int = 64
     tun_addr: int = 0
+    path_mtu: int = 0  # longer packets get ICMPv6 packet too big (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -289,8 +299,44 @@ def _decrement_hop_limit(packet: bytes) -> bytes:
     return bytes(out)
 
 
+def _icmp6_answerable(packet: bytes, to_multicast_too: bool) -> bool:
+    """Whether a valid IPv6 packet may be answered with an ICMPv6 error (RFC 4443 2.4 (e)):
+    not an ICMPv6 error itself, nor from the unspecified or a multicast address, nor (but for
+    packet too big) to a multicast one; and, as for IPv4, no fragment but the first."""
+    next_header = packet[IPV6_NEXT_HEADER_OFFSET]
+    if next_header == PROTO_ICMPV6 and (len(packet) <= IPV6_HEADER_LEN
+                                        or packet[IPV6_HEADER_LEN] < ICMPV6_INFO_MIN):
+        return False
+    src = packet[IPV6_SRC_OFFSET : IPV6_SRC_OFFSET + IPV6_ADDR_LEN]
+    if src[0] == 0xFF or src == bytes(IPV6_ADDR_LEN):
+        return False
+    if not to_multicast_too and packet[IPV6_DST_OFFSET] == 0xFF:
+        return False
+    if next_header == PROTO_IPV6_FRAGMENT:
+        at = IPV6_HEADER_LEN + IPV6_FRAG_OFFSET_OFFSET
+        if len(packet) < IPV6_HEADER_LEN + 8 or _u16(packet, at) & IPV6_FRAG_OFFSET_MASK:
+            return False
+    return True
+
+
+def icmp6_error(packet: bytes, tun_addr: int, icmp_type: int, mtu: int = 0) -> bytes:
+    """The ICMPv6 error `icmp_type` (code 0; `mtu` in packet too big's field) answering a
+    valid IPv6 packet from `tun_addr` (128-bit int): it quotes as much of the packet as fits in
+    the minimum IPv6 MTU."""
+    quote = packet[: IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN]
+    icmp = bytearray([icmp_type, 0, 0, 0]) + mtu.to_bytes(4, "big") + quote
+    header = (bytes([0x60, 0, 0, 0]) + len(icmp).to_bytes(2, "big")
+              + bytes([PROTO_ICMPV6, REPLY_TTL]) + tun_addr.to_bytes(16, "big")
+              + packet[IPV6_SRC_OFFSET : IPV6_SRC_OFFSET + IPV6_ADDR_LEN])
+    value = ~_ones_sum(_pseudo_sum(header, PROTO_ICMPV6, len(icmp)), bytes(icmp)) & 0xFFFF
+    icmp[ICMP_CSUM_OFFSET : ICMP_CSUM_OFFSET + 2] = value.to_bytes(2, "big")
+    return header + bytes(icmp)
+
+
 def _route6(packet: bytes, v6: Ipv6Routes, check_hop_limit: bool) -> tuple[bytes, object] | Result:
-    """`_route` for an IPv6 packet: no ICMPv6 error for a missing route (yet), dropped."""
+    """`_route` for an IPv6 packet: ICMPv6 destination unreachable (no route) for one with
+    no route, packet too big for one longer than the path MTU, where RFC 4443 allows an answer;
+    both on the packet as received."""
     packet, drop = _validate6(packet)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
@@ -298,7 +344,15 @@ def _route6(packet: bytes, v6: Ipv6Routes, check_hop_limit: bool) -> tuple[bytes
         return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
     route = v6.routes.get(_u128(packet, IPV6_DST_OFFSET) & prefix_mask6(v6.subnet_len))
     if route is None:
-        return Result(Action.DROP, drop=Drop.NO_ROUTE)
+        if not _icmp6_answerable(packet, to_multicast_too=False):
+            return Result(Action.DROP, drop=Drop.NO_ROUTE)
+        return Result(Action.REPLY, icmp6_error(packet, v6.tun_addr, ICMPV6_DEST_UNREACH),
+                      drop=Drop.NO_ROUTE)
+    if v6.path_mtu and len(packet) > v6.path_mtu:
+        if not _icmp6_answerable(packet, to_multicast_too=True):
+            return Result(Action.DROP, drop=Drop.TOO_BIG)
+        return Result(Action.REPLY, icmp6_error(packet, v6.tun_addr, ICMPV6_PACKET_TOO_BIG,
+                                                v6.path_mtu), drop=Drop.TOO_BIG)
     return packet, route
 
 

@@ -82,7 +82,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
                 encap(s, q, k, pkt, v.length, v.route, flow_of(s, pkt, v.length))
                 k += 1
         elif v.action == ACT_REPLY:
-            q.counters.drops[D_NO_ROUTE] += 1
+            q.counters.drops[v.drop] += 1   # no_route, or too_big (ICMPv6)
             if not icmp_allowed(q):
                 q.counters.icmp_suppressed += 1
             elif tun_write(s, qu.tun_fd, q.reply + VNET_HDR_LEN, v.length):

@@ -46,7 +46,9 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
 cdef void egress6_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
                       Verdict* v) noexcept nogil:
     """egress_one for an IPv6 packet: the hop limit as the TTL (UDP mode only), the lookup in
-    the IPv6 table. A packet with no route is dropped (no ICMPv6 error yet)."""
+    the IPv6 table; ICMPv6 destination unreachable (no route) for a packet with no route, and
+    packet too big for one longer than path_mtu6 (as the kernel's VXLAN does), if answerable.
+    Both are checked on the packet as received, before the hop limit changes."""
     cdef size_t total_len = 0
     cdef RouteEntry6* e
     cdef uint64_t hi, lo
@@ -61,8 +63,21 @@ cdef void egress6_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     mask6(pkt + IPV6_DST_OFFSET, s, &hi, &lo)
     e = rt6_find(&s.table6, hi, lo)
     if e == NULL:
-        v.action = ACT_DROP
         v.drop = D_NO_ROUTE
+        if not icmp6_answerable(pkt, total_len, False):
+            v.action = ACT_DROP
+            return
+        v.action = ACT_REPLY
+        v.length = build_icmp6_error(reply, pkt, total_len, s.tun_addr6, ICMPV6_DEST_UNREACH, 0)
+        return
+    if s.path_mtu6 and egress_len6(s, pkt, total_len) > s.path_mtu6:
+        v.drop = D_TOO_BIG
+        if not icmp6_answerable(pkt, total_len, True):
+            v.action = ACT_DROP
+            return
+        v.action = ACT_REPLY
+        v.length = build_icmp6_error(reply, pkt, total_len, s.tun_addr6, ICMPV6_PACKET_TOO_BIG,
+                                     s.path_mtu6)
         return
     if s.mode == MODE_UDP:
         pkt[IPV6_HOP_LIMIT_OFFSET] -= 1     # no header checksum to patch

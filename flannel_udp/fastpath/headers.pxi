@@ -39,6 +39,18 @@ cdef enum:
     IPV6_DST_OFFSET = 24
     IPV6_ADDR_LEN = 16
     PROTO_ICMPV6 = 58
+    PROTO_IPV6_FRAGMENT = 44        # the fragment extension header
+    IPV6_FRAG_OFFSET_OFFSET = 2     # of the fragment header: offset (13 bits), flags (3)
+    IPV6_FRAG_OFFSET_MASK = 0xFFF8
+    IPV6_MIN_MTU = 1280
+
+    # ICMPv6 (RFC 4443): the errors we answer with.
+    ICMPV6_HEADER_LEN = 8           # type, code, checksum, 4 bytes (unused, or the MTU)
+    ICMPV6_DEST_UNREACH = 1
+    ICMPV6_NO_ROUTE = 0
+    ICMPV6_PACKET_TOO_BIG = 2
+    ICMPV6_MTU_OFFSET = 4
+    ICMPV6_INFO_MIN = 128           # types below are errors, never answered with one
 
     # The transport header: TCP, UDP, DCCP, SCTP and UDP-Lite all begin with the two ports.
     L4_PORTS_LEN = 4

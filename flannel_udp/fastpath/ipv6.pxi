@@ -73,6 +73,69 @@ cdef size_t partial_csum_at6(const uint8_t* p, size_t n) noexcept nogil:
     return at if rd16(p + at) == pseudo_sum6(p, proto, n - IPV6_HEADER_LEN) else 0
 
 
+cdef bint icmp6_answerable(const uint8_t* p, size_t n, bint to_multicast_too) noexcept nogil:
+    """Whether a validated IPv6 packet may be answered with an ICMPv6 error (RFC 4443 2.4
+    (e)): not an ICMPv6 error itself, nor from the unspecified or a multicast address, nor (but
+    for packet too big) to a multicast one; and, as for IPv4, no fragment but the first."""
+    cdef uint32_t next_header = p[IPV6_NEXT_HEADER_OFFSET]
+    cdef const uint8_t* src = p + IPV6_SRC_OFFSET
+    cdef uint64_t hi = rd64(src)
+    if next_header == PROTO_ICMPV6 and (n <= IPV6_HEADER_LEN
+                                         or p[IPV6_HEADER_LEN] < ICMPV6_INFO_MIN):
+        return False
+    if src[0] == 0xFF or (hi == 0 and rd64(src + 8) == 0):
+        return False
+    if not to_multicast_too and p[IPV6_DST_OFFSET] == 0xFF:
+        return False
+    if next_header == PROTO_IPV6_FRAGMENT and (
+            n < IPV6_HEADER_LEN + 8 or (rd16(p + IPV6_HEADER_LEN + IPV6_FRAG_OFFSET_OFFSET)
+                                        & IPV6_FRAG_OFFSET_MASK) != 0):
+        return False
+    return True
+
+
+cdef size_t build_icmp6_error(uint8_t* out, const uint8_t* pkt, size_t total_len,
+                              const uint8_t* tun_addr6, uint32_t icmp_type,
+                              uint32_t mtu) noexcept nogil:
+    """Write the ICMPv6 error ``icmp_type`` (code 0; ``mtu`` in packet too big's field) for
+    ``pkt`` into ``out`` (REPLY_MAX bytes), from our tun_addr6 back to its source, quoting as
+    much of it as fits in the minimum MTU."""
+    cdef size_t quote = total_len
+    cdef size_t length
+    cdef uint8_t* icmp = out + IPV6_HEADER_LEN
+    if quote > IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN:
+        quote = IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN
+    length = IPV6_HEADER_LEN + ICMPV6_HEADER_LEN + quote
+    memset(out, 0, IPV6_HEADER_LEN + ICMPV6_HEADER_LEN)
+    out[IPV6_VERSION_OFFSET] = 0x60
+    wr16(out + IPV6_PAYLOAD_LEN_OFFSET, <uint32_t>(ICMPV6_HEADER_LEN + quote))
+    out[IPV6_NEXT_HEADER_OFFSET] = PROTO_ICMPV6
+    out[IPV6_HOP_LIMIT_OFFSET] = REPLY_TTL
+    memcpy(out + IPV6_SRC_OFFSET, tun_addr6, IPV6_ADDR_LEN)
+    memcpy(out + IPV6_DST_OFFSET, pkt + IPV6_SRC_OFFSET, IPV6_ADDR_LEN)
+    icmp[ICMP_TYPE_OFFSET] = <uint8_t>icmp_type
+    wr32(icmp + ICMPV6_MTU_OFFSET, mtu)
+    memcpy(icmp + ICMPV6_HEADER_LEN, pkt, quote)
+    wr16(icmp + ICMP_CSUM_OFFSET, ~fold16(<uint64_t>pseudo_sum6(out, PROTO_ICMPV6,
+                                                                  ICMPV6_HEADER_LEN + quote)
+                                           + fu_sum16(icmp, ICMPV6_HEADER_LEN + quote)) & 0xFFFF)
+    return length
+
+
+cdef size_t egress_len6(const Shared* s, const uint8_t* pkt, size_t total_len) noexcept nogil:
+    """The largest IPv6 packet egress makes of ``pkt``: its segments' if it is a GSO
+    super-packet read behind a virtio header, else itself."""
+    cdef const uint8_t* vh = pkt - VNET_HDR_LEN
+    cdef size_t hdr, seg
+    if not s.vnet or (vh[VNET_GSO_TYPE_OFFSET] & ~GSO_ECN) == GSO_NONE:
+        return total_len
+    hdr = IPV6_HEADER_LEN + UDP_HEADER_LEN
+    if pkt[IPV6_NEXT_HEADER_OFFSET] == PROTO_TCP and IPV6_HEADER_LEN + TCP_HEADER_LEN <= total_len:
+        hdr = IPV6_HEADER_LEN + <size_t>(pkt[IPV6_HEADER_LEN + TCP_DOFF_OFFSET] >> 4) * 4
+    seg = hdr + rd_host16(vh + VNET_GSO_SIZE_OFFSET)
+    return seg if seg < total_len else total_len
+
+
 cdef inline void mask6(const uint8_t* addr, const Shared* s, uint64_t* hi,
                        uint64_t* lo) noexcept nogil:
     """The lease network an IPv6 address lies in, as the route table's key."""

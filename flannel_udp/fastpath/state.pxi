@@ -87,6 +87,7 @@ ctypedef struct Shared:
     uint64_t mask6_hi       # the IPv6 lease prefix mask
     uint64_t mask6_lo
     uint8_t vtep_mac6[6]    # VXLAN: ours for IPv6 (a flannel-v6 device's own VtepMAC)
+    uint32_t path_mtu6      # longer IPv6 packets get ICMPv6 packet too big (0: no limit)
     uint8_t tun_addr6[16]   # our IPv6 subnet's network address: source of our ICMPv6 errors
     RouteTable6 senders6    # peers' PublicIPv6s (the key), .base.peer = how many subnets each
 
@@ -141,7 +142,7 @@ ctypedef struct EgressState:
     mmsghdr msgs[MSG_MAX]
     unsigned int order[MSG_MAX]
     unsigned int run_end[2 * MAX_SENDERS]
-    uint8_t reply[VNET_HDR_LEN + ICMP_MAX]  # the ICMP error, behind room for a virtio header
+    uint8_t reply[VNET_HDR_LEN + REPLY_MAX]  # the ICMP error, behind room for a virtio header
     Counters counters
     double icmp_tokens      # the ICMP token bucket (under the egress mutex)
     uint64_t icmp_stamp     # ns (CLOCK_MONOTONIC) of the last refill; 0: not started

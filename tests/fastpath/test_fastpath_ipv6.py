@@ -83,10 +83,10 @@ def ipv6_tables(draw: st.DrawFn, min_size: int = 0) -> tuple[int, dict[int, int]
 
 @st.composite
 def ipv6_packets(draw: st.DrawFn, routes: dict[int, object], subnet_len: int,
-                 src: int | None = None) -> bytes:
+                 src: int | None = None, big: bool = False) -> bytes:
     """Mostly well-formed IPv6 packets (TCP, UDP, ICMPv6, an extension header, anything), to a
     routed subnet or anywhere, from `src` or anywhere; some with a wrong payload length, a
-    trailer, a partial or a complete transport checksum."""
+    trailer, a partial or a complete transport checksum; all longer than 1280 bytes if `big`."""
     next_header = draw(st.one_of(st.sampled_from([6, 17, 58, 0, 44]), st.integers(0, 255)))
     if next_header == 6:
         l4 = bytearray(draw(st.binary(min_size=20, max_size=20)))
@@ -94,11 +94,19 @@ def ipv6_packets(draw: st.DrawFn, routes: dict[int, object], subnet_len: int,
         l4 += draw(st.binary(max_size=40))
     else:
         l4 = bytearray(draw(st.binary(min_size=draw(st.sampled_from([8, 1, 0])), max_size=48)))
+    if big or draw(st.integers(0, 5)) == 5:  # rare: longer than a path MTU, or than a quote
+        l4 += bytes(draw(st.sampled_from([1240, 1300, 1500, 3000])))
     host_bits = ~prefix_mask6(subnet_len) & ((1 << 128) - 1)
     if routes and draw(st.booleans()):
         dst = draw(st.sampled_from(sorted(routes))) | (draw(addresses6) & host_bits)
     else:
         dst = draw(addresses6)
+    if draw(st.integers(0, 9)) == 9:  # rare: a multicast or unspecified address
+        multicast = draw(st.sampled_from([0xFF << 120, 0]))
+        if draw(st.booleans()):
+            dst = multicast | (dst & ((1 << 120) - 1)) if multicast else dst
+        else:
+            src = multicast | (draw(addresses6) & ((1 << 120) - 1)) if multicast else 0
     hop_limit = draw(st.sampled_from([64, 2, 255, 1, 0]))
     pkt = ipv6_packet(draw(addresses6) if src is None else src, dst, next_header, bytes(l4),
                       hop_limit)
@@ -148,8 +156,8 @@ def dual_cases(draw: st.DrawFn) -> tuple[int, dict[int, int], int, dict[int, int
     return subnet_len, routes, subnet_len6, routes6, data
 
 
-def v6_side(routes6: dict[int, object], subnet_len6: int) -> Ipv6Routes:
-    return Ipv6Routes(routes6, subnet_len6, int(ipaddress.IPv6Address(TUN_ADDR6)))
+def v6_side(routes6: dict[int, object], subnet_len6: int, path_mtu: int = 0) -> Ipv6Routes:
+    return Ipv6Routes(routes6, subnet_len6, int(ipaddress.IPv6Address(TUN_ADDR6)), path_mtu)
 
 
 def vxlan_vtep(draw: st.DrawFn) -> Vtep:
@@ -158,27 +166,30 @@ def vxlan_vtep(draw: st.DrawFn) -> Vtep:
                 draw(st.one_of(st.just(4), st.integers(1, 64))))
 
 
+path_mtus = st.sampled_from([0, 1280, 1400, 1500])
+
+
 @settings(max_examples=500, **SLOW)
-@given(dual_cases())
-def test_udp_egress_of_ipv6_agrees_with_reference(case):
+@given(dual_cases(), path_mtus)
+def test_udp_egress_of_ipv6_agrees_with_reference(case, path_mtu):
     subnet_len, routes, subnet_len6, routes6, data = case
-    fastpath = dual_fastpath(routes, subnet_len, routes6, subnet_len6)
+    fastpath = dual_fastpath(routes, subnet_len, routes6, subnet_len6, path_mtu6=path_mtu)
     assert fastpath.process_egress(data) == as_tuple(packet.egress(
         data, routes, subnet_len, int(ipaddress.IPv4Address(TUN_ADDR)),
-        v6_side(routes6, subnet_len6)))
+        v6_side(routes6, subnet_len6, path_mtu)))
 
 
 @settings(max_examples=400, **SLOW)
-@given(dual_cases(), st.data())
-def test_vxlan_egress_of_ipv6_agrees_with_reference(case, data):
+@given(dual_cases(), path_mtus, st.data())
+def test_vxlan_egress_of_ipv6_agrees_with_reference(case, path_mtu, data):
     subnet_len, peers, subnet_len6, peers6, pkt = case
     vtep = vxlan_vtep(data.draw)
     routes = {s: VxlanRoute(p, data.draw(macs)) for s, p in peers.items()}
     routes6 = {s: VxlanRoute(p, data.draw(macs)) for s, p in peers6.items()}
-    fastpath = dual_fastpath(routes, subnet_len, routes6, subnet_len6, vtep)
+    fastpath = dual_fastpath(routes, subnet_len, routes6, subnet_len6, vtep, path_mtu6=path_mtu)
     assert fastpath.process_egress(pkt) == as_tuple(packet.vxlan_egress(
         pkt, routes, subnet_len, int(ipaddress.IPv4Address(TUN_ADDR)), vtep,
-        v6_side(routes6, subnet_len6)))
+        v6_side(routes6, subnet_len6, path_mtu)))
 
 
 @st.composite
@@ -258,6 +269,56 @@ def test_mutated_ipv6_agrees_with_reference_both_modes(case, rng, vxlan):
         frame = mutate(rng, pkt)
         expected = packet.ingress(frame, sender, v6)
     assert fastpath.process_ingress(frame, peer_text(sender.address)) == as_tuple(expected)
+
+
+@settings(max_examples=300, **SLOW)
+@given(ipv6_tables(min_size=1), st.sampled_from([1280, 1400, 1500]), st.booleans(), st.data())
+def test_ipv6_packet_too_big_agrees_with_reference(table, path_mtu, vxlan, data):
+    """Routed packets longer than 1280 bytes against a path MTU: packet too big, or sent."""
+    subnet_len6, peers6 = table
+    pkt = data.draw(ipv6_packets(peers6, subnet_len6, big=True))
+    v6 = v6_side({}, subnet_len6, path_mtu)
+    if vxlan:
+        vtep = Vtep(1, b"\x0e" * 6, 2, b"\x0f" * 6, 2)
+        routes6 = {s: VxlanRoute(p, b"\x02" * 6) for s, p in peers6.items()}
+        fastpath = dual_fastpath({}, 24, routes6, subnet_len6, vtep, path_mtu6=path_mtu)
+        expected = packet.vxlan_egress(pkt, {}, 24, 0, vtep, Ipv6Routes(
+            routes6, subnet_len6, v6.tun_addr, path_mtu))
+    else:
+        fastpath = dual_fastpath({}, 24, peers6, subnet_len6, path_mtu6=path_mtu)
+        expected = packet.egress(pkt, {}, 24, 0, Ipv6Routes(peers6, subnet_len6, v6.tun_addr,
+                                                            path_mtu))
+    assert fastpath.process_egress(pkt) == as_tuple(expected)
+
+
+def test_icmp6_errors_are_what_rfc_4443_asks():
+    """No route: destination unreachable (1/0) from our IPv6 address back to the source,
+    quoting the packet up to 1280 bytes in all, a right checksum; longer than the path MTU:
+    packet too big (2/0) with the MTU. Not for an ICMPv6 error, nor from a multicast source."""
+    fastpath = FastPath(-1, -1, 8285, TUN_ADDR, 24, tun_addr6=TUN_ADDR6, path_mtu6=1400)
+    fastpath.set_route6("fd99:0:0:2::", "192.168.77.2")
+    src = int(ipaddress.IPv6Address("fd99:0:0:1::5"))
+    unrouted = ipv6_packet(src, int(ipaddress.IPv6Address("fd99:0:0:9::7")), 17, bytes(2000))
+    action, reply, _, drop, _ = fastpath.process_egress(unrouted)
+    assert (action, drop, len(reply)) == (Action.REPLY, Drop.NO_ROUTE, 1280)
+    assert reply[6] == 58 and reply[8:24] == ipaddress.IPv6Address(TUN_ADDR6).packed
+    assert reply[24:40] == unrouted[8:24] and reply[40:42] == b"\x01\x00"
+    pseudo = reply[8:40] + (len(reply) - 40).to_bytes(4, "big") + bytes([0, 0, 0, 58])
+    assert checksum(pseudo + reply[40:]) == 0 and reply[48:] == unrouted[:1232]
+    big = ipv6_packet(src, int(ipaddress.IPv6Address("fd99:0:0:2::7")), 17, bytes(1400))
+    action, reply, _, drop, _ = fastpath.process_egress(big)
+    assert (action, drop) == (Action.REPLY, Drop.TOO_BIG)
+    assert reply[40:42] == b"\x02\x00" and reply[44:48] == (1400).to_bytes(4, "big")
+    assert fastpath.process_egress(big[:-100])[3] == Drop.BAD_TOTAL_LEN  # length lies
+    fits = ipv6_packet(src, int(ipaddress.IPv6Address("fd99:0:0:2::7")), 17, bytes(1352))
+    assert fastpath.process_egress(fits)[0] == Action.SEND
+    nowhere = int(ipaddress.IPv6Address("fd99:0:0:9::7"))
+    error = ipv6_packet(src, nowhere, 58, bytes([1]) + bytes(7))
+    assert fastpath.process_egress(error)[:4:3] == (Action.DROP, Drop.NO_ROUTE)
+    echo = ipv6_packet(src, nowhere, 58, bytes([128]) + bytes(7))
+    assert fastpath.process_egress(echo)[0] == Action.REPLY
+    multicast = ipv6_packet(0xFF02 << 112 | 1, nowhere, 17, bytes(8))
+    assert fastpath.process_egress(multicast)[0] == Action.DROP
 
 
 def test_ipv6_is_not_ipv4_without_an_ipv6_side():

@@ -5,6 +5,7 @@ checksums), in from it past the IPv6 source check, and fragments passed on as op
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -23,6 +24,7 @@ REMOTE_SUBNET6 = "fd99:0:0:2::"
 REMOTE_POD6 = "fd99:0:0:2::7"
 OUR_MAC6 = bytes.fromhex("0e0000000006")
 VXLAN_ENCAP_LEN = 22
+IPV6_RECVERR = 25  # <linux/in6.h>; not exported by the socket module
 
 
 def udp6(src: str, dst: str, sport: int, dport: int, payload: bytes, hop_limit: int = 5) -> bytes:
@@ -211,3 +213,43 @@ def test_an_ipv6_peer_needs_an_ipv6_underlay():
         fastpath.set_route6(REMOTE_SUBNET6, "fd77::2")
     with pytest.raises(ValueError, match="udp6_fd"):
         FastPath(-1, -1, 8285, TUN_ADDR, 24, tun_addr6=TUN_ADDR6, send6_fds=[-1])
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("tun_rig", [False, True], indirect=True, ids=["plain-tun", "vnet-tun"])
+def test_icmpv6_errors_reach_the_app_through_the_real_tun(rig6):
+    """No route: the app's socket learns ENETUNREACH from our destination unreachable. Over
+    the path MTU: the kernel takes our packet too big and sends the next datagrams as
+    fragments that fit."""
+    rig, app6 = rig6
+    peer_port = rig.peer_sock.getsockname()[1]
+    fastpath = FastPath(rig.tun.fileno(), rig.fastpath_sock.fileno(), peer_port, TUN_ADDR, 24,
+                        vnet_hdr=rig.vnet_hdr, tun_addr6=TUN_ADDR6, path_mtu6=1280)
+    fastpath.set_route6(REMOTE_SUBNET6, "127.0.0.1")
+    fastpath.start()
+    try:
+        app6.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        app6.connect(("fd99:0:0:9::7", 4242))
+        app6.send(b"nowhere")
+        with pytest.raises(OSError) as raised:
+            app6.recv(100)
+        assert raised.value.errno == errno.ENETUNREACH
+        assert wait_for(lambda: fastpath.counters()["icmp_sent"] == 1)
+
+        app6.connect((REMOTE_POD6, 4242))
+        app6.send(b"b" * 1300)      # fits the TUN (1472), not the path: packet too big
+        assert wait_for(lambda: fastpath.counters()["icmp_sent"] == 2)
+        assert fastpath.counters()["egress_drops"]["too_big"] == 1
+        for _ in range(20):         # the kernel may take a moment to learn the path MTU
+            try:
+                app6.send(b"c" * 1300)
+            except OSError as e:    # EMSGSIZE: the learned MTU reported once
+                assert e.errno == errno.EMSGSIZE
+                continue
+            first = rig.peer_sock.recv(65536)
+            if first[6] == 44:
+                break
+        assert first[6] == 44 and len(first) <= 1280
+        assert fastpath.counters()["egress_drops"]["too_big"] == 1
+    finally:
+        fastpath.stop()
