@@ -766,7 +766,20 @@ def _super_segment(packet: bytes, mtu: int, gro_size: int) -> int:
 def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     """IP + TCP header length if a valid packet may join a coalesced run, else 0: IPv4 without
     options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right (a
-    `partial` TCP checksum has nothing to verify: the merged one is completed from the data)."""
+    `partial` TCP checksum has nothing to verify: the merged one is completed from the data).
+    IPv6: TCP right behind the fixed header, no IP checksum to check."""
+    if _is_ipv6(packet):
+        n, tcp = len(packet), IPV6_HEADER_LEN
+        if n < IPV6_HEADER_LEN + TCP_HEADER_LEN or packet[IPV6_NEXT_HEADER_OFFSET] != PROTO_TCP:
+            return 0
+        tcp_len = _tcp_header_len(packet, tcp)
+        if tcp_len < TCP_HEADER_LEN or tcp + tcp_len >= n \
+                or packet[tcp + TCP_FLAGS_OFFSET] not in (TCP_ACK, TCP_ACK | TCP_PSH):
+            return 0
+        if not partial and _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - tcp),
+                                     packet[tcp:]) != 0xFFFF:
+            return 0
+        return tcp + tcp_len
     n, tcp = len(packet), IPV4_HEADER_LEN  # if it qualifies: no IP options
     if n < IPV4_HEADER_LEN + TCP_HEADER_LEN \
             or packet[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
@@ -785,9 +798,9 @@ def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     return tcp + tcp_len
 
 
-# The TCP flags and checksum of a segment that may be coalesced (no IP options: _tcp_candidate).
-_RUN_FLAGS = IPV4_HEADER_LEN + TCP_FLAGS_OFFSET
-_RUN_CSUM = IPV4_HEADER_LEN + TCP_CSUM_OFFSET
+def _run_flags(packet: bytes) -> int:
+    """Where the TCP flags of a segment that may be coalesced are (no IP options)."""
+    return _l3_header_len(packet) + TCP_FLAGS_OFFSET
 
 
 class TunWrites(NamedTuple):
@@ -828,15 +841,16 @@ def _super_frames(packet: bytes, csum_at: int, mss: int,
 def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: bool = False,
                mtu: int = 0, gro_size: int = 0) -> TunWrites:
     """What ingress writes to the TUN (with a virtio header if `vnet`) for valid IP packets
-    received back to back (IPv6 ones are never coalesced).
+    received back to back.
 
     On a virtio-header TUN, consecutive TCP segments of one flow (same TOS, IP flags, TTL,
     addresses, ports, ACK, window, options; each starting at the previous one's end; none
     carrying more payload than the first) become one packet: the first one's headers with the
     new total length, a fresh header checksum, PSH if the last had it, the pseudo-header sum in
     the TCP checksum field, behind a TCPV4 GSO header (NEEDS_CSUM, gso_size = the first one's
-    payload). A PSH or a shorter segment ends a run. Everything else, and a run of one, goes as
-    it came behind a zeroed header.
+    payload); IPv6 ones (same traffic class, flow label, next header, hop limit, addresses...)
+    with the new payload length behind a TCPV6 one. A PSH or a shorter segment ends a run.
+    Everything else, and a run of one, goes as it came behind a zeroed header.
 
     `complete_partial` (VXLAN mode): a packet whose checksum is partial
     (`partial_checksum_at`) is counted; it goes behind a NEEDS_CSUM header (the kernel
@@ -858,15 +872,23 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
             out.append((_plain_header(run[0], run_csum_at), run[0]))
         else:
             head = bytearray(run[0])
+            l3 = _l3_header_len(run[0])
             for seg in run[1:]:
                 head += seg[hdr_len:]
-            head[_RUN_FLAGS] |= run[-1][_RUN_FLAGS] & TCP_PSH
-            head[IPV4_TOTAL_LEN_OFFSET : IPV4_TOTAL_LEN_OFFSET + 2] = len(head).to_bytes(2, "big")
-            head[:IPV4_HEADER_LEN] = _with_ip_checksum(bytes(head[:IPV4_HEADER_LEN]))
-            pseudo = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - IPV4_HEADER_LEN)
-            head[_RUN_CSUM : _RUN_CSUM + 2] = pseudo.to_bytes(2, "big")
-            header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
-                                   len(run[0]) - hdr_len, IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+            head[l3 + TCP_FLAGS_OFFSET] |= run[-1][l3 + TCP_FLAGS_OFFSET] & TCP_PSH
+            if l3 == IPV6_HEADER_LEN:
+                at = IPV6_PAYLOAD_LEN_OFFSET
+                head[at : at + 2] = (len(head) - l3).to_bytes(2, "big")
+                gso_type = GSO_TCPV6
+            else:
+                at = IPV4_TOTAL_LEN_OFFSET
+                head[at : at + 2] = len(head).to_bytes(2, "big")
+                head[:l3] = _with_ip_checksum(bytes(head[:l3]))
+                gso_type = GSO_TCPV4
+            pseudo = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - l3)
+            head[l3 + TCP_CSUM_OFFSET : l3 + TCP_CSUM_OFFSET + 2] = pseudo.to_bytes(2, "big")
+            header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, hdr_len,
+                                   len(run[0]) - hdr_len, l3, TCP_CSUM_OFFSET)
             out.append((header, bytes(head)))
         run.clear()
 
@@ -889,7 +911,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         length = _tcp_candidate(packet, partial=bool(csum_at)) if vnet else 0
         if length and run and not closed and _continues(run, hdr_len, packet, length):
             run.append(packet)
-            closed = bool(packet[_RUN_FLAGS] & TCP_PSH) or (
+            closed = bool(packet[_run_flags(packet)] & TCP_PSH) or (
                 len(packet) - length < len(run[0]) - hdr_len)
             continue
         flush()
@@ -899,7 +921,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         run.append(packet)
         run_csum_at = csum_at
         hdr_len = length
-        closed = bool(packet[_RUN_FLAGS] & TCP_PSH)
+        closed = bool(packet[_run_flags(packet)] & TCP_PSH)
     flush()
     return TunWrites(out, completed, bad_gso)
 
@@ -910,7 +932,9 @@ def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bo
     payload = len(packet) - length
     run_len = hdr_len + sum(len(seg) - hdr_len for seg in run)
     last = run[-1]
-    tcp = IPV4_HEADER_LEN  # candidates have no IP options
+    tcp = _l3_header_len(head)  # candidates have no IP options
+    if _is_ipv6(packet) != _is_ipv6(head):
+        return False
     next_seq = (_u32(last, tcp + TCP_SEQ_OFFSET) + len(last) - hdr_len) & 0xFFFFFFFF
 
     def same(start: int, end: int) -> bool:
@@ -921,13 +945,17 @@ def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bo
         and payload <= len(head) - hdr_len
         and run_len + payload <= 0xFFFF
         and _u32(packet, tcp + TCP_SEQ_OFFSET) == next_seq
-        and packet[IPV4_TOS_OFFSET] == head[IPV4_TOS_OFFSET]
-        # flags and fragment offset, TTL, protocol; the addresses and (no options) the ports
-        and same(IPV4_FLAGS_OFFSET, IPV4_CSUM_OFFSET)
-        and same(IPV4_SRC_OFFSET, tcp + L4_PORTS_LEN)
+        and (
+            # traffic class and flow label; next header, hop limit, the addresses, the ports
+            same(0, IPV6_PAYLOAD_LEN_OFFSET) and same(IPV6_NEXT_HEADER_OFFSET, tcp + L4_PORTS_LEN)
+            if tcp == IPV6_HEADER_LEN else
+            packet[IPV4_TOS_OFFSET] == head[IPV4_TOS_OFFSET]
+            # flags and fragment offset, TTL, protocol; the addresses and (no options) the ports
+            and same(IPV4_FLAGS_OFFSET, IPV4_CSUM_OFFSET)
+            and same(IPV4_SRC_OFFSET, tcp + L4_PORTS_LEN))
         # the ACK number and the data offset; the flags but PSH; the window; the options
         and same(tcp + TCP_ACK_SEQ_OFFSET, tcp + TCP_FLAGS_OFFSET)
-        and packet[_RUN_FLAGS] & ~TCP_PSH == head[_RUN_FLAGS]
+        and packet[tcp + TCP_FLAGS_OFFSET] & ~TCP_PSH == head[tcp + TCP_FLAGS_OFFSET]
         and same(tcp + TCP_WINDOW_OFFSET, tcp + TCP_WINDOW_OFFSET + 2)
         and same(tcp + TCP_OPTIONS_OFFSET, hdr_len)
     )

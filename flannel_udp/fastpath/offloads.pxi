@@ -111,9 +111,12 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nog
     coalesced run, else 0: IPv4 without options, no fragment, TCP with payload, flags ACK or
     ACK|PSH, IP and TCP checksums right (the merged packet gets fresh ones: a bad segment must
     not be laundered into a good one). A ``partial`` TCP checksum (partial_csum_at) has nothing
-    to verify: the merged one is completed from the data as the lone one would be."""
+    to verify: the merged one is completed from the data as the lone one would be. IPv6: TCP
+    right behind the fixed header, no IP checksum to check."""
     cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # if it qualifies: no IP options
     cdef size_t tcp_len
+    if (p[0] >> 4) == 6:
+        return tcp_candidate6(p, n, partial)
     if n < IPV4_HEADER_LEN + TCP_HEADER_LEN or p[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
             or p[IPV4_PROTO_OFFSET] != PROTO_TCP \
             or (rd16(p + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
@@ -131,22 +134,46 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nog
     return IPV4_HEADER_LEN + tcp_len
 
 
+cdef size_t tcp_candidate6(const uint8_t* p, size_t n, bint partial) noexcept nogil:
+    """tcp_candidate for an IPv6 packet."""
+    cdef const uint8_t* tcp = p + IPV6_HEADER_LEN
+    cdef size_t tcp_len
+    if n < IPV6_HEADER_LEN + TCP_HEADER_LEN or p[IPV6_NEXT_HEADER_OFFSET] != PROTO_TCP:
+        return 0
+    tcp_len = <size_t>(tcp[TCP_DOFF_OFFSET] >> 4) * 4
+    if tcp_len < TCP_HEADER_LEN or IPV6_HEADER_LEN + tcp_len >= n:
+        return 0
+    if tcp[TCP_FLAGS_OFFSET] != TCP_ACK and tcp[TCP_FLAGS_OFFSET] != (TCP_ACK | TCP_PSH):
+        return 0
+    if not partial and fold16(<uint64_t>pseudo_sum6(p, PROTO_TCP, n - IPV6_HEADER_LEN)
+                              + fu_sum16(tcp, n - IPV6_HEADER_LEN)) != 0xFFFF:
+        return 0
+    return IPV6_HEADER_LEN + tcp_len
+
+
 cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
                       size_t hdr_len) noexcept nogil:
     """Whether candidate ``p`` continues the open run: same TOS, IP flags, TTL, addresses,
-    ports, ACK, window, options; the next sequence number; no more payload than the first."""
+    ports, ACK, window, options (IPv6: traffic class and flow label, next header and hop limit,
+    addresses, ports...); the next sequence number; no more payload than the first."""
     cdef const uint8_t* h = c.head
-    cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # candidates have no IP options
+    cdef size_t l3 = c.l3
+    cdef const uint8_t* tcp = p + l3    # candidates have no IP options
     cdef const uint8_t* h_tcp
-    if h == NULL or c.closed or hdr_len != c.hdr_len:
+    if h == NULL or c.closed or hdr_len != c.hdr_len or (p[0] >> 4) != (h[0] >> 4):
         return False
     if n - hdr_len > c.seg_payload or c.length + (n - hdr_len) > 0xFFFF:
         return False
     if rd32(tcp + TCP_SEQ_OFFSET) != c.next_seq:
         return False
-    h_tcp = h + IPV4_HEADER_LEN
+    h_tcp = h + l3
+    if l3 == IPV6_HEADER_LEN:
+        if memcmp(p, h, IPV6_PAYLOAD_LEN_OFFSET) != 0 \
+                or memcmp(p + IPV6_NEXT_HEADER_OFFSET, h + IPV6_NEXT_HEADER_OFFSET,
+                          2 + 2 * IPV6_ADDR_LEN + L4_PORTS_LEN) != 0:
+            return False
     # TOS; flags and fragment offset, TTL, protocol; the addresses and (no options) the ports.
-    if p[IPV4_TOS_OFFSET] != h[IPV4_TOS_OFFSET] \
+    elif p[IPV4_TOS_OFFSET] != h[IPV4_TOS_OFFSET] \
             or memcmp(p + IPV4_FLAGS_OFFSET, h + IPV4_FLAGS_OFFSET,
                       IPV4_CSUM_OFFSET - IPV4_FLAGS_OFFSET) != 0 \
             or memcmp(p + IPV4_SRC_OFFSET, h + IPV4_SRC_OFFSET,
@@ -160,7 +187,7 @@ cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
     # The window; the options.
     return memcmp(tcp + TCP_WINDOW_OFFSET, h_tcp + TCP_WINDOW_OFFSET, 2) == 0 and \
         memcmp(tcp + TCP_OPTIONS_OFFSET, h_tcp + TCP_OPTIONS_OFFSET,
-               hdr_len - IPV4_HEADER_LEN - TCP_OPTIONS_OFFSET) == 0
+               hdr_len - l3 - TCP_OPTIONS_OFFSET) == 0
 
 
 cdef bint co_emit(Coalescer* c, uint8_t* frame, size_t n) noexcept nogil:
@@ -215,17 +242,23 @@ cdef void co_flush(Coalescer* c) noexcept nogil:
     if c.count == 1:
         co_write_plain(c, h, c.length, c.route, c.head_csum_at)
         return
-    wr16(h + IPV4_TOTAL_LEN_OFFSET, <uint32_t>c.length)
-    wr16(h + IPV4_CSUM_OFFSET, 0)
-    wr16(h + IPV4_CSUM_OFFSET, inet_checksum(h, IPV4_HEADER_LEN))
-    wr16(h + IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
-         pseudo_sum(h, PROTO_TCP, c.length - IPV4_HEADER_LEN))
     vh = h - VNET_HDR_LEN
+    if c.l3 == IPV6_HEADER_LEN:
+        wr16(h + IPV6_PAYLOAD_LEN_OFFSET, <uint32_t>(c.length - IPV6_HEADER_LEN))
+        wr16(h + IPV6_HEADER_LEN + TCP_CSUM_OFFSET,
+             pseudo_sum6(h, PROTO_TCP, c.length - IPV6_HEADER_LEN))
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV6
+    else:
+        wr16(h + IPV4_TOTAL_LEN_OFFSET, <uint32_t>c.length)
+        wr16(h + IPV4_CSUM_OFFSET, 0)
+        wr16(h + IPV4_CSUM_OFFSET, inet_checksum(h, IPV4_HEADER_LEN))
+        wr16(h + IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
+             pseudo_sum(h, PROTO_TCP, c.length - IPV4_HEADER_LEN))
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
     vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
-    vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
     wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>c.hdr_len)
     wr_host16(vh + VNET_GSO_SIZE_OFFSET, <uint32_t>c.seg_payload)
-    wr_host16(vh + VNET_CSUM_START_OFFSET, IPV4_HEADER_LEN)
+    wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>c.l3)
     wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, TCP_CSUM_OFFSET)
     c.counters.offloaded += 1
     co_count(c, co_emit(c, vh, c.length + VNET_HDR_LEN), c.count, c.inner_bytes, c.route)
@@ -317,14 +350,14 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     if hdr_len and run_accepts(c, pkt, n, hdr_len):
         payload = n - hdr_len
         # Before the move, which may overwrite pkt's own headers (no IP options: a candidate).
-        flags = pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET]
+        flags = pkt[c.l3 + TCP_FLAGS_OFFSET]
         memmove(c.head + c.length, pkt + hdr_len, payload)
         c.length += payload
         c.inner_bytes += n
         c.count += 1
         c.next_seq += <uint32_t>payload
         if flags & TCP_PSH:
-            c.head[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] |= TCP_PSH
+            c.head[c.l3 + TCP_FLAGS_OFFSET] |= TCP_PSH
             c.closed = 1
         if payload < c.seg_payload:
             c.closed = 1
@@ -338,8 +371,9 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     c.hdr_len = hdr_len
     c.seg_payload = n - hdr_len
     c.inner_bytes = n
-    c.next_seq = rd32(pkt + IPV4_HEADER_LEN + TCP_SEQ_OFFSET) + <uint32_t>(n - hdr_len)
+    c.l3 = l3_header_len(pkt)
+    c.next_seq = rd32(pkt + c.l3 + TCP_SEQ_OFFSET) + <uint32_t>(n - hdr_len)
     c.count = 1
-    c.closed = (pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] & TCP_PSH) != 0
+    c.closed = (pkt[c.l3 + TCP_FLAGS_OFFSET] & TCP_PSH) != 0
     c.route = route
     c.head_csum_at = csum_at

@@ -159,6 +159,7 @@ ctypedef struct Coalescer:
     size_t capture_used
     Counters* counters
     uint8_t* head           # IP header of the run's first segment; NULL: no run
+    size_t l3               # its length: IPv4's without options, or IPv6's
     size_t length           # IP length of the run so far
     size_t hdr_len          # IP + TCP header of the head
     size_t seg_payload      # payload of the head = the GSO size

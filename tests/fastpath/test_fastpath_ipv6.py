@@ -474,3 +474,62 @@ def test_mutations_reach_the_ipv6_paths():
     v6 = v6_side(dict(sender.routes6), 64)
     seen = {packet.ingress(mutate(rng, pkt), sender, v6).drop for _ in range(300)}
     assert {None, Drop.SHORT, Drop.SPOOFED_INNER_SOURCE} <= seen
+
+
+def tcp6_segment(src: int, dst: int, seq: int, payload: bytes, flags: int = 0x10,
+                 tc_flow: int = 0, options: bytes = b"") -> bytes:
+    """An IPv6 TCP segment with a complete checksum."""
+    tcp = (struct.pack("!HHIIBBHHH", 4242, 80, seq & 0xFFFFFFFF, 7,
+                       (5 + len(options) // 4) << 4, flags, 512, 0, 0) + options + payload)
+    pkt = ipv6_packet(src, dst, 6, tcp)
+    pkt = (0x60000000 | tc_flow).to_bytes(4, "big") + pkt[4:]
+    return with_l4_checksum(pkt, 56)
+
+
+@st.composite
+def ipv6_tcp_runs(draw: st.DrawFn) -> list[bytes]:
+    """Back-to-back IPv6 TCP segments, mostly of one flow in sequence (what GRO merges), now
+    and then one that breaks the run: PSH, a shorter one, a gap, another flow label, a bad
+    checksum, another flow, an IPv4 packet."""
+    src, dst = draw(addresses6), draw(addresses6)
+    mss = draw(st.sampled_from([1000, 1428, 7]))
+    seq = draw(st.integers(0, 0xFFFFFFFF))
+    out = []
+    for _ in range(draw(st.integers(1, 8))):
+        size = mss if draw(st.integers(0, 4)) else draw(st.integers(1, mss))
+        kind = draw(st.sampled_from(["same"] * 6 + ["psh", "gap", "label", "bad", "other",
+                                                    "ipv4"]))
+        payload = bytes([len(out)]) * size
+        if kind == "ipv4":
+            out.append(draw(ipv4_packets({}, 24)))
+            continue
+        seg = tcp6_segment(src if kind != "other" else src ^ 1, dst,
+                           seq + (5 if kind == "gap" else 0), payload,
+                           0x18 if kind == "psh" else 0x10, 1 if kind == "label" else 0)
+        if kind == "bad":
+            seg = seg[:-1] + bytes([seg[-1] ^ 0xFF])
+        out.append(seg)
+        seq += size
+    return out
+
+
+@settings(max_examples=300, **SLOW)
+@given(ipv6_tcp_runs(), st.booleans())
+def test_ipv6_tcp_segments_coalesce_as_the_reference_says(packets, vnet):
+    packets = [p for p in packets if packet._validate_any(p)[1] is None
+               and len(packet._validate_any(p)[0]) == len(p)]
+    if not packets:
+        return
+    frames, completed, bad_gso = packet.tun_writes(packets, vnet=vnet)
+    assert _fastpath.tun_writes(packets, vnet=vnet) == (frames, completed, bad_gso)
+
+
+def test_an_ipv6_tcp_run_becomes_one_tcpv6_super_packet():
+    src, dst = int(ipaddress.IPv6Address("fd99:0:0:2::7")), int(ipaddress.IPv6Address(TUN_ADDR6))
+    segments = [tcp6_segment(src, dst, 1000 + i * 1400, bytes([i]) * 1400) for i in range(3)]
+    (header, merged), = _fastpath.tun_writes(segments)[0]
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(header)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (
+        VNET_F_NEEDS_CSUM, GSO_TCPV6, 60, 1400, 40, 16)
+    assert len(merged) == 60 + 3 * 1400 and merged[4:6] == (3 * 1400 + 20).to_bytes(2, "big")
+    assert merged[60:] == b"".join(s[60:] for s in segments)
