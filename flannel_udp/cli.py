@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Awaitable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="IP address other hosts reach this one at (default: the underlay interface's "
               "address)")
     _add(run, "--public-ipv6", metavar="IPV6",
-         help="refused: IPv6 is not supported yet")
+         help="IPv6 address other hosts reach this one at, with EnableIPv6 (default: the "
+              "underlay interface's first global IPv6 address)")
     _add(run, "--iface", action="append", metavar="NAME|IP",
          help="underlay interface, by name or IPv4 address; repeatable, the first that exists "
               "with an IPv4 address wins (default: the interface holding --public-ip, else "
@@ -323,9 +324,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             raise UserError(f"{flag}: flannel-udp has no Kubernetes subnet manager; it keeps the "
                             "leases in etcd (--etcd-endpoints) or in its embedded store")
-    if args.public_ipv6:
-        raise UserError(f"--public-ipv6 {args.public_ipv6}: IPv6 is not supported yet; "
-                        "flannel-udp carries IPv4 only: leave the flag out")
     for dest in NOT_ACTIVE_YET:
         if getattr(args, dest):
             log.warning("--%s is accepted but not active yet in this version",
@@ -341,6 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if public_ip is not None and public_ip.is_loopback:
         raise UserError(f"--public-ip {public_ip}: a loopback address, which other hosts cannot "
                         "reach; give an address of the underlay interface")
+    public_ipv6 = _public_ipv6(args.public_ipv6)
     if args.etcd_wait < 0:
         raise UserError("--etcd-wait: must be 0 (for ever) or more seconds")
     if not args.drop_log_interval > 0:
@@ -365,9 +364,26 @@ def cmd_run(args: argparse.Namespace) -> int:
                       healthz_port=args.healthz_port,
                       forward_rules=args.iptables_forward_rules,
                       random_fully_disable=args.ip_masq_fully_random_disable,
-                      blackhole_route=args.ip_blackhole_route)
+                      blackhole_route=args.ip_blackhole_route, public_ipv6=public_ipv6)
     import uvloop
     return uvloop.run(_closing(stores, Daemon(opts).run()))
+
+
+def _public_ipv6(text: str | None) -> IPv6Address | None:
+    """--public-ipv6, checked; None when not given (an empty value too, as flanneld)."""
+    if not text:
+        return None
+    try:
+        address = IPv6Address(text)
+    except ValueError:
+        raise UserError(f"--public-ipv6 {text}: not an IPv6 address") from None
+    if address.is_loopback or address.is_unspecified or address.is_multicast:
+        raise UserError(f"--public-ipv6 {address}: other hosts cannot reach it there; give an "
+                        "IPv6 address of the underlay interface")
+    if address.is_link_local:
+        raise UserError(f"--public-ipv6 {address}: a link-local address, which needs an "
+                        "interface to be reached; give a global (or unique local) IPv6 address")
+    return address
 
 
 def _iface_choice(args: argparse.Namespace) -> IfaceChoice:
@@ -461,12 +477,21 @@ def cmd_leases(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([e.as_json() for e in result], indent=2))
             return 0
-        print(f"{'SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}EXPIRY")
+        # Dual stack: two more columns, only when some lease has an IPv6 subnet
+        v6 = any(e.lease is not None and e.lease.ipv6_subnet is not None for e in result)
+        print(f"{'SUBNET':<20}{'PUBLIC IP':<17}"
+              + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if v6 else "")
+              + f"{'BACKEND':<9}EXPIRY")
         for e in result:
             if e.lease is None:
-                print(f"{e.key:<20}{'-':<17}{'-':<9}not a lease: {e.problem}")
+                print(f"{e.key:<20}{'-':<17}" + (f"{'-':<26}{'-':<26}" if v6 else "")
+                      + f"{'-':<9}not a lease: {e.problem}")
             else:
-                print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}"
+                cols6 = ""
+                if v6:
+                    cols6 = (f"{str(e.lease.ipv6_subnet or '-'):<26}"
+                             f"{str(e.lease.public_ipv6 or '-'):<26}")
+                print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}{cols6}"
                       f"{e.lease.backend:<9}{leaseadmin.describe_expiry(e.lease)}")
         if not result:
             print(f"(no leases in {name})")
@@ -510,6 +535,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                   else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
         print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
               f"{lease['backend']}  {expiry}")
+        if lease.get("ipv6_subnet"):
+            print(f"ipv6     {lease['ipv6_subnet']}  public IPv6 {lease['public_ipv6']}  "
+                  f"network {status.get('ipv6_network')}")
     if status.get("keyspace"):
         print(f"store    {status['keyspace']}")
     if status.get("ip_forward") is False:
@@ -537,12 +565,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")
-    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}{'BACKEND':<9}"
+    dual = bool(lease and lease.get("ipv6_subnet"))
+    print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}"
+          + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if dual else "") + f"{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")
     for p in status["peers"]:
         # A peer's VtepMAC is shown once it has a route ("-": skipped, see the log).
-        print(f"{p['subnet']:<20}{p['public_ip']:<17}{p['backend']:<9}"
+        print(f"{p['subnet']:<20}{p['public_ip']:<17}"
+              + (f"{p.get('ipv6_subnet') or '-':<26}{p.get('public_ipv6') or '-':<26}"
+                 if dual else "")
+              + f"{p['backend']:<9}"
               + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from flannel_udp.errors import UserError
@@ -43,14 +43,33 @@ class NetworkConfig:
     backend: dict[str, Any] = field(default_factory=dict)
     # EnableNFTables: flanneld's masquerade and forward rules in nftables, not iptables
     enable_nftables: bool = False
+    # Dual stack (flannel's EnableIPv6): each lease holds an IPv6 subnet too. The ipv6_* fields
+    # are set (defaults filled in) exactly when enable_ipv6 is.
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet_len: int = 64
+    ipv6_subnet_min: IPv6Address | None = None
+    ipv6_subnet_max: IPv6Address | None = None
 
     def subnet_step(self) -> int:
         return 1 << (32 - self.subnet_len)
+
+    def ipv6_subnet_step(self) -> int:
+        return 1 << (128 - self.ipv6_subnet_len)
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
         """True when `subnet` is a lease this config could have handed out."""
         return (subnet.prefixlen == self.subnet_len and subnet.subnet_of(self.network)
                 and self.subnet_min <= subnet.network_address <= self.subnet_max)
+
+    def contains_ipv6_subnet(self, subnet: IPv6Network) -> bool:
+        """True when `subnet` is an IPv6 lease subnet this config could have handed out."""
+        if (not self.enable_ipv6 or self.ipv6_network is None or self.ipv6_subnet_min is None
+                or self.ipv6_subnet_max is None):
+            return False
+        return (subnet.prefixlen == self.ipv6_subnet_len and subnet.subnet_of(self.ipv6_network)
+                and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max)
 
 
 def _canonical_keys(obj: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
@@ -79,6 +98,65 @@ def _addr_field(cfg: dict[str, Any], name: str) -> IPv4Address | None:
         raise ConfigError(f"{name}: {json.dumps(value)} is not an IPv4 address") from None
 
 
+def _bool_field(cfg: dict[str, Any], name: str, default: bool) -> bool:
+    value = cfg.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {json.dumps(value)}")
+    return value
+
+
+def _addr6_field(cfg: dict[str, Any], name: str) -> IPv6Address | None:
+    value = cfg.get(name)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str):
+            raise TypeError
+        return IPv6Address(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{name}: {json.dumps(value)} is not an IPv6 address") from None
+
+
+def _ipv6_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """IPv6Network, IPv6SubnetLen, IPv6SubnetMin/Max with flannel's defaults and checks
+    (CheckNetworkConfig), as NetworkConfig's ipv6_* fields."""
+    if cfg.get("IPv6Network") is None:
+        raise ConfigError('IPv6Network: missing with EnableIPv6 (e.g. "IPv6Network": '
+                          '"fd00:10:244::/56")')
+    try:
+        if not isinstance(cfg["IPv6Network"], str):
+            raise TypeError
+        network = IPv6Network(cfg["IPv6Network"], strict=False)
+    except (ValueError, TypeError):
+        raise ConfigError(f"IPv6Network: {json.dumps(cfg['IPv6Network'])} is not an IPv6 "
+                          "CIDR") from None
+    subnet_len = int_field(cfg, "IPv6SubnetLen") or 0
+    if subnet_len == 0:
+        if network.prefixlen > 124:
+            raise ConfigError(f"IPv6Network: {network} is too small; the longest usable "
+                              "prefix is /124")
+        subnet_len = 64 if network.prefixlen <= 62 else network.prefixlen + 2
+    elif not network.prefixlen + 2 <= subnet_len <= 126:
+        raise ConfigError(f"IPv6SubnetLen: {subnet_len} is out of range for IPv6Network "
+                          f"{network} (must be {network.prefixlen + 2}..126)")
+    step = 1 << (128 - subnet_len)
+    first = int(network.network_address)
+    last = int(network.broadcast_address) + 1 - step
+    subnet_min = _addr6_field(cfg, "IPv6SubnetMin") or IPv6Address(first + step)
+    subnet_max = _addr6_field(cfg, "IPv6SubnetMax") or IPv6Address(last)
+    for name, addr in (("IPv6SubnetMin", subnet_min), ("IPv6SubnetMax", subnet_max)):
+        if addr not in network:
+            raise ConfigError(f"{name}: {addr} is outside IPv6Network {network}")
+        if int(addr) % step:
+            raise ConfigError(f"{name}: {addr} is not aligned to IPv6SubnetLen /{subnet_len}")
+    if subnet_min > subnet_max:
+        raise ConfigError(f"IPv6SubnetMin: {subnet_min} is above IPv6SubnetMax {subnet_max}")
+    return {"ipv6_network": network, "ipv6_subnet_len": subnet_len,
+            "ipv6_subnet_min": subnet_min, "ipv6_subnet_max": subnet_max}
+
+
 def parse_config(text: str | bytes) -> NetworkConfig:
     """Parse and validate flannel network config JSON, filling in flannel's defaults."""
     try:
@@ -90,10 +168,12 @@ def parse_config(text: str | bytes) -> NetworkConfig:
                           '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
     cfg = _canonical_keys(raw, _TOP_FIELDS)
 
-    if cfg.get("EnableIPv6"):
-        raise ConfigError("EnableIPv6: IPv6 networks are not supported by flannel-udp yet")
-    if cfg.get("EnableIPv4", True) is False:
-        raise ConfigError("EnableIPv4: false leaves no network; flannel-udp needs IPv4")
+    enable_ipv4 = _bool_field(cfg, "EnableIPv4", True)
+    enable_ipv6 = _bool_field(cfg, "EnableIPv6", False)
+    if not enable_ipv4:
+        # IPv6-only networks: every lease, route table and file here is keyed by the v4 subnet.
+        raise ConfigError("EnableIPv4: false (an IPv6-only network) is not supported by "
+                          "flannel-udp yet; run dual stack (EnableIPv6 with IPv4)")
 
     if "Network" not in cfg:
         raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
@@ -126,6 +206,10 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if subnet_min > subnet_max:
         raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
 
+    ipv6: dict[str, Any] = {}
+    if enable_ipv6:
+        ipv6 = _ipv6_fields(cfg)
+
     backend = cfg.get("Backend")
     backend = {} if backend is None else backend
     if not isinstance(backend, dict):
@@ -150,7 +234,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
 
     config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
                            subnet_max=subnet_max, backend_type=backend_type, backend=backend,
-                           enable_nftables=nftables)
+                           enable_nftables=nftables, enable_ipv4=enable_ipv4,
+                           enable_ipv6=enable_ipv6, **ipv6)
     # Bad options are refused here (so by `network set`), not at every daemon's start. host-gw
     # reads none, as flannel's. The vxlan backend's own module checks its options (imported
     # here, not at the top: it imports this module).

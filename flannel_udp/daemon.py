@@ -12,18 +12,24 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any, TypeVar
 
 from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
-from flannel_udp.backends import DataplaneSettings, Network, UserspaceDataplane, make_network
+from flannel_udp.backends import (
+    DataplaneSettings,
+    Network,
+    UserspaceDataplane,
+    check_ipv6,
+    make_network,
+)
 from flannel_udp.config import NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
 from flannel_udp.ipmasq import IptablesError, IptablesRules, TrafficRules, resync_forever
 from flannel_udp.lease import Lease
-from flannel_udp.manager import LeaseManager
+from flannel_udp.manager import LeaseManager, refuse_ipv6_on_v2
 from flannel_udp.nftrules import NftablesRules
 from flannel_udp.stores import Store, StoreError, StoreUnavailable
 from flannel_udp.stores.keyspace import StoreChoice
@@ -33,6 +39,9 @@ log = logging.getLogger("flannel-udp")
 
 WATCH_RETRY = 1.0  # seconds before following the store again after it failed
 START_RETRY_MAX = 5.0  # seconds between attempts while the store is unreachable at start
+IP6_FORWARD_OFF = ("net.ipv6.conf.all.forwarding=0: the kernel forwards no IPv6 between this "
+                   "host's pods and the overlay; turn it on with "
+                   "`sysctl -w net.ipv6.conf.all.forwarding=1`")
 IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between this host's pods "
                   "and the overlay, so they get no traffic; turn it on with "
                   "`sysctl -w net.ipv4.ip_forward=1`")
@@ -71,6 +80,9 @@ class RunOptions:
     # The stores the flags allow (etcd's v3 and v2 keyspaces): the one holding the network
     # config replaces `store` at start. None: `store` it is.
     stores: StoreChoice | None = None
+    # --public-ipv6: the IPv6 address other hosts reach this one at (dual stack); None: the
+    # underlay interface's first global IPv6 address, as flanneld.
+    public_ipv6: IPv6Address | None = None
 
 
 async def until_available(what: str, step: Callable[[], Awaitable[T]],
@@ -140,6 +152,12 @@ def open_rules(config: NetworkConfig, opts: RunOptions) -> TrafficRules | None:
         return None
 
 
+def _ipv6_fields(lease: Lease) -> dict[str, str | None]:
+    """A lease's IPv6 side for `status` (None for a v4-only lease)."""
+    return {"ipv6_subnet": None if lease.ipv6_subnet is None else str(lease.ipv6_subnet),
+            "public_ipv6": None if lease.public_ipv6 is None else str(lease.public_ipv6)}
+
+
 class Daemon:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
@@ -149,6 +167,7 @@ class Daemon:
         self.manager: LeaseManager | None = None
         self.rules: TrafficRules | None = None
         self.blackhole: IPv4Network | None = None  # our subnet's blackhole route, once added
+        self.public_ipv6: IPv6Address | None = None  # dual stack: ours, once chosen
         self._ready = False  # rules, routes and subnet.env in place: /readyz answers 200
         self.store_errors = 0  # failed watches and resyncs (renewals: the manager's count)
         self._reacquiring = False  # our lease went away and is being taken again
@@ -159,7 +178,8 @@ class Daemon:
         assert self.config is not None and self.network is not None
         try:
             subnetenv.write(self.opts.subnet_file, subnetenv.render(
-                self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq))
+                self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq,
+                self.config.ipv6_network, lease.ipv6_subnet))
         except OSError as e:
             raise UserError(f"cannot write subnet file {self.opts.subnet_file}: "
                             f"{e.strerror}", exit_code=1) from None
@@ -214,11 +234,15 @@ class Daemon:
             lambda: load_config(opts.store, missing, opts.net_config_path),
             opts.store_wait)
         self.config = config
+        check_ipv6(config)  # before anything is taken
+        if config.enable_ipv6 and opts.store.keyspace == "etcd v2":
+            refuse_ipv6_on_v2()
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
         public_ip = opts.public_ip or ext.address
         log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
                  config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
                  ext.mtu, public_ip)
+        self.public_ipv6 = await self._public_ipv6(config, ext)
         if netlink.ip_forward() is False:  # refused by none: host-gw needs it as much
             log.warning("%s", IP_FORWARD_OFF)
         # No iptables (or nft): say so before taking anything.
@@ -237,6 +261,32 @@ class Daemon:
         finally:
             await asyncio.to_thread(network.close)
             log.info("removed %s's devices and routes; lease kept", config.backend_type)
+
+    async def _public_ipv6(self, config: NetworkConfig,
+                           ext: netlink.ExtIface) -> IPv6Address | None:
+        """Dual stack: --public-ipv6, else the underlay interface's first global IPv6 address
+        (flanneld's ExtV6Addr); UserError when there is none. Without EnableIPv6 flanneld
+        ignores --public-ipv6: so do we, saying so."""
+        if not config.enable_ipv6:
+            if self.opts.public_ipv6 is not None:
+                log.warning("--public-ipv6 %s: ignored, the network config has no EnableIPv6",
+                            self.opts.public_ipv6)
+            return None
+        if self.opts.public_ipv6 is not None:
+            address = self.opts.public_ipv6
+        else:
+            address = await asyncio.to_thread(netlink.interface_ipv6, ext.index)
+            if address is None:
+                raise UserError(f"EnableIPv6: interface {ext.name} has no global IPv6 address; "
+                                "give it one or set --public-ipv6")
+        log.info("dual stack: IPv6 network %s, subnets /%d, public IPv6 %s",
+                 config.ipv6_network, config.ipv6_subnet_len, address)
+        if netlink.ip6_forward() is False:
+            log.warning("%s", IP6_FORWARD_OFF)
+        if self.opts.ip_masq:
+            log.warning("--ip-masq: IPv6 traffic leaving the IPv6Network is not masqueraded yet "
+                        "(the rules are IPv4 only)")
+        return address
 
     def _log_dataplane_flags(self, config: NetworkConfig,
                              userspace: UserspaceDataplane | None) -> None:
@@ -263,9 +313,12 @@ class Daemon:
         opts = self.opts
         self.manager = manager = LeaseManager(
             opts.store, config, public_ip, network.backend_type, network.backend_data,
-            renew_margin=opts.renew_margin_minutes * 60.0)
+            renew_margin=opts.renew_margin_minutes * 60.0, public_ipv6=self.public_ipv6,
+            backend_v6_data=network.backend_v6_data)
         previous = subnetenv.previous_subnet(opts.subnet_file)
-        lease = await until_available("acquiring a lease", lambda: manager.acquire(previous),
+        previous_v6 = subnetenv.previous_ipv6_subnet(opts.subnet_file)
+        lease = await until_available("acquiring a lease",
+                                      lambda: manager.acquire(previous, previous_v6),
                                       opts.store_wait)
         peers = await until_available("reading the leases", manager.load_peers,
                                       opts.store_wait)
@@ -401,8 +454,8 @@ class Daemon:
         assert old is not None
         self._reacquiring = True
         try:
-            lease = await self.manager.acquire(old.subnet)
-            if lease.subnet != old.subnet:
+            lease = await self.manager.acquire(old.subnet, old.ipv6_subnet)
+            if (lease.subnet, lease.ipv6_subnet) != (old.subnet, old.ipv6_subnet):
                 log.warning("subnet %s is gone; moving to %s", old.subnet, lease.subnet)
                 peers = await self.manager.load_peers()
                 await asyncio.to_thread(self.network.close)
@@ -467,14 +520,18 @@ class Daemon:
         for subnet, peer in sorted(self.manager.peers.items()):
             counters = stats["peers"].get(str(subnet), {})
             peers.append({"subnet": str(subnet), "public_ip": str(peer.lease.public_ip),
+                          **_ipv6_fields(peer.lease),
                           "backend": peer.lease.backend, "since": peer.since,
                           "reachable": self.network.accepts(peer.lease), **counters})
         return {
             "lease": None if lease is None else {
                 "subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
+                **_ipv6_fields(lease),
                 "backend": self.config.backend_type, "expires": lease.expiration,
                 **stats.get("lease", {})},
             "network": str(self.config.network),
+            "ipv6_network": (str(self.config.ipv6_network) if self.config.enable_ipv6
+                             else None),
             "started": self.started,
             "peers": peers,
             "counters": droplog.countable(stats["counters"], self.config.backend_type),

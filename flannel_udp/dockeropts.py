@@ -6,6 +6,9 @@ subnet.env, with its options and its output, byte for byte:
     DOCKER_OPT_MTU="--mtu=1472"
     DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1472 "
 
+With FLANNEL_IPV6_SUBNET (dual stack) DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=<FLANNEL_IPV6_SUBNET>"
+comes between DOCKER_OPT_IPMASQ and DOCKER_OPT_MTU (alphabetical, as every option).
+
 As in the script: DOCKER_OPT_IPMASQ appears only when FLANNEL_IPMASQ=true (flannel masquerades,
 so docker must not; otherwise docker's own default, true, stands), the individual variables
 come in alphabetical order, and the combined value starts with the current value of the
@@ -48,6 +51,8 @@ def docker_options(env: Mapping[str, str], ipmasq: bool = True) -> dict[str, str
         opts["DOCKER_OPT_IPMASQ"] = "--ip-masq=false"
     if env.get("FLANNEL_MTU"):
         opts["DOCKER_OPT_MTU"] = f"--mtu={env['FLANNEL_MTU']}"
+    if env.get("FLANNEL_IPV6_SUBNET"):  # dual stack: docker0 gets the v6 subnet too
+        opts["DOCKER_OPT_IPV6"] = f"--ipv6 --fixed-cidr-v6={env['FLANNEL_IPV6_SUBNET']}"
     return dict(sorted(opts.items()))  # the script lists them with `compgen -v`: sorted
 
 

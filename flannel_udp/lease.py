@@ -10,7 +10,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from flannel_udp.config import NetworkConfig
 
@@ -29,6 +29,12 @@ class Lease:
     backend_type: str = ""  # flannel's UDP backend publishes none
     backend_data: bytes | None = None  # raw JSON, kept byte for byte
     expiration: float | None = None  # unix time; None for a reservation that never expires
+    # Dual stack: the lease's IPv6 subnet (in its key after '&'), the node's IPv6 underlay
+    # address (PublicIPv6) and the v6 backend's data (BackendV6Data, raw JSON kept byte for
+    # byte). All None for a v4-only lease.
+    ipv6_subnet: IPv6Network | None = None
+    public_ipv6: IPv6Address | None = None
+    backend_v6_data: bytes | None = None
 
     @property
     def backend(self) -> str:
@@ -36,32 +42,71 @@ class Lease:
         return self.backend_type or "udp"
 
 
-def subnet_key(subnet: IPv4Network) -> str:
-    """10.5.52.0/24 -> '10.5.52.0-24', the last element of flannel's lease key."""
-    return f"{subnet.network_address}-{subnet.prefixlen}"
+def subnet_key(subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> str:
+    """10.5.52.0/24 -> '10.5.52.0-24', the last element of flannel's lease key; a dual-stack
+    lease's key names both subnets: '10.99.15.0-24&fd99:0:0:25::-64' (flannel's MakeSubnetKey)."""
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    if ipv6_subnet is not None:
+        key += f"&{ipv6_subnet.network_address}-{ipv6_subnet.prefixlen}"
+    return key
 
 
-def parse_subnet_key(key: str) -> IPv4Network | None:
-    """The inverse of subnet_key; None for a key that is not a lease."""
-    name = key.rsplit("/", 1)[-1]
-    addr, sep, length = name.rpartition("-")
-    if not sep or not length.isdigit():
+def lease_key(lease: Lease) -> str:
+    """The key `lease` lives under (both its subnets)."""
+    return subnet_key(lease.subnet, lease.ipv6_subnet)
+
+
+def _network(addr: str, length: str, kind: type[IPv4Network] | type[IPv6Network]
+             ) -> IPv4Network | IPv6Network | None:
+    if not length.isdigit():
         return None
     try:
-        return IPv4Network(f"{addr}/{length}")
+        return kind(f"{addr}/{length}")  # strict: a key names a network address
     except ValueError:
         return None
 
 
+def parse_lease_key(key: str) -> tuple[IPv4Network, IPv6Network | None] | None:
+    """The subnets a lease key names: (v4, None) or, dual stack, (v4, v6); None for a key that
+    is not a lease."""
+    name = key.rsplit("/", 1)[-1]
+    v4_part, amp, v6_part = name.partition("&")
+    addr, sep, length = v4_part.rpartition("-")
+    subnet = _network(addr, length, IPv4Network) if sep else None
+    if not isinstance(subnet, IPv4Network):
+        return None
+    if not amp:
+        return subnet, None
+    addr6, sep6, length6 = v6_part.rpartition("-")
+    ipv6_subnet = _network(addr6, length6, IPv6Network) if sep6 else None
+    if not isinstance(ipv6_subnet, IPv6Network):
+        return None
+    return subnet, ipv6_subnet
+
+
+def parse_subnet_key(key: str) -> IPv4Network | None:
+    """The IPv4 subnet a lease key names (also of a dual-stack key); None for a key that is not
+    a lease."""
+    parsed = parse_lease_key(key)
+    return None if parsed is None else parsed[0]
+
+
 def encode_lease_value(public_ip: IPv4Address, backend_type: str = "",
-                       backend_data: bytes | None = None, *, v011: bool = False) -> bytes:
-    """The value flannel writes: Go's json.Marshal of LeaseAttrs, field order included.
+                       backend_data: bytes | None = None, *, v011: bool = False,
+                       public_ipv6: IPv6Address | None = None,
+                       backend_v6_data: bytes | None = None) -> bytes:
+    """The value flannel writes: Go's json.Marshal of LeaseAttrs, field order included
+    (PublicIP, PublicIPv6, BackendType, BackendData, BackendV6Data; PublicIPv6 is null when
+    unset, the others are left out when empty).
 
     `v011`: as flannel v0.11 writes it on etcd's v2 keyspace, whose LeaseAttrs has no
     PublicIPv6 and whose vxlan BackendData has no VNI (every node takes the config's)."""
+    if v011 and (public_ipv6 is not None or backend_v6_data is not None):
+        raise ValueError("flannel v0.11's leases have no IPv6")
     parts = [f'"PublicIP":{json.dumps(str(public_ip))}']
     if not v011:
-        parts.append('"PublicIPv6":null')
+        parts.append('"PublicIPv6":'
+                     + ("null" if public_ipv6 is None else json.dumps(str(public_ipv6))))
     if backend_type:
         parts.append(f'"BackendType":{json.dumps(backend_type)}')
     if backend_data is not None and backend_data not in (b"", b"null"):
@@ -69,12 +114,16 @@ def encode_lease_value(public_ip: IPv4Address, backend_type: str = "",
             backend_data = VxlanLeaseData(None, VxlanLeaseData.decode(backend_data).vtep_mac
                                           ).encode()
         parts.append(f'"BackendData":{backend_data.decode()}')
+    if backend_v6_data is not None and backend_v6_data not in (b"", b"null"):
+        parts.append(f'"BackendV6Data":{backend_v6_data.decode()}')
     return ("{" + ",".join(parts) + "}").encode()
 
 
 def decode_lease(subnet: IPv4Network, value: bytes,
-                 expiration: float | None = None) -> Lease:
-    """Parse a lease value as flannel writes it; LeaseValueError when it is not one."""
+                 expiration: float | None = None,
+                 ipv6_subnet: IPv6Network | None = None) -> Lease:
+    """Parse a lease value as flannel writes it; LeaseValueError when it is not one.
+    `ipv6_subnet`: the v6 subnet its key names (dual stack)."""
     try:
         attrs = json.loads(value)
     except (ValueError, UnicodeDecodeError) as e:
@@ -88,12 +137,31 @@ def decode_lease(subnet: IPv4Network, value: bytes,
         public_ip = IPv4Address(attrs["publicip"])
     except (ValueError, TypeError):
         raise LeaseValueError(f"PublicIP {attrs.get('publicip')!r} is not IPv4") from None
+    public_ipv6 = None
+    if attrs.get("publicipv6") is not None:
+        try:
+            if not isinstance(attrs["publicipv6"], str):
+                raise TypeError
+            public_ipv6 = IPv6Address(attrs["publicipv6"])
+        except (ValueError, TypeError):
+            raise LeaseValueError(f"PublicIPv6 {attrs['publicipv6']!r} is not IPv6") from None
     backend_type = attrs.get("backendtype") or ""
     if not isinstance(backend_type, str):
         raise LeaseValueError(f"BackendType {backend_type!r} is not a string")
-    data = attrs.get("backenddata")
-    backend_data = None if data is None else json.dumps(data, separators=(",", ":")).encode()
-    return Lease(subnet, public_ip, backend_type, backend_data, expiration)
+    return Lease(subnet, public_ip, backend_type, _raw_json(attrs.get("backenddata")),
+                 expiration, ipv6_subnet, public_ipv6, _raw_json(attrs.get("backendv6data")))
+
+
+def _raw_json(data: object) -> bytes | None:
+    return None if data is None else json.dumps(data, separators=(",", ":")).encode()
+
+
+def lease_from_record(key: str, value: bytes, expiration: float | None = None) -> Lease:
+    """A store record (key and value) as a Lease; LeaseValueError when either is not flannel's."""
+    parsed = parse_lease_key(key)
+    if parsed is None:
+        raise LeaseValueError(f"key {key!r} is not a subnet key")
+    return decode_lease(parsed[0], value, expiration, parsed[1])
 
 
 _MAC = re.compile(r"[0-9a-fA-F]{2}([:-])[0-9a-fA-F]{2}(\1[0-9a-fA-F]{2}){4}")
@@ -150,29 +218,70 @@ def subnet_is_free(subnet: IPv4Network, leases: Iterable[Lease]) -> bool:
     return all(not lease.subnet.overlaps(subnet) for lease in leases)
 
 
+def ipv6_subnet_is_free(subnet: IPv6Network, leases: Iterable[Lease]) -> bool:
+    return all(lease.ipv6_subnet is None or not lease.ipv6_subnet.overlaps(subnet)
+               for lease in leases)
+
+
+def lease_fits(config: NetworkConfig, lease: Lease) -> bool:
+    """Whether this config could have handed `lease` out: its v4 subnet, and a v6 subnet exactly
+    when the config enables IPv6 (flannel's isSubnetConfigCompat and isIPv6SubnetConfigCompat)."""
+    if not config.contains_subnet(lease.subnet):
+        return False
+    if not config.enable_ipv6:
+        return lease.ipv6_subnet is None
+    return lease.ipv6_subnet is not None and config.contains_ipv6_subnet(lease.ipv6_subnet)
+
+
 def own_lease(config: NetworkConfig, leases: Iterable[Lease],
               public_ip: IPv4Address) -> Lease | None:
     """An existing lease of ours (by PublicIP) that still fits the config: flannel reuses it."""
     for lease in leases:
-        if lease.public_ip == public_ip and config.contains_subnet(lease.subnet):
+        if lease.public_ip == public_ip and lease_fits(config, lease):
             return lease
     return None
+
+
+def stale_own_leases(config: NetworkConfig, leases: Iterable[Lease],
+                     public_ip: IPv4Address) -> list[Lease]:
+    """Leases of ours (by PublicIP) the config could not have handed out, e.g. a v4-only one
+    once the network is dual stack: flannel deletes them and takes a lease anew. Reservations
+    (no expiry) are an admin's and are left alone."""
+    return [lease for lease in leases if lease.public_ip == public_ip
+            and lease.expiration is not None and not lease_fits(config, lease)]
+
+
+def _free_networks(first: int, last: int, step: int, prefixlen: int, taken: set[int],
+                   kind: type[IPv4Network] | type[IPv6Network], limit: int) -> list:
+    found: list = []
+    addr = first
+    while addr <= last and len(found) < limit:
+        if addr not in taken:
+            found.append(kind((addr, prefixlen)))
+        addr += step
+    return found
 
 
 def free_candidates(config: NetworkConfig, leases: Iterable[Lease],
                     limit: int = MAX_CANDIDATES) -> list[IPv4Network]:
     """The first `limit` free subnets from SubnetMin up, in order."""
-    taken = sorted(int(lease.subnet.network_address) for lease in leases
-                   if lease.subnet.overlaps(config.network))
-    taken_set = set(taken)
-    step = config.subnet_step()
-    found: list[IPv4Network] = []
-    addr = int(config.subnet_min)
-    while addr <= int(config.subnet_max) and len(found) < limit:
-        if addr not in taken_set:
-            found.append(IPv4Network((addr, config.subnet_len)))
-        addr += step
-    return found
+    taken = {int(lease.subnet.network_address) for lease in leases
+             if lease.subnet.overlaps(config.network)}
+    return _free_networks(int(config.subnet_min), int(config.subnet_max), config.subnet_step(),
+                          config.subnet_len, taken, IPv4Network, limit)
+
+
+def free_ipv6_candidates(config: NetworkConfig, leases: Iterable[Lease],
+                         limit: int = MAX_CANDIDATES) -> list[IPv6Network]:
+    """The first `limit` free IPv6 subnets from IPv6SubnetMin up, in order."""
+    assert config.ipv6_network is not None and config.ipv6_subnet_min is not None
+    assert config.ipv6_subnet_max is not None
+    network = config.ipv6_network
+    taken = {int(lease.ipv6_subnet.network_address) for lease in leases
+             if lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(network)}
+    return _free_networks(int(config.ipv6_subnet_min), int(config.ipv6_subnet_max),
+                          config.ipv6_subnet_step(), config.ipv6_subnet_len, taken,
+                          IPv6Network, limit)
 
 
 def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
@@ -184,6 +293,20 @@ def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
             and subnet_is_free(preferred, leases)):
         return preferred
     candidates = [c for c in free_candidates(config, leases) if subnet_is_free(c, leases)]
+    if not candidates:
+        return None
+    return (rng or random).choice(candidates)
+
+
+def choose_new_ipv6_subnet(config: NetworkConfig, leases: list[Lease],
+                           preferred: IPv6Network | None,
+                           rng: random.Random | None = None) -> IPv6Network | None:
+    """As choose_new_subnet, in the IPv6Network (preferred: the old FLANNEL_IPV6_SUBNET)."""
+    if (preferred is not None and config.contains_ipv6_subnet(preferred)
+            and ipv6_subnet_is_free(preferred, leases)):
+        return preferred
+    candidates = [c for c in free_ipv6_candidates(config, leases)
+                  if ipv6_subnet_is_free(c, leases)]
     if not candidates:
         return None
     return (rng or random).choice(candidates)

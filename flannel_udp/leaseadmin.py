@@ -20,9 +20,8 @@ from flannel_udp.lease import (
     LEASE_TTL,
     Lease,
     LeaseValueError,
-    decode_lease,
     encode_lease_value,
-    parse_subnet_key,
+    lease_from_record,
     subnet_key,
 )
 from flannel_udp.stores import LeaseRecord, Store
@@ -41,10 +40,14 @@ class Entry:
     def as_json(self) -> dict[str, Any]:
         if self.lease is None:
             return {"key": self.key, "error": self.problem}
-        data = self.lease.backend_data
-        return {"key": self.key, "subnet": str(self.lease.subnet),
-                "public_ip": str(self.lease.public_ip), "backend": self.lease.backend,
+        lease = self.lease
+        data, data6 = lease.backend_data, lease.backend_v6_data
+        return {"key": self.key, "subnet": str(lease.subnet),
+                "public_ip": str(lease.public_ip), "backend": lease.backend,
                 "backend_data": None if data is None else json.loads(data),
+                "ipv6_subnet": None if lease.ipv6_subnet is None else str(lease.ipv6_subnet),
+                "public_ipv6": None if lease.public_ipv6 is None else str(lease.public_ipv6),
+                "backend_v6_data": None if data6 is None else json.loads(data6),
                 "expires": self.lease.expiration,
                 "reserved": self.lease.expiration is None}
 
@@ -67,13 +70,11 @@ def parse_subnet_arg(text: str) -> IPv4Network:
 
 
 def entry(record: LeaseRecord) -> Entry:
-    subnet = parse_subnet_key(record.key)
-    if subnet is None:
-        return Entry(record.key, None, "not a subnet key")
     try:
-        return Entry(record.key, decode_lease(subnet, record.value, record.expiration))
+        return Entry(record.key, lease_from_record(record.key, record.value, record.expiration))
     except LeaseValueError as e:
-        return Entry(record.key, None, str(e))
+        problem = "not a subnet key" if str(e).startswith("key ") else str(e)
+        return Entry(record.key, None, problem)
 
 
 def sort_key(e: Entry) -> tuple[int, int, str]:
@@ -96,13 +97,16 @@ async def load_config(store: Store, store_name: str) -> NetworkConfig:
 
 
 async def delete(store: Store, store_name: str, subnet: IPv4Network) -> Entry:
-    """Delete the lease of `subnet`; UserError (exit 1) when there is none."""
+    """Delete the lease of `subnet` (a dual-stack lease by its IPv4 subnet); UserError (exit 1)
+    when there is none."""
     key = subnet_key(subnet)
-    found = next((entry(r) for r in (await store.list_leases()).records if r.key == key), None)
+    entries = [entry(r) for r in (await store.list_leases()).records]
+    found = next((e for e in entries if e.key == key), None) or next(
+        (e for e in entries if e.lease is not None and e.lease.subnet == subnet), None)
     if found is None:
         raise UserError(f"no lease for {subnet} in {store_name} (see `flannel-udp leases "
                         "list`)", 1)
-    await store.delete_lease(key)
+    await store.delete_lease(found.key)
     return found
 
 
@@ -154,6 +158,9 @@ async def reserve(store: Store, store_name: str, subnet: IPv4Network, public_ip:
     with a TTL, then made permanent), so that a host acquiring it meanwhile wins and we refuse.
     Returns what was done ('reserved', 'converted', 'unchanged') and the lease."""
     config = await load_config(store, store_name)
+    if config.enable_ipv6:
+        raise UserError("leases reserve: not for a dual-stack network yet (its leases need an "
+                        "IPv6 subnet and PublicIPv6 too); put the key with etcdctl", 1)
     key = subnet_key(subnet)
     for _ in range(RESERVE_ATTEMPTS):
         snapshot = await store.list_leases()

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from flannel_udp.config import NetworkConfig
 from flannel_udp.errors import UserError
@@ -20,11 +20,13 @@ from flannel_udp.lease import (
     LEASE_TTL,
     Lease,
     LeaseValueError,
+    choose_new_ipv6_subnet,
     choose_new_subnet,
-    decode_lease,
     encode_lease_value,
+    lease_from_record,
+    lease_key,
     own_lease,
-    parse_subnet_key,
+    stale_own_leases,
     subnet_key,
 )
 from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, Store, StoreError
@@ -33,6 +35,17 @@ log = logging.getLogger("flannel-udp")
 
 RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flannel
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
+
+
+def _shown(lease: Lease) -> str:
+    """A lease's subnets for the log: '10.244.3.0/24', dual stack '10.244.3.0/24 fd00::/64'."""
+    return str(lease.subnet) + ("" if lease.ipv6_subnet is None else f" {lease.ipv6_subnet}")
+
+
+def refuse_ipv6_on_v2() -> None:
+    """EnableIPv6 on etcd's v2 keyspace: flannel v0.11, whose keyspace it is, has no IPv6."""
+    raise UserError("EnableIPv6: flannel v0.11's etcd v2 keyspace has no IPv6 leases; keep the "
+                    "dual-stack network config in etcd's v3 keyspace (--etcd-api v3)")
 
 
 @dataclass
@@ -46,13 +59,22 @@ class LeaseManager:
 
     def __init__(self, store: Store, config: NetworkConfig, public_ip: IPv4Address,
                  backend_type: str, backend_data: bytes | None,
-                 renew_margin: float, ttl: float = LEASE_TTL) -> None:
+                 renew_margin: float, ttl: float = LEASE_TTL, *,
+                 public_ipv6: IPv6Address | None = None,
+                 backend_v6_data: bytes | None = None) -> None:
+        if config.enable_ipv6 and public_ipv6 is None:
+            raise ValueError("a dual-stack lease needs a PublicIPv6")
+        if config.enable_ipv6 and store.keyspace == "etcd v2":
+            refuse_ipv6_on_v2()
         self.store = store
         self.config = config
         self.public_ip = public_ip
+        self.public_ipv6 = public_ipv6 if config.enable_ipv6 else None
         # On etcd's v2 keyspace the peers may be flanneld v0.11 nodes: write their format.
         self.value = encode_lease_value(public_ip, backend_type, backend_data,
-                                        v011=store.keyspace == "etcd v2")
+                                        v011=store.keyspace == "etcd v2",
+                                        public_ipv6=self.public_ipv6,
+                                        backend_v6_data=backend_v6_data)
         self.renew_margin = renew_margin
         self.ttl = ttl
         self.lease: Lease | None = None
@@ -67,15 +89,12 @@ class LeaseManager:
     # -- parsing store records, one place --
 
     def _parse(self, record: LeaseRecord) -> Lease | None:
-        subnet = parse_subnet_key(record.key)
-        if subnet is None:
-            log.warning("lease store: skipping key %r: not a subnet key", record.key)
-            return None
         try:
-            lease = decode_lease(subnet, record.value, record.expiration)
+            lease = lease_from_record(record.key, record.value, record.expiration)
         except LeaseValueError as e:
-            log.warning("lease store: skipping lease %s: %s", record.key, e)
+            log.warning("lease store: skipping %s: %s", record.key, e)
             return None
+        subnet = lease.subnet
         if not subnet.subnet_of(self.config.network):
             log.warning("lease store: skipping lease %s: outside Network %s",
                         record.key, self.config.network)
@@ -86,6 +105,15 @@ class LeaseManager:
             log.warning("lease store: skipping lease %s: not a /%d subnet (SubnetLen)",
                         record.key, self.config.subnet_len)
             return None
+        v6 = lease.ipv6_subnet
+        if self.config.enable_ipv6 and v6 is not None and not (
+                v6.prefixlen == self.config.ipv6_subnet_len
+                and self.config.ipv6_network is not None
+                and v6.subnet_of(self.config.ipv6_network)):
+            # Its v4 part still counts, as a v4-only lease's does in a dual-stack network.
+            log.warning("lease store: lease %s: IPv6 subnet %s is not a /%d of IPv6Network %s; "
+                        "only its IPv4 subnet is used", record.key, v6,
+                        self.config.ipv6_subnet_len, self.config.ipv6_network)
         return lease
 
     def _parse_all(self, snapshot: Snapshot) -> list[Lease]:
@@ -93,9 +121,11 @@ class LeaseManager:
 
     # -- acquisition and renewal --
 
-    async def acquire(self, preferred: IPv4Network | None) -> Lease:
-        """Flannel's order: our own lease by PublicIP, else `preferred` if free, else a random
-        free subnet; a lost race tries again."""
+    async def acquire(self, preferred: IPv4Network | None,
+                      preferred_v6: IPv6Network | None = None) -> Lease:
+        """Flannel's order: our own lease by PublicIP, else `preferred` (and, dual stack,
+        `preferred_v6`) if free, else a random free subnet; a lost race tries again. A dual-stack
+        lease is one key holding both subnets, created atomically: both or neither."""
         for _ in range(ACQUIRE_ATTEMPTS):
             snapshot = await self.store.list_leases()
             leases = self._parse_all(snapshot)
@@ -103,24 +133,66 @@ class LeaseManager:
             if mine is not None:
                 # A reservation (a lease that never expires) stays one, as in flannel.
                 ttl = None if mine.expiration is None else self.ttl
-                expiration = await self.store.put_lease(subnet_key(mine.subnet), self.value, ttl)
-                return self._took(mine.subnet, expiration, "reusing our lease")
+                expiration = await self.store.put_lease(lease_key(mine), self.value, ttl)
+                return self._took(mine.subnet, mine.ipv6_subnet, expiration, "reusing our lease")
+            stale = stale_own_leases(self.config, leases, self.public_ip)
+            for old in stale:
+                # E.g. our v4-only lease once the network is dual stack: flannel deletes it;
+                # its v4 subnet is asked for again.
+                log.info("lease %s of ours does not fit the network config; deleting it",
+                         lease_key(old))
+                await self.store.delete_lease(lease_key(old))
+            if stale:
+                preferred = preferred or stale[0].subnet
+                continue
             subnet = choose_new_subnet(self.config, leases, preferred)
+            ipv6_subnet = None
+            if self.config.enable_ipv6:
+                ipv6_subnet = choose_new_ipv6_subnet(self.config, leases, preferred_v6)
+                if ipv6_subnet is None:
+                    raise UserError(f"no free IPv6 subnet left in {self.config.ipv6_network} "
+                                    f"(IPv6SubnetLen /{self.config.ipv6_subnet_len}, "
+                                    f"{len(leases)} leases)", exit_code=1)
             if subnet is None:
                 raise UserError(f"no free subnet left in {self.config.network} "
                                 f"(SubnetLen /{self.config.subnet_len}, {len(leases)} leases)",
                                 exit_code=1)
-            expiration = await self.store.create_lease(subnet_key(subnet), self.value, self.ttl)
+            key = subnet_key(subnet, ipv6_subnet)
+            expiration = await self.store.create_lease(key, self.value, self.ttl)
+            if expiration is not None and ipv6_subnet is not None:
+                # The store creates the key atomically, but two dual-stack keys can share one
+                # subnet (the same v6 with another v4): whoever sees the other after creating
+                # gives way, so at most one keeps it (the first to look may see none).
+                other = await self._overlapping(key, subnet, ipv6_subnet)
+                if other is not None:
+                    log.info("lease %s overlaps %s, taken meanwhile; trying again", key, other)
+                    await self.store.delete_lease(key)
+                    continue
             if expiration is not None:
                 how = "the subnet of the old subnet file" if subnet == preferred else "new"
-                return self._took(subnet, expiration, how)
-            log.debug("subnet %s was taken meanwhile; trying again", subnet)
+                return self._took(subnet, ipv6_subnet, expiration, how)
+            log.debug("lease %s was taken meanwhile; trying again", key)
         raise UserError("could not acquire a subnet: every attempt lost a race", exit_code=1)
 
-    def _took(self, subnet: IPv4Network, expiration: float | None, how: str) -> Lease:
-        self.lease = Lease(subnet, self.public_ip, expiration=expiration)
+    async def _overlapping(self, key: str, subnet: IPv4Network,
+                           ipv6_subnet: IPv6Network) -> str | None:
+        """The key of another lease sharing a subnet with `key`'s, if any."""
+        for lease in self._parse_all(await self.store.list_leases()):
+            if lease_key(lease) != key and (lease.subnet.overlaps(subnet) or (
+                    lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(ipv6_subnet))):
+                return lease_key(lease)
+        return None
+
+    def _lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
+               expiration: float | None) -> Lease:
+        return Lease(subnet, self.public_ip, expiration=expiration, ipv6_subnet=ipv6_subnet,
+                     public_ipv6=self.public_ipv6)
+
+    def _took(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
+              expiration: float | None, how: str) -> Lease:
+        self.lease = self._lease(subnet, ipv6_subnet, expiration)
         self._lease_changed.set()
-        log.info("acquired lease %s (%s), expires in %.0f s", subnet, how,
+        log.info("acquired lease %s (%s), expires in %.0f s", _shown(self.lease), how,
                  (expiration or time.time()) - time.time())
         return self.lease
 
@@ -139,7 +211,7 @@ class LeaseManager:
             except asyncio.TimeoutError:
                 pass
             try:
-                new_exp = await self.store.put_lease(subnet_key(self.lease.subnet), self.value,
+                new_exp = await self.store.put_lease(lease_key(self.lease), self.value,
                                                      self.ttl)
             except StoreError as e:
                 self.store_errors += 1
@@ -147,8 +219,8 @@ class LeaseManager:
                           self.lease.subnet, e, RENEW_RETRY)
                 await asyncio.sleep(RENEW_RETRY)
                 continue
-            self.lease = Lease(self.lease.subnet, self.public_ip, expiration=new_exp)
-            log.info("renewed lease %s", self.lease.subnet)
+            self.lease = self._lease(self.lease.subnet, self.lease.ipv6_subnet, new_exp)
+            log.info("renewed lease %s", _shown(self.lease))
 
     # -- following the table --
 
@@ -159,7 +231,8 @@ class LeaseManager:
         now = time.time()
         leases = self._parse_all(self._snapshot)
         mine = self.lease.subnet if self.lease is not None else None
-        self.holds_lease = any(lease.subnet == mine and lease.public_ip == self.public_ip
+        my_key = lease_key(self.lease) if self.lease is not None else None
+        self.holds_lease = any(lease_key(lease) == my_key and lease.public_ip == self.public_ip
                                for lease in leases)
         self.peers = {lease.subnet: Peer(lease, now) for lease in leases if lease.subnet != mine}
         return [p.lease for p in self.peers.values()]
@@ -183,6 +256,12 @@ class LeaseManager:
             if lease is None:
                 continue
             if self.lease is not None and lease.subnet == self.lease.subnet:
+                if lease_key(lease) != lease_key(self.lease):
+                    # Our v4 subnet under another key (e.g. the v4-only lease we replaced)
+                    if event.kind != "delete":
+                        log.error("lease %s overlaps ours (%s)", lease_key(lease),
+                                  lease_key(self.lease))
+                    continue
                 if event.kind == "delete":
                     log.warning("our lease %s was deleted or expired", lease.subnet)
                     await on_own_lost()
@@ -195,17 +274,21 @@ class LeaseManager:
                     if lease.expiration is None:
                         log.info("our lease %s is now a reservation: it never expires",
                                  lease.subnet)
-                    self.lease = Lease(self.lease.subnet, self.public_ip,
-                                       expiration=lease.expiration)
+                    self.lease = self._lease(self.lease.subnet, self.lease.ipv6_subnet,
+                                             lease.expiration)
                     self._lease_changed.set()
                 continue
             if event.kind == "delete":
-                if self.peers.pop(lease.subnet, None) is not None:
-                    log.info("peer %s (%s) went away", lease.subnet, lease.public_ip)
+                known = self.peers.get(lease.subnet)
+                # Only the key the peer holds now: not an older key of the same v4 subnet (a
+                # node that moved from a v4-only lease to a dual-stack one).
+                if known is not None and lease_key(known.lease) == lease_key(lease):
+                    del self.peers[lease.subnet]
+                    log.info("peer %s (%s) went away", _shown(lease), lease.public_ip)
                     on_remove(lease.subnet)
             else:
                 old = self.peers.get(lease.subnet)
                 self.peers[lease.subnet] = Peer(lease, time.time())
-                log.info("peer %s at %s (%s) %s", lease.subnet, lease.public_ip,
+                log.info("peer %s at %s (%s) %s", _shown(lease), lease.public_ip,
                          lease.backend, "changed" if old else "appeared")
                 on_add(lease)

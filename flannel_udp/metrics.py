@@ -39,11 +39,15 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
     up.add_metric(["all"], 1.0 if health and all(health.values()) else 0.0)
     yield up
 
-    info = GaugeMetricFamily(f"{PREFIX}_info", "this node's lease and backend (always 1)",
-                             labels=["subnet", "public_ip", "backend", "network"])
+    info = GaugeMetricFamily(f"{PREFIX}_info", "this node's lease and backend (always 1); "
+                             "the ipv6_* labels are empty but in a dual-stack network",
+                             labels=["subnet", "public_ip", "backend", "network", "ipv6_subnet",
+                                     "public_ipv6", "ipv6_network"])
     if lease:
         info.add_metric([lease.get("subnet", ""), lease.get("public_ip", ""),
-                         lease.get("backend", ""), status.get("network", "")], 1.0)
+                         lease.get("backend", ""), status.get("network", ""),
+                         lease.get("ipv6_subnet") or "", lease.get("public_ipv6") or "",
+                         status.get("ipv6_network") or ""], 1.0)
     yield info
 
     if lease.get("expires"):  # a reservation never expires: no sample

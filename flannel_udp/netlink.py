@@ -10,7 +10,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS
@@ -25,6 +25,7 @@ RTPROT_BOOT = 3  # what flanneld's netlink library sets: `ip route` shows no pro
 BLACKHOLE_METRIC = 0xFFFFFFFF  # the last resort: any other route for the subnet goes first
 IFF_LOOPBACK = 0x8  # <linux/if.h>
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+IP6_FORWARD = Path("/proc/sys/net/ipv6/conf/all/forwarding")
 
 
 @dataclass(frozen=True)
@@ -198,12 +199,36 @@ def _default_interface(ipr: IPRoute, links: list[_Link],
         raise UserError(f"the default route's interface: {e}") from None
 
 
+IFA_F_DEPRECATED = 0x20  # <linux/if_addr.h>; flannel skips such addresses too
+RT_SCOPE_UNIVERSE = 0
+
+
+def interface_ipv6(index: int, netns: str | None = None) -> IPv6Address | None:
+    """The first global IPv6 address of interface `index` (flanneld's ExtV6Addr: not
+    link-local, not deprecated); None when it has none. `netns`: as find_interface."""
+    with NetNS(netns) if netns else IPRoute() as ipr:
+        for a in ipr.get_addr(family=socket.AF_INET6, index=index):
+            flags = a.get("IFA_FLAGS") or a["flags"]
+            if a["scope"] != RT_SCOPE_UNIVERSE or flags & IFA_F_DEPRECATED:
+                continue
+            return IPv6Address(a.get("IFA_ADDRESS"))
+    return None
+
+
 def ip_forward() -> bool | None:
     """Whether this network namespace forwards IPv4 (net.ipv4.ip_forward); None when it can't
     be read. Off, the kernel passes nothing between the pods' interfaces and the overlay, for
     every backend (host-gw's routes as much as a TUN)."""
     try:
         return IP_FORWARD.read_text().strip() != "0"
+    except OSError:
+        return None
+
+
+def ip6_forward() -> bool | None:
+    """As ip_forward, for IPv6 (net.ipv6.conf.all.forwarding)."""
+    try:
+        return IP6_FORWARD.read_text().strip() != "0"
     except OSError:
         return None
 
@@ -315,8 +340,8 @@ def tx_dropped(name: str) -> int | None:
 class Route:
     """`dst via gateway dev oif`; `onlink`: the gateway need not be on a connected subnet."""
 
-    dst: IPv4Network
-    gateway: IPv4Address
+    dst: IPv4Network | IPv6Network
+    gateway: IPv4Address | IPv6Address
     oif: int
     onlink: bool = False
 
@@ -406,11 +431,14 @@ def missing(entries: list[KernelEntry]) -> list[KernelEntry]:
     """Those of `entries` the kernel does not hold now (e.g. deleted by hand)."""
     have: set[KernelEntry] = set()
     with IPRoute() as ipr:
-        if any(isinstance(e, Route) for e in entries):
-            for r in ipr.get_routes(family=socket.AF_INET, table=254):
+        families = {(socket.AF_INET6, IPv6Network, IPv6Address) if e.dst.version == 6
+                    else (socket.AF_INET, IPv4Network, IPv4Address)
+                    for e in entries if isinstance(e, Route)}
+        for family, network, address in families:
+            for r in ipr.get_routes(family=family, table=254):
                 if r.get("RTA_GATEWAY") and r.get("RTA_DST"):
-                    have.add(Route(IPv4Network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
-                                   IPv4Address(r.get("RTA_GATEWAY")), r.get("RTA_OIF"),
+                    have.add(Route(network(f"{r.get('RTA_DST')}/{r['dst_len']}"),
+                                   address(r.get("RTA_GATEWAY")), r.get("RTA_OIF"),
                                    bool(r["flags"] & RTNH_F_ONLINK)))
         for ifindex in {e.ifindex for e in entries if not isinstance(e, Route)}:
             try:
@@ -429,7 +457,7 @@ def missing(entries: list[KernelEntry]) -> list[KernelEntry]:
     return [e for e in entries if e not in have]
 
 
-def direct_route_to(address: IPv4Address) -> tuple[int | None, str]:
+def direct_route_to(address: IPv4Address | IPv6Address) -> tuple[int | None, str]:
     """(the outgoing interface, "") when the kernel reaches `address` by a directly connected,
     gateway-less route (flannel's ip.DirectRouting); else (None, why not)."""
     with IPRoute() as ipr:

@@ -8,18 +8,25 @@ import contextlib
 import fcntl
 import os
 import tempfile
-from ipaddress import IPv4Network, ip_interface
+from ipaddress import IPv4Network, IPv6Network, ip_interface
 from pathlib import Path
 
 from flannel_udp.errors import UserError
 
 
-def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
-    first_host = subnet.network_address + 1
-    return (f"FLANNEL_NETWORK={network}\n"
-            f"FLANNEL_SUBNET={first_host}/{subnet.prefixlen}\n"
-            f"FLANNEL_MTU={mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
+def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool,
+           ipv6_network: IPv6Network | None = None,
+           ipv6_subnet: IPv6Network | None = None) -> str:
+    """flannel's WriteSubnetFile: each subnet as its first address with the lease's prefix
+    length; the two IPv6 lines (dual stack) between the IPv4 ones and FLANNEL_MTU."""
+    text = (f"FLANNEL_NETWORK={network}\n"
+            f"FLANNEL_SUBNET={subnet.network_address + 1}/{subnet.prefixlen}\n")
+    if ipv6_network is not None and ipv6_subnet is not None:
+        text += (f"FLANNEL_IPV6_NETWORK={ipv6_network}\n"
+                 f"FLANNEL_IPV6_SUBNET={ipv6_subnet.network_address + 1}/"
+                 f"{ipv6_subnet.prefixlen}\n")
+    return text + (f"FLANNEL_MTU={mtu}\n"
+                   f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
 
 
 def write(path: str | os.PathLike, content: str) -> None:
@@ -66,6 +73,18 @@ def previous_subnet(path: str | os.PathLike) -> IPv4Network | None:
     except ValueError:
         return None
     return net if isinstance(net, IPv4Network) else None
+
+
+def previous_ipv6_subnet(path: str | os.PathLike) -> IPv6Network | None:
+    """The IPv6 subnet named by FLANNEL_IPV6_SUBNET in an existing file, if it parses."""
+    value = read(path).get("FLANNEL_IPV6_SUBNET")
+    if not value:
+        return None
+    try:
+        net = ip_interface(value).network
+    except ValueError:
+        return None
+    return net if isinstance(net, IPv6Network) else None
 
 
 def lock_path(path: str | os.PathLike) -> Path:

@@ -20,6 +20,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
+from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
 if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backend options
@@ -85,6 +86,7 @@ class Network(ABC):
 
     backend_type: str  # published in our lease ('' for flannel's udp)
     backend_data: bytes | None  # published in our lease, raw JSON
+    backend_v6_data: bytes | None = None  # dual stack: BackendV6Data, raw JSON (vxlan's)
     mtu: int  # the MTU pods should use (FLANNEL_MTU)
 
     @abstractmethod
@@ -144,9 +146,21 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
+# The backends that carry IPv6 (EnableIPv6, dual stack); the others refuse it at start.
+IPV6_BACKENDS: tuple[str, ...] = ("host-gw",)
+
+
+def check_ipv6(config: NetworkConfig) -> None:
+    """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
+    if config.enable_ipv6 and config.backend_type not in IPV6_BACKENDS:
+        which = ", ".join(IPV6_BACKENDS) or "none yet"
+        raise UserError(f"EnableIPv6: backend {config.backend_type} does not carry IPv6 in "
+                        f"flannel-udp yet (dual stack runs on: {which}); drop EnableIPv6 "
+                        "or change Backend.Type")
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
                  settings: DataplaneSettings) -> Network:
     """The backend the config names; UserError for options it can't work with."""
+    check_ipv6(config)
     return BACKENDS[config.backend_type](config, ext, public_ip, settings)

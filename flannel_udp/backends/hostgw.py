@@ -1,13 +1,17 @@
 """flannel's host-gw backend: no encapsulation, no device; each peer's subnet is routed to its
 PublicIP (`<subnet> via <PublicIP>`), which only works when the hosts share an L2 segment. A
 peer whose PublicIP is behind a gateway is reported and skipped. The lease carries
-`"BackendType":"host-gw"` and no BackendData, as flannel's."""
+`"BackendType":"host-gw"` and no BackendData, as flannel's. Dual stack (EnableIPv6): a peer's
+IPv6 subnet is routed to its PublicIPv6 as well (`<v6 subnet> via <PublicIPv6>`); a v4-only
+peer gets its v4 route only."""
 
 from __future__ import annotations
 
+from functools import partial
 from ipaddress import IPv4Network
 from typing import Any
 
+from flannel_udp import netlink
 from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan, direct_route
 from flannel_udp.config import NetworkConfig
@@ -15,8 +19,10 @@ from flannel_udp.lease import Lease
 from flannel_udp.netlink import ExtIface
 
 
-def plan_host_gw(lease: Lease) -> Plan:
-    """A host-gw lease becomes one route to its PublicIP, if that is directly reachable."""
+def plan_host_gw(lease: Lease, config: NetworkConfig | None = None) -> Plan:
+    """A host-gw lease becomes one route to its PublicIP, if that is directly reachable; in a
+    dual-stack network (`config`), and if the lease has an IPv6 subnet of ours and a
+    PublicIPv6, a second route to that."""
     if lease.backend != "host-gw":
         # flannel's route networks ignore leases of other types.
         return Plan((), "ignored", f"runs backend {lease.backend}, not host-gw; ignored as "
@@ -25,7 +31,28 @@ def plan_host_gw(lease: Lease) -> Plan:
     if isinstance(route, str):
         return Plan((), "unreachable", f"not directly reachable: {route} (host-gw needs the "
                     "hosts on one L2 segment; use vxlan with DirectRouting across routers)")
-    return Plan((route,), "host-gw")
+    if config is None or not config.enable_ipv6:
+        return Plan((route,), "host-gw")
+    v6 = _ipv6_route(lease, config)
+    if isinstance(v6, str):
+        return Plan((route,), "host-gw", shown={"ipv6_path": v6})
+    return Plan((route, v6), "host-gw", shown={"ipv6_path": "host-gw"})
+
+
+def _ipv6_route(lease: Lease, config: NetworkConfig) -> netlink.Route | str:
+    """`<v6 subnet> via <PublicIPv6>`, or why the peer gets no IPv6 route."""
+    if lease.ipv6_subnet is None:
+        return "none: a v4-only lease"
+    if not (lease.ipv6_subnet.prefixlen == config.ipv6_subnet_len
+            and config.ipv6_network is not None
+            and lease.ipv6_subnet.subnet_of(config.ipv6_network)):
+        return f"none: {lease.ipv6_subnet} is not a subnet of IPv6Network {config.ipv6_network}"
+    if lease.public_ipv6 is None:
+        return "none: the lease has no PublicIPv6"
+    oif, why = netlink.direct_route_to(lease.public_ipv6)
+    if oif is None:
+        return f"unreachable: {lease.public_ipv6}: {why}"
+    return netlink.Route(lease.ipv6_subnet, lease.public_ipv6, oif)
 
 
 class HostGwNetwork(Network):
@@ -38,7 +65,7 @@ class HostGwNetwork(Network):
         self.config = config
         self.ext = ext
         self.mtu = ext.mtu  # nothing is added to a packet
-        self._routes = PeerRoutes(plan_host_gw)
+        self._routes = PeerRoutes(partial(plan_host_gw, config=config))
 
     def open(self) -> None:
         pass  # no device, no socket
@@ -58,7 +85,7 @@ class HostGwNetwork(Network):
 
     def stats(self) -> dict[str, Any]:
         return {"counters": {}, "lease": {"route_resync": self._routes.resync},
-                "peers": {str(subnet): {"path": plan.path}
+                "peers": {str(subnet): {"path": plan.path, **plan.shown}
                           for subnet, plan in self._routes.plans.items()}}
 
     def userspace(self) -> UserspaceDataplane | None:

@@ -40,6 +40,7 @@ class Host(Netns):
         self.index = index
         self.segment = segment
         self.underlay_ip = underlay_ip
+        self.underlay_ipv6: str | None = None  # on a dual-stack underlay
         self.dir = directory
         self.subnet_file = directory / "subnet.env"
         self.control_socket = directory / "control.sock"
@@ -173,18 +174,23 @@ class Pod(Netns):
         self.host = host
         self.address = address
         self.gateway = gateway
+        self.address6: str | None = None  # dual stack: its IPv6 address
 
     @property
     def label(self) -> str:
         return f"p{self.index}"
 
     def tcp_transfer(self, dst: Pod, port: int, size: int,
-                     timeout: float = 60) -> dict[str, Any]:
-        """`size` random bytes from this pod to a one-connection sink in `dst` on `port`:
-        {"sent": bytes, "received": bytes, "intact": the SHA-256 of both ends agree}."""
+                     timeout: float = 60, ipv6: bool = False) -> dict[str, Any]:
+        """`size` random bytes from this pod to a one-connection sink in `dst` on `port` (at its
+        IPv6 address with `ipv6`): {"sent": bytes, "received": bytes, "intact": the SHA-256 of
+        both ends agree}."""
         data = os.urandom(size)
-        sink = dst.tcp_sink(dst.address, port, timeout)
-        sent = self.tcp_send(dst.address, port, data, timeout)
+        address = dst.address6 if ipv6 else dst.address
+        if address is None:
+            raise ValueError(f"{dst.label} has no IPv6 address")
+        sink = dst.tcp_sink(address, port, timeout)
+        sent = self.tcp_send(address, port, data, timeout)
         got = dst.tcp_sink_result(sink, timeout)
         return {"sent": sent["bytes"], "received": got["bytes"],
                 "intact": got["sha256"] == hashlib.sha256(data).hexdigest()}

@@ -110,7 +110,8 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
 
 
 def _tcp_sink_main(bind: str, port: int, timeout: float) -> int:
-    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET,
+                           socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((bind, port))
     server.listen(1)

@@ -6,9 +6,11 @@ Layout (nothing is created in the root namespace; `ip netns add` only leaves a m
 
     <prefix>-sw   switch: bridge br0 with one port h<i> per host (br<k> per extra segment k)
     <prefix>-rt   router, only with several segments: eth<k> = 192.168.(77+k).1 on br<k>
-    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24, MTU 1500, ip_forward on; runs a daemon
+    <prefix>-h<i> host i: eth0 = 192.168.77.(10+i)/24, MTU 1500, ip_forward on; runs a daemon;
+                  with `ipv6`, also fd77::(10+i)/64 (hex) and IPv6 forwarding on (dual stack)
     <prefix>-p<i> pod on a host: eth0 = second address of the host's flannel subnet, default
-                  route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET)
+                  route via the host's side of the veth (pod<i>, which holds FLANNEL_SUBNET);
+                  dual stack (FLANNEL_IPV6_SUBNET in subnet.env) the same in IPv6
 
 `prefix` is `fu<pid>-<n>` (see `netns`). Each topology has a temp dir for the store, the network
 config, and per host its subnet.env, control socket and daemon log.
@@ -40,6 +42,7 @@ from flannel_udp.lab.netns import (
 )
 
 UNDERLAY_NET = ipaddress.IPv4Network("192.168.77.0/24")  # segment 0; segment k is 192.168.77+k
+UNDERLAY_NET6 = ipaddress.IPv6Network("fd77::/64")  # segment 0's IPv6, with `ipv6`
 UNDERLAY_MTU = 1500
 DEFAULT_NETWORK_CONFIG = {"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}
 # The docs' promise: a lease put, deleted or expired in the store is in (or out of) every
@@ -58,13 +61,16 @@ class Topology:
     """Hosts on one bridge, plus pods added later; a context manager that always cleans up."""
 
     def __init__(self, hosts: int = 3, prefix: str | None = None,
-                 segments: Sequence[int] | None = None) -> None:
+                 segments: Sequence[int] | None = None, ipv6: bool = False) -> None:
         """`segments`: the underlay segment of each host (default all 0); with more than one
         segment a router namespace `<prefix>-rt` joins them and every host routes the other
         segments through it, so hosts on different segments reach each other only via a
-        gateway."""
+        gateway. `ipv6`: a dual-stack underlay (one segment only)."""
         if not 1 <= hosts <= 200:
             raise ValueError("hosts must be between 1 and 200")
+        if ipv6 and len(set(segments or [0])) > 1:
+            raise ValueError("an IPv6 underlay has one segment")
+        self.ipv6 = ipv6
         self.prefix = prefix or f"fu{os.getpid()}-{next(_topology_ids)}"
         self.processes: list[subprocess.Popen] = []
         self.hosts: list[Host] = []
@@ -145,6 +151,8 @@ class Topology:
         underlay_ip = str(segment_net(segment).network_address + 10 + index)
         host = Host(f"{self.prefix}-h{index}", index, directory, self.processes, underlay_ip,
                     segment)
+        if self.ipv6:
+            host.underlay_ipv6 = str(UNDERLAY_NET6.network_address + 10 + index)
         self._add_namespace(host.name)
         self.hosts.append(host)
         sw = self.switch.name
@@ -162,6 +170,11 @@ class Topology:
                 self._ip(host.name, "route", "add", str(segment_net(other)),
                          "via", str(net.network_address + 1))
         host.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if self.ipv6:
+            # nodad: the address is usable at once (no tentative phase to wait out)
+            self._ip(host.name, "addr", "add", f"{host.underlay_ipv6}/{UNDERLAY_NET6.prefixlen}",
+                     "dev", "eth0", "nodad")
+            host.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         return host
 
     def host(self, index: int) -> Host:
@@ -205,6 +218,13 @@ class Topology:
         self._ip(pod.name, "addr", "add", str(address), "dev", "eth0")
         self._ip(pod.name, "link", "set", "eth0", "up")
         self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
+        if env.get("FLANNEL_IPV6_SUBNET"):  # dual stack: the same in IPv6
+            gateway6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
+            address6 = ipaddress.IPv6Interface(f"{gateway6.ip + 1}/{gateway6.network.prefixlen}")
+            self._ip(host.name, "addr", "add", str(gateway6), "dev", veth, "nodad")
+            self._ip(pod.name, "addr", "add", str(address6), "dev", "eth0", "nodad")
+            self._ip(pod.name, "-6", "route", "add", "default", "via", str(gateway6.ip))
+            pod.address6 = str(address6.ip)
         return pod
 
     def remove_pod(self, pod: Pod) -> None:

@@ -20,6 +20,7 @@ from flannel_udp.backends.userspace import TunNetwork
 from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
 from flannel_udp.backends.vxlan.userspace import VxlanNetwork
 from flannel_udp.config import parse_config
+from flannel_udp.errors import UserError
 from flannel_udp.netlink import ExtIface
 
 PUBLIC_IP = IPv4Address("192.168.77.13")
@@ -77,3 +78,13 @@ def test_every_backend_gets_the_settings_and_is_a_network(backend):
         candidate = network._userspace
         assert isinstance(candidate, VxlanNetwork)
         assert (candidate.source_check, candidate.busy_poll_us) == (False, 300)
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_a_backend_without_ipv6_refuses_enable_ipv6_in_one_line(backend):
+    config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
+                                      "IPv6Network": "fd99::/56", "Backend": {"Type": backend}}))
+    with pytest.raises(UserError) as err:
+        make_network(config, EXT, PUBLIC_IP, DataplaneSettings())
+    assert str(err.value).startswith(f"EnableIPv6: backend {backend} does not carry IPv6")
+    assert "\n" not in str(err.value) and err.value.exit_code == 2

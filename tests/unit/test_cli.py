@@ -289,8 +289,10 @@ def test_an_empty_flanneld_iface_is_ignored_as_flanneld_ignores_it(monkeypatch):
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), [
-    (["--public-ipv6", "fd77::1"], {}, "--public-ipv6 fd77::1: IPv6 is not supported yet"),
-    ([], {"FLANNELD_PUBLIC_IPV6": "fd77::1"}, "--public-ipv6 fd77::1: IPv6 is not supported"),
+    (["--public-ipv6", "192.168.77.1"], {}, "--public-ipv6 192.168.77.1: not an IPv6 address"),
+    ([], {"FLANNELD_PUBLIC_IPV6": "banana"}, "--public-ipv6 banana: not an IPv6 address"),
+    (["--public-ipv6", "::1"], {}, "--public-ipv6 ::1: other hosts cannot reach it there"),
+    (["-public-ipv6=fe80::1"], {}, "--public-ipv6 fe80::1: a link-local address"),
     (["--iface-regex", "(eth"], {}, "--iface-regex (eth: not a valid regular expression"),
     (["--iface-can-reach", "banana"], {}, "--iface-can-reach banana: not an IPv4 address"),
     (["-iface-can-reach=fd00::1"], {}, "not an IPv4 address (IPv6 is not supported yet)"),
@@ -304,3 +306,21 @@ def test_refused_interface_flags_are_one_line_and_change_nothing(tmp_path, argv,
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert message in done.stderr
     assert not store.exists() and not subnet_file.exists()
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_enable_ipv6_on_a_backend_without_ipv6_is_refused_at_start_changing_nothing(
+        tmp_path, backend):
+    config = tmp_path / "net-conf.json"
+    config.write_text(json.dumps({"Network": "10.5.0.0/16", "EnableIPv6": True,
+                                  "IPv6Network": "fd99::/56", "Backend": {"Type": backend}}))
+    store, subnet_file = tmp_path / "store", tmp_path / "subnet.env"
+    done = flannel_udp("run", "--local-store", str(store), "--subnet-file", str(subnet_file),
+                       "--net-config-path", str(config), "--control-socket",
+                       str(tmp_path / "control.sock"), "--public-ipv6", "fd77::1")
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"EnableIPv6: backend {backend} does not carry IPv6 in flannel-udp yet" in last
+    assert "Traceback" not in done.stderr
+    assert not store.exists() and not subnet_file.exists()  # no lease, no config seeded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net-conf.json"]

@@ -1,7 +1,7 @@
 """Network config: flannel's defaults, and one clear refusal naming the field for each mistake."""
 
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -39,6 +39,9 @@ def test_explicit_min_and_max_are_kept():
                                                 IPv4Address("10.5.20.0"))
 
 
+V6 = '{"Network": "10.5.0.0/16", "EnableIPv6": true, '
+
+
 @pytest.mark.parametrize("text, field", [
     ("not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
@@ -58,7 +61,25 @@ def test_explicit_min_and_max_are_kept():
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "carrier-pigeon"}}', "Backend.Type:"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "wireguard"}}', "not implemented"),
     ('{"Network": "10.5.0.0/16", "Backend": "udp"}', "Backend:"),
-    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6:"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "IPv6Network: missing"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": "yes"}', "EnableIPv6: expected true or false"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": 0}', "EnableIPv4: expected true or false"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": false, "EnableIPv6": true, '
+     '"IPv6Network": "fd99::/56"}', "EnableIPv4: false (an IPv6-only network) is not supported"),
+    (V6 + '"IPv6Network": "10.6.0.0/16"}', "IPv6Network: \"10.6.0.0/16\" is not an IPv6 CIDR"),
+    (V6 + '"IPv6Network": "fd99::/125"}', "IPv6Network: fd99::/125 is too small"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetLen": 57}',
+     "IPv6SubnetLen: 57 is out of range for IPv6Network fd99::/56 (must be 58..126)"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetLen": 127}', "IPv6SubnetLen: 127"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetLen": "64"}', "IPv6SubnetLen: expected an"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetMin": "fd98::"}',
+     "IPv6SubnetMin: fd98:: is outside IPv6Network fd99::/56"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetMax": "fd99:0:0:5::1"}',
+     "IPv6SubnetMax: fd99:0:0:5::1 is not aligned to IPv6SubnetLen /64"),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetMin": "10.5.0.0"}',
+     'IPv6SubnetMin: "10.5.0.0" is not an IPv6 address'),
+    (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetMin": "fd99:0:0:9::", '
+     '"IPv6SubnetMax": "fd99:0:0:3::"}', "IPv6SubnetMin: fd99:0:0:9:: is above IPv6SubnetMax"),
 ])
 def test_bad_config_is_refused_naming_the_field(text, field):
     with pytest.raises(ConfigError) as err:
@@ -67,6 +88,35 @@ def test_bad_config_is_refused_naming_the_field(text, field):
     assert field in message
     assert "\n" not in message
     assert err.value.exit_code == 2
+
+
+def test_dual_stack_defaults_are_flannels():
+    # REFERENCE.md section 5's flanneld v0.22.3 config: /64 subnets, the first one skipped
+    cfg = parse_config('{"EnableIPv6":true,"Network":"10.99.0.0/16","IPv6Network":"fd99::/56",'
+                       '"Backend":{"Type":"vxlan"}}')
+    assert (cfg.enable_ipv4, cfg.enable_ipv6) == (True, True)
+    assert cfg.ipv6_network == IPv6Network("fd99::/56")
+    assert cfg.ipv6_subnet_len == 64
+    assert cfg.ipv6_subnet_min == IPv6Address("fd99:0:0:1::")
+    assert cfg.ipv6_subnet_max == IPv6Address("fd99:0:0:ff::")
+    assert cfg.contains_ipv6_subnet(IPv6Network("fd99:0:0:25::/64"))
+    assert not cfg.contains_ipv6_subnet(IPv6Network("fd99::/64"))  # below IPv6SubnetMin
+    assert not cfg.contains_ipv6_subnet(IPv6Network("fd98:0:0:25::/64"))
+    assert not cfg.contains_ipv6_subnet(IPv6Network("fd99:0:0:25::/80"))
+
+
+def test_small_ipv6_network_gets_prefix_plus_two_and_keys_match_case_insensitively():
+    cfg = parse_config('{"network":"10.5.0.0/16","enableipv6":true,"ipv6network":"fd99::/96",'
+                       '"IPV6SUBNETMAX":"fd99::8000:0"}')
+    assert cfg.ipv6_subnet_len == 98
+    assert (cfg.ipv6_subnet_min, cfg.ipv6_subnet_max) == (IPv6Address("fd99::4000:0"),
+                                                          IPv6Address("fd99::8000:0"))
+
+
+def test_ipv6_keys_without_enable_ipv6_are_ignored_as_flannel_does():
+    cfg = parse_config('{"Network": "10.5.0.0/16", "IPv6Network": "banana"}')
+    assert not cfg.enable_ipv6 and cfg.ipv6_network is None
+    assert not cfg.contains_ipv6_subnet(IPv6Network("fd99:0:0:25::/64"))
 
 
 @pytest.mark.parametrize("port, field", [

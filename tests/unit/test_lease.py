@@ -2,7 +2,7 @@
 
 import random
 import re
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -16,7 +16,10 @@ from flannel_udp.lease import (
     encode_lease_value,
     format_mac,
     free_candidates,
+    lease_from_record,
+    lease_key,
     own_lease,
+    parse_lease_key,
     parse_mac,
     parse_subnet_key,
     subnet_key,
@@ -74,6 +77,57 @@ def test_key_round_trip():
     assert parse_subnet_key("/coreos.com/network/subnets/10.5.52.0-24") == NET
     assert parse_subnet_key("config") is None
     assert parse_subnet_key("10.5.52.0-99") is None
+
+
+# flanneld v0.22.3 in dual stack, as REFERENCE.md section 5 saw it write its lease
+DUAL_KEY = "/coreos.com/network/subnets/10.99.15.0-24&fd99:0:0:25::-64"
+DUAL_VALUE = (b'{"PublicIP":"192.168.77.2","PublicIPv6":"fd77::2","BackendType":"vxlan",'
+              b'"BackendData":{"VNI":1,"VtepMAC":"4a:ed:9d:55:a8:86"},'
+              b'"BackendV6Data":{"VNI":1,"VtepMAC":"66:3c:4e:3e:2d:52"}}')
+
+
+def test_dual_stack_key_round_trip_is_flanneds():
+    v4, v6 = IPv4Network("10.99.15.0/24"), IPv6Network("fd99:0:0:25::/64")
+    assert parse_lease_key(DUAL_KEY) == (v4, v6)
+    assert subnet_key(v4, v6) == DUAL_KEY.rsplit("/", 1)[1]
+    assert parse_subnet_key(DUAL_KEY) == v4  # the v4 part, for the v4 plane
+    assert parse_lease_key("10.99.15.0-24") == (v4, None)
+    for bad in ("10.99.15.0-24&", "10.99.15.0-24&fd99:0:0:25::", "10.99.15.0-24&fd99::1-64",
+                "10.99.15.0-24&10.1.0.0-16", "10.99.15.0-24&fd99::-129", "fd99::-64"):
+        assert parse_lease_key(bad) is None, bad
+
+
+def test_dual_stack_value_is_flanneds_byte_for_byte():
+    value = encode_lease_value(
+        IPv4Address("192.168.77.2"), "vxlan",
+        VxlanLeaseData(1, bytes.fromhex("4aed9d55a886")).encode(),
+        public_ipv6=IPv6Address("fd77::2"),
+        backend_v6_data=VxlanLeaseData(1, bytes.fromhex("663c4e3e2d52")).encode())
+    assert value == DUAL_VALUE
+    # host-gw: BackendType only, as flannel's host-gw writes it
+    assert encode_lease_value(IPv4Address("192.168.77.2"), "host-gw",
+                              public_ipv6=IPv6Address("fd77::2")) == (
+        b'{"PublicIP":"192.168.77.2","PublicIPv6":"fd77::2","BackendType":"host-gw"}')
+
+
+def test_dual_stack_value_decodes_and_encodes_back_unchanged():
+    lease = lease_from_record(DUAL_KEY, DUAL_VALUE, 123.0)
+    assert lease.subnet == IPv4Network("10.99.15.0/24")
+    assert lease.ipv6_subnet == IPv6Network("fd99:0:0:25::/64")
+    assert lease.public_ipv6 == IPv6Address("fd77::2")
+    assert VxlanLeaseData.decode(lease.backend_v6_data).vtep_mac == bytes.fromhex("663c4e3e2d52")
+    assert lease_key(lease) == DUAL_KEY.rsplit("/", 1)[1]
+    assert encode_lease_value(lease.public_ip, lease.backend_type, lease.backend_data,
+                              public_ipv6=lease.public_ipv6,
+                              backend_v6_data=lease.backend_v6_data) == DUAL_VALUE
+    # a v4-only lease in a dual-stack network: no v6 part
+    v4 = lease_from_record("10.99.16.0-24", b'{"PublicIP":"192.168.77.3","PublicIPv6":null}')
+    assert (v4.ipv6_subnet, v4.public_ipv6, v4.backend_v6_data) == (None, None, None)
+    with pytest.raises(LeaseValueError, match="PublicIPv6"):
+        decode_lease(NET, b'{"PublicIP":"192.168.77.2","PublicIPv6":"192.168.77.2"}')
+    with pytest.raises(ValueError):  # flannel v0.11 has no IPv6
+        encode_lease_value(IPv4Address("192.168.77.2"), public_ipv6=IPv6Address("fd77::2"),
+                           v011=True)
 
 
 def test_flannel_written_leases_decode():

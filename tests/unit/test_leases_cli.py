@@ -170,8 +170,35 @@ def test_list_shows_subnet_public_ip_backend_and_expiry_or_reserved(store):
     assert second == {"key": "10.5.10.0-24", "subnet": "10.5.10.0/24",
                       "public_ip": "192.168.0.40", "backend": "vxlan",
                       "backend_data": {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"},
+                      "ipv6_subnet": None, "public_ipv6": None, "backend_v6_data": None,
                       "expires": None, "reserved": True}
     assert bad["key"] == "10.5.9.0-24" and bad["error"].startswith("not JSON")
+
+
+# flanneld v0.22.3's dual-stack lease (REFERENCE.md section 5)
+DUAL_KEY = "10.5.15.0-24&fd99:0:0:25::-64"
+DUAL_VALUE = (b'{"PublicIP":"192.168.77.2","PublicIPv6":"fd77::2","BackendType":"vxlan",'
+              b'"BackendData":{"VNI":1,"VtepMAC":"4a:ed:9d:55:a8:86"},'
+              b'"BackendV6Data":{"VNI":1,"VtepMAC":"66:3c:4e:3e:2d:52"}}')
+
+
+def test_list_shows_a_dual_stack_leases_ipv6_subnet_and_delete_takes_its_v4_subnet(store):
+    store.put_by_hand(DUAL_KEY, DUAL_VALUE, 600)
+    result = store.leases("list")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "PUBLIC", "IP", "IPV6", "SUBNET", "PUBLIC", "IPV6",
+                                "BACKEND", "EXPIRY"]
+    assert lines[1].split()[:5] == ["10.5.2.0/24", OTHER, "-", "-", "udp"]
+    assert lines[2].split()[:5] == ["10.5.15.0/24", "192.168.77.2", "fd99:0:0:25::/64",
+                                    "fd77::2", "vxlan"]
+    listed = json.loads(store.leases("list", "--json").stdout)
+    dual = next(e for e in listed if e["key"] == DUAL_KEY)
+    assert (dual["ipv6_subnet"], dual["public_ipv6"]) == ("fd99:0:0:25::/64", "fd77::2")
+    assert dual["backend_v6_data"] == {"VNI": 1, "VtepMAC": "66:3c:4e:3e:2d:52"}
+    deleted = store.leases("delete", "10.5.15.0/24")
+    assert deleted.returncode == 0, deleted.stderr
+    assert DUAL_KEY not in store.raw() and "10.5.2.0-24" in store.raw()
 
 
 def test_reserve_writes_flannels_key_and_lease_json_without_ttl(store):

@@ -91,6 +91,19 @@ def test_docker_opts_default_writes_individual_then_combined_as_mk_docker_opts()
                    'DOCKER_OPTS=" --bip=10.244.3.1/24 --ip-masq=false --mtu=1472 "\n')
 
 
+def test_docker_opts_in_dual_stack_give_docker_the_ipv6_subnet():
+    env = {"FLANNEL_NETWORK": "10.99.0.0/16", "FLANNEL_SUBNET": "10.99.15.1/24",
+           "FLANNEL_IPV6_NETWORK": "fd99::/56", "FLANNEL_IPV6_SUBNET": "fd99:0:0:5c::1/64",
+           "FLANNEL_MTU": "1450", "FLANNEL_IPMASQ": "true"}
+    out = render(env, DockerOptsOptions(), environ={})
+    assert out == ('DOCKER_OPT_BIP="--bip=10.99.15.1/24"\n'
+                   'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+                   'DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fd99:0:0:5c::1/64"\n'
+                   'DOCKER_OPT_MTU="--mtu=1450"\n'
+                   'DOCKER_OPTS=" --bip=10.99.15.1/24 --ip-masq=false '
+                   '--ipv6 --fixed-cidr-v6=fd99:0:0:5c::1/64 --mtu=1450 "\n')
+
+
 def test_docker_opts_without_flannel_masquerading_leaves_ip_masq_to_docker():
     env = {**SUBNET_ENV, "FLANNEL_IPMASQ": "false"}
     out = render(env, DockerOptsOptions(), environ={})
@@ -225,6 +238,18 @@ def test_metrics_carry_the_status_counters_per_direction_peer_reason_and_offload
         ("flannel_udp_icmp_unreachable_sent_total", ()): 1,
     }
     assert {k: got.get(k) for k in expected} == expected
+
+
+def test_metrics_info_carries_the_dual_stack_lease():
+    status = {**STATUS, "ipv6_network": "fd99::/56",
+              "lease": {**STATUS["lease"], "ipv6_subnet": "fd99:0:0:25::/64",
+                        "public_ipv6": "fd77::b"}}
+    info = [(labels, value) for (name, labels), value in samples(metrics.render(status)).items()
+            if name == "flannel_udp_info"]
+    assert info == [((("backend", "udp"), ("ipv6_network", "fd99::/56"),
+                      ("ipv6_subnet", "fd99:0:0:25::/64"), ("network", "10.244.0.0/16"),
+                      ("public_ip", "192.168.77.11"), ("public_ipv6", "fd77::b"),
+                      ("subnet", "10.244.3.0/24")), 1.0)]
 
 
 def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():

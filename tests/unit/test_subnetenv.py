@@ -2,7 +2,7 @@
 
 import os
 import stat
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
@@ -14,6 +14,27 @@ def test_content_is_flannels_format():
     text = subnetenv.render(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.52.0/24"), 1472, False)
     assert text == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\n"
                     "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+
+
+def test_dual_stack_content_is_flanneds_format():
+    # REFERENCE.md section 5: flanneld v0.22.3 in dual stack
+    text = subnetenv.render(IPv4Network("10.99.0.0/16"), IPv4Network("10.99.15.0/24"), 1450,
+                            False, IPv6Network("fd99::/56"), IPv6Network("fd99:0:0:5c::/64"))
+    assert text == ("FLANNEL_NETWORK=10.99.0.0/16\nFLANNEL_SUBNET=10.99.15.1/24\n"
+                    "FLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_IPV6_SUBNET=fd99:0:0:5c::1/64\n"
+                    "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+
+
+def test_previous_ipv6_subnet_is_read_back(tmp_path):
+    path = tmp_path / "subnet.env"
+    assert subnetenv.previous_ipv6_subnet(path) is None
+    subnetenv.write(path, subnetenv.render(
+        IPv4Network("10.99.0.0/16"), IPv4Network("10.99.15.0/24"), 1450, False,
+        IPv6Network("fd99::/56"), IPv6Network("fd99:0:0:5c::/64")))
+    assert subnetenv.previous_ipv6_subnet(path) == IPv6Network("fd99:0:0:5c::/64")
+    assert subnetenv.previous_subnet(path) == IPv4Network("10.99.15.0/24")
+    path.write_text("FLANNEL_IPV6_SUBNET=10.99.15.1/24\n")  # not IPv6
+    assert subnetenv.previous_ipv6_subnet(path) is None
 
 
 def test_write_replaces_atomically_with_mode_0644(tmp_path):
