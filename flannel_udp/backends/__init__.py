@@ -147,7 +147,8 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 # The backends that carry IPv6 (EnableIPv6, dual stack); the others refuse it at start.
-IPV6_BACKENDS: tuple[str, ...] = ("host-gw",)
+# udp: IPv6 inner packets in flannel's udp format, ours alone (flanneld's udp is IPv4-only).
+IPV6_BACKENDS: tuple[str, ...] = ("host-gw", "udp")
 
 
 def check_ipv6(config: NetworkConfig) -> None:
