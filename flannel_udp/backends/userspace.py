@@ -21,10 +21,17 @@ import pytun
 
 from flannel_udp import netlink
 from flannel_udp.backends import DataplaneSettings, Network, Unreachable, UserspaceDataplane
-from flannel_udp.backends.offloads import Offloads, open_tun_with_offloads
-from flannel_udp.backends.sockets import open_send_sockets, open_udp_socket, open_udp_socket6
+from flannel_udp.backends.offloads import OFFLOADS_ENV, Offloads, open_tun_with_offloads
+from flannel_udp.backends.sockets import (
+    enable_udp_gro,
+    open_send_sockets,
+    open_udp_socket,
+    open_udp_socket6,
+    udp_gso_supported,
+)
 from flannel_udp.backends.tun import tun_attached
 from flannel_udp.config import NetworkConfig
+from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
 from flannel_udp.netlink import ExtIface
 
@@ -92,6 +99,17 @@ class TunNetwork(Network, UserspaceDataplane):
                 self._senders6 = open_send_sockets(self.send_sockets, socket.AF_INET6)
             self._tun, self.offloads_probed = open_tun_with_offloads(
                 self.tun_name, self._sock, self._senders)
+            off = self.offloads_probed
+            if self._sock6 is not None:
+                # One UDP_GRO flag for both sockets: the IPv6 one gets it only with the IPv4
+                # one (else its groups would be taken for single datagrams); UDP_SEGMENT only
+                # where every send socket takes it.
+                if off.udp_gro and not enable_udp_gro(self._sock6):
+                    raise UserError("the IPv6 UDP socket refused UDP_GRO, which the IPv4 one "
+                                    f"took; run with {OFFLOADS_ENV}=0")
+                if off.udp_gso:
+                    off.udp_gso = all(udp_gso_supported(s)
+                                      for s in self._senders6 or [self._sock6])
         except BaseException:
             self.close()
             raise

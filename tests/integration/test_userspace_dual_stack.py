@@ -58,3 +58,17 @@ def test_status_shows_each_peers_ipv6_subnet_with_its_traffic(cluster: Topology)
         v6 = row["ipv6"]
         assert v6["subnet"] == row["ipv6_subnet"] and v6["peer"] == row["public_ipv6"], row
         assert v6["tx_packets"] > 0 and v6["rx_packets"] > 0, row
+
+
+def test_a_tcp_stream_over_v6_is_split_and_coalesced_as_over_v4(cluster: Topology):
+    """TSO on the sender, UDP_GRO and coalescing on the receiver, for IPv6 too (the IPv6
+    socket has UDP_GRO as the IPv4 one)."""
+    src, dst = cluster.pods[0], cluster.pods[1]
+    before = [h.status()["counters"] for h in (src.host, dst.host)]
+    got = src.tcp_transfer(dst, next(_ports), 16 << 20, ipv6=True)
+    assert got == {"sent": 16 << 20, "received": 16 << 20, "intact": True}
+    after = [h.status()["counters"] for h in (src.host, dst.host)]
+    offloads = [h.status()["offloads"] for h in (src.host, dst.host)]
+    assert offloads[0]["tso"] and offloads[1]["udp_gro"], offloads
+    assert after[0]["tso_split"] > before[0]["tso_split"]
+    assert after[1]["gro_coalesced"] > before[1]["gro_coalesced"]
