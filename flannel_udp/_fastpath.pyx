@@ -512,11 +512,18 @@ cdef class FastPath:
             tail = r.tail
             while tail != head:
                 rec = &r.slots[tail & (TRACE_SLOTS - 1)]
+                if rec.v6 & 1:
+                    src, dst = format_ipv6(rec.src6), format_ipv6(rec.dst6)
+                else:
+                    src = format_ipv4(rec.src) if rec.src else ""
+                    dst = format_ipv4(rec.dst) if rec.dst else ""
+                if rec.v6 & 2:
+                    peer = format_ipv6(rec.peer6)
+                else:
+                    peer = format_ipv4(rec.peer) if rec.peer else ""
                 out.append((rec.ns, "egress" if rec.dir == 0 else "ingress",
                             VERDICT_NAMES.get(rec.verdict, "?"), DROP_NAMES.get(rec.drop, ""),
-                            rec.proto, format_ipv4(rec.src) if rec.src else "",
-                            format_ipv4(rec.dst) if rec.dst else "",
-                            format_ipv4(rec.peer) if rec.peer else "", rec.length))
+                            rec.proto, src, dst, peer, rec.length))
                 tail += 1
             fu_store_release(&r.tail, tail)
         return out

@@ -74,7 +74,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
         pkt = q.bufs + <size_t>i * EGRESS_SLOT + HEADROOM
         egress_one(s, pkt, q.lens[i], q.reply + VNET_HDR_LEN, &v)
         if every:
-            trace_record(&qu.eg_trace, every, 0, pkt, q.lens[i], &v, v.peer)
+            trace_record(&qu.eg_trace, every, 0, pkt, q.lens[i], &v, v.peer, NULL)
         if v.action == ACT_SEND:
             if s.vnet:
                 k = egress_offloaded(s, q, k, pkt, v.length, v.route)
@@ -188,7 +188,8 @@ cdef int ingress_socket(Queue* qu, int fd, bint v6, bint drain) noexcept nogil:
                 pkt = ingress_frame(s, base + off, step, sender, sender6, &v)
                 if every:
                     trace_record(&qu.ig_trace, every, 1, pkt,
-                                 v.length if v.action == ACT_TUN else step, &v, sender)
+                                 v.length if v.action == ACT_TUN else step, &v, sender,
+                                 sender6)
                 if v.action != ACT_TUN:
                     q.counters.drops[v.drop] += 1
                 else:

@@ -44,6 +44,10 @@ ctypedef struct TraceRecord:
     uint32_t dst
     uint32_t peer           # egress: the peer sent to; ingress: the outer sender
     uint16_t length         # inner (or datagram) length
+    uint8_t v6              # bit 0: the inner packet is IPv6 (src6/dst6); bit 1: peer6 is set
+    uint8_t src6[16]
+    uint8_t dst6[16]
+    uint8_t peer6[16]       # the peer (egress) or sender (ingress) over an IPv6 underlay
 
 ctypedef struct TraceRing:
     # Single producer (whichever thread holds its half's mutex), single consumer

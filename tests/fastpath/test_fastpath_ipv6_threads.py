@@ -180,6 +180,7 @@ def test_ipv6_underlay_carries_frames_to_and_from_a_public_ipv6(rig6, mode):
                             24, vnet_hdr=rig.vnet_hdr, source_check=True, tun_addr6=TUN_ADDR6,
                             udp6_fd=receiver6.fileno(), **kw)
         fastpath.set_route6(REMOTE_SUBNET6, "::1", PEER_MAC if mode == "vxlan" else None)
+        fastpath.set_trace(1)
         fastpath.start()
         try:
             app6.sendto(b"over-v6", (REMOTE_POD6, 4242))
@@ -200,6 +201,10 @@ def test_ipv6_underlay_carries_frames_to_and_from_a_public_ipv6(rig6, mode):
             assert wait_for(lambda: fastpath.counters()["ingress_drops"]["unknown_sender"] == 1)
             assert wait_for(lambda: fastpath.routes6()[0][3]["rx_packets"] == 1)
             assert fastpath.routes6()[0][1] == "::1"
+            # The trace shows IPv6 addresses, and the IPv6 peer and sender.
+            records = {(r[1], r[2], r[4], r[5], r[6], r[7]) for r in fastpath.trace_drain()}
+            assert ("egress", "sent", 17, TUN_ADDR6, REMOTE_POD6, "::1") in records
+            assert ("ingress", "to_tun", 17, REMOTE_POD6, TUN_ADDR6, "::1") in records
         finally:
             fastpath.stop()
     finally:
