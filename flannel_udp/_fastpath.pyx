@@ -45,6 +45,7 @@ include "fastpath/constants.pxi"
 include "fastpath/state.pxi"
 include "fastpath/route_table.pxi"
 include "fastpath/ipv4.pxi"
+include "fastpath/ipv6.pxi"
 include "fastpath/offloads.pxi"
 include "fastpath/forward.pxi"
 include "fastpath/encap.pxi"
@@ -66,11 +67,40 @@ cdef str format_ipv4(uint32_t addr):
     return str(ipaddress.IPv4Address(addr))
 
 
+cdef int parse_ipv6(str text, uint8_t* out) except -1:
+    cdef bytes packed = ipaddress.IPv6Address(text).packed
+    memcpy(out, <const char*>packed, 16)
+    return 0
+
+
+cdef str format_ipv6(const uint8_t* addr):
+    return str(ipaddress.IPv6Address((<const char*>addr)[:16]))
+
+
+cdef void split_key6(const uint8_t* addr, uint64_t* hi, uint64_t* lo) noexcept:
+    hi[0] = rd64(addr)
+    lo[0] = rd64(addr + 8)
+
+
 cdef int copy_mac(uint8_t* out, object mac, str what) except -1:
     if not isinstance(mac, bytes) or len(<bytes>mac) != 6:
         raise ValueError(f"{what}: expected 6 bytes, got {mac!r}")
     memcpy(out, <const char*><bytes>mac, 6)
     return 0
+
+
+cdef int sender_add6(Shared* s, const RouteEntry6* e) noexcept nogil:
+    """Count the subnet of ``e`` to its peer in the senders' table of its underlay."""
+    if e.base.underlay6:
+        return senders6_add(&s.senders6, e.peer6)
+    return senders_add(&s.senders, e.base.peer)
+
+
+cdef void sender_remove6(Shared* s, const RouteEntry6* e) noexcept nogil:
+    if e.base.underlay6:
+        senders6_remove(&s.senders6, e.peer6)
+    else:
+        senders_remove(&s.senders, e.base.peer)
 
 
 cdef dict route_counters(const RouteEntry* e):
@@ -92,6 +122,15 @@ cdef class FastPath:
     ``udp_gro`` (``udp_fd`` has UDP_GRO on). ``busy_poll_us``: after forwarding, a thread
     polls both directions this long before it sleeps (0: it sleeps at once). ``mtu``: the
     TUN's; VXLAN ingress cuts a sender's unsplit TCP super-packet to it (0: passes it whole).
+
+    IPv6 inner packets are forwarded once ``tun_addr6`` (our IPv6 subnet's network address)
+    is given, routed by ``set_route6`` on ``subnet_len6``-bit prefixes; in VXLAN mode their
+    frames carry ``vtep_mac6`` (default: ``vtep_mac``), as a flannel-v6 device's. Without it an
+    IPv6 packet is dropped as not_ipv4. An IPv6 underlay (routes to PublicIPv6s): ``udp6_fd``,
+    an IPv6-only UDP socket bound to the port, receives; egress to IPv6 peers sends from
+    ``send6_fds`` (default: ``udp6_fd``), as from ``send_fds`` to IPv4 ones. ``path_mtu6``: an
+    IPv6 packet that would leave longer (a super-packet: its segments) is answered with ICMPv6
+    packet too big (0: none is), rate limited with the other ICMP errors.
     """
 
     cdef Shared* shared
@@ -107,11 +146,14 @@ cdef class FastPath:
             raise MemoryError()
         self.shared.stop_fd = -1
         self.shared.udp_fd = -1
+        self.shared.udp6_fd = -1
         self.queue.tun_fd = -1
         self.queue.park_fds[0] = self.queue.park_fds[1] = -1
         self.queue.shared = self.shared
         if (rt_init(&self.shared.table, TABLE_MIN_CAPACITY) < 0
-                or rt_init(&self.shared.senders, TABLE_MIN_CAPACITY) < 0):
+                or rt_init(&self.shared.senders, TABLE_MIN_CAPACITY) < 0
+                or rt6_init(&self.shared.table6, TABLE_MIN_CAPACITY) < 0
+                or rt6_init(&self.shared.senders6, TABLE_MIN_CAPACITY) < 0):
             raise MemoryError()
         pthread_rwlockattr_init(&attr)
         # glibc rwlocks prefer readers by default; two I/O threads whose read sections overlap
@@ -134,8 +176,11 @@ cdef class FastPath:
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
                  str mode="udp", int vni=0, object vtep_mac=None, object send_fds=None,
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
-                 bint source_check=False, int busy_poll_us=0, int mtu=0):
+                 bint source_check=False, int busy_poll_us=0, int mtu=0,
+                 str tun_addr6=None, int subnet_len6=64, object vtep_mac6=None,
+                 object udp6_fd=None, object send6_fds=None, int path_mtu6=0):
         cdef unsigned int i
+        cdef uint8_t tun6[16]
         if self.queue.eg.started or self.queue.ig.started:
             raise RuntimeError("FastPath is running")
         if not 0 < port < 65536:
@@ -146,13 +191,23 @@ cdef class FastPath:
             raise ValueError(f"busy_poll_us: 0 to {BUSY_POLL_MAX_US}, not {busy_poll_us}")
         if not 0 <= mtu <= BUF_SIZE:
             raise ValueError(f"mtu: 0 to {BUF_SIZE}, not {mtu}")
+        if path_mtu6 != 0 and not IPV6_MIN_MTU <= path_mtu6 <= BUF_SIZE:
+            raise ValueError(f"path_mtu6: 0 or {IPV6_MIN_MTU} to {BUF_SIZE}, not {path_mtu6}")
+        if not 0 <= subnet_len6 <= 128:
+            raise ValueError(f"subnet_len6 out of range: {subnet_len6}")
+        if tun_addr6 is not None:
+            parse_ipv6(tun_addr6, tun6)
         if mode == "vxlan":
             if not 1 <= vni <= VNI_MAX:
                 raise ValueError(f"vni out of range: {vni}")
             copy_mac(self.shared.vtep_mac, vtep_mac, "vtep_mac")
+            copy_mac(self.shared.vtep_mac6, vtep_mac if vtep_mac6 is None else vtep_mac6,
+                     "vtep_mac6")
             self.shared.mode = MODE_VXLAN
             self.shared.vni = <uint32_t>vni
         elif mode == "udp":
+            if vtep_mac6 is not None:
+                raise ValueError("vtep_mac6: only VXLAN mode has one")
             self.shared.mode = MODE_UDP
         else:
             raise ValueError(f"mode must be 'udp' or 'vxlan', not {mode!r}")
@@ -161,9 +216,23 @@ cdef class FastPath:
             raise ValueError(f"send_fds: 1 to {MAX_SENDERS} sockets, not {len(senders)}")
         if mode == "udp" and len(senders) != 1:
             raise ValueError("send_fds: UDP mode sends from one socket")
+        if udp6_fd is None:
+            senders6 = [] if send6_fds is None else [int(fd) for fd in send6_fds]
+            if senders6:
+                raise ValueError("send6_fds: an IPv6 underlay needs udp6_fd")
+        else:
+            senders6 = [int(udp6_fd)] if send6_fds is None else [int(fd) for fd in send6_fds]
+            if not 1 <= len(senders6) <= MAX_SENDERS:
+                raise ValueError(f"send6_fds: 1 to {MAX_SENDERS} sockets, not {len(senders6)}")
+            if mode == "udp" and len(senders6) != 1:
+                raise ValueError("send6_fds: UDP mode sends from one socket")
         for i in range(len(senders)):
             self.shared.send_fds[i] = senders[i]
         self.shared.n_senders = len(senders)
+        for i in range(len(senders6)):
+            self.shared.send_fds[len(senders) + i] = senders6[i]
+        self.shared.n6_senders = len(senders6)
+        self.shared.udp6_fd = -1 if udp6_fd is None else int(udp6_fd)
         self.queue.tun_fd = tun_fd
         self.shared.udp_fd = udp_fd
         self.shared.port = htons(<uint16_t>port)
@@ -175,6 +244,14 @@ cdef class FastPath:
         self.shared.udp_gro = udp_gro
         self.queue.busy_poll_ns = <uint64_t>busy_poll_us * 1000
         self.shared.mtu = <uint32_t>mtu
+        self.shared.v6 = tun_addr6 is not None
+        self.shared.path_mtu6 = <uint32_t>path_mtu6
+        if self.shared.v6:
+            memcpy(self.shared.tun_addr6, tun6, 16)
+        host_bits: object = 128 - subnet_len6     # a Python int: the shifts exceed C's
+        mask = ((<object>1 << 128) - 1) ^ ((<object>1 << host_bits) - 1)
+        self.shared.mask6_hi = <uint64_t>(mask >> 64)
+        self.shared.mask6_lo = <uint64_t>(mask & 0xFFFFFFFFFFFFFFFF)
 
     def __dealloc__(self):
         if self.queue != NULL:
@@ -202,6 +279,8 @@ cdef class FastPath:
                 pthread_rwlock_destroy(&self.shared.lock)
             free(self.shared.table.slots)
             free(self.shared.senders.slots)
+            free(self.shared.table6.slots)
+            free(self.shared.senders6.slots)
             free(self.shared)
             self.shared = NULL
 
@@ -286,6 +365,104 @@ cdef class FastPath:
         return [(format_ipv4(subnet), format_ipv4(peer), mac, stats)
                 for subnet, peer, mac, stats in entries]
 
+    cdef int _subnet_key6(self, str subnet, uint64_t* hi, uint64_t* lo) except -1:
+        cdef uint8_t addr[16]
+        if not self.shared.v6:
+            raise ValueError("IPv6 routes need tun_addr6 (FastPath was made IPv4-only)")
+        parse_ipv6(subnet, addr)
+        split_key6(addr, hi, lo)
+        if (hi[0] & ~self.shared.mask6_hi) or (lo[0] & ~self.shared.mask6_lo):
+            raise ValueError(f"{subnet} is not a network address of the IPv6 lease prefix length")
+        return 0
+
+    def set_route6(self, str subnet, str peer_ip, object vtep_mac=None) -> None:
+        """Route IPv6 ``subnet`` (its network address) to ``peer_ip`` (the peer's PublicIP, or
+        its PublicIPv6 over an IPv6 underlay), in VXLAN mode to its IPv6 ``vtep_mac``
+        (BackendV6Data's VtepMAC) there; replaces an existing route."""
+        cdef RouteEntry6 want
+        cdef RouteEntry6* old
+        cdef RouteEntry6 old_copy
+        cdef bint had_old, moved
+        cdef int rc
+        memset(&want, 0, sizeof(RouteEntry6))
+        self._subnet_key6(subnet, &want.hi, &want.lo)
+        if ":" in peer_ip:
+            if self.shared.n6_senders == 0:
+                raise ValueError(f"{peer_ip}: an IPv6 peer needs an IPv6 underlay (udp6_fd)")
+            parse_ipv6(peer_ip, want.peer6)
+            want.base.underlay6 = 1
+        else:
+            want.base.peer = parse_ipv4(peer_ip)
+        if self.shared.mode == MODE_VXLAN:
+            copy_mac(want.base.mac, vtep_mac, "vtep_mac")
+        elif vtep_mac is not None:
+            raise ValueError("vtep_mac: only VXLAN routes carry one")
+        with nogil:
+            pthread_rwlock_wrlock(&self.shared.lock)
+            old = rt6_find(&self.shared.table6, want.hi, want.lo)
+            had_old = old != NULL
+            moved = not had_old or not same_peer6(old, &want)
+            if had_old:
+                old_copy = old[0]   # rt6_set may move the entry: keep what it said
+            rc = sender_add6(self.shared, &want) if moved else 0
+            if rc == 0:
+                rc = rt6_set(&self.shared.table6, &want)
+                if rc < 0 and moved:
+                    sender_remove6(self.shared, &want)
+                elif moved and had_old:
+                    sender_remove6(self.shared, &old_copy)
+            pthread_rwlock_unlock(&self.shared.lock)
+        if rc < 0:
+            raise MemoryError()
+
+    def del_route6(self, str subnet) -> None:
+        """Forget the route of IPv6 ``subnet``; no-op if there is none."""
+        cdef uint64_t hi, lo
+        cdef RouteEntry6* e
+        self._subnet_key6(subnet, &hi, &lo)
+        with nogil:
+            pthread_rwlock_wrlock(&self.shared.lock)
+            e = rt6_find(&self.shared.table6, hi, lo)
+            if e != NULL:
+                sender_remove6(self.shared, e)
+                rt6_delete(&self.shared.table6, hi, lo)
+            pthread_rwlock_unlock(&self.shared.lock)
+
+    def routes6(self) -> list:
+        """The IPv6 routes as ``routes()`` gives the IPv4 ones (subnet and peer as text)."""
+        cdef RouteEntry6* snapshot = NULL
+        cdef uint32_t i, n = 0
+        cdef RouteTable6* t = &self.shared.table6
+        cdef uint8_t addr[16]
+        with nogil:
+            pthread_rwlock_rdlock(&self.shared.lock)
+            snapshot = <RouteEntry6*>malloc((t.count + 1) * sizeof(RouteEntry6))
+            if snapshot != NULL:
+                for i in range(t.capacity):
+                    if t.slots[i].base.used:
+                        snapshot[n] = t.slots[i]
+                        n += 1
+            pthread_rwlock_unlock(&self.shared.lock)
+        if snapshot == NULL:
+            raise MemoryError()
+        vxlan = self.shared.mode == MODE_VXLAN
+        out = []
+        try:
+            for i in range(n):
+                wr32(addr, <uint32_t>(snapshot[i].hi >> 32))
+                wr32(addr + 4, <uint32_t>snapshot[i].hi)
+                wr32(addr + 8, <uint32_t>(snapshot[i].lo >> 32))
+                wr32(addr + 12, <uint32_t>snapshot[i].lo)
+                peer = (format_ipv6(snapshot[i].peer6) if snapshot[i].base.underlay6
+                        else format_ipv4(snapshot[i].base.peer))
+                out.append((ipaddress.IPv6Address((<char*>addr)[:16]), peer,
+                            (<char*>snapshot[i].base.mac)[:6] if vxlan else None,
+                            route_counters(&snapshot[i].base)))
+        finally:
+            free(snapshot)
+        out.sort(key=lambda entry: entry[0])
+        return [(str(subnet), peer, mac, stats) for subnet, peer, mac, stats in out]
+
     def counters(self) -> dict:
         """Global counters; tx_* = sent to peers, rx_* = written to the TUN (inner bytes)."""
         cdef Counters* eg = &self.queue.eg.counters
@@ -335,11 +512,18 @@ cdef class FastPath:
             tail = r.tail
             while tail != head:
                 rec = &r.slots[tail & (TRACE_SLOTS - 1)]
+                if rec.v6 & 1:
+                    src, dst = format_ipv6(rec.src6), format_ipv6(rec.dst6)
+                else:
+                    src = format_ipv4(rec.src) if rec.src else ""
+                    dst = format_ipv4(rec.dst) if rec.dst else ""
+                if rec.v6 & 2:
+                    peer = format_ipv6(rec.peer6)
+                else:
+                    peer = format_ipv4(rec.peer) if rec.peer else ""
                 out.append((rec.ns, "egress" if rec.dir == 0 else "ingress",
                             VERDICT_NAMES.get(rec.verdict, "?"), DROP_NAMES.get(rec.drop, ""),
-                            rec.proto, format_ipv4(rec.src) if rec.src else "",
-                            format_ipv4(rec.dst) if rec.dst else "",
-                            format_ipv4(rec.peer) if rec.peer else "", rec.length))
+                            rec.proto, src, dst, peer, rec.length))
                 tail += 1
             fu_store_release(&r.tail, tail)
         return out
@@ -381,7 +565,9 @@ cdef class FastPath:
         if self.queue.eg.started or self.queue.ig.started:
             return
         if self.queue.tun_fd < 0 or self.shared.udp_fd < 0 or any(
-                self.shared.send_fds[i] < 0 for i in range(self.shared.n_senders)):
+                self.shared.send_fds[i] < 0
+                for i in range(self.shared.n_senders + self.shared.n6_senders)) \
+                or (self.shared.n6_senders and self.shared.udp6_fd < 0):
             raise ValueError("start() needs a TUN fd and UDP socket fds")
         if self.queue.eg.bufs == NULL:
             # malloc'd, not calloc'd: untouched pages cost no RSS until traffic needs them.
@@ -430,7 +616,7 @@ cdef class FastPath:
         cdef uint8_t* buf = <uint8_t*>malloc(HEADROOM + n + 1)
         cdef uint8_t* pkt = buf + HEADROOM
         cdef EgressState* q = <EgressState*>calloc(1, sizeof(EgressState))
-        cdef uint8_t reply[ICMP_MAX]
+        cdef uint8_t reply[REPLY_MAX]
         cdef Verdict v
         cdef unsigned int k = 0
         cdef bint offloaded = vnet_hdr is not None
@@ -440,6 +626,7 @@ cdef class FastPath:
             free(buf)
             free(q)
             raise MemoryError()
+        memset(buf, 0, HEADROOM)     # no virtio header: a zeroed one
         memcpy(pkt, <const char*>packet, n)
         if offloaded:
             memcpy(pkt - VNET_HDR_LEN, <const char*><bytes>vnet_hdr, VNET_HDR_LEN)
@@ -463,7 +650,10 @@ cdef class FastPath:
                               flow_of(self.shared, pkt, v.length))
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_SEND:
-                peer = format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr))
+                if q.fam6[0]:
+                    peer = format_ipv6(q.addrs6[0].sin6_addr.s6_addr)
+                else:
+                    peer = format_ipv4(ntohl(q.addrs[0].sin_addr.s_addr))
                 if not offloaded:
                     return (v.action, (<char*>q.iov[0].iov_base)[:q.iov[0].iov_len], peer, 0,
                             q.sender[0])
@@ -483,20 +673,27 @@ cdef class FastPath:
 
     def process_ingress(self, bytes datagram, str sender="0.0.0.0") -> tuple:
         """Test hook: (action, data, "", drop or 0, csum_at) for a datagram received from
-        ``sender``: data is the inner packet as decapsulated, csum_at where its partial checksum
+        ``sender`` (an IPv4 or IPv6 address): data is the inner packet as decapsulated, csum_at where its partial checksum
         is (0: none; tun_writes shows what becomes of it)."""
-        cdef uint32_t outer = parse_ipv4(sender)
+        cdef uint32_t outer = 0
+        cdef uint8_t outer6[16]
+        cdef uint8_t* sender6 = NULL
         cdef size_t n = len(datagram)
         cdef uint8_t* buf = <uint8_t*>malloc(n + 1)
         cdef uint8_t* pkt
         cdef Verdict v
+        if ":" in sender:
+            parse_ipv6(sender, outer6)
+            sender6 = outer6
+        else:
+            outer = parse_ipv4(sender)
         if buf == NULL:
             raise MemoryError()
         memcpy(buf, <const char*>datagram, n)
         try:
             with nogil:
                 pthread_rwlock_rdlock(&self.shared.lock)
-                pkt = ingress_frame(self.shared, buf, n, outer, &v)
+                pkt = ingress_frame(self.shared, buf, n, outer, sender6, &v)
                 pthread_rwlock_unlock(&self.shared.lock)
             if v.action == ACT_TUN:
                 return (v.action, (<char*>pkt)[:v.length], "", 0, v.csum_at)

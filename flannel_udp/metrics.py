@@ -98,6 +98,12 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
             labels = [peer["subnet"], peer["public_ip"], direction]
             peer_packets.add_metric(labels, peer.get(f"{direction}_packets", 0))
             peer_bytes.add_metric(labels, peer.get(f"{direction}_bytes", 0))
+        v6 = peer.get("ipv6")  # dual stack, userspace: the peer's IPv6 route
+        if isinstance(v6, dict):
+            for direction in ("tx", "rx"):
+                labels = [v6["subnet"], v6["peer"], direction]
+                peer_packets.add_metric(labels, v6.get(f"{direction}_packets", 0))
+                peer_bytes.add_metric(labels, v6.get(f"{direction}_bytes", 0))
     yield peer_packets
     yield peer_bytes
 

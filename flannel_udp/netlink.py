@@ -273,6 +273,25 @@ def configure_tun(name: str, address: IPv4Interface, mtu: int,
                             exit_code=1) from None
 
 
+def configure_tun6(name: str, address: IPv6Interface, routes: list[IPv6Network]) -> None:
+    """Dual stack on a TUN that configure_tun set up: IPv6 back on (no link-local address,
+    no DAD: the fast path answers for the address), the address, the routes through it."""
+    Path(f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode").write_text("1\n")
+    Path(f"/proc/sys/net/ipv6/conf/{name}/accept_dad").write_text("0\n")
+    Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("0\n")
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)[0]
+        try:
+            ipr.addr("add", index=index, address=str(address.ip),
+                     prefixlen=address.network.prefixlen, family=socket.AF_INET6)
+            for dst in routes:
+                ipr.route("replace", dst=str(dst), oif=index, family=socket.AF_INET6)
+        except NetlinkError as e:
+            raise UserError(f"cannot configure {name} ({address}, routes "
+                            f"{', '.join(map(str, routes))}): {os.strerror(e.code)}",
+                            exit_code=1) from None
+
+
 def delete_routes(name: str, routes: list[IPv4Network]) -> None:
     """Remove routes through a device; those already gone are fine."""
     with IPRoute() as ipr:

@@ -5,15 +5,18 @@ This module is the oracle for the native fast path in ``_fastpath.pyx``: the pro
 the same bytes to both and require identical results, so every rule here (validation order, the
 RFC 1624 incremental checksum, the ICMP error layout, the VXLAN checks and the flow hash) must
 stay byte-for-byte in step with the C code. Pure functions, no I/O. Addresses are IPv4
-host-order ints; packets are ``bytes``; MAC addresses are 6 ``bytes``.
+host-order ints (IPv6 subnets: 128-bit ints); packets are ``bytes``; MAC addresses are 6
+``bytes``. IPv6 inner packets are handled once a node has an IPv6 side (``Ipv6Routes``);
+without one they are dropped as NOT_IPV4.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")  # what a route table maps a subnet to: a peer (UDP) or a VxlanRoute
@@ -37,6 +40,26 @@ IPV4_FRAGMENT_MASK = 0x3FFF  # of the flags word: MF or an offset, a fragment
 IPV4_FRAG_OFFSET_MASK = 0x1FFF  # of the flags word: an offset, a fragment but the first
 PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 PROTO_DCCP, PROTO_SCTP, PROTO_UDPLITE = 33, 132, 136
+# IPv6 (RFC 8200): the fixed header; extension headers are not walked (a next header that is
+# not TCP/UDP leaves the packet opaque: no ports in its flow hash, no checksum looked at).
+IPV6_HEADER_LEN = 40
+IPV6_VERSION_OFFSET = 0  # version (high nibble), traffic class, flow label
+IPV6_PAYLOAD_LEN_OFFSET = 4  # what follows the fixed header
+IPV6_NEXT_HEADER_OFFSET = 6
+IPV6_HOP_LIMIT_OFFSET = 7
+IPV6_SRC_OFFSET = 8
+IPV6_DST_OFFSET = 24
+IPV6_ADDR_LEN = 16
+PROTO_ICMPV6 = 58
+PROTO_IPV6_FRAGMENT = 44  # the fragment extension header
+IPV6_FRAG_OFFSET_OFFSET = 2  # of the fragment header: offset (13 bits), then 3 flag bits
+IPV6_FRAG_OFFSET_MASK = 0xFFF8
+IPV6_MIN_MTU = 1280
+# ICMPv6 (RFC 4443): the errors we answer with; types below ICMPV6_INFO_MIN are errors.
+ICMPV6_HEADER_LEN = 8
+ICMPV6_DEST_UNREACH, ICMPV6_NO_ROUTE = 1, 0
+ICMPV6_PACKET_TOO_BIG = 2
+ICMPV6_INFO_MIN = 128
 # TCP (RFC 9293) and UDP (RFC 768):
 TCP_HEADER_LEN = 20  # without options
 TCP_SEQ_OFFSET = 4
@@ -72,26 +95,28 @@ ETHERNET_TYPE_OFFSET = 12
 VXLAN_ENCAP_LEN = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN  # in front of the inner IPv4 packet
 VXLAN_FLAG_I = 0x08  # "the VNI is valid"; the other flag bits are reserved, ignored on receipt
 ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_IPV6 = 0x86DD
 FLOW_HASH_SEED = 0x666C7578  # any constant; equal in C and here
 
 
 class Drop(enum.IntEnum):
     """Why a packet was dropped. The numbering is shared with _fastpath and must not change."""
 
-    SHORT = 1  # shorter than a 20-byte IPv4 header
-    NOT_IPV4 = 2  # version nibble != 4
+    SHORT = 1  # shorter than a 20-byte IPv4 header (IPv6: its 40-byte header)
+    NOT_IPV4 = 2  # version nibble != 4 (nor 6 where IPv6 is on, or not the ethertype's)
     BAD_HEADER_LEN = 3  # IHL < 5 or IHL*4 > length
-    BAD_TOTAL_LEN = 4  # total length < IHL*4 or > bytes available
-    TTL_EXPIRED = 5
+    BAD_TOTAL_LEN = 4  # total length < IHL*4 or > bytes available (IPv6: payload length 0 or
+    # more than there is)
+    TTL_EXPIRED = 5  # or the IPv6 hop limit
     NO_ROUTE = 6
-    TOO_BIG = 7  # the kernel refused the send with EMSGSIZE
+    TOO_BIG = 7  # the kernel refused the send with EMSGSIZE; an IPv6 packet over the path MTU
     SEND_ERROR = 8  # any other send failure
     TUN_WRITE_ERROR = 9
     VXLAN_SHORT = 10  # shorter than the VXLAN header plus the inner Ethernet header
     VXLAN_BAD_FLAGS = 11  # the I flag (valid VNI) is not set
     VXLAN_WRONG_VNI = 12
     VXLAN_WRONG_MAC = 13  # inner destination MAC is not our VtepMAC
-    VXLAN_NOT_IPV4 = 14  # inner ethertype is not IPv4
+    VXLAN_NOT_IPV4 = 14  # inner ethertype is not IPv4 (nor IPv6 where IPv6 is on)
     BAD_GSO = 15  # a virtio header the fast path can't honour (GSO type, sizes, csum offsets)
     UNKNOWN_SENDER = 16  # the outer source is no lease holder's PublicIP
     SPOOFED_INNER_SOURCE = 17  # the inner source is outside the subnets leased to the sender
@@ -118,7 +143,7 @@ class Result:
 
     action: Action
     data: bytes = b""
-    peer: int = 0
+    peer: int | ipaddress.IPv6Address = 0  # a PublicIP, or a PublicIPv6
     drop: Drop | None = None
     sender: int = 0
     csum_at: int = 0
@@ -126,29 +151,53 @@ class Result:
 
 @dataclass(frozen=True)
 class Vtep:
-    """This node's VXLAN endpoint: VNI, VtepMAC, and how many send sockets flows spread over."""
+    """This node's VXLAN endpoint: VNI, VtepMAC, how many send sockets flows spread over, the
+    VtepMAC of its IPv6 frames (a flannel-v6 device's own; None: ``mac``), and how many IPv6
+    send sockets flows to PublicIPv6s spread over (numbered after the IPv4 ones)."""
 
     vni: int
     mac: bytes
     senders: int = 1
+    mac6: bytes | None = None
+    senders6: int = 1
+
+    @property
+    def ipv6_mac(self) -> bytes:
+        return self.mac if self.mac6 is None else self.mac6
+
+
+@dataclass(frozen=True)
+class Ipv6Routes:
+    """A node's IPv6 side: the route table (IPv6 subnet network address as a 128-bit int -> a
+    peer's PublicIP (an int) or PublicIPv6 (an IPv6Address), or a VxlanRoute to either), the
+    IPv6 lease prefix length, and our IPv6 subnet's network address."""
+
+    routes: Mapping[int, object]
+    subnet_len: int = 64
+    tun_addr: int = 0
+    path_mtu: int = 0  # longer packets get ICMPv6 packet too big (0: no limit)
 
 
 @dataclass(frozen=True)
 class VxlanRoute:
-    """Where a remote subnet's VXLAN frames go: the peer's PublicIP and VtepMAC."""
+    """Where a remote subnet's VXLAN frames go: the peer's PublicIP (or, for an IPv6 subnet,
+    its PublicIPv6 as an IPv6Address) and VtepMAC."""
 
-    peer: int
+    peer: int | ipaddress.IPv6Address
     mac: bytes
 
 
 @dataclass(frozen=True)
 class Sender:
-    """Who sent a datagram (its outer source address) and the leases to check it against:
-    the route table as subnet -> peer PublicIP, and the lease prefix length."""
+    """Who sent a datagram (its outer source address: an int, or an IPv6Address over an IPv6
+    underlay) and the leases to check it against: the route table as subnet -> peer PublicIP,
+    and the lease prefix length; the same for IPv6 subnets."""
 
-    address: int
+    address: int | ipaddress.IPv6Address
     routes: Mapping[int, int]
     subnet_len: int
+    routes6: Mapping[int, object] = field(default_factory=dict)  # IPv6 subnet -> PublicIP(v6)
+    subnet_len6: int = 64
 
 
 def prefix_mask(prefix_len: int) -> int:
@@ -156,6 +205,31 @@ def prefix_mask(prefix_len: int) -> int:
     if not 0 <= prefix_len <= 32:
         raise ValueError(f"prefix length out of range: {prefix_len}")
     return (0xFFFFFFFF << (32 - prefix_len)) & 0xFFFFFFFF
+
+
+def prefix_mask6(prefix_len: int) -> int:
+    """Netmask of an IPv6 prefix length as a 128-bit int."""
+    if not 0 <= prefix_len <= 128:
+        raise ValueError(f"prefix length out of range: {prefix_len}")
+    return ((1 << 128) - 1) ^ ((1 << (128 - prefix_len)) - 1)
+
+
+def _u128(data: bytes, at: int) -> int:
+    return int.from_bytes(data[at : at + 16], "big")
+
+
+def _is_ipv6(data: bytes) -> bool:
+    return len(data) > 0 and data[IPV6_VERSION_OFFSET] >> 4 == 6
+
+
+def _l3_header_len(packet: bytes) -> int:
+    """The IP header of a valid packet: IPv6's fixed one, or IPv4's with its options."""
+    return IPV6_HEADER_LEN if _is_ipv6(packet) else _ipv4_header_len(packet)
+
+
+def _l4_proto(packet: bytes) -> int:
+    """The transport protocol of a valid packet (IPv6: its first next header)."""
+    return packet[IPV6_NEXT_HEADER_OFFSET if _is_ipv6(packet) else IPV4_PROTO_OFFSET]
 
 
 def _u16(data: bytes, at: int) -> int:
@@ -199,6 +273,87 @@ def _validate(data: bytes) -> tuple[bytes, Drop | None]:
     if total_len < header_len or total_len > n:
         return b"", Drop.BAD_TOTAL_LEN
     return data[:total_len], None
+
+
+def _validate6(data: bytes) -> tuple[bytes, Drop | None]:
+    """Check the IPv6 header; return the packet cut to its length, or the drop reason. A
+    payload length of 0 (a jumbogram's) is refused: no link here carries one."""
+    if len(data) < IPV6_HEADER_LEN:
+        return b"", Drop.SHORT
+    if data[IPV6_VERSION_OFFSET] >> 4 != 6:
+        return b"", Drop.NOT_IPV4
+    payload = _u16(data, IPV6_PAYLOAD_LEN_OFFSET)
+    if payload == 0 or IPV6_HEADER_LEN + payload > len(data):
+        return b"", Drop.BAD_TOTAL_LEN
+    return data[: IPV6_HEADER_LEN + payload], None
+
+
+def _validate_any(data: bytes) -> tuple[bytes, Drop | None]:
+    return _validate6(data) if _is_ipv6(data) else _validate(data)
+
+
+def _decrement_hop_limit(packet: bytes) -> bytes:
+    """IPv6 has no header checksum: the hop limit alone changes."""
+    out = bytearray(packet)
+    out[IPV6_HOP_LIMIT_OFFSET] -= 1
+    return bytes(out)
+
+
+def _icmp6_answerable(packet: bytes, to_multicast_too: bool) -> bool:
+    """Whether a valid IPv6 packet may be answered with an ICMPv6 error (RFC 4443 2.4 (e)):
+    not an ICMPv6 error itself, nor from the unspecified or a multicast address, nor (but for
+    packet too big) to a multicast one; and, as for IPv4, no fragment but the first."""
+    next_header = packet[IPV6_NEXT_HEADER_OFFSET]
+    if next_header == PROTO_ICMPV6 and (len(packet) <= IPV6_HEADER_LEN
+                                        or packet[IPV6_HEADER_LEN] < ICMPV6_INFO_MIN):
+        return False
+    src = packet[IPV6_SRC_OFFSET : IPV6_SRC_OFFSET + IPV6_ADDR_LEN]
+    if src[0] == 0xFF or src == bytes(IPV6_ADDR_LEN):
+        return False
+    if not to_multicast_too and packet[IPV6_DST_OFFSET] == 0xFF:
+        return False
+    if next_header == PROTO_IPV6_FRAGMENT:
+        at = IPV6_HEADER_LEN + IPV6_FRAG_OFFSET_OFFSET
+        if len(packet) < IPV6_HEADER_LEN + 8 or _u16(packet, at) & IPV6_FRAG_OFFSET_MASK:
+            return False
+    return True
+
+
+def icmp6_error(packet: bytes, tun_addr: int, icmp_type: int, mtu: int = 0) -> bytes:
+    """The ICMPv6 error `icmp_type` (code 0; `mtu` in packet too big's field) answering a
+    valid IPv6 packet from `tun_addr` (128-bit int): it quotes as much of the packet as fits in
+    the minimum IPv6 MTU."""
+    quote = packet[: IPV6_MIN_MTU - IPV6_HEADER_LEN - ICMPV6_HEADER_LEN]
+    icmp = bytearray([icmp_type, 0, 0, 0]) + mtu.to_bytes(4, "big") + quote
+    header = (bytes([0x60, 0, 0, 0]) + len(icmp).to_bytes(2, "big")
+              + bytes([PROTO_ICMPV6, REPLY_TTL]) + tun_addr.to_bytes(16, "big")
+              + packet[IPV6_SRC_OFFSET : IPV6_SRC_OFFSET + IPV6_ADDR_LEN])
+    value = ~_ones_sum(_pseudo_sum(header, PROTO_ICMPV6, len(icmp)), bytes(icmp)) & 0xFFFF
+    icmp[ICMP_CSUM_OFFSET : ICMP_CSUM_OFFSET + 2] = value.to_bytes(2, "big")
+    return header + bytes(icmp)
+
+
+def _route6(packet: bytes, v6: Ipv6Routes, check_hop_limit: bool) -> tuple[bytes, object] | Result:
+    """`_route` for an IPv6 packet: ICMPv6 destination unreachable (no route) for one with
+    no route, packet too big for one longer than the path MTU, where RFC 4443 allows an answer;
+    both on the packet as received."""
+    packet, drop = _validate6(packet)
+    if drop is not None:
+        return Result(Action.DROP, drop=drop)
+    if check_hop_limit and packet[IPV6_HOP_LIMIT_OFFSET] <= 1:
+        return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
+    route = v6.routes.get(_u128(packet, IPV6_DST_OFFSET) & prefix_mask6(v6.subnet_len))
+    if route is None:
+        if not _icmp6_answerable(packet, to_multicast_too=False):
+            return Result(Action.DROP, drop=Drop.NO_ROUTE)
+        return Result(Action.REPLY, icmp6_error(packet, v6.tun_addr, ICMPV6_DEST_UNREACH),
+                      drop=Drop.NO_ROUTE)
+    if v6.path_mtu and len(packet) > v6.path_mtu:
+        if not _icmp6_answerable(packet, to_multicast_too=True):
+            return Result(Action.DROP, drop=Drop.TOO_BIG)
+        return Result(Action.REPLY, icmp6_error(packet, v6.tun_addr, ICMPV6_PACKET_TOO_BIG,
+                                                v6.path_mtu), drop=Drop.TOO_BIG)
+    return packet, route
 
 
 def _decrement_ttl(packet: bytes) -> bytes:
@@ -259,8 +414,10 @@ def _route(packet: bytes, routes: Mapping[int, T], subnet_len: int, tun_addr: in
 
 
 def _unknown(sender: Sender | None) -> bool:
-    """Whether the outer source holds no lease: nothing it sends is looked at."""
-    return sender is not None and sender.address not in sender.routes.values()
+    """Whether the outer source holds no lease (of an IPv4 or an IPv6 subnet): nothing it
+    sends is looked at."""
+    return (sender is not None and sender.address not in sender.routes.values()
+            and sender.address not in sender.routes6.values())
 
 
 def _spoofed(packet: bytes, sender: Sender | None) -> bool:
@@ -268,12 +425,26 @@ def _spoofed(packet: bytes, sender: Sender | None) -> bool:
     sender (a lease's own tunnel address, its network address, is inside)."""
     if sender is None:
         return False
+    if _is_ipv6(packet):
+        src6 = _u128(packet, IPV6_SRC_OFFSET)
+        return sender.routes6.get(src6 & prefix_mask6(sender.subnet_len6)) != sender.address
     src = _u32(packet, IPV4_SRC_OFFSET)
     return sender.routes.get(src & prefix_mask(sender.subnet_len)) != sender.address
 
 
-def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: int) -> Result:
-    """UDP mode: process a packet read from the TUN: where it goes (a peer), or why not."""
+def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: int,
+           v6: Ipv6Routes | None = None) -> Result:
+    """UDP mode: process a packet read from the TUN: where it goes (a peer), or why not.
+    IPv6 (with `v6`): the hop limit as the TTL, routed by `v6`."""
+    if v6 is not None and _is_ipv6(packet):
+        routed6 = _route6(packet, v6, check_hop_limit=True)
+        if isinstance(routed6, Result):
+            return routed6
+        packet, peer = routed6
+        assert isinstance(peer, int | ipaddress.IPv6Address)
+        # The IPv6 underlay's socket is numbered after the IPv4 one.
+        return Result(Action.SEND, _decrement_hop_limit(packet), peer,
+                      sender=1 if isinstance(peer, ipaddress.IPv6Address) else 0)
     routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=True)
     if isinstance(routed, Result):
         return routed
@@ -281,11 +452,21 @@ def egress(packet: bytes, routes: Mapping[int, int], subnet_len: int, tun_addr: 
     return Result(Action.SEND, _decrement_ttl(packet), peer)
 
 
-def ingress(datagram: bytes, sender: Sender | None = None) -> Result:
-    """UDP mode: process a datagram from a peer (a bare IPv4 packet) bound for the TUN;
-    with `sender`, only if it comes from a lease holder and from inside its subnet."""
+def ingress(datagram: bytes, sender: Sender | None = None, v6: Ipv6Routes | None = None) -> Result:
+    """UDP mode: process a datagram from a peer (a bare IP packet) bound for the TUN;
+    with `sender`, only if it comes from a lease holder and from inside its subnet. An IPv6
+    packet is taken as such only with `v6` (the node has an IPv6 side)."""
     if _unknown(sender):
         return Result(Action.DROP, drop=Drop.UNKNOWN_SENDER)
+    if v6 is not None and _is_ipv6(datagram):
+        packet, drop = _validate6(datagram)
+        if drop is not None:
+            return Result(Action.DROP, drop=drop)
+        if _spoofed(packet, sender):
+            return Result(Action.DROP, drop=Drop.SPOOFED_INNER_SOURCE)
+        if packet[IPV6_HOP_LIMIT_OFFSET] <= 1:
+            return Result(Action.DROP, drop=Drop.TTL_EXPIRED)
+        return Result(Action.TUN, _decrement_hop_limit(packet))
     packet, drop = _validate(datagram)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
@@ -311,7 +492,18 @@ def _fmix32(h: int) -> int:
 def flow_hash(packet: bytes) -> int:
     """32-bit hash of a validated IPv4 packet's flow: addresses, protocol, and the L4 ports when
     the protocol has them and the packet is no fragment (all fragments of a datagram must hash
-    alike, and only the first one carries the ports)."""
+    alike, and only the first one carries the ports). IPv6: the addresses word by word, the
+    next header, the ports when it is such a protocol (a fragment's next header is 44)."""
+    if _is_ipv6(packet):
+        h = FLOW_HASH_SEED
+        for at in range(IPV6_SRC_OFFSET, IPV6_DST_OFFSET + IPV6_ADDR_LEN, 4):
+            h = _fmix32(h ^ _u32(packet, at))
+        proto = packet[IPV6_NEXT_HEADER_OFFSET]
+        length = IPV6_HEADER_LEN + _u16(packet, IPV6_PAYLOAD_LEN_OFFSET)
+        ports = 0
+        if proto in PORT_PROTOCOLS and IPV6_HEADER_LEN + L4_PORTS_LEN <= length:
+            ports = _u32(packet, IPV6_HEADER_LEN)
+        return _fmix32(_fmix32(h ^ proto) ^ ports)
     header_len = _ipv4_header_len(packet)
     total_len = _u16(packet, IPV4_TOTAL_LEN_OFFSET)
     proto = packet[IPV4_PROTO_OFFSET]
@@ -331,14 +523,31 @@ def sender_index(flow: int, senders: int) -> int:
 
 
 def vxlan_encap(packet: bytes, vni: int, dst_mac: bytes, src_mac: bytes) -> bytes:
-    """The UDP payload carrying `packet`: VXLAN header (I flag, VNI) and inner Ethernet header."""
+    """The UDP payload carrying `packet`: VXLAN header (I flag, VNI) and inner Ethernet header
+    (the ethertype of the packet's IP version)."""
+    ethertype = ETHERTYPE_IPV6 if _is_ipv6(packet) else ETHERTYPE_IPV4
     return (bytes([VXLAN_FLAG_I, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\x00"
-            + dst_mac + src_mac + ETHERTYPE_IPV4.to_bytes(2, "big") + packet)
+            + dst_mac + src_mac + ethertype.to_bytes(2, "big") + packet)
 
 
 def vxlan_egress(packet: bytes, routes: Mapping[int, VxlanRoute], subnet_len: int,
-                 tun_addr: int, vtep: Vtep) -> Result:
-    """VXLAN mode: process a packet read from the TUN: the frame for its peer, or why not."""
+                 tun_addr: int, vtep: Vtep, v6: Ipv6Routes | None = None) -> Result:
+    """VXLAN mode: process a packet read from the TUN: the frame for its peer, or why not.
+    IPv6 (with `v6`, routes to VxlanRoutes): as a flannel-v6 device sends it, from our IPv6
+    VtepMAC to the peer's, the hop limit left alone."""
+    if v6 is not None and _is_ipv6(packet):
+        routed6 = _route6(packet, v6, check_hop_limit=False)
+        if isinstance(routed6, Result):
+            return routed6
+        packet, route6 = routed6
+        assert isinstance(route6, VxlanRoute)
+        flow = flow_hash(packet)
+        if isinstance(route6.peer, ipaddress.IPv6Address):
+            sender = vtep.senders + sender_index(flow, vtep.senders6)
+        else:
+            sender = sender_index(flow, vtep.senders)
+        return Result(Action.SEND, vxlan_encap(packet, vtep.vni, route6.mac, vtep.ipv6_mac),
+                      route6.peer, sender=sender)
     routed = _route(packet, routes, subnet_len, tun_addr, check_ttl=False)
     if isinstance(routed, Result):
         return routed
@@ -347,9 +556,11 @@ def vxlan_egress(packet: bytes, routes: Mapping[int, VxlanRoute], subnet_len: in
                   sender=sender_index(flow_hash(packet), vtep.senders))
 
 
-def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> Result:
+def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None,
+                  v6: Ipv6Routes | None = None) -> Result:
     """VXLAN mode: process a datagram from a peer: the inner packet for the TUN, or why not;
-    with `sender`, only if it comes from a lease holder and from inside its subnet."""
+    with `sender`, only if it comes from a lease holder and from inside its subnet. With `v6`,
+    an IPv6 frame (ethertype 0x86DD) must be addressed to our IPv6 VtepMAC."""
     if _unknown(sender):
         return Result(Action.DROP, drop=Drop.UNKNOWN_SENDER)
     if len(datagram) < VXLAN_ENCAP_LEN:
@@ -359,11 +570,15 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> 
         return Result(Action.DROP, drop=Drop.VXLAN_BAD_FLAGS)
     if _u32(datagram, VXLAN_VNI_OFFSET) >> 8 != vtep.vni:
         return Result(Action.DROP, drop=Drop.VXLAN_WRONG_VNI)
-    if datagram[eth + ETHERNET_DST_OFFSET : eth + ETHERNET_DST_OFFSET + 6] != vtep.mac:
+    ethertype = _u16(datagram, eth + ETHERNET_TYPE_OFFSET)
+    ipv6 = v6 is not None and ethertype == ETHERTYPE_IPV6
+    ours = vtep.ipv6_mac if ipv6 else vtep.mac
+    if datagram[eth + ETHERNET_DST_OFFSET : eth + ETHERNET_DST_OFFSET + 6] != ours:
         return Result(Action.DROP, drop=Drop.VXLAN_WRONG_MAC)
-    if _u16(datagram, eth + ETHERNET_TYPE_OFFSET) != ETHERTYPE_IPV4:
+    if ethertype != ETHERTYPE_IPV4 and not ipv6:
         return Result(Action.DROP, drop=Drop.VXLAN_NOT_IPV4)
-    packet, drop = _validate(datagram[VXLAN_ENCAP_LEN:])
+    inner = datagram[VXLAN_ENCAP_LEN:]
+    packet, drop = _validate6(inner) if ipv6 else _validate(inner)
     if drop is not None:
         return Result(Action.DROP, drop=drop)
     if _spoofed(packet, sender):
@@ -377,7 +592,7 @@ def vxlan_ingress(datagram: bytes, vtep: Vtep, sender: Sender | None = None) -> 
 
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start/offset
 VNET_F_NEEDS_CSUM = 1
-GSO_NONE, GSO_TCPV4, GSO_UDP_L4 = 0, 1, 5
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4 = 0, 1, 4, 5
 GSO_ECN = 0x80
 TSO_MAX_SEGS = 256
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
@@ -401,7 +616,11 @@ def _ones_sum(*parts: bytes | int) -> int:
 
 
 def _pseudo_sum(packet: bytes, proto: int, l4_len: int) -> int:
-    """Folded sum of the IPv4 pseudo-header for `packet`'s L4 part of `l4_len` bytes."""
+    """Folded sum of the IPv4 (or IPv6, RFC 8200 8.1) pseudo-header for `packet`'s L4 part of
+    `l4_len` bytes."""
+    if _is_ipv6(packet):
+        return _ones_sum(packet[IPV6_SRC_OFFSET : IPV6_DST_OFFSET + IPV6_ADDR_LEN],
+                         l4_len >> 16, l4_len & 0xFFFF, proto)
     return _ones_sum(packet[IPV4_SRC_OFFSET : IPV4_DST_OFFSET + IPV4_ADDR_LEN], proto, l4_len)
 
 
@@ -413,14 +632,15 @@ def _with_ip_checksum(header: bytes) -> bytes:
 
 
 def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes]]:
-    """Split a valid IPv4 packet read from a TUN behind `vnet_hdr` as the fast path does:
+    """Split a valid IP packet read from a TUN behind `vnet_hdr` as the fast path does:
     (None, segments) or (Drop.BAD_GSO, []).
 
     No GSO: the packet itself, its partial checksum completed if NEEDS_CSUM (0 sent as 0xFFFF).
     TCPV4/UDP_L4: segments of gso_size payload bytes (the last shorter), headers recomputed from
     the packet (hdr_len of the virtio header is not trusted): total length, IP id + i, header
     checksum; TCP seq advanced, FIN/PSH kept on the last segment only and CWR on the first
-    only; UDP length; complete L4 checksums.
+    only; UDP length; complete L4 checksums. IPv6 (TCPV6/UDP_L4): the same with the payload
+    length, and TCP or UDP right behind the fixed header (extension headers are refused).
     """
     flags, gso_type, _hdr_len, mss, csum_start, csum_offset = VNET_HDR.unpack(vnet_hdr)
     gso_type &= ~GSO_ECN
@@ -431,17 +651,20 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
                 return Drop.BAD_GSO, []
             packet = complete_checksum(packet, csum_start, at)
         return None, [packet]
-    ihl = _ipv4_header_len(packet)
-    if mss == 0 or _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
+    v6 = _is_ipv6(packet)
+    ihl = _l3_header_len(packet)
+    proto = _l4_proto(packet)
+    if mss == 0 or (not v6 and _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK):
         return Drop.BAD_GSO, []
-    if gso_type == GSO_TCPV4:
-        if packet[IPV4_PROTO_OFFSET] != PROTO_TCP or ihl + TCP_HEADER_LEN > len(packet):
+    tcp = gso_type == (GSO_TCPV6 if v6 else GSO_TCPV4)
+    if tcp:
+        if proto != PROTO_TCP or ihl + TCP_HEADER_LEN > len(packet):
             return Drop.BAD_GSO, []
         l4_len = _tcp_header_len(packet, ihl)
         if l4_len < TCP_HEADER_LEN or ihl + l4_len > len(packet):
             return Drop.BAD_GSO, []
     elif gso_type == GSO_UDP_L4:
-        if packet[IPV4_PROTO_OFFSET] != PROTO_UDP or ihl + UDP_HEADER_LEN > len(packet):
+        if proto != PROTO_UDP or ihl + UDP_HEADER_LEN > len(packet):
             return Drop.BAD_GSO, []
         l4_len = UDP_HEADER_LEN
     else:
@@ -453,17 +676,21 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
         return Drop.BAD_GSO, []
     ip_id = _u16(packet, IPV4_ID_OFFSET)
     total_at, id_at = IPV4_TOTAL_LEN_OFFSET, IPV4_ID_OFFSET
+    payload_at = IPV6_PAYLOAD_LEN_OFFSET
     seq_at, flags_at, tcp_csum_at = TCP_SEQ_OFFSET, TCP_FLAGS_OFFSET, TCP_CSUM_OFFSET
     len_at, udp_csum_at = UDP_LEN_OFFSET, UDP_CSUM_OFFSET
     segments = []
     for i, chunk in enumerate(chunks):
         total = hdr_len + len(chunk)
         ip = bytearray(packet[:ihl])
-        ip[total_at : total_at + 2] = total.to_bytes(2, "big")
-        ip[id_at : id_at + 2] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
-        ip = _with_ip_checksum(bytes(ip))
+        if v6:
+            ip[payload_at : payload_at + 2] = (total - IPV6_HEADER_LEN).to_bytes(2, "big")
+        else:
+            ip[total_at : total_at + 2] = total.to_bytes(2, "big")
+            ip[id_at : id_at + 2] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
+            ip = bytearray(_with_ip_checksum(bytes(ip)))
         l4 = bytearray(packet[ihl:hdr_len])
-        if gso_type == GSO_TCPV4:
+        if tcp:
             seq = (_u32(l4, seq_at) + i * mss) & 0xFFFFFFFF
             l4[seq_at : seq_at + 4] = seq.to_bytes(4, "big")
             if i + 1 < len(chunks):
@@ -471,14 +698,14 @@ def segment_tso(vnet_hdr: bytes, packet: bytes) -> tuple[Drop | None, list[bytes
             if i:
                 l4[flags_at] &= ~TCP_CWR & 0xFF
             l4[tcp_csum_at : tcp_csum_at + 2] = b"\x00\x00"
-            value = ~_ones_sum(_pseudo_sum(ip, PROTO_TCP, total - ihl), bytes(l4), chunk)
+            value = ~_ones_sum(_pseudo_sum(bytes(ip), PROTO_TCP, total - ihl), bytes(l4), chunk)
             l4[tcp_csum_at : tcp_csum_at + 2] = (value & 0xFFFF).to_bytes(2, "big")
         else:
             l4[len_at : len_at + 2] = (total - ihl).to_bytes(2, "big")
             l4[udp_csum_at : udp_csum_at + 2] = b"\x00\x00"
-            value = ~_ones_sum(_pseudo_sum(ip, PROTO_UDP, total - ihl), bytes(l4), chunk)
+            value = ~_ones_sum(_pseudo_sum(bytes(ip), PROTO_UDP, total - ihl), bytes(l4), chunk)
             l4[udp_csum_at : udp_csum_at + 2] = ((value & 0xFFFF) or 0xFFFF).to_bytes(2, "big")
-        segments.append(ip + bytes(l4) + chunk)
+        segments.append(bytes(ip) + bytes(l4) + chunk)
     return None, segments
 
 
@@ -489,7 +716,18 @@ def partial_checksum_at(packet: bytes) -> int:
 
     A packet with this mark is completed (``complete_checksum``), never dropped: a partial one
     becomes right, and a complete one whose checksum equals that sum by chance (1 in 65536) is
-    left as it was. One whose checksum is wrong otherwise keeps it, for the kernel to drop."""
+    left as it was. One whose checksum is wrong otherwise keeps it, for the kernel to drop.
+    IPv6: TCP or UDP right behind the fixed header, the IPv6 pseudo-header."""
+    if _is_ipv6(packet):
+        proto = packet[IPV6_NEXT_HEADER_OFFSET]
+        if proto == PROTO_TCP and IPV6_HEADER_LEN + TCP_HEADER_LEN <= len(packet):
+            at = IPV6_HEADER_LEN + TCP_CSUM_OFFSET
+        elif proto == PROTO_UDP and IPV6_HEADER_LEN + UDP_HEADER_LEN <= len(packet):
+            at = IPV6_HEADER_LEN + UDP_CSUM_OFFSET
+        else:
+            return 0
+        pseudo = _pseudo_sum(packet, proto, len(packet) - IPV6_HEADER_LEN)
+        return at if _u16(packet, at) == pseudo else 0
     header_len = _ipv4_header_len(packet)
     if _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
         return 0  # a fragment: the kernel completes checksums before it fragments
@@ -528,7 +766,20 @@ def _super_segment(packet: bytes, mtu: int, gro_size: int) -> int:
 def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     """IP + TCP header length if a valid packet may join a coalesced run, else 0: IPv4 without
     options, no fragment, TCP with payload, flags ACK or ACK|PSH, both checksums right (a
-    `partial` TCP checksum has nothing to verify: the merged one is completed from the data)."""
+    `partial` TCP checksum has nothing to verify: the merged one is completed from the data).
+    IPv6: TCP right behind the fixed header, no IP checksum to check."""
+    if _is_ipv6(packet):
+        n, tcp = len(packet), IPV6_HEADER_LEN
+        if n < IPV6_HEADER_LEN + TCP_HEADER_LEN or packet[IPV6_NEXT_HEADER_OFFSET] != PROTO_TCP:
+            return 0
+        tcp_len = _tcp_header_len(packet, tcp)
+        if tcp_len < TCP_HEADER_LEN or tcp + tcp_len >= n \
+                or packet[tcp + TCP_FLAGS_OFFSET] not in (TCP_ACK, TCP_ACK | TCP_PSH):
+            return 0
+        if not partial and _ones_sum(_pseudo_sum(packet, PROTO_TCP, n - tcp),
+                                     packet[tcp:]) != 0xFFFF:
+            return 0
+        return tcp + tcp_len
     n, tcp = len(packet), IPV4_HEADER_LEN  # if it qualifies: no IP options
     if n < IPV4_HEADER_LEN + TCP_HEADER_LEN \
             or packet[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
@@ -547,9 +798,9 @@ def _tcp_candidate(packet: bytes, partial: bool = False) -> int:
     return tcp + tcp_len
 
 
-# The TCP flags and checksum of a segment that may be coalesced (no IP options: _tcp_candidate).
-_RUN_FLAGS = IPV4_HEADER_LEN + TCP_FLAGS_OFFSET
-_RUN_CSUM = IPV4_HEADER_LEN + TCP_CSUM_OFFSET
+def _run_flags(packet: bytes) -> int:
+    """Where the TCP flags of a segment that may be coalesced are (no IP options)."""
+    return _l3_header_len(packet) + TCP_FLAGS_OFFSET
 
 
 class TunWrites(NamedTuple):
@@ -565,7 +816,7 @@ def _plain_header(packet: bytes, csum_at: int) -> bytes:
     checksum at `csum_at`."""
     if not csum_at:
         return ZERO_VNET_HDR
-    header_len = _ipv4_header_len(packet)
+    header_len = _l3_header_len(packet)
     return VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, csum_at + 2, 0, header_len,
                          csum_at - header_len)
 
@@ -589,7 +840,7 @@ def _super_frames(packet: bytes, csum_at: int, mss: int,
 
 def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: bool = False,
                mtu: int = 0, gro_size: int = 0) -> TunWrites:
-    """What ingress writes to the TUN (with a virtio header if `vnet`) for valid IPv4 packets
+    """What ingress writes to the TUN (with a virtio header if `vnet`) for valid IP packets
     received back to back.
 
     On a virtio-header TUN, consecutive TCP segments of one flow (same TOS, IP flags, TTL,
@@ -597,8 +848,9 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
     carrying more payload than the first) become one packet: the first one's headers with the
     new total length, a fresh header checksum, PSH if the last had it, the pseudo-header sum in
     the TCP checksum field, behind a TCPV4 GSO header (NEEDS_CSUM, gso_size = the first one's
-    payload). A PSH or a shorter segment ends a run. Everything else, and a run of one, goes as
-    it came behind a zeroed header.
+    payload); IPv6 ones (same traffic class, flow label, next header, hop limit, addresses...)
+    with the new payload length behind a TCPV6 one. A PSH or a shorter segment ends a run.
+    Everything else, and a run of one, goes as it came behind a zeroed header.
 
     `complete_partial` (VXLAN mode): a packet whose checksum is partial
     (`partial_checksum_at`) is counted; it goes behind a NEEDS_CSUM header (the kernel
@@ -620,15 +872,23 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
             out.append((_plain_header(run[0], run_csum_at), run[0]))
         else:
             head = bytearray(run[0])
+            l3 = _l3_header_len(run[0])
             for seg in run[1:]:
                 head += seg[hdr_len:]
-            head[_RUN_FLAGS] |= run[-1][_RUN_FLAGS] & TCP_PSH
-            head[IPV4_TOTAL_LEN_OFFSET : IPV4_TOTAL_LEN_OFFSET + 2] = len(head).to_bytes(2, "big")
-            head[:IPV4_HEADER_LEN] = _with_ip_checksum(bytes(head[:IPV4_HEADER_LEN]))
-            pseudo = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - IPV4_HEADER_LEN)
-            head[_RUN_CSUM : _RUN_CSUM + 2] = pseudo.to_bytes(2, "big")
-            header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr_len,
-                                   len(run[0]) - hdr_len, IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+            head[l3 + TCP_FLAGS_OFFSET] |= run[-1][l3 + TCP_FLAGS_OFFSET] & TCP_PSH
+            if l3 == IPV6_HEADER_LEN:
+                at = IPV6_PAYLOAD_LEN_OFFSET
+                head[at : at + 2] = (len(head) - l3).to_bytes(2, "big")
+                gso_type = GSO_TCPV6
+            else:
+                at = IPV4_TOTAL_LEN_OFFSET
+                head[at : at + 2] = len(head).to_bytes(2, "big")
+                head[:l3] = _with_ip_checksum(bytes(head[:l3]))
+                gso_type = GSO_TCPV4
+            pseudo = _pseudo_sum(bytes(head), PROTO_TCP, len(head) - l3)
+            head[l3 + TCP_CSUM_OFFSET : l3 + TCP_CSUM_OFFSET + 2] = pseudo.to_bytes(2, "big")
+            header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, hdr_len,
+                                   len(run[0]) - hdr_len, l3, TCP_CSUM_OFFSET)
             out.append((header, bytes(head)))
         run.clear()
 
@@ -636,7 +896,8 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         csum_at = partial_checksum_at(packet) if complete_partial else 0
         if csum_at:
             completed += 1
-            mss = _super_segment(packet, mtu, gro_size)
+            # IPv6 super-packets are not looked for: they go on as they came.
+            mss = 0 if _is_ipv6(packet) else _super_segment(packet, mtu, gro_size)
             if mss:
                 flush()
                 frames = _super_frames(packet, csum_at, mss, vnet)
@@ -646,11 +907,11 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
                     out += frames
                 continue
             if not vnet:
-                packet, csum_at = complete_checksum(packet, _ipv4_header_len(packet), csum_at), 0
+                packet, csum_at = complete_checksum(packet, _l3_header_len(packet), csum_at), 0
         length = _tcp_candidate(packet, partial=bool(csum_at)) if vnet else 0
         if length and run and not closed and _continues(run, hdr_len, packet, length):
             run.append(packet)
-            closed = bool(packet[_RUN_FLAGS] & TCP_PSH) or (
+            closed = bool(packet[_run_flags(packet)] & TCP_PSH) or (
                 len(packet) - length < len(run[0]) - hdr_len)
             continue
         flush()
@@ -660,7 +921,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         run.append(packet)
         run_csum_at = csum_at
         hdr_len = length
-        closed = bool(packet[_RUN_FLAGS] & TCP_PSH)
+        closed = bool(packet[_run_flags(packet)] & TCP_PSH)
     flush()
     return TunWrites(out, completed, bad_gso)
 
@@ -671,7 +932,9 @@ def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bo
     payload = len(packet) - length
     run_len = hdr_len + sum(len(seg) - hdr_len for seg in run)
     last = run[-1]
-    tcp = IPV4_HEADER_LEN  # candidates have no IP options
+    tcp = _l3_header_len(head)  # candidates have no IP options
+    if _is_ipv6(packet) != _is_ipv6(head):
+        return False
     next_seq = (_u32(last, tcp + TCP_SEQ_OFFSET) + len(last) - hdr_len) & 0xFFFFFFFF
 
     def same(start: int, end: int) -> bool:
@@ -682,13 +945,17 @@ def _continues(run: list[bytes], hdr_len: int, packet: bytes, length: int) -> bo
         and payload <= len(head) - hdr_len
         and run_len + payload <= 0xFFFF
         and _u32(packet, tcp + TCP_SEQ_OFFSET) == next_seq
-        and packet[IPV4_TOS_OFFSET] == head[IPV4_TOS_OFFSET]
-        # flags and fragment offset, TTL, protocol; the addresses and (no options) the ports
-        and same(IPV4_FLAGS_OFFSET, IPV4_CSUM_OFFSET)
-        and same(IPV4_SRC_OFFSET, tcp + L4_PORTS_LEN)
+        and (
+            # traffic class and flow label; next header, hop limit, the addresses, the ports
+            same(0, IPV6_PAYLOAD_LEN_OFFSET) and same(IPV6_NEXT_HEADER_OFFSET, tcp + L4_PORTS_LEN)
+            if tcp == IPV6_HEADER_LEN else
+            packet[IPV4_TOS_OFFSET] == head[IPV4_TOS_OFFSET]
+            # flags and fragment offset, TTL, protocol; the addresses and (no options) the ports
+            and same(IPV4_FLAGS_OFFSET, IPV4_CSUM_OFFSET)
+            and same(IPV4_SRC_OFFSET, tcp + L4_PORTS_LEN))
         # the ACK number and the data offset; the flags but PSH; the window; the options
         and same(tcp + TCP_ACK_SEQ_OFFSET, tcp + TCP_FLAGS_OFFSET)
-        and packet[_RUN_FLAGS] & ~TCP_PSH == head[_RUN_FLAGS]
+        and packet[tcp + TCP_FLAGS_OFFSET] & ~TCP_PSH == head[tcp + TCP_FLAGS_OFFSET]
         and same(tcp + TCP_WINDOW_OFFSET, tcp + TCP_WINDOW_OFFSET + 2)
         and same(tcp + TCP_OPTIONS_OFFSET, hdr_len)
     )

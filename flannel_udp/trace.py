@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 TRACE_POLL = 0.1  # seconds between drains of the fast path's trace rings
 TRACE_BUFFER = 10_000  # records kept per tracer between polls; more are counted as lost
-PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 132: "sctp"}
+PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 50: "esp", 58: "icmpv6", 132: "sctp"}
 
 Record = tuple[Any, ...]
 

@@ -186,7 +186,8 @@ def make_fastpath(routes: dict[int, int], subnet_len: int, tun_addr: int) -> Fas
 def as_tuple(result: Result) -> tuple:
     """The reference result in the shape of the FastPath test hooks (the last item: the sender
     socket of a SEND, else where the packet's partial checksum is)."""
-    peer = dotted(result.peer) if result.action == Action.SEND else ""
+    peer = "" if result.action != Action.SEND else (
+        dotted(result.peer) if isinstance(result.peer, int) else str(result.peer))
     last = result.sender if result.action == Action.SEND else result.csum_at
     return (int(result.action), result.data, peer, int(result.drop or 0), last)
 

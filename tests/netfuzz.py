@@ -106,6 +106,52 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return data
 
 
+def ipv6(src: str, dst: str, next_header: int = 17, payload: bytes = b"",
+         hop_limit: int = 64) -> bytes:
+    """An IPv6 packet (no checksum to fill in: IPv6 has none)."""
+    return (struct.pack("!IHBB", 0x60000000, len(payload), next_header, hop_limit)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+            + payload)
+
+
+def base_packets6(rng: random.Random, src_net: str, dst_net: str) -> list[bytes]:
+    """Well-formed and nearly well-formed IPv6 packets from `src_net` to `dst_net` (two /64
+    prefixes as 'a:b:c:d'): UDP, TCP, ICMPv6, extension headers (hop-by-hop, fragments), other
+    next headers, hop limit 0/1/2, jumbo-style payload length 0."""
+    packets = []
+    for _ in range(64):
+        src = f"{src_net}::{rng.randrange(1, 0xFFFF):x}"
+        dst = f"{dst_net}::{rng.randrange(1, 0xFFFF):x}"
+        payload = rng.randbytes(rng.choice([0, 1, 8, 40, 200, 1200]))
+        kind = rng.randrange(7)
+        if kind == 0:
+            packets.append(ipv6(src, dst, 17, struct.pack("!HHHH", 40000, 9, 8 + len(payload),
+                                                         0) + payload))
+        elif kind == 1:
+            packets.append(ipv6(src, dst, 6, rng.randbytes(20) + payload))
+        elif kind == 2:
+            packets.append(ipv6(src, dst, 58, bytes([rng.choice([1, 2, 128, 135])]) + bytes(7)
+                                + payload))
+        elif kind == 3:  # a fragment header: first, middle, last
+            frag = rng.choice([1, rng.randrange(1, 0x1FFF) << 3 | 1, rng.randrange(1, 0x1FFF) << 3])
+            packets.append(ipv6(src, dst, 44, struct.pack("!BBHI", 17, 0, frag, 7) + payload))
+        elif kind == 4:  # hop-by-hop options, then UDP
+            packets.append(ipv6(src, dst, 0, bytes([17, 0]) + bytes(6) + bytes(8) + payload))
+        elif kind == 5:
+            packets.append(ipv6(src, dst, 17, bytes(8) + payload,
+                                hop_limit=rng.choice([0, 1, 2])))
+        else:
+            packets.append(ipv6(src, dst, rng.randrange(256), payload))
+    return packets
+
+
+def udp6_pool(seed: int, size: int, src_net: str, dst_net: str) -> list[bytes]:
+    """Mutated IPv6 packets as datagrams of the udp backend over an IPv6 underlay."""
+    rng = random.Random(seed)
+    bases = base_packets6(rng, src_net, dst_net)
+    return [mutate(rng, rng.choice(bases)) for _ in range(size)]
+
+
 def udp_pool(seed: int, size: int, src_net: str, dst_net: str) -> list[bytes]:
     rng = random.Random(seed)
     bases = base_packets(rng, src_net, dst_net)
@@ -185,13 +231,14 @@ def send_loop(sock: socket.socket, pool: list[tuple[bytes, tuple[str, int]]],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="send crafted datagrams from a namespace")
-    parser.add_argument("kind", choices=["udp", "vxlan", "tun", "hex"])
+    parser.add_argument("kind", choices=["udp", "udp6", "vxlan", "tun", "hex"])
     parser.add_argument("--to", default="", help="peer address (udp, vxlan, hex)")
     parser.add_argument("--port", type=int, default=8285)
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pool", type=int, default=8192)
-    parser.add_argument("--src-net", default="", help="'a.b.c' of the inner sources")
+    parser.add_argument("--src-net", default="",
+                        help="'a.b.c' of the inner sources (udp6: 'a:b:c:d', over IPv6)")
     parser.add_argument("--dst-net", default="", help="'a.b.c' of the inner destinations")
     parser.add_argument("--dst-nets", default="", help="tun: comma-separated 'a.b.c' prefixes")
     parser.add_argument("--src", default="", help="tun: the inner source")
@@ -205,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         pool = [(p, (via, 0)) for p, via in
                 tun_pool(args.seed, args.pool, args.src, args.dst_nets.split(","))]
     else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if args.kind == "udp6" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         address = (args.to, args.port)
-        if args.kind == "udp":
+        if args.kind == "udp6":
+            datagrams = udp6_pool(args.seed, args.pool, args.src_net, args.dst_net)
+        elif args.kind == "udp":
             datagrams = udp_pool(args.seed, args.pool, args.src_net, args.dst_net)
         elif args.kind == "vxlan":
             datagrams = vxlan_pool(args.seed, args.pool, args.src_net, args.dst_net, args.vni,

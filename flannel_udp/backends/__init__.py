@@ -148,9 +148,9 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
-# The backends that carry IPv6 (EnableIPv6, dual stack); the others refuse it at start.
-IPV6_BACKENDS: tuple[str, ...] = ("host-gw", "vxlan")
-# vxlan carries it on the kernel's VXLAN devices (Dataplane "kernel", or "auto" taking them).
+# Every backend carries IPv6 (EnableIPv6, dual stack): udp as IPv6 inner packets in flannel's
+# udp format, ours alone (flanneld's udp is IPv4-only); vxlan on the kernel's VXLAN devices
+# (Dataplane "kernel", or "auto" taking them), not yet on its userspace dataplane.
 VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
 
 
@@ -163,11 +163,6 @@ def check_ipv6(config: NetworkConfig) -> None:
             raise UserError(f"EnableIPv6: the vxlan backend's {dataplane} dataplane does not "
                             "carry IPv6 yet; set Backend.Dataplane \"kernel\" (flannel-v6.<VNI>) "
                             "or drop EnableIPv6")
-    if config.enable_ipv6 and config.backend_type not in IPV6_BACKENDS:
-        which = ", ".join(IPV6_BACKENDS) or "none yet"
-        raise UserError(f"EnableIPv6: backend {config.backend_type} does not carry IPv6 in "
-                        f"flannel-udp yet (dual stack runs on: {which}); drop EnableIPv6 "
-                        "or change Backend.Type")
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,

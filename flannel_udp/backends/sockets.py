@@ -37,16 +37,34 @@ def open_udp_socket(port: int) -> socket.socket:
     return sock
 
 
-def open_send_sockets(count: int) -> list[socket.socket]:
+def open_udp_socket6(port: int) -> socket.socket:
+    """The IPv6-only UDP socket bound to the backend's port on every IPv6 address: it receives
+    from peers over an IPv6 underlay (and sends to them in UDP mode)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
+    _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
+    try:
+        sock.bind(("::", port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"UDP port {port} is already in use over IPv6 (another flanneld or "
+                            "flannel-udp? Backend.Port sets another)") from None
+        raise UserError(f"cannot bind UDP port {port} over IPv6: {e.strerror}") from None
+    return sock
+
+
+def open_send_sockets(count: int, family: int = socket.AF_INET) -> list[socket.socket]:
     """`count` UDP sockets on ports the kernel picks from its ephemeral range, for sending
     only: the source port of a datagram is its socket's."""
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             socks.append(sock)
             _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
-            sock.bind(("0.0.0.0", 0))
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
     except OSError as e:
         for sock in socks:
             sock.close()

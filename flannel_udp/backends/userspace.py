@@ -4,7 +4,9 @@ between them, whose route table follows the lease events. A subclass says which 
 needs and how a peer's lease becomes a route.
 
 Python sets the devices up and keeps the route table current; the packets never leave C
-(`flannel_udp._fastpath`).
+(`flannel_udp._fastpath`). Dual stack (EnableIPv6, our lease holding an IPv6 subnet): the TUN
+gets the IPv6 subnet's network address and a route for the IPv6Network, and each peer's IPv6
+subnet is routed to its PublicIPv6 over IPv6 sockets (to its PublicIP when it has none).
 """
 
 from __future__ import annotations
@@ -12,17 +14,24 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import asdict
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 import pytun
 
 from flannel_udp import netlink
 from flannel_udp.backends import DataplaneSettings, Network, Unreachable, UserspaceDataplane
-from flannel_udp.backends.offloads import Offloads, open_tun_with_offloads
-from flannel_udp.backends.sockets import open_send_sockets, open_udp_socket
+from flannel_udp.backends.offloads import OFFLOADS_ENV, Offloads, open_tun_with_offloads
+from flannel_udp.backends.sockets import (
+    enable_udp_gro,
+    open_send_sockets,
+    open_udp_socket,
+    open_udp_socket6,
+    udp_gso_supported,
+)
 from flannel_udp.backends.tun import tun_attached
 from flannel_udp.config import NetworkConfig
+from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
 from flannel_udp.netlink import ExtIface
 
@@ -30,6 +39,7 @@ if TYPE_CHECKING:  # imported when opened: the module works unbuilt until then
     from flannel_udp._fastpath import FastPath
 
 log = logging.getLogger("flannel-udp")
+IPV4_HEADER_LEN, IPV6_HEADER_LEN, IPV6_MIN_MTU = 20, 40, 1280
 
 
 class TunNetwork(Network, UserspaceDataplane):
@@ -50,6 +60,10 @@ class TunNetwork(Network, UserspaceDataplane):
         self._tun: pytun.TunTapDevice | None = None
         self._sock: socket.socket | None = None
         self._senders: list[socket.socket] = []
+        self._sock6: socket.socket | None = None  # dual stack: the IPv6 underlay's
+        self._senders6: list[socket.socket] = []
+        self._v6_subnets: dict[IPv4Network, IPv6Network] = {}  # peers' IPv6 subnets we route
+        self._v6_on = False  # the fast path has an IPv6 side (dual stack, our IPv6 lease)
         self._fastpath: FastPath | None = None
         self.offloads_probed = Offloads()
 
@@ -62,6 +76,15 @@ class TunNetwork(Network, UserspaceDataplane):
         """FastPath's keyword arguments that set its wire mode."""
         return {}
 
+    def _route_args6(self, lease: Lease) -> tuple[Any, ...]:
+        """What `FastPath.set_route6` needs beyond subnet and address to reach `lease`'s IPv6
+        subnet; Unreachable when this backend can't."""
+        return ()
+
+    def _fastpath_options6(self) -> dict[str, Any]:
+        """FastPath's keyword arguments for the IPv6 side of its wire mode."""
+        return {}
+
     def _lease_stats(self) -> dict[str, Any]:
         """What `status` shows about our own end, beyond the lease."""
         return {}
@@ -71,8 +94,22 @@ class TunNetwork(Network, UserspaceDataplane):
         try:
             self._sock = open_udp_socket(self.port)
             self._senders = open_send_sockets(self.send_sockets)
+            if self.config.enable_ipv6:
+                self._sock6 = open_udp_socket6(self.port)
+                self._senders6 = open_send_sockets(self.send_sockets, socket.AF_INET6)
             self._tun, self.offloads_probed = open_tun_with_offloads(
                 self.tun_name, self._sock, self._senders)
+            off = self.offloads_probed
+            if self._sock6 is not None:
+                # One UDP_GRO flag for both sockets: the IPv6 one gets it only with the IPv4
+                # one (else its groups would be taken for single datagrams); UDP_SEGMENT only
+                # where every send socket takes it.
+                if off.udp_gro and not enable_udp_gro(self._sock6):
+                    raise UserError("the IPv6 UDP socket refused UDP_GRO, which the IPv4 one "
+                                    f"took; run with {OFFLOADS_ENV}=0")
+                if off.udp_gso:
+                    off.udp_gso = all(udp_gso_supported(s)
+                                      for s in self._senders6 or [self._sock6])
         except BaseException:
             self.close()
             raise
@@ -82,6 +119,21 @@ class TunNetwork(Network, UserspaceDataplane):
         assert self._tun is not None and self._sock is not None
         tun_addr = IPv4Interface((lease.subnet.network_address, 32))
         netlink.configure_tun(self.tun_name, tun_addr, self.mtu, [self.config.network])
+        v6: dict[str, Any] = {}
+        if (self.config.enable_ipv6 and lease.ipv6_subnet is not None
+                and self.config.ipv6_network is not None and self._sock6 is not None):
+            netlink.configure_tun6(self.tun_name,
+                                   IPv6Interface((lease.ipv6_subnet.network_address, 128)),
+                                   [self.config.ipv6_network])
+            # The TUN's MTU leaves room for an IPv4 outer header; an IPv6 one is 20 bytes
+            # longer: IPv6 packets over that get packet too big, as from a flannel-v6 device.
+            path_mtu6 = self.mtu - (IPV6_HEADER_LEN - IPV4_HEADER_LEN)
+            v6 = {"tun_addr6": str(lease.ipv6_subnet.network_address),
+                  "path_mtu6": path_mtu6 if path_mtu6 >= IPV6_MIN_MTU else 0,
+                  "subnet_len6": self.config.ipv6_subnet_len,
+                  "udp6_fd": self._sock6.fileno(),
+                  "send6_fds": [s.fileno() for s in self._senders6] or None,
+                  **self._fastpath_options6()}
         self._fastpath = FastPath(self._tun.fileno(), self._sock.fileno(), self.port,
                                   str(lease.subnet.network_address), self.config.subnet_len,
                                   send_fds=[s.fileno() for s in self._senders] or None,
@@ -91,7 +143,8 @@ class TunNetwork(Network, UserspaceDataplane):
                                   source_check=self.dataplane_settings.source_check,
                                   busy_poll_us=self.dataplane_settings.busy_poll_us,
                                   mtu=self.mtu,
-                                  **self._fastpath_options())
+                                  **self._fastpath_options(), **v6)
+        self._v6_on = bool(v6)
         for peer in peers:
             self.add_peer(peer)
         self._fastpath.start()
@@ -116,10 +169,34 @@ class TunNetwork(Network, UserspaceDataplane):
             self._fastpath.del_route(subnet)
             return
         self._fastpath.set_route(subnet, str(lease.public_ip), *extra)
+        self._add_peer6(lease)
+
+    def _add_peer6(self, lease: Lease) -> None:
+        """Route the peer's IPv6 subnet (if it has one and we run dual stack), or forget the
+        one it had."""
+        assert self._fastpath is not None
+        old = self._v6_subnets.pop(lease.subnet, None)
+        if old is not None and old != lease.ipv6_subnet:
+            self._fastpath.del_route6(str(old.network_address))
+        if (lease.ipv6_subnet is None or not self._v6_on
+                or lease.ipv6_subnet.prefixlen != self.config.ipv6_subnet_len):
+            return
+        try:
+            extra = self._route_args6(lease)
+        except Unreachable as e:
+            log.warning("peer %s at %s: %s; its IPv6 subnet skipped", lease.ipv6_subnet,
+                        lease.public_ipv6 or lease.public_ip, e)
+            return
+        peer = lease.public_ipv6 if lease.public_ipv6 is not None else lease.public_ip
+        self._fastpath.set_route6(str(lease.ipv6_subnet.network_address), str(peer), *extra)
+        self._v6_subnets[lease.subnet] = lease.ipv6_subnet
 
     def remove_peer(self, subnet: IPv4Network) -> None:
         if self._fastpath is not None:
             self._fastpath.del_route(str(subnet.network_address))
+            old = self._v6_subnets.pop(subnet, None)
+            if old is not None:
+                self._fastpath.del_route6(str(old.network_address))
 
     def stats(self) -> dict[str, Any]:
         peers = {}
@@ -127,6 +204,17 @@ class TunNetwork(Network, UserspaceDataplane):
             if mac is not None:
                 counters["vtep_mac"] = format_mac(mac)
             peers[f"{subnet}/{self.config.subnet_len}"] = counters
+        # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6".
+        routes6 = {subnet: (ip, mac, counters) for subnet, ip, mac, counters in
+                   (self._fastpath.routes6() if self._fastpath and self._v6_on else ())}
+        for subnet4, subnet6 in self._v6_subnets.items():
+            found = routes6.get(str(subnet6.network_address))
+            if found is not None and str(subnet4) in peers:
+                ip, mac, counters = found
+                counters = {"subnet": str(subnet6), "peer": ip, **counters}
+                if mac is not None:
+                    counters["vtep_mac"] = format_mac(mac)
+                peers[str(subnet4)]["ipv6"] = counters
         return {"counters": self.counters(), "peers": peers, "lease": self._lease_stats()}
 
     def userspace(self) -> UserspaceDataplane:
@@ -183,8 +271,12 @@ class TunNetwork(Network, UserspaceDataplane):
             # Closing the last fd of a non-persistent TUN removes it and every route through it.
             self._tun.close()
             self._tun = None
-        for sock in [self._sock, *self._senders]:
+        for sock in [self._sock, *self._senders, self._sock6, *self._senders6]:
             if sock is not None:
                 sock.close()
         self._sock = None
         self._senders = []
+        self._sock6 = None
+        self._senders6 = []
+        self._v6_subnets = {}
+        self._v6_on = False

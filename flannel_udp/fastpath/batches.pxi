@@ -74,7 +74,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
         pkt = q.bufs + <size_t>i * EGRESS_SLOT + HEADROOM
         egress_one(s, pkt, q.lens[i], q.reply + VNET_HDR_LEN, &v)
         if every:
-            trace_record(&qu.eg_trace, every, 0, pkt, q.lens[i], &v, v.peer)
+            trace_record(&qu.eg_trace, every, 0, pkt, q.lens[i], &v, v.peer, NULL)
         if v.action == ACT_SEND:
             if s.vnet:
                 k = egress_offloaded(s, q, k, pkt, v.length, v.route)
@@ -82,7 +82,7 @@ cdef int egress_batch(Queue* qu) noexcept nogil:
                 encap(s, q, k, pkt, v.length, v.route, flow_of(s, pkt, v.length))
                 k += 1
         elif v.action == ACT_REPLY:
-            q.counters.drops[D_NO_ROUTE] += 1
+            q.counters.drops[v.drop] += 1   # no_route, or too_big (ICMPv6)
             if not icmp_allowed(q):
                 q.counters.icmp_suppressed += 1
             elif tun_write(s, qu.tun_fd, q.reply + VNET_HDR_LEN, v.length):
@@ -124,8 +124,19 @@ cdef bint tunnel_gso(const uint8_t* datagram, size_t n, size_t size) noexcept no
 
 
 cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
-    """Move the UDP socket's datagrams into the TUN, a batch at a time until the socket is empty
-    if ``drain``, else one batch; the datagrams read, -1 on a socket error."""
+    """Move the UDP sockets' datagrams (IPv4's, then IPv6's if there is one) into the TUN, a
+    batch at a time until a socket is empty if ``drain``, else one batch each; the datagrams
+    read, -1 on a socket error."""
+    cdef int n = ingress_socket(qu, qu.shared.udp_fd, False, drain)
+    cdef int n6
+    if qu.shared.udp6_fd < 0 or n < 0:
+        return n
+    n6 = ingress_socket(qu, qu.shared.udp6_fd, True, drain)
+    return -1 if n6 < 0 else n + n6
+
+
+cdef int ingress_socket(Queue* qu, int fd, bint v6, bint drain) noexcept nogil:
+    """ingress_batch for one socket, ``v6`` if it is the IPv6 one."""
     cdef Shared* s = qu.shared
     cdef IngressState* q = &qu.ig
     cdef int r, i
@@ -133,7 +144,8 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
     cdef uint8_t* base
     cdef uint8_t* pkt
     cdef size_t n, off, size, step, inner_gso
-    cdef uint32_t sender
+    cdef uint32_t sender = 0
+    cdef const uint8_t* sender6 = NULL
     cdef Verdict v
     cdef uint32_t every
     while True:
@@ -141,7 +153,10 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
         if s.udp_gro:
             for i in range(BATCH):  # the kernel shrinks it to what it wrote
                 q.msgs[i].msg_hdr.msg_controllen = CTRL_WORDS * sizeof(uint64_t)
-        r = recvmmsg(s.udp_fd, q.msgs, BATCH, MSG_DONTWAIT, NULL)
+        if v6:
+            for i in range(BATCH):  # an IPv4 read may have shrunk it to a sockaddr_in's
+                q.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+        r = recvmmsg(fd, q.msgs, BATCH, MSG_DONTWAIT, NULL)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -162,15 +177,19 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
             if size == 0:
                 size = n
             # A GRO read holds datagrams of one flow: one sender.
-            sender = ntohl(q.names[i].sin_addr.s_addr)
+            if v6:
+                sender6 = q.names[i].sin6_addr.s6_addr
+            else:
+                sender = ntohl((<sockaddr_in*>&q.names[i]).sin_addr.s_addr)
             off = 0
             while True:
                 # A GRO read holds datagrams of ``size`` bytes, the last one possibly shorter.
                 step = n - off if n - off < size else size
-                pkt = ingress_frame(s, base + off, step, sender, &v)
+                pkt = ingress_frame(s, base + off, step, sender, sender6, &v)
                 if every:
                     trace_record(&qu.ig_trace, every, 1, pkt,
-                                 v.length if v.action == ACT_TUN else step, &v, sender)
+                                 v.length if v.action == ACT_TUN else step, &v, sender,
+                                 sender6)
                 if v.action != ACT_TUN:
                     q.counters.drops[v.drop] += 1
                 else:

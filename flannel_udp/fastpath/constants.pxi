@@ -9,6 +9,8 @@ cdef enum:
     EGRESS_SLOT = HEADROOM + BUF_SIZE
     # The ICMP error: its IP and ICMP headers, and the largest header it quotes with 8 bytes.
     ICMP_MAX = IPV4_HEADER_LEN + ICMP_HEADER_LEN + IPV4_MAX_HEADER_LEN + ICMP_QUOTE_PAYLOAD
+    # An ICMPv6 error quotes as much as fits in the minimum IPv6 MTU (RFC 4443 2.4 (c)).
+    REPLY_MAX = IPV6_MIN_MTU
     TABLE_MIN_CAPACITY = 16
     MAX_SENDERS = 64                # send sockets egress may spread flows over
     # ICMP errors a peer's traffic can make us write: a token bucket, ICMP_RATE per second with

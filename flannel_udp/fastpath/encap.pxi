@@ -24,6 +24,17 @@ cdef uint32_t hash_flow(const uint8_t* pkt, size_t total_len) noexcept nogil:
     cdef uint32_t proto = pkt[IPV4_PROTO_OFFSET]
     cdef uint32_t ports = 0
     cdef uint32_t h
+    cdef unsigned int i
+    if (pkt[0] >> 4) == 6:
+        # Both addresses word by word, the next header, the ports if it is a transport.
+        proto = pkt[IPV6_NEXT_HEADER_OFFSET]
+        h = FLOW_HASH_SEED
+        for i in range(2 * IPV6_ADDR_LEN // 4):
+            h = fmix32(h ^ rd32(pkt + IPV6_SRC_OFFSET + 4 * i))
+        if has_ports(proto) and IPV6_HEADER_LEN + L4_PORTS_LEN <= total_len:
+            ports = rd32(pkt + IPV6_HEADER_LEN)
+        h = fmix32(h ^ proto)
+        return fmix32(h ^ ports)
     if has_ports(proto) and (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) == 0 \
             and header_len + L4_PORTS_LEN <= total_len:
         ports = rd32(pkt + header_len)
@@ -49,8 +60,13 @@ cdef inline void encap_vxlan(const Shared* s, uint8_t* pkt, const RouteEntry* e)
     wr32(h + VXLAN_FLAGS_OFFSET, <uint32_t>VXLAN_FLAG_I << 24)   # the flags, 3 reserved bytes
     wr32(h + VXLAN_VNI_OFFSET, s.vni << 8)                      # the VNI, a reserved byte
     memcpy(eth + ETHERNET_DST_OFFSET, e.mac, 6)
-    memcpy(eth + ETHERNET_SRC_OFFSET, s.vtep_mac, 6)
-    wr16(eth + ETHERNET_TYPE_OFFSET, ETHERTYPE_IPV4)
+    if (pkt[0] >> 4) == 6:
+        # As from the kernel's flannel-v6 device: its own VtepMAC, the IPv6 ethertype.
+        memcpy(eth + ETHERNET_SRC_OFFSET, s.vtep_mac6, 6)
+        wr16(eth + ETHERNET_TYPE_OFFSET, ETHERTYPE_IPV6)
+    else:
+        memcpy(eth + ETHERNET_SRC_OFFSET, s.vtep_mac, 6)
+        wr16(eth + ETHERNET_TYPE_OFFSET, ETHERTYPE_IPV4)
 
 
 cdef inline void encap_header(const Shared* s, uint8_t* pkt, const RouteEntry* e) noexcept nogil:
@@ -74,11 +90,21 @@ cdef void add_message(const Shared* s, EgressState* q, unsigned int k, uint8_t* 
     of the flow hashed ``flow``."""
     q.iov[k].iov_base = first - encap_len(s)
     q.iov[k].iov_len = wire_len
-    q.addrs[k].sin_family = AF_INET
-    q.addrs[k].sin_port = s.port
-    q.addrs[k].sin_addr.s_addr = htonl(e.peer)
     # VXLAN: one socket per flow keeps a flow on one outer source port (and in order).
-    q.sender[k] = <unsigned int>((<uint64_t>flow * s.n_senders) >> 32)
+    if e.underlay6:
+        q.fam6[k] = 1
+        q.addrs6[k].sin6_family = AF_INET6
+        q.addrs6[k].sin6_port = s.port
+        q.addrs6[k].sin6_flowinfo = 0
+        q.addrs6[k].sin6_scope_id = 0
+        memcpy(q.addrs6[k].sin6_addr.s6_addr, (<const RouteEntry6*>e).peer6, 16)
+        q.sender[k] = s.n_senders + <unsigned int>((<uint64_t>flow * s.n6_senders) >> 32)
+    else:
+        q.fam6[k] = 0
+        q.addrs[k].sin_family = AF_INET
+        q.addrs[k].sin_port = s.port
+        q.addrs[k].sin_addr.s_addr = htonl(e.peer)
+        q.sender[k] = <unsigned int>((<uint64_t>flow * s.n_senders) >> 32)
     q.routes[k] = e
     q.sent_lens[k] = inner_len
     q.segs[k] = segs
@@ -136,17 +162,25 @@ cdef inline int decap_udp(uint8_t* datagram, size_t n, uint8_t** inner,
 
 
 cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_t** inner,
-                            size_t* inner_len) noexcept nogil:
+                            size_t* inner_len, bint* v6) noexcept nogil:
     # The reserved flag bits are ignored on receipt (RFC 7348); only the I flag must be set.
+    # An IPv6 frame (``v6``) is addressed to our IPv6 VtepMAC, as to a flannel-v6 device.
+    cdef uint32_t ethertype
+    cdef const uint8_t* ours
     if n < VXLAN_ENCAP_LEN:
         return D_VXLAN_SHORT
     if not (datagram[VXLAN_FLAGS_OFFSET] & VXLAN_FLAG_I):
         return D_VXLAN_BAD_FLAGS
     if (rd32(datagram + VXLAN_VNI_OFFSET) >> 8) != s.vni:
         return D_VXLAN_WRONG_VNI
-    if memcmp(datagram + VXLAN_HEADER_LEN + ETHERNET_DST_OFFSET, s.vtep_mac, 6) != 0:
+    ethertype = rd16(datagram + VXLAN_HEADER_LEN + ETHERNET_TYPE_OFFSET)
+    v6[0] = s.v6 and ethertype == ETHERTYPE_IPV6
+    ours = s.vtep_mac
+    if v6[0]:
+        ours = s.vtep_mac6
+    if memcmp(datagram + VXLAN_HEADER_LEN + ETHERNET_DST_OFFSET, ours, 6) != 0:
         return D_VXLAN_WRONG_MAC
-    if rd16(datagram + VXLAN_HEADER_LEN + ETHERNET_TYPE_OFFSET) != ETHERTYPE_IPV4:
+    if ethertype != ETHERTYPE_IPV4 and not v6[0]:
         return D_VXLAN_NOT_IPV4
     inner[0] = datagram + VXLAN_ENCAP_LEN
     inner_len[0] = n - VXLAN_ENCAP_LEN
@@ -154,26 +188,34 @@ cdef inline int decap_vxlan(const Shared* s, uint8_t* datagram, size_t n, uint8_
 
 
 cdef uint8_t* ingress_frame(Shared* s, uint8_t* datagram, size_t n, uint32_t sender,
-                           Verdict* v) noexcept nogil:
-    """Decapsulate and check a datagram from ``sender`` (outer source address, host order);
-    the inner packet to write when ``v.action == ACT_TUN``. Caller holds the route read lock."""
+                           const uint8_t* sender6, Verdict* v) noexcept nogil:
+    """Decapsulate and check a datagram from ``sender`` (outer source address, host order), or
+    from ``sender6`` (16 bytes) if not NULL; the inner packet to write when ``v.action ==
+    ACT_TUN``. Caller holds the route read lock."""
     cdef uint8_t* pkt = NULL
     cdef size_t inner_len = 0
+    cdef bint v6 = False
     v.route = NULL
     v.peer = 0
     v.length = 0
     v.csum_at = 0
     # Before any parsing: whoever holds no lease gets nothing looked at.
-    if s.source_check and rt_find(&s.senders, sender) == NULL:
+    if s.source_check and (
+            rt6_find(&s.senders6, rd64(sender6), rd64(sender6 + 8)) == NULL if sender6 != NULL
+            else rt_find(&s.senders, sender) == NULL):
         v.action = ACT_DROP
         v.drop = D_UNKNOWN_SENDER
         return NULL
     if s.mode == MODE_VXLAN:
-        v.drop = decap_vxlan(s, datagram, n, &pkt, &inner_len)
+        v.drop = decap_vxlan(s, datagram, n, &pkt, &inner_len, &v6)
     else:
         v.drop = decap_udp(datagram, n, &pkt, &inner_len)
+        v6 = s.v6 and is_ipv6(pkt, inner_len)
     if v.drop != D_NONE:
         v.action = ACT_DROP
         return NULL
-    ingress_one(s, pkt, inner_len, sender, v)
+    if v6:
+        ingress6_one(s, pkt, inner_len, sender, sender6, v)
+    else:
+        ingress_one(s, pkt, inner_len, sender, sender6, v)
     return pkt

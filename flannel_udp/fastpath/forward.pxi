@@ -14,6 +14,9 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     v.route = NULL
     v.peer = 0
     v.length = 0
+    if s.v6 and is_ipv6(pkt, n):
+        egress6_one(s, pkt, n, reply, v)
+        return
     v.drop = ip_validate(pkt, n, &total_len)
     if v.drop != D_NONE:
         v.action = ACT_DROP
@@ -40,10 +43,93 @@ cdef void egress_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
     v.length = build_net_unreachable(reply, pkt, total_len, s.tun_addr)
 
 
-cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
+cdef void egress6_one(Shared* s, uint8_t* pkt, size_t n, uint8_t* reply,
                       Verdict* v) noexcept nogil:
-    """Decide the fate of a decapsulated packet from ``sender`` (the outer source, host order).
-    Caller holds the route read lock."""
+    """egress_one for an IPv6 packet: the hop limit as the TTL (UDP mode only), the lookup in
+    the IPv6 table; ICMPv6 destination unreachable (no route) for a packet with no route, and
+    packet too big for one longer than path_mtu6 (as the kernel's VXLAN does), if answerable.
+    Both are checked on the packet as received, before the hop limit changes."""
+    cdef size_t total_len = 0
+    cdef RouteEntry6* e
+    cdef uint64_t hi, lo
+    v.drop = ip6_validate(pkt, n, &total_len)
+    if v.drop != D_NONE:
+        v.action = ACT_DROP
+        return
+    if s.mode == MODE_UDP and pkt[IPV6_HOP_LIMIT_OFFSET] <= 1:
+        v.action = ACT_DROP
+        v.drop = D_TTL_EXPIRED
+        return
+    mask6(pkt + IPV6_DST_OFFSET, s, &hi, &lo)
+    e = rt6_find(&s.table6, hi, lo)
+    if e == NULL:
+        v.drop = D_NO_ROUTE
+        if not icmp6_answerable(pkt, total_len, False):
+            v.action = ACT_DROP
+            return
+        v.action = ACT_REPLY
+        v.length = build_icmp6_error(reply, pkt, total_len, s.tun_addr6, ICMPV6_DEST_UNREACH, 0)
+        return
+    if s.path_mtu6 and egress_len6(s, pkt, total_len) > s.path_mtu6:
+        v.drop = D_TOO_BIG
+        if not icmp6_answerable(pkt, total_len, True):
+            v.action = ACT_DROP
+            return
+        v.action = ACT_REPLY
+        v.length = build_icmp6_error(reply, pkt, total_len, s.tun_addr6, ICMPV6_PACKET_TOO_BIG,
+                                     s.path_mtu6)
+        return
+    if s.mode == MODE_UDP:
+        pkt[IPV6_HOP_LIMIT_OFFSET] -= 1     # no header checksum to patch
+    v.action = ACT_SEND
+    v.length = total_len
+    v.peer = e.base.peer
+    v.route = &e.base
+
+
+cdef inline bint sent_by(const RouteEntry* e, uint32_t sender,
+                         const uint8_t* sender6) noexcept nogil:
+    """Whether route ``e`` leads to the outer source: ``sender6`` (16 bytes) if not NULL,
+    else the IPv4 ``sender``."""
+    if sender6 != NULL:
+        return e.underlay6 and memcmp((<const RouteEntry6*>e).peer6, sender6, 16) == 0
+    return not e.underlay6 and e.peer == sender
+
+
+cdef void ingress6_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
+                       const uint8_t* sender6, Verdict* v) noexcept nogil:
+    """ingress_one for an IPv6 packet."""
+    cdef size_t total_len = 0
+    cdef RouteEntry6* e
+    cdef uint64_t hi, lo
+    v.drop = ip6_validate(pkt, n, &total_len)
+    if v.drop != D_NONE:
+        v.action = ACT_DROP
+        return
+    mask6(pkt + IPV6_SRC_OFFSET, s, &hi, &lo)
+    e = rt6_find(&s.table6, hi, lo)
+    if s.source_check and (e == NULL or not sent_by(&e.base, sender, sender6)):
+        v.action = ACT_DROP
+        v.drop = D_SPOOFED_INNER_SOURCE
+        return
+    if s.mode == MODE_UDP:
+        if pkt[IPV6_HOP_LIMIT_OFFSET] <= 1:
+            v.action = ACT_DROP
+            v.drop = D_TTL_EXPIRED
+            return
+        pkt[IPV6_HOP_LIMIT_OFFSET] -= 1
+    else:
+        v.csum_at = partial_csum_at6(pkt, total_len)
+    v.action = ACT_TUN
+    v.length = total_len
+    v.route = &e.base if e != NULL else NULL
+
+
+cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
+                      const uint8_t* sender6, Verdict* v) noexcept nogil:
+    """Decide the fate of a decapsulated IPv4 packet from ``sender`` (the outer source, host
+    order; or ``sender6``, 16 bytes, when it came over IPv6). Caller holds the route read
+    lock."""
     cdef size_t total_len = 0
     cdef RouteEntry* e
     v.drop = ip_validate(pkt, n, &total_len)
@@ -53,7 +139,7 @@ cdef void ingress_one(Shared* s, uint8_t* pkt, size_t n, uint32_t sender,
     # The inner source must lie in a subnet leased to the sender (its tunnel address, the
     # subnet's network address, is inside too).
     e = rt_find(&s.table, rd32(pkt + IPV4_SRC_OFFSET) & s.mask)
-    if s.source_check and (e == NULL or e.peer != sender):
+    if s.source_check and (e == NULL or not sent_by(e, sender, sender6)):
         v.action = ACT_DROP
         v.drop = D_SPOOFED_INNER_SOURCE
         return

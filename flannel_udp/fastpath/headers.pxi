@@ -28,6 +28,30 @@ cdef enum:
     PROTO_SCTP = 132
     PROTO_UDPLITE = 136
 
+    # IPv6 (RFC 8200): a fixed 40-byte header; extension headers are not walked (the next
+    # header names the transport only when there are none).
+    IPV6_HEADER_LEN = 40
+    IPV6_VERSION_OFFSET = 0         # version (high nibble), traffic class, flow label
+    IPV6_PAYLOAD_LEN_OFFSET = 4     # what follows the fixed header
+    IPV6_NEXT_HEADER_OFFSET = 6
+    IPV6_HOP_LIMIT_OFFSET = 7
+    IPV6_SRC_OFFSET = 8
+    IPV6_DST_OFFSET = 24
+    IPV6_ADDR_LEN = 16
+    PROTO_ICMPV6 = 58
+    PROTO_IPV6_FRAGMENT = 44        # the fragment extension header
+    IPV6_FRAG_OFFSET_OFFSET = 2     # of the fragment header: offset (13 bits), flags (3)
+    IPV6_FRAG_OFFSET_MASK = 0xFFF8
+    IPV6_MIN_MTU = 1280
+
+    # ICMPv6 (RFC 4443): the errors we answer with.
+    ICMPV6_HEADER_LEN = 8           # type, code, checksum, 4 bytes (unused, or the MTU)
+    ICMPV6_DEST_UNREACH = 1
+    ICMPV6_NO_ROUTE = 0
+    ICMPV6_PACKET_TOO_BIG = 2
+    ICMPV6_MTU_OFFSET = 4
+    ICMPV6_INFO_MIN = 128           # types below are errors, never answered with one
+
     # The transport header: TCP, UDP, DCCP, SCTP and UDP-Lite all begin with the two ports.
     L4_PORTS_LEN = 4
 
@@ -72,6 +96,7 @@ cdef enum:
     ETHERNET_SRC_OFFSET = 6
     ETHERNET_TYPE_OFFSET = 12
     ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_IPV6 = 0x86DD
     VXLAN_ENCAP_LEN = VXLAN_HEADER_LEN + ETHERNET_HEADER_LEN
 
     # The virtio_net_hdr (<linux/virtio_net.h>) before every packet on a TUN opened with
@@ -86,5 +111,6 @@ cdef enum:
     VNET_F_NEEDS_CSUM = 1
     GSO_NONE = 0
     GSO_TCPV4 = 1
+    GSO_TCPV6 = 4
     GSO_UDP_L4 = 5                  # missing from older headers
     GSO_ECN = 0x80

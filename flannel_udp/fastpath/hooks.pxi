@@ -2,9 +2,10 @@
 # tests can hold them to flannel_udp.packet. Part of _fastpath.pyx (included).
 
 def flow_hash(bytes packet) -> int:
-    """Test hook: the C flow hash of an IPv4 packet (ValueError unless its header is sane)."""
+    """Test hook: the C flow hash of an IPv4 or IPv6 packet (ValueError unless its header is
+    sane)."""
     cdef size_t total_len = 0
-    cdef int drop = ip_validate(<const uint8_t*><const char*>packet, len(packet), &total_len)
+    cdef int drop = any_validate(<const uint8_t*><const char*>packet, len(packet), &total_len)
     if drop != D_NONE:
         raise ValueError(f"not a valid IPv4 packet: {DROP_NAMES[drop]}")
     return hash_flow(<const uint8_t*><const char*>packet, total_len)
@@ -21,7 +22,7 @@ def segment_tso(bytes vnet_hdr, bytes packet) -> tuple:
     cdef int drop
     if len(vnet_hdr) != VNET_HDR_LEN:
         raise ValueError("vnet_hdr: 10 bytes")
-    drop = ip_validate(<const uint8_t*><const char*>packet, n, &total_len)
+    drop = any_validate(<const uint8_t*><const char*>packet, n, &total_len)
     if drop != D_NONE or total_len != n:
         raise ValueError("not a valid IPv4 packet of its total length")
     buf = <uint8_t*>malloc(n + 1)
@@ -63,7 +64,7 @@ def tun_writes(list packets, *, bint vnet=True, bint complete_partial=False, int
     cdef uint8_t* buf
     for p in packets:
         total_len = 0
-        if ip_validate(<const uint8_t*><const char*>p, len(p), &total_len) != D_NONE \
+        if any_validate(<const uint8_t*><const char*>p, len(p), &total_len) != D_NONE \
                 or total_len != len(p):
             raise ValueError("not a valid IPv4 packet of its total length")
         total += len(p)
@@ -88,7 +89,8 @@ def tun_writes(list packets, *, bint vnet=True, bint complete_partial=False, int
         off = ING_HEADROOM
         for p in packets:
             co_add(&c, buf + off, len(p), NULL,
-                   partial_csum_at(buf + off, len(p)) if complete_partial else 0, gro_size)
+                   (partial_csum_at6(buf + off, len(p)) if is_ipv6(buf + off, len(p))
+                    else partial_csum_at(buf + off, len(p))) if complete_partial else 0, gro_size)
             off += len(p)
         co_flush(&c)
         frames = []

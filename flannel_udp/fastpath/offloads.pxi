@@ -4,12 +4,15 @@
 cdef int gso_plan(const uint8_t* vh, uint8_t* pkt, size_t length, GsoPlan* plan) noexcept nogil:
     """Check the virtio header ``vh`` of a validated packet and plan its split; D_BAD_GSO if it
     can't be honoured. A packet without GSO gets its partial checksum completed here, in place
-    (plan.count 0). hdr_len comes from the headers, never from ``vh``."""
+    (plan.count 0). hdr_len comes from the headers, never from ``vh``. IPv6: TCPV6 or UDP_L4
+    with the transport right behind the fixed header (extension headers are refused)."""
     cdef uint32_t gso_type = vh[VNET_GSO_TYPE_OFFSET] & ~GSO_ECN
     cdef size_t mss = rd_host16(vh + VNET_GSO_SIZE_OFFSET)
     cdef size_t csum_start = rd_host16(vh + VNET_CSUM_START_OFFSET)
     cdef size_t csum_at = csum_start + rd_host16(vh + VNET_CSUM_OFFSET_OFFSET)
-    cdef size_t ip_hdr_len = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+    cdef bint v6 = (pkt[0] >> 4) == 6
+    cdef size_t ip_hdr_len = l3_header_len(pkt)
+    cdef uint32_t proto = l4_proto(pkt)
     cdef size_t l4_len
     plan.count = 0
     if gso_type == GSO_NONE:
@@ -18,16 +21,16 @@ cdef int gso_plan(const uint8_t* vh, uint8_t* pkt, size_t length, GsoPlan* plan)
                 return D_BAD_GSO
             complete_csum(pkt, csum_start, length, csum_at)
         return D_NONE
-    if mss == 0 or (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
+    if mss == 0 or (not v6 and (rd16(pkt + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0):
         return D_BAD_GSO
-    if gso_type == GSO_TCPV4:
-        if pkt[IPV4_PROTO_OFFSET] != PROTO_TCP or ip_hdr_len + TCP_HEADER_LEN > length:
+    if gso_type == (GSO_TCPV6 if v6 else GSO_TCPV4):
+        if proto != PROTO_TCP or ip_hdr_len + TCP_HEADER_LEN > length:
             return D_BAD_GSO
         l4_len = <size_t>(pkt[ip_hdr_len + TCP_DOFF_OFFSET] >> 4) * 4
         if l4_len < TCP_HEADER_LEN or ip_hdr_len + l4_len > length:
             return D_BAD_GSO
     elif gso_type == GSO_UDP_L4:
-        if pkt[IPV4_PROTO_OFFSET] != PROTO_UDP or ip_hdr_len + UDP_HEADER_LEN > length:
+        if proto != PROTO_UDP or ip_hdr_len + UDP_HEADER_LEN > length:
             return D_BAD_GSO
         l4_len = UDP_HEADER_LEN
     else:
@@ -54,11 +57,13 @@ cdef inline size_t gso_bytes(const GsoPlan* plan, size_t gap) noexcept nogil:
 cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
                     size_t gap) noexcept nogil:
     """Write the planned segments to ``out``, each behind ``gap`` bytes: the headers copied with
-    total length, IP id + i, header checksum, TCP seq advanced (FIN/PSH on the last segment
-    only, CWR on the first only) or UDP length, and a complete L4 checksum."""
+    total length, IP id + i, header checksum (IPv6: the payload length), TCP seq advanced
+    (FIN/PSH on the last segment only, CWR on the first only) or UDP length, and a complete L4
+    checksum."""
     cdef size_t ihl = plan.ip_hdr_len
     cdef size_t off = plan.hdr_len
     cdef size_t seg_payload, total
+    cdef bint v6 = (pkt[0] >> 4) == 6
     cdef uint32_t id0 = rd16(pkt + IPV4_ID_OFFSET)
     cdef uint32_t seq0 = 0
     cdef uint32_t flags = 0
@@ -66,7 +71,7 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
     cdef unsigned int i
     cdef uint8_t* seg = out
     cdef uint8_t* l4
-    if plan.gso_type == GSO_TCPV4:
+    if plan.gso_type != GSO_UDP_L4:
         seq0 = rd32(pkt + ihl + TCP_SEQ_OFFSET)
         flags = pkt[ihl + TCP_FLAGS_OFFSET]
     for i in range(plan.count):
@@ -76,23 +81,26 @@ cdef void gso_write(const GsoPlan* plan, const uint8_t* pkt, uint8_t* out,
         memcpy(seg, pkt, plan.hdr_len)
         memcpy(seg + plan.hdr_len, pkt + off, seg_payload)
         off += seg_payload
-        wr16(seg + IPV4_TOTAL_LEN_OFFSET, <uint32_t>total)
-        wr16(seg + IPV4_ID_OFFSET, (id0 + i) & 0xFFFF)
-        wr16(seg + IPV4_CSUM_OFFSET, 0)
-        wr16(seg + IPV4_CSUM_OFFSET, inet_checksum(seg, ihl))
+        if v6:
+            wr16(seg + IPV6_PAYLOAD_LEN_OFFSET, <uint32_t>(total - IPV6_HEADER_LEN))
+        else:
+            wr16(seg + IPV4_TOTAL_LEN_OFFSET, <uint32_t>total)
+            wr16(seg + IPV4_ID_OFFSET, (id0 + i) & 0xFFFF)
+            wr16(seg + IPV4_CSUM_OFFSET, 0)
+            wr16(seg + IPV4_CSUM_OFFSET, inet_checksum(seg, ihl))
         l4 = seg + ihl
-        if plan.gso_type == GSO_TCPV4:
+        if plan.gso_type != GSO_UDP_L4:
             wr32(l4 + TCP_SEQ_OFFSET, seq0 + <uint32_t>(i * plan.mss))
             l4[TCP_FLAGS_OFFSET] = <uint8_t>(
                 flags & (0xFF if i + 1 == plan.count else ~(TCP_FIN | TCP_PSH))
                 & (0xFF if i == 0 else ~TCP_CWR))
             wr16(l4 + TCP_CSUM_OFFSET, 0)
-            wr16(l4 + TCP_CSUM_OFFSET, ~fold16(<uint64_t>pseudo_sum(seg, PROTO_TCP, total - ihl)
+            wr16(l4 + TCP_CSUM_OFFSET, ~fold16(<uint64_t>pseudo_sum_any(seg, PROTO_TCP, total - ihl)
                                                + fu_sum16(l4, total - ihl)) & 0xFFFF)
         else:
             wr16(l4 + UDP_LEN_OFFSET, <uint32_t>(total - ihl))
             wr16(l4 + UDP_CSUM_OFFSET, 0)
-            c = ~fold16(<uint64_t>pseudo_sum(seg, PROTO_UDP, total - ihl)
+            c = ~fold16(<uint64_t>pseudo_sum_any(seg, PROTO_UDP, total - ihl)
                         + fu_sum16(l4, total - ihl)) & 0xFFFF
             wr16(l4 + UDP_CSUM_OFFSET, c if c else 0xFFFF)   # 0 would mean "no checksum"
         seg += total
@@ -103,9 +111,12 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nog
     coalesced run, else 0: IPv4 without options, no fragment, TCP with payload, flags ACK or
     ACK|PSH, IP and TCP checksums right (the merged packet gets fresh ones: a bad segment must
     not be laundered into a good one). A ``partial`` TCP checksum (partial_csum_at) has nothing
-    to verify: the merged one is completed from the data as the lone one would be."""
+    to verify: the merged one is completed from the data as the lone one would be. IPv6: TCP
+    right behind the fixed header, no IP checksum to check."""
     cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # if it qualifies: no IP options
     cdef size_t tcp_len
+    if (p[0] >> 4) == 6:
+        return tcp_candidate6(p, n, partial)
     if n < IPV4_HEADER_LEN + TCP_HEADER_LEN or p[IPV4_VER_IHL_OFFSET] != IPV4_VER_IHL_NO_OPTIONS \
             or p[IPV4_PROTO_OFFSET] != PROTO_TCP \
             or (rd16(p + IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK) != 0:
@@ -123,22 +134,46 @@ cdef size_t tcp_candidate(const uint8_t* p, size_t n, bint partial) noexcept nog
     return IPV4_HEADER_LEN + tcp_len
 
 
+cdef size_t tcp_candidate6(const uint8_t* p, size_t n, bint partial) noexcept nogil:
+    """tcp_candidate for an IPv6 packet."""
+    cdef const uint8_t* tcp = p + IPV6_HEADER_LEN
+    cdef size_t tcp_len
+    if n < IPV6_HEADER_LEN + TCP_HEADER_LEN or p[IPV6_NEXT_HEADER_OFFSET] != PROTO_TCP:
+        return 0
+    tcp_len = <size_t>(tcp[TCP_DOFF_OFFSET] >> 4) * 4
+    if tcp_len < TCP_HEADER_LEN or IPV6_HEADER_LEN + tcp_len >= n:
+        return 0
+    if tcp[TCP_FLAGS_OFFSET] != TCP_ACK and tcp[TCP_FLAGS_OFFSET] != (TCP_ACK | TCP_PSH):
+        return 0
+    if not partial and fold16(<uint64_t>pseudo_sum6(p, PROTO_TCP, n - IPV6_HEADER_LEN)
+                              + fu_sum16(tcp, n - IPV6_HEADER_LEN)) != 0xFFFF:
+        return 0
+    return IPV6_HEADER_LEN + tcp_len
+
+
 cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
                       size_t hdr_len) noexcept nogil:
     """Whether candidate ``p`` continues the open run: same TOS, IP flags, TTL, addresses,
-    ports, ACK, window, options; the next sequence number; no more payload than the first."""
+    ports, ACK, window, options (IPv6: traffic class and flow label, next header and hop limit,
+    addresses, ports...); the next sequence number; no more payload than the first."""
     cdef const uint8_t* h = c.head
-    cdef const uint8_t* tcp = p + IPV4_HEADER_LEN    # candidates have no IP options
+    cdef size_t l3 = c.l3
+    cdef const uint8_t* tcp = p + l3    # candidates have no IP options
     cdef const uint8_t* h_tcp
-    if h == NULL or c.closed or hdr_len != c.hdr_len:
+    if h == NULL or c.closed or hdr_len != c.hdr_len or (p[0] >> 4) != (h[0] >> 4):
         return False
     if n - hdr_len > c.seg_payload or c.length + (n - hdr_len) > 0xFFFF:
         return False
     if rd32(tcp + TCP_SEQ_OFFSET) != c.next_seq:
         return False
-    h_tcp = h + IPV4_HEADER_LEN
+    h_tcp = h + l3
+    if l3 == IPV6_HEADER_LEN:
+        if memcmp(p, h, IPV6_PAYLOAD_LEN_OFFSET) != 0 \
+                or memcmp(p + IPV6_NEXT_HEADER_OFFSET, h + IPV6_NEXT_HEADER_OFFSET,
+                          2 + 2 * IPV6_ADDR_LEN + L4_PORTS_LEN) != 0:
+            return False
     # TOS; flags and fragment offset, TTL, protocol; the addresses and (no options) the ports.
-    if p[IPV4_TOS_OFFSET] != h[IPV4_TOS_OFFSET] \
+    elif p[IPV4_TOS_OFFSET] != h[IPV4_TOS_OFFSET] \
             or memcmp(p + IPV4_FLAGS_OFFSET, h + IPV4_FLAGS_OFFSET,
                       IPV4_CSUM_OFFSET - IPV4_FLAGS_OFFSET) != 0 \
             or memcmp(p + IPV4_SRC_OFFSET, h + IPV4_SRC_OFFSET,
@@ -152,7 +187,7 @@ cdef bint run_accepts(const Coalescer* c, const uint8_t* p, size_t n,
     # The window; the options.
     return memcmp(tcp + TCP_WINDOW_OFFSET, h_tcp + TCP_WINDOW_OFFSET, 2) == 0 and \
         memcmp(tcp + TCP_OPTIONS_OFFSET, h_tcp + TCP_OPTIONS_OFFSET,
-               hdr_len - IPV4_HEADER_LEN - TCP_OPTIONS_OFFSET) == 0
+               hdr_len - l3 - TCP_OPTIONS_OFFSET) == 0
 
 
 cdef bint co_emit(Coalescer* c, uint8_t* frame, size_t n) noexcept nogil:
@@ -186,7 +221,7 @@ cdef void co_write_plain(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route
     if c.vnet:
         memset(vh, 0, VNET_HDR_LEN)
         if csum_at:
-            ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+            ihl = l3_header_len(pkt)
             vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
             wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>(csum_at + 2))
             wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>ihl)
@@ -207,17 +242,23 @@ cdef void co_flush(Coalescer* c) noexcept nogil:
     if c.count == 1:
         co_write_plain(c, h, c.length, c.route, c.head_csum_at)
         return
-    wr16(h + IPV4_TOTAL_LEN_OFFSET, <uint32_t>c.length)
-    wr16(h + IPV4_CSUM_OFFSET, 0)
-    wr16(h + IPV4_CSUM_OFFSET, inet_checksum(h, IPV4_HEADER_LEN))
-    wr16(h + IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
-         pseudo_sum(h, PROTO_TCP, c.length - IPV4_HEADER_LEN))
     vh = h - VNET_HDR_LEN
+    if c.l3 == IPV6_HEADER_LEN:
+        wr16(h + IPV6_PAYLOAD_LEN_OFFSET, <uint32_t>(c.length - IPV6_HEADER_LEN))
+        wr16(h + IPV6_HEADER_LEN + TCP_CSUM_OFFSET,
+             pseudo_sum6(h, PROTO_TCP, c.length - IPV6_HEADER_LEN))
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV6
+    else:
+        wr16(h + IPV4_TOTAL_LEN_OFFSET, <uint32_t>c.length)
+        wr16(h + IPV4_CSUM_OFFSET, 0)
+        wr16(h + IPV4_CSUM_OFFSET, inet_checksum(h, IPV4_HEADER_LEN))
+        wr16(h + IPV4_HEADER_LEN + TCP_CSUM_OFFSET,
+             pseudo_sum(h, PROTO_TCP, c.length - IPV4_HEADER_LEN))
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
     vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
-    vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
     wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>c.hdr_len)
     wr_host16(vh + VNET_GSO_SIZE_OFFSET, <uint32_t>c.seg_payload)
-    wr_host16(vh + VNET_CSUM_START_OFFSET, IPV4_HEADER_LEN)
+    wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>c.l3)
     wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, TCP_CSUM_OFFSET)
     c.counters.offloaded += 1
     co_count(c, co_emit(c, vh, c.length + VNET_HDR_LEN), c.count, c.inner_bytes, c.route)
@@ -296,26 +337,27 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     cdef uint8_t flags
     if csum_at:
         c.counters.csum_completed += 1
-        mss = super_segment(c, pkt, n, csum_at, gro_size)
+        # IPv6 super-packets are not looked for: they go on as they came.
+        mss = 0 if (pkt[0] >> 4) == 6 else super_segment(c, pkt, n, csum_at, gro_size)
         if mss:
             co_flush(c)
             co_write_super(c, pkt, n, route, csum_at, mss)
             return
         if not c.vnet:
-            complete_csum(pkt, <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4, n, csum_at)
+            complete_csum(pkt, l3_header_len(pkt), n, csum_at)
             csum_at = 0
     hdr_len = tcp_candidate(pkt, n, csum_at != 0) if c.vnet else 0
     if hdr_len and run_accepts(c, pkt, n, hdr_len):
         payload = n - hdr_len
         # Before the move, which may overwrite pkt's own headers (no IP options: a candidate).
-        flags = pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET]
+        flags = pkt[c.l3 + TCP_FLAGS_OFFSET]
         memmove(c.head + c.length, pkt + hdr_len, payload)
         c.length += payload
         c.inner_bytes += n
         c.count += 1
         c.next_seq += <uint32_t>payload
         if flags & TCP_PSH:
-            c.head[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] |= TCP_PSH
+            c.head[c.l3 + TCP_FLAGS_OFFSET] |= TCP_PSH
             c.closed = 1
         if payload < c.seg_payload:
             c.closed = 1
@@ -329,8 +371,9 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     c.hdr_len = hdr_len
     c.seg_payload = n - hdr_len
     c.inner_bytes = n
-    c.next_seq = rd32(pkt + IPV4_HEADER_LEN + TCP_SEQ_OFFSET) + <uint32_t>(n - hdr_len)
+    c.l3 = l3_header_len(pkt)
+    c.next_seq = rd32(pkt + c.l3 + TCP_SEQ_OFFSET) + <uint32_t>(n - hdr_len)
     c.count = 1
-    c.closed = (pkt[IPV4_HEADER_LEN + TCP_FLAGS_OFFSET] & TCP_PSH) != 0
+    c.closed = (pkt[c.l3 + TCP_FLAGS_OFFSET] & TCP_PSH) != 0
     c.route = route
     c.head_csum_at = csum_at

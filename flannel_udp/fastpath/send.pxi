@@ -98,12 +98,13 @@ cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nog
     cdef unsigned int i, j, sender
     cdef unsigned int start = 0
     cdef unsigned int* run_end = q.run_end
+    cdef unsigned int n_all = s.n_senders + s.n6_senders
     cdef cmsghdr* cm
     # Counting sort by sender, stable: a flow has one sender, so it keeps its order.
-    memset(run_end, 0, s.n_senders * sizeof(unsigned int))
+    memset(run_end, 0, n_all * sizeof(unsigned int))
     for i in range(count):
         run_end[q.sender[i]] += 1
-    for sender in range(s.n_senders):
+    for sender in range(n_all):
         j = run_end[sender]
         run_end[sender] = start     # where this sender's run begins, advanced while placing
         start += j
@@ -111,8 +112,12 @@ cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nog
         j = run_end[q.sender[i]]
         run_end[q.sender[i]] = j + 1
         q.order[j] = i
-        q.msgs[j].msg_hdr.msg_name = &q.addrs[i]
-        q.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        if q.fam6[i]:
+            q.msgs[j].msg_hdr.msg_name = &q.addrs6[i]
+            q.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
+        else:
+            q.msgs[j].msg_hdr.msg_name = &q.addrs[i]
+            q.msgs[j].msg_hdr.msg_namelen = sizeof(sockaddr_in)
         q.msgs[j].msg_hdr.msg_iov = &q.iov[i]
         q.msgs[j].msg_hdr.msg_iovlen = 1
         q.msgs[j].msg_hdr.msg_control = NULL
@@ -127,7 +132,7 @@ cdef void send_batch(Shared* s, EgressState* q, unsigned int count) noexcept nog
             cm.cmsg_len = CMSG_LEN(sizeof(uint16_t))
             memcpy(CMSG_DATA(cm), &q.gso_size[i], sizeof(uint16_t))
     start = 0
-    for sender in range(s.n_senders):   # run_end[sender] is now where the run ends
+    for sender in range(n_all):     # run_end[sender] is now where the run ends
         if run_end[sender] > start:
             send_run(s, q, s.send_fds[sender], start, run_end[sender])
         start = run_end[sender]

@@ -6,6 +6,7 @@ ctypedef struct RouteEntry:
     uint32_t peer           # peer public IPv4, host order
     uint32_t used
     uint8_t mac[6]          # VXLAN: the peer's VtepMAC
+    uint8_t underlay6       # an IPv6 route whose peer is reached over IPv6 (RouteEntry6.peer6)
     # tx_* written only under the egress half's mutex, rx_* only under the ingress half's.
     uint64_t tx_packets
     uint64_t tx_bytes
@@ -18,6 +19,20 @@ ctypedef struct RouteTable:
     uint32_t count
     uint32_t shift          # 32 - log2(capacity), for Fibonacci hashing
 
+ctypedef struct RouteEntry6:
+    # An IPv6 subnet's route: ``base`` first, so that a RouteEntry* to it carries the MAC, the
+    # counters and (IPv4 underlay) the peer for the code that both families share.
+    RouteEntry base
+    uint64_t hi             # key: the network address, high and low 64 bits
+    uint64_t lo
+    uint8_t peer6[16]       # the peer's PublicIPv6 when base.underlay6
+
+ctypedef struct RouteTable6:
+    RouteEntry6* slots
+    uint32_t capacity       # power of two
+    uint32_t count
+    uint32_t shift          # 64 - log2(capacity)
+
 ctypedef struct TraceRecord:
     # One per-packet decision, for `flannel-udp trace`.
     uint64_t ns             # CLOCK_REALTIME_COARSE, when the decision was taken
@@ -29,6 +44,10 @@ ctypedef struct TraceRecord:
     uint32_t dst
     uint32_t peer           # egress: the peer sent to; ingress: the outer sender
     uint16_t length         # inner (or datagram) length
+    uint8_t v6              # bit 0: the inner packet is IPv6 (src6/dst6); bit 1: peer6 is set
+    uint8_t src6[16]
+    uint8_t dst6[16]
+    uint8_t peer6[16]       # the peer (egress) or sender (ingress) over an IPv6 underlay
 
 ctypedef struct TraceRing:
     # Single producer (whichever thread holds its half's mutex), single consumer
@@ -56,12 +75,25 @@ ctypedef struct Shared:
     int udp_gro             # udp_fd has UDP_GRO: a read may hold several datagrams
     uint32_t mtu            # the TUN's (0: unknown)
     unsigned int n_senders
-    int send_fds[MAX_SENDERS]   # egress sends from these; UDP mode: udp_fd only
+    # egress sends from these: n_senders IPv4 sockets (UDP mode: udp_fd only), then n6_senders
+    # IPv6 ones (to PublicIPv6s; UDP mode: udp6_fd only)
+    int send_fds[2 * MAX_SENDERS]
+    unsigned int n6_senders
+    int udp6_fd             # receives over IPv6 (bound to the port; -1: no IPv6 underlay)
     int stop_fd             # eventfd; readable = threads must exit
     # Source validation: only a lease holder's PublicIP may send, only from its own subnet.
     int source_check
     RouteTable senders      # peers' PublicIPs (in .subnet), .peer = how many subnets each holds
     uint32_t trace_every    # 0: no tracer; N: one decision in N goes to the trace rings
+    # IPv6 inner packets: off unless FastPath got tun_addr6 (then v6 packets count as not_ipv4).
+    int v6
+    RouteTable6 table6      # peers' IPv6 subnets
+    uint64_t mask6_hi       # the IPv6 lease prefix mask
+    uint64_t mask6_lo
+    uint8_t vtep_mac6[6]    # VXLAN: ours for IPv6 (a flannel-v6 device's own VtepMAC)
+    uint32_t path_mtu6      # longer IPv6 packets get ICMPv6 packet too big (0: no limit)
+    uint8_t tun_addr6[16]   # our IPv6 subnet's network address: source of our ICMPv6 errors
+    RouteTable6 senders6    # peers' PublicIPv6s (the key), .base.peer = how many subnets each
 
 ctypedef struct Counters:
     uint64_t packets
@@ -102,6 +134,8 @@ ctypedef struct EgressState:
     # them, and what they are charged to (inner bytes, so tx matches the peer's rx).
     iovec iov[MSG_MAX]
     sockaddr_in addrs[MSG_MAX]
+    sockaddr_in6 addrs6[MSG_MAX]    # where fam6 says so: to a PublicIPv6
+    uint8_t fam6[MSG_MAX]
     unsigned int sender[MSG_MAX]
     RouteEntry* routes[MSG_MAX]
     size_t sent_lens[MSG_MAX]
@@ -111,8 +145,8 @@ ctypedef struct EgressState:
     # In send order, grouped by sender: msgs[j] carries message order[j].
     mmsghdr msgs[MSG_MAX]
     unsigned int order[MSG_MAX]
-    unsigned int run_end[MAX_SENDERS]
-    uint8_t reply[VNET_HDR_LEN + ICMP_MAX]  # the ICMP error, behind room for a virtio header
+    unsigned int run_end[2 * MAX_SENDERS]
+    uint8_t reply[VNET_HDR_LEN + REPLY_MAX]  # the ICMP error, behind room for a virtio header
     Counters counters
     double icmp_tokens      # the ICMP token bucket (under the egress mutex)
     uint64_t icmp_stamp     # ns (CLOCK_MONOTONIC) of the last refill; 0: not started
@@ -129,6 +163,7 @@ ctypedef struct Coalescer:
     size_t capture_used
     Counters* counters
     uint8_t* head           # IP header of the run's first segment; NULL: no run
+    size_t l3               # its length: IPv4's without options, or IPv6's
     size_t length           # IP length of the run so far
     size_t hdr_len          # IP + TCP header of the head
     size_t seg_payload      # payload of the head = the GSO size
@@ -147,7 +182,8 @@ ctypedef struct IngressState:
     uint8_t* arena          # ING_ARENA: the segments of a super-packet split (Coalescer.arena)
     mmsghdr msgs[BATCH]
     iovec iov[BATCH]
-    sockaddr_in names[BATCH]    # the datagrams' senders, for source validation
+    sockaddr_in6 names[BATCH]   # the datagrams' senders, for source validation (a
+                                # sockaddr_in from the IPv4 socket)
     uint64_t ctrl[BATCH * CTRL_WORDS]
     Coalescer co
     Counters counters

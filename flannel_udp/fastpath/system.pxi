@@ -35,6 +35,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int recvmmsg(int sockfd, mmsghdr* msgvec, unsigned int vlen, int flags, timespec* timeout)
     enum:
         AF_INET
+        AF_INET6
         MSG_DONTWAIT
 
 cdef extern from "<netinet/in.h>" nogil:
@@ -44,6 +45,14 @@ cdef extern from "<netinet/in.h>" nogil:
         unsigned short sin_family
         uint16_t sin_port
         in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     uint16_t htons(uint16_t)
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)

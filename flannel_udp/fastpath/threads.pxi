@@ -10,10 +10,12 @@ cdef void backoff() noexcept nogil:
     nanosleep(&ts, NULL)
 
 
-cdef int wait_ready(int fd, short events, int stop_fd, int timeout_ms=-1) noexcept nogil:
-    """1 when ``fd`` has one of ``events`` (or is in error), 0 when asked to stop, -1 when fd is
-    invalid or poll fails, 2 after ``timeout_ms`` (-1: none) with neither."""
-    cdef pollfd fds[2]
+cdef int wait_ready(int fd, short events, int stop_fd, int timeout_ms=-1,
+                    int fd2=-1) noexcept nogil:
+    """1 when ``fd`` (or ``fd2``, if not -1) has one of ``events`` (or is in error), 0 when
+    asked to stop, -1 when fd is invalid or poll fails, 2 after ``timeout_ms`` (-1: none) with
+    neither."""
+    cdef pollfd fds[3]
     cdef int r
     while True:
         fds[0].fd = fd
@@ -22,7 +24,10 @@ cdef int wait_ready(int fd, short events, int stop_fd, int timeout_ms=-1) noexce
         fds[1].fd = stop_fd
         fds[1].events = POLLIN
         fds[1].revents = 0
-        r = poll(fds, 2, timeout_ms)
+        fds[2].fd = fd2
+        fds[2].events = events
+        fds[2].revents = 0
+        r = poll(fds, 3 if fd2 >= 0 else 2, timeout_ms)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -31,9 +36,9 @@ cdef int wait_ready(int fd, short events, int stop_fd, int timeout_ms=-1) noexce
             return 2
         if fds[1].revents:
             return 0
-        if fds[0].revents & POLLNVAL:
+        if fds[0].revents & POLLNVAL or (fd2 >= 0 and fds[2].revents & POLLNVAL):
             return -1
-        if fds[0].revents:
+        if fds[0].revents or (fd2 >= 0 and fds[2].revents):
             return 1
 
 
@@ -64,25 +69,28 @@ cdef int run_half(Queue* qu, bint egress, bint wait) noexcept nogil:
 cdef void poll_halves(Queue* qu) noexcept nogil:
     """Poll both halves, working whichever is ready, until busy_poll_ns pass with nothing to
     do or the threads are asked to stop."""
-    cdef pollfd fds[3]
+    cdef pollfd fds[4]
     cdef uint64_t now
     cdef uint64_t deadline = monotonic_ns() + qu.busy_poll_ns
     cdef int worked, i, n
     fds[0].fd = qu.tun_fd
     fds[1].fd = qu.shared.udp_fd
     fds[2].fd = qu.shared.stop_fd
-    for i in range(3):
+    fds[3].fd = qu.shared.udp6_fd    # poll ignores it when -1
+    for i in range(4):
         fds[i].events = POLLIN
     while True:
-        for i in range(3):
+        for i in range(4):
             fds[i].revents = 0
-        if poll(fds, 3, 0) < 0:
+        if poll(fds, 4, 0) < 0:
             if errno == EINTR:
                 continue
             return
         if fds[2].revents:
             return
         worked = 0
+        if fds[3].revents:
+            fds[1].revents |= fds[3].revents    # the ingress half reads both sockets
         for i in range(2):
             if fds[i].revents:
                 n = run_half(qu, i == 0, False)
@@ -137,7 +145,8 @@ cdef void io_loop(Queue* qu, int me) noexcept nogil:
                 # take what waits in ours meanwhile, if it is not at it.
                 run_half(qu, me == 0, False)
             continue
-        if wait_ready(fd, POLLIN, qu.shared.stop_fd) <= 0:
+        if wait_ready(fd, POLLIN, qu.shared.stop_fd, -1,
+                      qu.shared.udp6_fd if me == 1 else -1) <= 0:
             break
         if fu_load_acquire(&qu.poller) == <uint32_t>(2 - me):
             continue    # it takes this packet: don't queue up behind it on the mutex
@@ -170,7 +179,7 @@ cdef void queue_init_ingress(Queue* qu) noexcept nogil:
         q.msgs[i].msg_hdr.msg_iov = &q.iov[i]
         q.msgs[i].msg_hdr.msg_iovlen = 1
         q.msgs[i].msg_hdr.msg_name = &q.names[i]
-        q.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in)
+        q.msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_in6)
         if qu.shared.udp_gro:
             q.msgs[i].msg_hdr.msg_control = &q.ctrl[i * CTRL_WORDS]
     q.co.tun_fd = qu.tun_fd

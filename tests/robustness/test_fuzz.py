@@ -159,3 +159,57 @@ def test_a_million_mutated_datagrams_on_the_port_and_packets_on_the_tun(topology
         assert host.daemon is not None and host.daemon.poll() is None, host.log_tail(5)
     assert p2.ping(p1.address, count=3)[p1.address].ok
     assert p1.ping(p2.address, count=3)[p2.address].ok
+
+
+def socket_drops6(host: Host, port: int) -> int:
+    """socket_drops for the host's IPv6 UDP sockets bound to `port`."""
+    total = 0
+    for line in host.run("cat", "/proc/net/udp6").stdout.splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port:
+            total += int(fields[-1])
+    return total
+
+
+def prefix6(subnet: str) -> str:
+    """'fd99:0:0:12::/64' -> 'fd99:0000:0000:0012' (the /64's first four groups)."""
+    return ipaddress.IPv6Network(subnet).network_address.exploded[:19]
+
+
+def test_a_million_mutated_ipv6_datagrams_on_the_ipv6_port(topology):
+    """Dual stack on the udp backend: h2 (a lease holder, by its PublicIPv6) sends mutated IPv6
+    packets (extension headers, fragments, hop limits, lengths, versions...) to h1's IPv6
+    socket; every datagram is forwarded or dropped by a named reason, and the pods still talk
+    over v4 and v6."""
+    topo: Topology = topology(2, ipv6=True)
+    leases = topo.start_daemons({"Network": "10.244.0.0/16", "EnableIPv6": True,
+                                 "IPv6Network": "fd99::/56", "Backend": {"Type": "udp"}})
+    h1, h2 = topo.hosts
+    p1, p2 = topo.add_pod(h1), topo.add_pod(h2)
+    port = USERSPACE_PORTS["udp"]
+    assert h1.underlay_ipv6 is not None
+    before, kernel_before = h1.status()["counters"], socket_drops6(h1, port)
+    sent = fuzz(h2, "udp6", "--to", h1.underlay_ipv6, "--port", str(port), "--seed", "13",
+                "--src-net", prefix6(leases["h2"]["ipv6_subnet"]),
+                "--dst-net", prefix6(leases["h1"]["ipv6_subnet"]))
+    assert sent["sent"] == FUZZ_COUNT, sent
+
+    def taken() -> int:
+        return (ingress_seen(h1.status()["counters"]) - ingress_seen(before)
+                + socket_drops6(h1, port) - kernel_before)
+
+    accounted = settle("h1 to account for every IPv6 fuzz datagram", taken, FUZZ_COUNT)
+    after = h1.status()["counters"]
+    grown = {k: v - before["ingress_drops"][k] for k, v in after["ingress_drops"].items()
+             if v != before["ingress_drops"][k]}
+    print(f"udp6 port: {FUZZ_COUNT} sent in {sent['seconds']} s, "
+          f"{after['rx_packets'] - before['rx_packets']} into the TUN, dropped {grown}")
+    assert accounted == FUZZ_COUNT, (accounted, grown)
+    assert after["rx_packets"] > before["rx_packets"]  # some got past every check
+    assert {"short", "bad_total_len", "spoofed_inner_source"} <= set(grown), grown
+    for host in (h1, h2):
+        assert host.daemon is not None and host.daemon.poll() is None, host.log_tail(5)
+    assert p2.ping(p1.address, count=3)[p1.address].ok
+    assert p1.ping(p2.address, count=3)[p2.address].ok
+    assert p2.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2",
+                         p1.address6, check=False).returncode == 0

@@ -81,7 +81,6 @@ def test_every_backend_gets_the_settings_and_is_a_network(backend):
 
 
 @pytest.mark.parametrize("backend, message", [
-    ({"Type": "udp"}, "EnableIPv6: backend udp does not carry IPv6"),
     ({"Type": "vxlan", "Dataplane": "userspace"},
      "EnableIPv6: the vxlan backend's userspace dataplane does not carry IPv6 yet"),
 ])
@@ -104,3 +103,39 @@ def test_vxlan_on_the_kernel_dataplane_takes_enable_ipv6_and_publishes_backend_v
                            IPv6Address("fd77::11"))
     data = json.loads(network.backend_v6_data or b"null")
     assert data["VNI"] == 1 and data["VtepMAC"] != json.loads(network.backend_data)["VtepMAC"]
+
+
+def test_userspace_vxlan_publishes_its_own_ipv6_vtep_and_reads_the_peers():
+    """Dual stack: BackendV6Data holds our VNI and an IPv6 VtepMAC of its own (as a flannel-v6
+    device has), stable per node; a peer's IPv6 route goes to its BackendV6Data's VtepMAC, and
+    a malformed or foreign one is refused."""
+    from ipaddress import IPv4Network, IPv6Address, IPv6Network
+
+    from flannel_udp.backends import Unreachable
+    from flannel_udp.lease import Lease, format_mac
+
+    config = parse_config(json.dumps({
+        "Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd99::/56",
+        "Backend": {"Type": "vxlan", "Dataplane": "userspace"}}))
+    network = VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings())
+    data = json.loads(network.backend_v6_data)
+    assert data["VNI"] == 1 and data["VtepMAC"] == format_mac(network.vtep_mac6)
+    assert network.vtep_mac6 != network.vtep_mac
+    assert VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings()).vtep_mac6 == \
+        network.vtep_mac6
+    v4_only = VxlanNetwork(parse_config(json.dumps({"Network": "10.244.0.0/16",
+                                                    "Backend": {"Type": "vxlan"}})),
+                           EXT, PUBLIC_IP, DataplaneSettings())
+    assert v4_only.backend_v6_data is None
+
+    def peer(v6_data: bytes | None) -> Lease:
+        return Lease(IPv4Network("10.244.7.0/24"), IPv4Address("192.168.77.12"), "vxlan",
+                     b'{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}',
+                     ipv6_subnet=IPv6Network("fd99:0:0:7::/64"),
+                     public_ipv6=IPv6Address("fd77::c"), backend_v6_data=v6_data)
+
+    assert network._route_args6(peer(b'{"VNI":1,"VtepMAC":"0e:00:00:00:00:07"}')) == (
+        bytes.fromhex("0e0000000007"),)
+    for bad in (None, b'{"VNI":2,"VtepMAC":"0e:00:00:00:00:07"}', b'{"VNI":1}', b"nope"):
+        with pytest.raises(Unreachable):
+            network._route_args6(peer(bad))

@@ -309,7 +309,6 @@ def test_refused_interface_flags_are_one_line_and_change_nothing(tmp_path, argv,
 
 
 @pytest.mark.parametrize("backend, message", [
-    ({"Type": "udp"}, "EnableIPv6: backend udp does not carry IPv6 in flannel-udp yet"),
     ({"Type": "vxlan", "Dataplane": "userspace"},
      "EnableIPv6: the vxlan backend's userspace dataplane does not carry IPv6 yet"),
 ])

@@ -252,6 +252,19 @@ def test_metrics_info_carries_the_dual_stack_lease():
                       ("subnet", "10.244.3.0/24")), 1.0)]
 
 
+def test_metrics_carry_a_peers_ipv6_route_as_a_peer_of_its_own():
+    ipv6 = {"subnet": "fd99:0:0:7::/64", "peer": "fd77::c", "tx_packets": 6, "tx_bytes": 600,
+            "rx_packets": 3, "rx_bytes": 300}
+    status = {**STATUS, "peers": [{**STATUS["peers"][0], "ipv6": ipv6}]}
+    got = samples(metrics.render(status))
+    peer6 = (("direction", "rx"), ("peer", "fd99:0:0:7::/64"), ("public_ip", "fd77::c"))
+    assert got[("flannel_udp_peer_packets_total", peer6)] == 3
+    assert got[("flannel_udp_peer_bytes_total", peer6)] == 300
+    peer = (("direction", "tx"), ("peer", "10.244.7.0/24"), ("public_ip", "192.168.77.12"))
+    assert got[("flannel_udp_peer_packets_total", peer)] == 5
+    assert got[("flannel_udp_peers", ())] == 1
+
+
 def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():
     status = {**STATUS, "counters": {**STATUS["counters"], "icmp_suppressed": 7,
                                      "drops": {"unknown_sender": 5, "spoofed_inner_source": 6}}}

@@ -12,13 +12,13 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from flannel_udp.backends import DataplaneSettings
+from flannel_udp.backends import DataplaneSettings, Unreachable
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.userspace import TunNetwork
-from flannel_udp.backends.vxlan.options import vxlan_settings
+from flannel_udp.backends.vxlan.options import vtep_mac6_for, vxlan_settings
 from flannel_udp.backends.vxlan.peers import peer_vtep_mac, plan_vxlan_peer
 from flannel_udp.config import NetworkConfig
-from flannel_udp.lease import Lease, format_mac
+from flannel_udp.lease import Lease, LeaseValueError, VxlanLeaseData, format_mac
 from flannel_udp.netlink import ExtIface
 
 TUN_PREFIX = "flvx."  # + VNI: at most 13 characters, within IFNAMSIZ for every VNI
@@ -44,6 +44,9 @@ class VxlanNetwork(TunNetwork):
         self.tun_name = f"{TUN_PREFIX}{self.vni}"
         self.vtep_mac = settings.vtep_mac
         self.backend_data = settings.backend_data
+        self.vtep_mac6 = vtep_mac6_for(public_ip, self.vni)
+        if config.enable_ipv6:
+            self.backend_v6_data = VxlanLeaseData(self.vni, self.vtep_mac6).encode()
         self._direct: PeerRoutes | None = None
 
     def _fastpath_options(self) -> dict[str, Any]:
@@ -51,6 +54,19 @@ class VxlanNetwork(TunNetwork):
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:
         return (peer_vtep_mac(lease, self.vni),)
+
+    def _fastpath_options6(self) -> dict[str, Any]:
+        return {"vtep_mac6": self.vtep_mac6}
+
+    def _route_args6(self, lease: Lease) -> tuple[Any, ...]:
+        # As a flannel-v6 device: frames to the VtepMAC of the peer's BackendV6Data.
+        try:
+            data = VxlanLeaseData.decode(lease.backend_v6_data)
+        except LeaseValueError as e:
+            raise Unreachable(f"malformed BackendV6Data: {e}") from None
+        if data.vni is not None and data.vni != self.vni:
+            raise Unreachable(f"BackendV6Data VNI {data.vni} is not ours ({self.vni})")
+        return (data.vtep_mac,)
 
     def _lease_stats(self) -> dict[str, Any]:
         return {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
