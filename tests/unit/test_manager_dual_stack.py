@@ -137,7 +137,8 @@ def test_a_peer_moving_to_a_dual_stack_key_is_not_removed_by_its_old_keys_deleti
     async def scenario():
         store = LocalStore(tmp_path / "leases")
         m = manager(store)
-        await m.acquire(None)
+        # Subnets of our own, so that the peer's (10.99.15.0/24, fd99:0:0:25::/64) are free.
+        await m.acquire(IPv4Network("10.99.16.0/24"), IPv6Network("fd99:0:0:26::/64"))
         await store.create_lease("10.99.15.0-24", encode_lease_value(OTHER, "host-gw"), 60)
         await m.load_peers()
         added, removed = [], []
