@@ -25,7 +25,7 @@ DEV6 = "flannel-v6.1"
 # Runs in a host namespace: a KernelVxlanNetwork with our dual-stack lease; prints its lease
 # data, then takes "add <lease>" / "remove <subnet>" lines on stdin, and closes at EOF.
 DRIVER = r"""
-import json, os, sys
+import json, os, sys, time
 os.environ["FLANNEL_UDP_ROUTE_RESYNC"] = "0.5"  # entries deleted by hand come back quickly
 from ipaddress import ip_address, ip_network
 from flannel_udp import netlink
@@ -47,12 +47,21 @@ net.open()
 own = dict(args["own"], data=net.backend_data.decode(), data6=net.backend_v6_data.decode())
 net.start(lease(own), [])
 print(json.dumps(own), flush=True)
+def settled(subnet, present):
+    # The routes are programmed by a worker thread: answer once it has done this change.
+    end = time.monotonic() + 10
+    while (subnet in net.stats()["peers"]) != present and time.monotonic() < end:
+        time.sleep(0.01)
+
 for line in sys.stdin:
     op, arg = line.split(" ", 1)
     if op == "add":
-        net.add_peer(lease(json.loads(arg)))
+        peer = lease(json.loads(arg))
+        net.add_peer(peer)
+        settled(str(peer.subnet), True)
     else:
         net.remove_peer(ip_network(arg.strip()))
+        settled(arg.strip(), False)
     print(json.dumps(net.stats()), flush=True)
 net.close()
 print("closed", flush=True)
