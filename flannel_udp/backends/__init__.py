@@ -156,6 +156,9 @@ VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
 
 def check_ipv6(config: NetworkConfig) -> None:
     """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
+    if not config.enable_ipv4 and config.backend_type == "udp":
+        raise UserError("EnableIPv4: false: the udp backend does not run IPv6-only networks "
+                        "(flannel's udp backend is IPv4-only); use vxlan or host-gw")
     if config.enable_ipv6 and config.backend_type == "vxlan":
         from flannel_udp.backends.vxlan.options import vxlan_options
         dataplane = vxlan_options(config).dataplane
