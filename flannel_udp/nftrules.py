@@ -134,9 +134,9 @@ class NftablesRules(TrafficRules):
         self.subnet = subnet
         self.ipv6_subnet = ipv6_subnet
         lines = tables_script()
-        if self.forward:
+        if self.forward and self.ipv4:
             lines += forward_script(self.network)
-        if self.masq:
+        if self.masq and self.ipv4:
             lines += masq_script(self.network, subnet, self.random_fully)
         v6 = self.ipv6_network is not None and ipv6_subnet is not None
         if v6 and self.forward:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
@@ -106,8 +106,8 @@ class Network(ABC):
         """A peer appeared or changed; takes effect without stopping traffic."""
 
     @abstractmethod
-    def remove_peer(self, subnet: IPv4Network) -> None:
-        """A peer went away."""
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
+        """A peer went away; `subnet` is its lease's ident (Lease.ident)."""
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:
