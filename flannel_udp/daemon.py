@@ -305,8 +305,9 @@ class Daemon:
             if address is None:
                 raise UserError(f"EnableIPv6: interface {ext.name} has no global IPv6 address; "
                                 "give it one or set --public-ipv6")
-        log.info("dual stack: IPv6 network %s, subnets /%d, public IPv6 %s",
-                 config.ipv6_network, config.ipv6_subnet_len, address)
+        log.info("%s: IPv6 network %s, subnets /%d, public IPv6 %s",
+                 "dual stack" if config.enable_ipv4 else "IPv6-only", config.ipv6_network,
+                 config.ipv6_subnet_len, address)
         if netlink.ip6_forward() is False:
             log.warning("%s", IP6_FORWARD_OFF)
         return address

@@ -233,8 +233,9 @@ class IptablesRules(TrafficRules):
                            + (forward_rules(self.ipv6_network) if self.forward else []))
         for v in self._versions():
             self._rewrite(v)
-        log.info("iptables: %s in place for %s in %s%s%s", " and ".join(self._chains()), subnet,
-                 self.network, f", ip6tables for {ipv6_subnet} in {self.ipv6_network}"
+        log.info("iptables: %s in place for %s%s%s", " and ".join(self._chains()),
+                 f"{subnet} in {self.network}" if self.ipv4 else "(no IPv4: IPv6-only)",
+                 f", ip6tables for {ipv6_subnet} in {self.ipv6_network}"
                  if self.ipv6_network is not None and ipv6_subnet is not None else "",
                  " (MASQUERADE --random-fully)" if self.masq and self.random_fully else "")
 

@@ -145,8 +145,9 @@ class NftablesRules(TrafficRules):
             lines += masq_script(self.ipv6_network, ipv6_subnet, self.random_fully)
         self.script = "\n".join(lines) + "\n"
         self._rewrite()
-        log.info("nftables: table %s, chain(s) %s in place for %s in %s%s%s", IPV4_TABLE,
-                 " and ".join(self._chains()), subnet, self.network,
+        log.info("nftables: table %s, chain(s) %s in place for %s%s%s", IPV4_TABLE,
+                 " and ".join(self._chains()),
+                 f"{subnet} in {self.network}" if self.ipv4 else "(no IPv4: IPv6-only)",
                  f"; table {IPV6_TABLE} for {ipv6_subnet} in {self.ipv6_network}" if v6 else "",
                  " (masquerade fully-random)" if self.masq and self.random_fully else "")
 

@@ -1,0 +1,190 @@
+"""End to end, an IPv6-only network (`"EnableIPv4": false`, `IPv6Network` fd99::/56): three
+flannel-udp hosts as namespaces on host-gw and on vxlan's kernel dataplane, on the embedded store
+with an underlay that has no IPv4 address at all (fd77::1x only) and on etcd's v3 keyspace.
+Every pair of pods pings and moves a TCP transfer over v6; the leases are flanneld's for an
+IPv6-only network (key `0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0, no BackendData); subnet.env has
+no FLANNEL_NETWORK nor FLANNEL_SUBNET; host-gw routes each peer's IPv6 subnet via its PublicIPv6,
+vxlan makes `flannel-v6.1` alone (no `flannel.1`); a lease deleted takes its route with it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import itertools
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from flannel_udp.backends.peerroutes import RESYNC_ENV
+from flannel_udp.lab import EtcdCluster, Pod, Topology, etcd_problem, wait_until
+from flannel_udp.stores.local import LocalStore
+
+pytestmark = pytest.mark.netns
+
+PREFIX = "/coreos.com/network"
+NETWORK6 = ipaddress.IPv6Network("fd99::/56")
+_ports = itertools.count(7401)
+
+
+def config(backend: str) -> dict:
+    be = {"Type": "vxlan", "Dataplane": "kernel"} if backend == "vxlan" else {"Type": backend}
+    return {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": str(NETWORK6), "Backend": be}
+
+
+@dataclass
+class Cluster:
+    topo: Topology
+    backend: str
+    store: str
+    pods: dict[str, Pod]
+    store_flags: list[str]  # for `flannel-udp leases`
+    stored: Callable[[], dict[str, bytes]]  # key (under <prefix>/subnets/) -> value
+    delete: Callable[[str], None]
+
+
+def _embedded(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
+    store = LocalStore(topo.store_path)
+
+    def stored() -> dict[str, bytes]:
+        return {r.key: r.value for r in asyncio.run(store.list_leases()).records}
+
+    def delete(key: str) -> None:
+        asyncio.run(store.delete_lease(key))
+
+    return [], stored, delete, lambda: None
+
+
+def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    etcd = EtcdCluster.in_topology(topo).start()
+
+    def stored() -> dict[str, bytes]:
+        # read back with etcdctl, as an operator would
+        out = json.loads(etcd.etcdctl("get", "--prefix", f"{PREFIX}/subnets/", "-w",
+                                      "json").stdout)
+        return {base64.b64decode(kv["key"]).decode().removeprefix(f"{PREFIX}/subnets/"):
+                base64.b64decode(kv["value"]) for kv in out.get("kvs", [])}
+
+    def delete(key: str) -> None:
+        etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
+
+    return etcd.client_flags(), stored, delete, etcd.cleanup
+
+
+@pytest.fixture(scope="module", params=[("host-gw", "embedded"), ("vxlan", "embedded"),
+                                        ("host-gw", "etcd v3"), ("vxlan", "etcd v3")],
+                ids=lambda p: f"{p[0]}-{p[1].replace(' ', '')}")
+def cluster(request, module_topology) -> Cluster:
+    backend, store = request.param
+    topo = module_topology(3, ipv6=True)
+    if store == "embedded":
+        # An IPv6 underlay: no IPv4 address left on eth0 (etcd below listens on the v4 one).
+        for host in topo.hosts:
+            host.run("ip", "-4", "addr", "flush", "dev", "eth0")
+    flags, stored, delete, cleanup = (_embedded if store == "embedded" else _etcd)(topo)
+    os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
+    try:
+        topo.start_daemons(config(backend), None, *flags)
+    finally:
+        del os.environ[RESYNC_ENV]
+    pods = {h.label: topo.add_pod(h) for h in topo.hosts}
+    store_flags = flags or ["--local-store", str(topo.store_path)]
+    yield Cluster(topo, backend, store, pods, store_flags, stored, delete)
+    topo.cleanup()  # the daemons first: etcd must outlive them
+    cleanup()
+
+
+def test_every_pair_pings_and_moves_tcp_over_v6(cluster: Cluster):
+    pods = list(cluster.pods.values())
+    failures = []
+    for src, dst in itertools.permutations(pods, 2):
+        assert dst.address is None and dst.address6 is not None
+        done = src.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst.address6,
+                       check=False)
+        if done.returncode != 0:
+            failures.append(f"{src.label} -> {dst.label}: {done.stdout.strip()}")
+    assert not failures, "\n".join(failures) + "\n" + cluster.topo.log_tails()
+    for src, dst in itertools.permutations(pods, 2):
+        got = src.tcp_transfer(dst, next(_ports), 2 << 20, ipv6=True)
+        assert got == {"sent": 2 << 20, "received": 2 << 20, "intact": True}, (
+            src.label, dst.label)
+
+
+def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: Cluster):
+    expected = {}
+    for host in cluster.topo.hosts:
+        lease = host.lease()
+        assert (lease["subnet"], lease["public_ip"]) == (None, None)
+        assert lease["public_ipv6"] == host.underlay_ipv6
+        v6 = ipaddress.IPv6Network(lease["ipv6_subnet"])
+        assert v6.subnet_of(NETWORK6) and v6.prefixlen == 64
+        value = f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{host.underlay_ipv6}"'
+        if cluster.backend == "vxlan":
+            mac = host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+            value += f',"BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac}"}}}}'
+        else:
+            value += ',"BackendType":"host-gw"}'
+        expected[f"0.0.0.0-0&{v6.network_address}-64"] = value.encode()
+        # flanneld's vxlan writes the underlay's MTU - 50 in IPv6-only too (flannel-v6.1 has
+        # - 70; the kernel tells the pods with packet-too-big)
+        mtu = 1500 - 50 if cluster.backend == "vxlan" else 1500
+        assert host.subnet_file.read_text() == (
+            f"FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET={v6.network_address + 1}/64\n"
+            f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n")
+        assert host.status()["network"] is None
+        assert host.status()["ipv6_network"] == str(NETWORK6)
+    assert cluster.stored() == expected
+
+
+def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
+    for host in cluster.topo.hosts:
+        peers = {p["ipv6_subnet"]: p for p in host.status()["peers"]}
+        links = {link["ifname"] for link in host.ip_json("link", "show")}
+        if cluster.backend == "vxlan":
+            assert "flannel-v6.1" in links and "flannel.1" not in links
+        for other in cluster.topo.hosts:
+            if other is host:
+                continue
+            subnet6 = other.lease()["ipv6_subnet"]
+            peer = peers[subnet6]
+            assert (peer["subnet"], peer["public_ip"]) == (None, None)
+            assert peer["public_ipv6"] == other.underlay_ipv6
+            assert peer["reachable"] is True
+            routes = host.ip_json("-6", "route", "show", "exact", subnet6)
+            if cluster.backend == "vxlan":
+                assert peer["ipv6_path"] == "vxlan"
+                gateway = str(ipaddress.IPv6Network(subnet6).network_address)
+                assert [(r["gateway"], r["dev"]) for r in routes] == [(gateway,
+                                                                       "flannel-v6.1")]
+            else:
+                assert peer["ipv6_path"] == "host-gw"
+                assert [(r["gateway"], r["dev"]) for r in routes] == [(other.underlay_ipv6,
+                                                                       "eth0")]
+        # no IPv4 route of ours: not to 0.0.0.0/0, not to anything
+        assert not host.ip_json("-4", "route", "show", "proto", "static")
+
+
+def test_leases_list_shows_ipv6_only_leases(cluster: Cluster):
+    out = cluster.topo.host(1).flannel("leases", "list", *cluster.store_flags).stdout
+    for other in cluster.topo.hosts:
+        line = next(line for line in out.splitlines() if other.lease()["ipv6_subnet"] in line)
+        assert line.split()[:2] == ["-", "-"] and other.underlay_ipv6 in line
+
+
+def test_a_deleted_lease_takes_its_route_with_it_last(cluster: Cluster):
+    h1, h2, h3 = cluster.topo.hosts
+    subnet6 = h3.lease()["ipv6_subnet"]
+    v6 = ipaddress.IPv6Network(subnet6)
+    h3.stop_flannel()
+    cluster.delete(f"0.0.0.0-0&{v6.network_address}-64")
+    for host in (h1, h2):
+        wait_until(lambda h=host: subnet6 not in h.peer_subnets(), 10,
+                   f"{host.label} to drop {subnet6}")
+        wait_until(lambda h=host: not h.ip_json("-6", "route", "show", "exact", subnet6), 10,
+                   f"{host.label} to remove the route to {subnet6}")
