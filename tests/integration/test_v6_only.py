@@ -4,7 +4,8 @@ with an underlay that has no IPv4 address at all (fd77::1x only) and on etcd's v
 Every pair of pods pings and moves a TCP transfer over v6; the leases are flanneld's for an
 IPv6-only network (key `0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0, no BackendData); subnet.env has
 no FLANNEL_NETWORK nor FLANNEL_SUBNET; host-gw routes each peer's IPv6 subnet via its PublicIPv6,
-vxlan makes `flannel-v6.1` alone (no `flannel.1`); a lease deleted takes its route with it."""
+vxlan makes `flannel-v6.1` alone (no `flannel.1`); --ip-masq writes ip6tables rules and no
+iptables ones; a lease deleted takes its route with it."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def cluster(request, module_topology) -> Cluster:
     flags, stored, delete, cleanup = (_embedded if store == "embedded" else _etcd)(topo)
     os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
     try:
-        topo.start_daemons(config(backend), None, *flags)
+        topo.start_daemons(config(backend), None, *flags, "--ip-masq")
     finally:
         del os.environ[RESYNC_ENV]
     pods = {h.label: topo.add_pod(h) for h in topo.hosts}
@@ -136,7 +137,7 @@ def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: 
         mtu = 1500 - 50 if cluster.backend == "vxlan" else 1500
         assert host.subnet_file.read_text() == (
             f"FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET={v6.network_address + 1}/64\n"
-            f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n")
+            f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
         assert host.status()["network"] is None
         assert host.status()["ipv6_network"] == str(NETWORK6)
     assert cluster.stored() == expected
@@ -168,6 +169,18 @@ def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
                                                                        "eth0")]
         # no IPv4 route of ours: not to 0.0.0.0/0, not to anything
         assert not host.ip_json("-4", "route", "show", "proto", "static")
+
+
+def test_masquerade_and_forward_rules_are_ip6tables_ones_only(cluster: Cluster):
+    for host in cluster.topo.hosts:
+        subnet6 = host.lease()["ipv6_subnet"]
+        nat6 = host.run("ip6tables", "-w", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+        assert f"-s {subnet6} -d {NETWORK6}" in nat6 and "MASQUERADE" in nat6
+        fwd6 = host.run("ip6tables", "-w", "-S", "FLANNEL-FWD").stdout
+        assert f"-A FLANNEL-FWD -s {NETWORK6}" in fwd6
+        # no IPv4 rules at all: none for 0.0.0.0/0 (which would forward and masquerade all)
+        for table in ("nat", "filter"):
+            assert "FLANNEL" not in host.run("iptables", "-w", "-t", table, "-S").stdout
 
 
 def test_leases_list_shows_ipv6_only_leases(cluster: Cluster):
