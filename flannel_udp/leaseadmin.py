@@ -168,6 +168,10 @@ async def reserve(store: Store, store_name: str, subnet: IPv4Network, public_ip:
     with a TTL, then made permanent), so that a host acquiring it meanwhile wins and we refuse.
     Returns what was done ('reserved', 'converted', 'unchanged') and the lease."""
     config = await load_config(store, store_name)
+    if not config.enable_ipv4:
+        raise UserError("leases reserve: not for an IPv6-only network yet (its leases are "
+                        "0.0.0.0-0&<IPv6 subnet> keys with a PublicIPv6); put the key with "
+                        "etcdctl", 1)
     if config.enable_ipv6:
         raise UserError("leases reserve: not for a dual-stack network yet (its leases need an "
                         "IPv6 subnet and PublicIPv6 too); put the key with etcdctl", 1)
