@@ -190,6 +190,29 @@ def test_leases_list_shows_ipv6_only_leases(cluster: Cluster):
         assert line.split()[:2] == ["-", "-"] and other.underlay_ipv6 in line
 
 
+def test_status_prints_the_ipv6_only_lease_and_peers(cluster: Cluster):
+    host = cluster.topo.host(1)
+    out = host.flannel("status", "--control-socket", str(host.control_socket)).stdout
+    lease = host.lease()
+    assert f"lease    -  public IP -  backend {cluster.backend}" in out
+    assert f"ipv6     {lease['ipv6_subnet']}  public IPv6 {host.underlay_ipv6}" in out
+    for other in cluster.topo.hosts[1:]:
+        row = next(line for line in out.splitlines()
+                   if other.lease()["ipv6_subnet"] in line and line.startswith("-"))
+        assert row.split()[:4] == ["-", "-", other.lease()["ipv6_subnet"], other.underlay_ipv6]
+
+
+def test_our_ipv6_only_lease_deleted_by_hand_is_taken_again(cluster: Cluster):
+    h1 = cluster.topo.host(1)
+    v6 = ipaddress.IPv6Network(h1.lease()["ipv6_subnet"])
+    key = f"0.0.0.0-0&{v6.network_address}-64"
+    before = cluster.stored()[key]
+    cluster.delete(key)
+    wait_until(lambda: cluster.stored().get(key) == before, 10,
+               f"h1 to take {key} again")
+    assert h1.lease()["ipv6_subnet"] == str(v6)
+
+
 def test_a_deleted_lease_takes_its_route_with_it_last(cluster: Cluster):
     h1, h2, h3 = cluster.topo.hosts
     subnet6 = h3.lease()["ipv6_subnet"]
