@@ -550,9 +550,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("ip_forward") is False:
         print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
               "(sysctl -w net.ipv4.ip_forward=1)")
-    vxlan = bool(lease and lease.get("vtep_mac"))
+    # IPv6-only: flannel-v6.<VNI>'s VtepMAC, the only one
+    vtep = lease and (lease.get("vtep_mac") or lease.get("ipv6_vtep_mac"))
+    vxlan = bool(vtep)
     if vxlan:
-        print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}"
+        print(f"vxlan    VNI {lease['vni']}  VtepMAC {vtep}"
               + (f"  dataplane {lease['dataplane']}" if lease.get("dataplane") else ""))
     c = status["counters"]
     print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
@@ -583,7 +585,8 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f"{p.get('ipv6_subnet') or '-':<26}{p.get('public_ipv6') or '-':<26}"
                  if dual else "")
               + f"{p['backend']:<9}"
-              + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
+              + (f"{p.get('vtep_mac') or p.get('ipv6_vtep_mac') or '-':<19}" if vxlan else "")
+              + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"
               # host-gw, direct, vxlan or unreachable, for the routing-model backends

@@ -196,6 +196,9 @@ def test_status_prints_the_ipv6_only_lease_and_peers(cluster: Cluster):
     lease = host.lease()
     assert f"lease    -  public IP -  backend {cluster.backend}" in out
     assert f"ipv6     {lease['ipv6_subnet']}  public IPv6 {host.underlay_ipv6}" in out
+    if cluster.backend == "vxlan":  # flannel-v6.1's, the only VtepMAC
+        mac = host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+        assert f"vxlan    VNI 1  VtepMAC {mac}" in out
     for other in cluster.topo.hosts[1:]:
         row = next(line for line in out.splitlines()
                    if other.lease()["ipv6_subnet"] in line and line.startswith("-"))
