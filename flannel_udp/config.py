@@ -162,17 +162,21 @@ def _ipv6_fields(cfg: dict[str, Any]) -> dict[str, Any]:
             "ipv6_subnet_min": subnet_min, "ipv6_subnet_max": subnet_max}
 
 
+def _network_field(cfg: dict[str, Any]) -> IPv4Network:
+    try:
+        if not isinstance(cfg["Network"], str):
+            raise TypeError
+        return IPv4Network(cfg["Network"], strict=False)
+    except (ValueError, TypeError):
+        raise ConfigError(f"Network: {json.dumps(cfg['Network'])} is not an IPv4 CIDR") from None
+
+
 def _ipv4_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     """Network, SubnetLen, SubnetMin/Max with flannel's defaults and checks, as NetworkConfig's
     fields."""
     if "Network" not in cfg:
         raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
-    try:
-        if not isinstance(cfg["Network"], str):
-            raise TypeError
-        network = IPv4Network(cfg["Network"], strict=False)
-    except (ValueError, TypeError):
-        raise ConfigError(f"Network: {json.dumps(cfg['Network'])} is not an IPv4 CIDR") from None
+    network = _network_field(cfg)
     if network.prefixlen > 28:
         raise ConfigError(f"Network: {network} is too small; the longest usable prefix is /28")
 
@@ -219,6 +223,10 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         v4 = _ipv4_fields(cfg)
     else:
         # IPv6-only (flannel's CheckNetworkConfig skips the IPv4 keys): flannel's empty values.
+        # A Network given anyway must still be a CIDR: flannel's JSON decoding refuses one
+        # that is not.
+        if cfg.get("Network") is not None:
+            _network_field(cfg)
         v4 = {"network": NO_IPV4, "subnet_len": 0, "subnet_min": NO_PUBLIC_IP,
               "subnet_max": NO_PUBLIC_IP}
 

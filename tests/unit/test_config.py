@@ -66,6 +66,9 @@ V6 = '{"Network": "10.5.0.0/16", "EnableIPv6": true, '
     ('{"Network": "10.5.0.0/16", "EnableIPv4": 0}', "EnableIPv4: expected true or false"),
     ('{"Network": "10.5.0.0/16", "EnableIPv4": false}', "EnableIPv4: false with no EnableIPv6"),
     ('{"EnableIPv4": false, "EnableIPv6": true}', "IPv6Network: missing with EnableIPv6"),
+    # flannel's JSON decoding refuses a Network that is not a CIDR, IPv6-only or not
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", "Network": "x"}',
+     'Network: "x" is not an IPv4 CIDR'),
     (V6 + '"IPv6Network": "10.6.0.0/16"}', "IPv6Network: \"10.6.0.0/16\" is not an IPv6 CIDR"),
     (V6 + '"IPv6Network": "fd99::/125"}', "IPv6Network: fd99::/125 is too small"),
     (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetLen": 57}',
@@ -118,7 +121,8 @@ def test_ipv6_only_config_has_flannels_empty_ipv4_side_and_ignores_the_ipv4_keys
     for text in ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", '
                  '"Backend": {"Type": "host-gw"}}',
                  '{"enableipv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", '
-                 '"Network": "not even a CIDR", "SubnetLen": 99, "Backend": {"Type": "vxlan"}}'):
+                 '"Network": "10.5.0.0/16", "SubnetLen": 99, "SubnetMin": "1.2.3.4", '
+                 '"Backend": {"Type": "vxlan"}}'):
         c = parse_config(text)
         assert (c.enable_ipv4, c.enable_ipv6) == (False, True)
         assert c.network == IPv4Network("0.0.0.0/0") and c.subnet_len == 0
