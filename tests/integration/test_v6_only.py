@@ -1,7 +1,9 @@
 """End to end, an IPv6-only network (`"EnableIPv4": false`, `IPv6Network` fd99::/56): three
 flannel-udp hosts as namespaces on host-gw and on vxlan's kernel dataplane, on the embedded store
-with an underlay that has no IPv4 address at all (fd77::1x only) and on etcd's v3 keyspace.
-Every pair of pods pings and moves a TCP transfer over v6; the leases are flanneld's for an
+with an underlay that has no IPv4 address at all (fd77::1x only) and on etcd's v3 keyspace;
+on host-gw a fourth node is programmed as flanneld v0.22.3 would (its lease, v6 routes and
+subnet.env, as read from flannel's source). Every pair of pods pings and moves a TCP transfer
+over v6; the leases are flanneld's for an
 IPv6-only network (key `0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0, no BackendData); subnet.env has
 no FLANNEL_NETWORK nor FLANNEL_SUBNET; host-gw routes each peer's IPv6 subnet via its PublicIPv6,
 vxlan makes `flannel-v6.1` alone (no `flannel.1`); --ip-masq writes ip6tables rules and no
@@ -21,13 +23,16 @@ from dataclasses import dataclass
 import pytest
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
-from flannel_udp.lab import EtcdCluster, Pod, Topology, etcd_problem, wait_until
+from flannel_udp.lab import EtcdCluster, Host, Pod, Topology, etcd_problem, wait_until
+from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
 
 PREFIX = "/coreos.com/network"
 NETWORK6 = ipaddress.IPv6Network("fd99::/56")
+# host-gw: h4 is programmed as flanneld v0.22.3 programs a node of an IPv6-only network
+KERNEL_V6, KERNEL_KEY = "fd99:0:0:f0::/64", "0.0.0.0-0&fd99:0:0:f0::-64"
 _ports = itertools.count(7401)
 
 
@@ -39,6 +44,7 @@ def config(backend: str) -> dict:
 @dataclass
 class Cluster:
     topo: Topology
+    daemons: list[Host]  # h1..h3, flannel-udp
     backend: str
     store: str
     pods: dict[str, Pod]
@@ -47,19 +53,22 @@ class Cluster:
     delete: Callable[[str], None]
 
 
-def _embedded(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
+def _embedded(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
     store = LocalStore(topo.store_path)
 
     def stored() -> dict[str, bytes]:
         return {r.key: r.value for r in asyncio.run(store.list_leases()).records}
 
+    def put(key: str, value: bytes) -> None:
+        asyncio.run(store.put_lease(key, value, LEASE_TTL))
+
     def delete(key: str) -> None:
         asyncio.run(store.delete_lease(key))
 
-    return [], stored, delete, lambda: None
+    return [], stored, put, delete, lambda: None
 
 
-def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
+def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
     problem = etcd_problem()
     if problem is not None:
         pytest.skip(problem)
@@ -72,10 +81,14 @@ def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
         return {base64.b64decode(kv["key"]).decode().removeprefix(f"{PREFIX}/subnets/"):
                 base64.b64decode(kv["value"]) for kv in out.get("kvs", [])}
 
+    def put(key: str, value: bytes) -> None:
+        lease_id = etcd.etcdctl("lease", "grant", "86400").stdout.split()[1]
+        etcd.etcdctl("put", f"--lease={lease_id}", f"{PREFIX}/subnets/{key}", value.decode())
+
     def delete(key: str) -> None:
         etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
 
-    return etcd.client_flags(), stored, delete, etcd.cleanup
+    return etcd.client_flags(), stored, put, delete, etcd.cleanup
 
 
 @pytest.fixture(scope="module", params=[("host-gw", "embedded"), ("vxlan", "embedded"),
@@ -83,22 +96,44 @@ def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable]:
                 ids=lambda p: f"{p[0]}-{p[1].replace(' ', '')}")
 def cluster(request, module_topology) -> Cluster:
     backend, store = request.param
-    topo = module_topology(3, ipv6=True)
+    topo = module_topology(4, ipv6=True)
+    *daemons, kernel = topo.hosts
     if store == "embedded":
         # An IPv6 underlay: no IPv4 address left on eth0 (etcd below listens on the v4 one).
         for host in topo.hosts:
             host.run("ip", "-4", "addr", "flush", "dev", "eth0")
-    flags, stored, delete, cleanup = (_embedded if store == "embedded" else _etcd)(topo)
+    flags, stored, put, delete, cleanup = (_embedded if store == "embedded" else _etcd)(topo)
     os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
     try:
-        topo.start_daemons(config(backend), None, *flags, "--ip-masq")
+        topo.start_daemons(config(backend), daemons, *flags, "--ip-masq")
     finally:
         del os.environ[RESYNC_ENV]
-    pods = {h.label: topo.add_pod(h) for h in topo.hosts}
+    pod_hosts = daemons
+    if backend == "host-gw":  # h4 joins as flanneld v0.22.3's host-gw would
+        program_as_flanneld(kernel, daemons, put)
+        for host in daemons:
+            wait_until(lambda h=host: KERNEL_V6 in h.peer_subnets(), 5,
+                       f"{host.label} to list the flanneld-style node")
+        pod_hosts = topo.hosts
+    pods = {h.label: topo.add_pod(h) for h in pod_hosts}
     store_flags = flags or ["--local-store", str(topo.store_path)]
-    yield Cluster(topo, backend, store, pods, store_flags, stored, delete)
+    yield Cluster(topo, daemons, backend, store, pods, store_flags, stored, delete)
     topo.cleanup()  # the daemons first: etcd must outlive them
     cleanup()
+
+
+def program_as_flanneld(node: Host, daemons: list[Host], put: Callable) -> None:
+    """What flanneld v0.22.3's host-gw does on `node` in an IPv6-only network, read from its
+    source: its lease (empty IPv4 side), a v6 route per peer, its subnet.env."""
+    assert node.underlay_ipv6 is not None
+    put(KERNEL_KEY, (f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{node.underlay_ipv6}",'
+                     '"BackendType":"host-gw"}').encode())
+    for host in daemons:
+        node.run("ip", "-6", "route", "add", host.lease()["ipv6_subnet"], "via",
+                 host.underlay_ipv6, "dev", "eth0")
+    node.subnet_file.write_text(
+        f"FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET=fd99:0:0:f0::1/64\n"
+        "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n")
 
 
 def test_every_pair_pings_and_moves_tcp_over_v6(cluster: Cluster):
@@ -119,7 +154,7 @@ def test_every_pair_pings_and_moves_tcp_over_v6(cluster: Cluster):
 
 def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: Cluster):
     expected = {}
-    for host in cluster.topo.hosts:
+    for host in cluster.daemons:
         lease = host.lease()
         assert (lease["subnet"], lease["public_ip"]) == (None, None)
         assert lease["public_ipv6"] == host.underlay_ipv6
@@ -140,16 +175,20 @@ def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: 
             f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
         assert host.status()["network"] is None
         assert host.status()["ipv6_network"] == str(NETWORK6)
+    if cluster.backend == "host-gw":
+        kernel = cluster.topo.host(4)
+        expected[KERNEL_KEY] = (f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{kernel.underlay_ipv6}",'
+                                '"BackendType":"host-gw"}').encode()
     assert cluster.stored() == expected
 
 
 def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
-    for host in cluster.topo.hosts:
+    for host in cluster.daemons:
         peers = {p["ipv6_subnet"]: p for p in host.status()["peers"]}
         links = {link["ifname"] for link in host.ip_json("link", "show")}
         if cluster.backend == "vxlan":
             assert "flannel-v6.1" in links and "flannel.1" not in links
-        for other in cluster.topo.hosts:
+        for other in cluster.daemons:
             if other is host:
                 continue
             subnet6 = other.lease()["ipv6_subnet"]
@@ -167,12 +206,18 @@ def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
                 assert peer["ipv6_path"] == "host-gw"
                 assert [(r["gateway"], r["dev"]) for r in routes] == [(other.underlay_ipv6,
                                                                        "eth0")]
+        if cluster.backend == "host-gw":  # and the flanneld-style node's
+            kernel = cluster.topo.host(4)
+            assert peers[KERNEL_V6]["ipv6_path"] == "host-gw"
+            routes = host.ip_json("-6", "route", "show", "exact", KERNEL_V6)
+            assert [(r["gateway"], r["dev"]) for r in routes] == [(kernel.underlay_ipv6,
+                                                                   "eth0")]
         # no IPv4 route of ours: not to 0.0.0.0/0, not to anything
         assert not host.ip_json("-4", "route", "show", "proto", "static")
 
 
 def test_masquerade_and_forward_rules_are_ip6tables_ones_only(cluster: Cluster):
-    for host in cluster.topo.hosts:
+    for host in cluster.daemons:
         subnet6 = host.lease()["ipv6_subnet"]
         nat6 = host.run("ip6tables", "-w", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
         assert f"-s {subnet6} -d {NETWORK6}" in nat6 and "MASQUERADE" in nat6
@@ -185,7 +230,7 @@ def test_masquerade_and_forward_rules_are_ip6tables_ones_only(cluster: Cluster):
 
 def test_leases_list_shows_ipv6_only_leases(cluster: Cluster):
     out = cluster.topo.host(1).flannel("leases", "list", *cluster.store_flags).stdout
-    for other in cluster.topo.hosts:
+    for other in cluster.daemons:
         line = next(line for line in out.splitlines() if other.lease()["ipv6_subnet"] in line)
         assert line.split()[:2] == ["-", "-"] and other.underlay_ipv6 in line
 
@@ -199,7 +244,7 @@ def test_status_prints_the_ipv6_only_lease_and_peers(cluster: Cluster):
     if cluster.backend == "vxlan":  # flannel-v6.1's, the only VtepMAC
         mac = host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
         assert f"vxlan    VNI 1  VtepMAC {mac}" in out
-    for other in cluster.topo.hosts[1:]:
+    for other in cluster.daemons[1:]:
         row = next(line for line in out.splitlines()
                    if other.lease()["ipv6_subnet"] in line and line.startswith("-"))
         assert row.split()[:4] == ["-", "-", other.lease()["ipv6_subnet"], other.underlay_ipv6]
@@ -217,7 +262,7 @@ def test_our_ipv6_only_lease_deleted_by_hand_is_taken_again(cluster: Cluster):
 
 
 def test_a_deleted_lease_takes_its_route_with_it_last(cluster: Cluster):
-    h1, h2, h3 = cluster.topo.hosts
+    h1, h2, h3 = cluster.daemons
     subnet6 = h3.lease()["ipv6_subnet"]
     v6 = ipaddress.IPv6Network(subnet6)
     h3.stop_flannel()
