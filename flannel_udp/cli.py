@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     delete = lease_sub.add_parser("delete", help="remove a lease: every peer drops its route")
     _store_flags(delete)
-    delete.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24)")
+    delete.add_argument("subnet", metavar="SUBNET", help="e.g. 10.244.3.0/24 (or 10.244.3.0-24); "
+                        "an IPv6-only lease by its IPv6 subnet")
     reserve = lease_sub.add_parser(
         "reserve", help="reserve a subnet for the host with a public IP (a lease without TTL)")
     _store_flags(reserve)
@@ -453,7 +454,8 @@ def cmd_leases(args: argparse.Namespace) -> int:
     from flannel_udp import leaseadmin
 
     # The arguments first: a command refused for its input opens no store.
-    subnet = None if args.leases_command == "list" else leaseadmin.parse_subnet_arg(args.subnet)
+    subnet = None if args.leases_command == "list" else leaseadmin.parse_subnet_arg(
+        args.subnet, ipv6=args.leases_command == "delete")
     public_ip = None
     if args.leases_command == "reserve":
         try:
@@ -491,13 +493,17 @@ def cmd_leases(args: argparse.Namespace) -> int:
                 if v6:
                     cols6 = (f"{str(e.lease.ipv6_subnet or '-'):<26}"
                              f"{str(e.lease.public_ipv6 or '-'):<26}")
-                print(f"{str(e.lease.subnet):<20}{str(e.lease.public_ip):<17}{cols6}"
+                v4 = e.lease.has_ipv4  # an IPv6-only lease has no IPv4 side
+                print(f"{str(e.lease.subnet) if v4 else '-':<20}"
+                      f"{str(e.lease.public_ip) if v4 else '-':<17}{cols6}"
                       f"{e.lease.backend:<9}{leaseadmin.describe_expiry(e.lease)}")
         if not result:
             print(f"(no leases in {name})")
         return 0
     if args.leases_command == "delete":
-        holder = f" of {result.lease.public_ip}" if result.lease is not None else ""
+        holder = "" if result.lease is None else (
+            f" of {result.lease.public_ip}" if result.lease.has_ipv4
+            else f" of {result.lease.public_ipv6}")
         print(f"deleted the lease {subnet}{holder} from {name}")
         return 0
     done, lease = result
@@ -533,8 +539,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if lease:
         expiry = ("reserved (never expires)" if lease["expires"] is None
                   else f"expires in {(lease['expires'] - time.time()) / 3600:.1f} h")
-        print(f"lease    {lease['subnet']}  public IP {lease['public_ip']}  backend "
-              f"{lease['backend']}  {expiry}")
+        # '-': an IPv6-only network's lease has no IPv4 side
+        print(f"lease    {lease['subnet'] or '-'}  public IP {lease['public_ip'] or '-'}  "
+              f"backend {lease['backend']}  {expiry}")
         if lease.get("ipv6_subnet"):
             print(f"ipv6     {lease['ipv6_subnet']}  public IPv6 {lease['public_ipv6']}  "
                   f"network {status.get('ipv6_network')}")
@@ -543,9 +550,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("ip_forward") is False:
         print("WARNING  net.ipv4.ip_forward=0: this host's pods get no traffic "
               "(sysctl -w net.ipv4.ip_forward=1)")
-    vxlan = bool(lease and lease.get("vtep_mac"))
+    # IPv6-only: flannel-v6.<VNI>'s VtepMAC, the only one
+    vtep = lease and (lease.get("vtep_mac") or lease.get("ipv6_vtep_mac"))
+    vxlan = bool(vtep)
     if vxlan:
-        print(f"vxlan    VNI {lease['vni']}  VtepMAC {lease['vtep_mac']}"
+        print(f"vxlan    VNI {lease['vni']}  VtepMAC {vtep}"
               + (f"  dataplane {lease['dataplane']}" if lease.get("dataplane") else ""))
     c = status["counters"]
     print(f"traffic  tx {c.get('tx_packets', 0)} pkts / {c.get('tx_bytes', 0)} B   "
@@ -572,11 +581,12 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{'TX PKTS':>10}{'TX BYTES':>13}{'RX PKTS':>10}{'RX BYTES':>13}  PATH")
     for p in status["peers"]:
         # A peer's VtepMAC is shown once it has a route ("-": skipped, see the log).
-        print(f"{p['subnet']:<20}{p['public_ip']:<17}"
+        print(f"{p['subnet'] or '-':<20}{p['public_ip'] or '-':<17}"
               + (f"{p.get('ipv6_subnet') or '-':<26}{p.get('public_ipv6') or '-':<26}"
                  if dual else "")
               + f"{p['backend']:<9}"
-              + (f"{p.get('vtep_mac', '-'):<19}" if vxlan else "") + f"{_age(p['since']):>6}"
+              + (f"{p.get('vtep_mac') or p.get('ipv6_vtep_mac') or '-':<19}" if vxlan else "")
+              + f"{_age(p['since']):>6}"
               f"{p.get('tx_packets', 0):>10}{p.get('tx_bytes', 0):>13}"
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"
               # host-gw, direct, vxlan or unreachable, for the routing-model backends

@@ -17,6 +17,11 @@ KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "ipip", "alloc", "tenc
                   "alivpc", "aws-vpc", "gce", "extension", "ipsec")
 IMPLEMENTED_BACKENDS = ("udp", "vxlan", "host-gw")
 
+# flannel's empty IP4Net and IP4: the Network (and each lease's IPv4 subnet) of an IPv6-only
+# network (EnableIPv4 false), and the PublicIP its leases carry.
+NO_IPV4 = IPv4Network("0.0.0.0/0")
+NO_PUBLIC_IP = IPv4Address("0.0.0.0")
+
 UDP_DEFAULT_PORT = 8285  # flannel's udp backend
 MIN_IPV4_MTU = 68  # RFC 791: the smallest MTU an IPv4 link may have
 
@@ -157,32 +162,21 @@ def _ipv6_fields(cfg: dict[str, Any]) -> dict[str, Any]:
             "ipv6_subnet_min": subnet_min, "ipv6_subnet_max": subnet_max}
 
 
-def parse_config(text: str | bytes) -> NetworkConfig:
-    """Parse and validate flannel network config JSON, filling in flannel's defaults."""
-    try:
-        raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ConfigError(f"not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("expected a JSON object such as "
-                          '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
-    cfg = _canonical_keys(raw, _TOP_FIELDS)
-
-    enable_ipv4 = _bool_field(cfg, "EnableIPv4", True)
-    enable_ipv6 = _bool_field(cfg, "EnableIPv6", False)
-    if not enable_ipv4:
-        # IPv6-only networks: every lease, route table and file here is keyed by the v4 subnet.
-        raise ConfigError("EnableIPv4: false (an IPv6-only network) is not supported by "
-                          "flannel-udp yet; run dual stack (EnableIPv6 with IPv4)")
-
-    if "Network" not in cfg:
-        raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
+def _network_field(cfg: dict[str, Any]) -> IPv4Network:
     try:
         if not isinstance(cfg["Network"], str):
             raise TypeError
-        network = IPv4Network(cfg["Network"], strict=False)
+        return IPv4Network(cfg["Network"], strict=False)
     except (ValueError, TypeError):
         raise ConfigError(f"Network: {json.dumps(cfg['Network'])} is not an IPv4 CIDR") from None
+
+
+def _ipv4_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Network, SubnetLen, SubnetMin/Max with flannel's defaults and checks, as NetworkConfig's
+    fields."""
+    if "Network" not in cfg:
+        raise ConfigError('Network: missing (e.g. "Network": "10.244.0.0/16")')
+    network = _network_field(cfg)
     if network.prefixlen > 28:
         raise ConfigError(f"Network: {network} is too small; the longest usable prefix is /28")
 
@@ -205,6 +199,36 @@ def parse_config(text: str | bytes) -> NetworkConfig:
             raise ConfigError(f"{name}: {addr} is not aligned to SubnetLen /{subnet_len}")
     if subnet_min > subnet_max:
         raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
+    return {"network": network, "subnet_len": subnet_len, "subnet_min": subnet_min,
+            "subnet_max": subnet_max}
+
+
+def parse_config(text: str | bytes) -> NetworkConfig:
+    """Parse and validate flannel network config JSON, filling in flannel's defaults."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a JSON object such as "
+                          '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}')
+    cfg = _canonical_keys(raw, _TOP_FIELDS)
+
+    enable_ipv4 = _bool_field(cfg, "EnableIPv4", True)
+    enable_ipv6 = _bool_field(cfg, "EnableIPv6", False)
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4: false with no EnableIPv6: the network would carry "
+                          "nothing; set EnableIPv6 and IPv6Network for an IPv6-only network")
+    if enable_ipv4:
+        v4 = _ipv4_fields(cfg)
+    else:
+        # IPv6-only (flannel's CheckNetworkConfig skips the IPv4 keys): flannel's empty values.
+        # A Network given anyway must still be a CIDR: flannel's JSON decoding refuses one
+        # that is not.
+        if cfg.get("Network") is not None:
+            _network_field(cfg)
+        v4 = {"network": NO_IPV4, "subnet_len": 0, "subnet_min": NO_PUBLIC_IP,
+              "subnet_max": NO_PUBLIC_IP}
 
     ipv6: dict[str, Any] = {}
     if enable_ipv6:
@@ -232,8 +256,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if not isinstance(nftables, bool):
         raise ConfigError(f"EnableNFTables: expected true or false, got {json.dumps(nftables)}")
 
-    config = NetworkConfig(network=network, subnet_len=subnet_len, subnet_min=subnet_min,
-                           subnet_max=subnet_max, backend_type=backend_type, backend=backend,
+    config = NetworkConfig(**v4, backend_type=backend_type, backend=backend,
                            enable_nftables=nftables, enable_ipv4=enable_ipv4,
                            enable_ipv6=enable_ipv6, **ipv6)
     # Bad options are refused here (so by `network set`), not at every daemon's start. host-gw

@@ -24,7 +24,7 @@ from flannel_udp.backends import (
     check_ipv6,
     make_network,
 )
-from flannel_udp.config import NetworkConfig, parse_config
+from flannel_udp.config import NO_PUBLIC_IP, NetworkConfig, parse_config
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
 from flannel_udp.ipmasq import IptablesError, IptablesRules, TrafficRules, resync_forever
@@ -159,6 +159,18 @@ def _ipv6_fields(lease: Lease) -> dict[str, str | None]:
             "public_ipv6": None if lease.public_ipv6 is None else str(lease.public_ipv6)}
 
 
+def _subnets(lease: Lease) -> str:
+    """A lease's subnets for the log: the IPv4 one, and/or the IPv6 one."""
+    parts = ([str(lease.subnet)] if lease.has_ipv4 else []) + (
+        [str(lease.ipv6_subnet)] if lease.ipv6_subnet is not None else [])
+    return " ".join(parts)
+
+
+def _network(config: NetworkConfig | None) -> str | None:
+    """The IPv4 Network for `status`; None in an IPv6-only network (or before the config)."""
+    return str(config.network) if config is not None and config.enable_ipv4 else None
+
+
 class Daemon:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
@@ -178,9 +190,11 @@ class Daemon:
     def _write_subnet_env(self, lease: Lease) -> None:
         assert self.config is not None and self.network is not None
         try:
+            v4 = self.config.enable_ipv4
             subnetenv.write(self.opts.subnet_file, subnetenv.render(
-                self.config.network, lease.subnet, self.network.mtu, self.opts.ip_masq,
-                self.config.ipv6_network, lease.ipv6_subnet))
+                self.config.network if v4 else None, lease.subnet if v4 else None,
+                self.network.mtu, self.opts.ip_masq, self.config.ipv6_network,
+                lease.ipv6_subnet))
         except OSError as e:
             raise UserError(f"cannot write subnet file {self.opts.subnet_file}: "
                             f"{e.strerror}", exit_code=1) from None
@@ -238,11 +252,21 @@ class Daemon:
         check_ipv6(config)  # before anything is taken
         if config.enable_ipv6 and opts.store.keyspace == "etcd v2":
             refuse_ipv6_on_v2()
-        ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip)
-        public_ip = opts.public_ip or ext.address
-        log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP %s",
-                 config.network, config.subnet_len, config.backend_type, ext.name, ext.address,
-                 ext.mtu, public_ip)
+        ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip,
+                                      None, config.enable_ipv4)
+        if config.enable_ipv4:
+            public_ip = opts.public_ip or ext.address
+            log.info("network %s, subnets /%d, backend %s; underlay %s (%s, mtu %d), public IP "
+                     "%s", config.network, config.subnet_len, config.backend_type, ext.name,
+                     ext.address, ext.mtu, public_ip)
+        else:
+            # flanneld leaves an IPv6-only lease's PublicIP empty: 0.0.0.0 in its value.
+            public_ip = NO_PUBLIC_IP
+            if opts.public_ip is not None:
+                log.warning("--public-ip %s: ignored, the network is IPv6-only (EnableIPv4 "
+                            "false)", opts.public_ip)
+            log.info("IPv6-only network, backend %s; underlay %s (mtu %d)",
+                     config.backend_type, ext.name, ext.mtu)
         self.public_ipv6 = await self._public_ipv6(config, ext)
         if netlink.ip_forward() is False:  # refused by none: host-gw needs it as much
             log.warning("%s", IP_FORWARD_OFF)
@@ -281,8 +305,9 @@ class Daemon:
             if address is None:
                 raise UserError(f"EnableIPv6: interface {ext.name} has no global IPv6 address; "
                                 "give it one or set --public-ipv6")
-        log.info("dual stack: IPv6 network %s, subnets /%d, public IPv6 %s",
-                 config.ipv6_network, config.ipv6_subnet_len, address)
+        log.info("%s: IPv6 network %s, subnets /%d, public IPv6 %s",
+                 "dual stack" if config.enable_ipv4 else "IPv6-only", config.ipv6_network,
+                 config.ipv6_subnet_len, address)
         if netlink.ip6_forward() is False:
             log.warning("%s", IP6_FORWARD_OFF)
         return address
@@ -342,7 +367,7 @@ class Daemon:
             self._serving = True
             log.info("running: %d peers; status: flannel-udp status --control-socket %s",
                      len(peers), opts.control_socket)
-            sdnotify.notify("READY=1", f"STATUS=lease {lease.subnet}, {len(peers)} peers")
+            sdnotify.notify("READY=1", f"STATUS=lease {_subnets(lease)}, {len(peers)} peers")
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task.get_name() != "stop" and task.exception() is not None:
@@ -367,7 +392,8 @@ class Daemon:
             except IptablesError as e:
                 flag = "--ip-masq" if self.opts.ip_masq else "--iptables-forward-rules"
                 raise UserError(f"{flag}: {e}", exit_code=1) from None
-        if self.opts.blackhole_route and self.blackhole != subnet:
+        if (self.opts.blackhole_route and self.blackhole != subnet
+                and self.config is not None and self.config.enable_ipv4):
             if self.blackhole is not None:
                 await asyncio.to_thread(netlink.delete_blackhole_route, self.blackhole)
             await asyncio.to_thread(netlink.add_blackhole_route, subnet)
@@ -442,7 +468,7 @@ class Daemon:
         await self.manager.load_peers()
         if not self.manager.holds_lease:
             log.warning("our lease %s is not in the lease table any more",
-                        self.manager.lease.subnet)
+                        _subnets(self.manager.lease))
             await self._own_lease_lost()
         for subnet in before - set(self.manager.peers):
             self.network.remove_peer(subnet)
@@ -457,7 +483,7 @@ class Daemon:
         try:
             lease = await self.manager.acquire(old.subnet, old.ipv6_subnet)
             if (lease.subnet, lease.ipv6_subnet) != (old.subnet, old.ipv6_subnet):
-                log.warning("subnet %s is gone; moving to %s", old.subnet, lease.subnet)
+                log.warning("subnet %s is gone; moving to %s", _subnets(old), _subnets(lease))
                 peers = await self.manager.load_peers()
                 await asyncio.to_thread(self.network.close)
                 await asyncio.to_thread(self.network.open)
@@ -466,7 +492,7 @@ class Daemon:
         finally:
             self._reacquiring = False
         self._write_subnet_env(lease)
-        log.info("lease %s re-acquired; %s rewritten", lease.subnet, self.opts.subnet_file)
+        log.info("lease %s re-acquired; %s rewritten", _subnets(lease), self.opts.subnet_file)
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if request.get("cmd") != "status":
@@ -509,7 +535,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         if self.manager is None or self.network is None or self.config is None:
             # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
-            return {"lease": None, "network": str(self.config.network) if self.config else None,
+            return {"lease": None, "network": _network(self.config),
                     "started": self.started, "peers": [], "counters": {},
                     "health": self.health(), "store_errors": self.store_errors,
                     "ready": False, "ip_forward": netlink.ip_forward(),
@@ -518,19 +544,23 @@ class Daemon:
         stats = self.network.stats()
         userspace = self._userspace()
         peers = []
-        for subnet, peer in sorted(self.manager.peers.items()):
-            counters = stats["peers"].get(str(subnet), {})
-            peers.append({"subnet": str(subnet), "public_ip": str(peer.lease.public_ip),
+        for ident, peer in sorted(self.manager.peers.items(), key=lambda kv: (
+                kv[0].version, kv[0])):
+            counters = stats["peers"].get(str(ident), {})
+            v4 = peer.lease.has_ipv4
+            peers.append({"subnet": str(ident) if v4 else None,
+                          "public_ip": str(peer.lease.public_ip) if v4 else None,
                           **_ipv6_fields(peer.lease),
                           "backend": peer.lease.backend, "since": peer.since,
                           "reachable": self.network.accepts(peer.lease), **counters})
         return {
             "lease": None if lease is None else {
-                "subnet": str(lease.subnet), "public_ip": str(lease.public_ip),
+                "subnet": str(lease.subnet) if lease.has_ipv4 else None,
+                "public_ip": str(lease.public_ip) if lease.has_ipv4 else None,
                 **_ipv6_fields(lease),
                 "backend": self.config.backend_type, "expires": lease.expiration,
                 **stats.get("lease", {})},
-            "network": str(self.config.network),
+            "network": _network(self.config),
             "ipv6_network": (str(self.config.ipv6_network) if self.config.enable_ipv6
                              else None),
             "started": self.started,

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
+from flannel_udp.config import NO_IPV4
 from flannel_udp.errors import UserError
 
 log = logging.getLogger("flannel-udp")
@@ -166,6 +167,12 @@ class TrafficRules(ABC):
         self.subnet: IPv4Network | None = None
         self.ipv6_subnet: IPv6Network | None = None
 
+    @property
+    def ipv4(self) -> bool:
+        """False in an IPv6-only network (its Network is flannel's empty 0.0.0.0/0): no IPv4
+        rules at all, never ones for 0.0.0.0/0."""
+        return self.network != NO_IPV4
+
     @abstractmethod
     def setup(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         """Install the rules for our lease `subnet` (and its `ipv6_subnet` in dual stack),
@@ -208,7 +215,8 @@ class IptablesRules(TrafficRules):
         return rules
 
     def _versions(self) -> tuple[int, ...]:
-        return (4, 6) if self.ipv6_network is not None else (4,)
+        v4 = (4,) if self.ipv4 else ()
+        return (*v4, 6) if self.ipv6_network is not None else v4
 
     def _chains(self) -> list[str]:
         return ([MASQ_CHAIN] if self.masq else []) + ([FORWARD_CHAIN] if self.forward else [])
@@ -216,16 +224,18 @@ class IptablesRules(TrafficRules):
     def setup(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None = None) -> None:
         self.subnet = subnet
         self.ipv6_subnet = ipv6_subnet
-        self.rules = ((masq_rules(self.network, subnet, self.random_fully) if self.masq else [])
-                      + (forward_rules(self.network) if self.forward else []))
+        self.rules = [] if not self.ipv4 else (
+            (masq_rules(self.network, subnet, self.random_fully) if self.masq else [])
+            + (forward_rules(self.network) if self.forward else []))
         if self.ipv6_network is not None and ipv6_subnet is not None:
             self.rules += ((masq_rules(self.ipv6_network, ipv6_subnet, self.random_fully)
                             if self.masq else [])
                            + (forward_rules(self.ipv6_network) if self.forward else []))
         for v in self._versions():
             self._rewrite(v)
-        log.info("iptables: %s in place for %s in %s%s%s", " and ".join(self._chains()), subnet,
-                 self.network, f", ip6tables for {ipv6_subnet} in {self.ipv6_network}"
+        log.info("iptables: %s in place for %s%s%s", " and ".join(self._chains()),
+                 f"{subnet} in {self.network}" if self.ipv4 else "(no IPv4: IPv6-only)",
+                 f", ip6tables for {ipv6_subnet} in {self.ipv6_network}"
                  if self.ipv6_network is not None and ipv6_subnet is not None else "",
                  " (MASQUERADE --random-fully)" if self.masq and self.random_fully else "")
 

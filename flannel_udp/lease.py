@@ -12,10 +12,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from flannel_udp.config import NetworkConfig
+from flannel_udp.config import NO_IPV4, NetworkConfig
 
 LEASE_TTL = 24 * 3600.0  # seconds, as flannel
 MAX_CANDIDATES = 100  # flannel picks at random among the first 100 free subnets
+
+
+# An IPv6-only lease's key is '0.0.0.0-0&fd99:0:0:25::-64' (flannel's MakeSubnetKey of an empty
+# IP4Net, NO_IPV4) and its PublicIP 0.0.0.0 (config.NO_PUBLIC_IP): flanneld leaves both unset.
 
 
 class LeaseValueError(ValueError):
@@ -35,6 +39,19 @@ class Lease:
     ipv6_subnet: IPv6Network | None = None
     public_ipv6: IPv6Address | None = None
     backend_v6_data: bytes | None = None
+
+    @property
+    def has_ipv4(self) -> bool:
+        """False for an IPv6-only lease (its v4 part is flannel's empty 0.0.0.0/0)."""
+        return self.subnet != NO_IPV4 or self.ipv6_subnet is None
+
+    @property
+    def ident(self) -> IPv4Network | IPv6Network:
+        """What names this lease among the others of its network: its IPv4 subnet, or the IPv6
+        one for an IPv6-only lease (the peer table and route plans are keyed by it)."""
+        if self.has_ipv4 or self.ipv6_subnet is None:
+            return self.subnet
+        return self.ipv6_subnet
 
     @property
     def backend(self) -> str:
@@ -215,7 +232,7 @@ class VxlanLeaseData:
 
 
 def subnet_is_free(subnet: IPv4Network, leases: Iterable[Lease]) -> bool:
-    return all(not lease.subnet.overlaps(subnet) for lease in leases)
+    return all(not lease.has_ipv4 or not lease.subnet.overlaps(subnet) for lease in leases)
 
 
 def ipv6_subnet_is_free(subnet: IPv6Network, leases: Iterable[Lease]) -> bool:
@@ -233,21 +250,31 @@ def lease_fits(config: NetworkConfig, lease: Lease) -> bool:
     return lease.ipv6_subnet is not None and config.contains_ipv6_subnet(lease.ipv6_subnet)
 
 
-def own_lease(config: NetworkConfig, leases: Iterable[Lease],
-              public_ip: IPv4Address) -> Lease | None:
-    """An existing lease of ours (by PublicIP) that still fits the config: flannel reuses it."""
+def is_ours(config: NetworkConfig, lease: Lease, public_ip: IPv4Address,
+            public_ipv6: IPv6Address | None = None) -> bool:
+    """Whether `lease` is this node's: by PublicIP, as flannel; in an IPv6-only network by
+    PublicIPv6 (every node's PublicIP is 0.0.0.0 there, flanneld's etcd manager's match by it
+    would take another node's lease)."""
+    if config.enable_ipv4:
+        return lease.public_ip == public_ip
+    return public_ipv6 is not None and lease.public_ipv6 == public_ipv6
+
+
+def own_lease(config: NetworkConfig, leases: Iterable[Lease], public_ip: IPv4Address,
+              public_ipv6: IPv6Address | None = None) -> Lease | None:
+    """An existing lease of ours (is_ours) that still fits the config: flannel reuses it."""
     for lease in leases:
-        if lease.public_ip == public_ip and lease_fits(config, lease):
+        if is_ours(config, lease, public_ip, public_ipv6) and lease_fits(config, lease):
             return lease
     return None
 
 
-def stale_own_leases(config: NetworkConfig, leases: Iterable[Lease],
-                     public_ip: IPv4Address) -> list[Lease]:
-    """Leases of ours (by PublicIP) the config could not have handed out, e.g. a v4-only one
+def stale_own_leases(config: NetworkConfig, leases: Iterable[Lease], public_ip: IPv4Address,
+                     public_ipv6: IPv6Address | None = None) -> list[Lease]:
+    """Leases of ours (is_ours) the config could not have handed out, e.g. a v4-only one
     once the network is dual stack: flannel deletes them and takes a lease anew. Reservations
     (no expiry) are an admin's and are left alone."""
-    return [lease for lease in leases if lease.public_ip == public_ip
+    return [lease for lease in leases if is_ours(config, lease, public_ip, public_ipv6)
             and lease.expiration is not None and not lease_fits(config, lease)]
 
 
@@ -266,7 +293,7 @@ def free_candidates(config: NetworkConfig, leases: Iterable[Lease],
                     limit: int = MAX_CANDIDATES) -> list[IPv4Network]:
     """The first `limit` free subnets from SubnetMin up, in order."""
     taken = {int(lease.subnet.network_address) for lease in leases
-             if lease.subnet.overlaps(config.network)}
+             if lease.has_ipv4 and lease.subnet.overlaps(config.network)}
     return _free_networks(int(config.subnet_min), int(config.subnet_max), config.subnet_step(),
                           config.subnet_len, taken, IPv4Network, limit)
 
@@ -288,7 +315,10 @@ def choose_new_subnet(config: NetworkConfig, leases: list[Lease],
                       preferred: IPv4Network | None,
                       rng: random.Random | None = None) -> IPv4Network | None:
     """The subnet to try to create: the preferred one (old subnet.env) if it is free and fits,
-    else one at random among the first free ones; None when the network is full."""
+    else one at random among the first free ones; None when the network is full. An IPv6-only
+    network's leases all have flannel's empty IPv4 subnet."""
+    if not config.enable_ipv4:
+        return NO_IPV4
     if (preferred is not None and config.contains_subnet(preferred)
             and subnet_is_free(preferred, leases)):
         return preferred

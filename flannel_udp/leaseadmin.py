@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
 from flannel_udp.config import NetworkConfig, parse_config
@@ -42,8 +42,9 @@ class Entry:
             return {"key": self.key, "error": self.problem}
         lease = self.lease
         data, data6 = lease.backend_data, lease.backend_v6_data
-        return {"key": self.key, "subnet": str(lease.subnet),
-                "public_ip": str(lease.public_ip), "backend": lease.backend,
+        v4 = lease.has_ipv4  # an IPv6-only lease has neither (flannel's 0.0.0.0/0, 0.0.0.0)
+        return {"key": self.key, "subnet": str(lease.subnet) if v4 else None,
+                "public_ip": str(lease.public_ip) if v4 else None, "backend": lease.backend,
                 "backend_data": None if data is None else json.loads(data),
                 "ipv6_subnet": None if lease.ipv6_subnet is None else str(lease.ipv6_subnet),
                 "public_ipv6": None if lease.public_ipv6 is None else str(lease.public_ipv6),
@@ -52,11 +53,19 @@ class Entry:
                 "reserved": self.lease.expiration is None}
 
 
-def parse_subnet_arg(text: str) -> IPv4Network:
-    """A subnet as the user names it: 10.5.1.0/24 or flannel's key form 10.5.1.0-24."""
+def parse_subnet_arg(text: str, ipv6: bool = False) -> IPv4Network | IPv6Network:
+    """A subnet as the user names it: 10.5.1.0/24 or flannel's key form 10.5.1.0-24; with
+    `ipv6` also an IPv6 one (fd99:0:0:25::/64 or fd99:0:0:25::-64), an IPv6-only lease's."""
     name = text.strip()
     if "/" not in name:
-        name = name.replace("-", "/")
+        head, sep, tail = name.rpartition("-")
+        name = f"{head}/{tail}" if sep else name
+    if ipv6 and ":" in name:
+        try:
+            return IPv6Network(name)
+        except ValueError:
+            raise UserError(f"{text}: not an IPv6 subnet address (e.g. fd99:0:0:25::/64)"
+                            ) from None
     try:
         return IPv4Network(name)
     except ValueError:
@@ -77,10 +86,11 @@ def entry(record: LeaseRecord) -> Entry:
         return Entry(record.key, None, problem)
 
 
-def sort_key(e: Entry) -> tuple[int, int, str]:
+def sort_key(e: Entry) -> tuple[int, int, int, str]:
     if e.lease is None:
-        return (1, 0, e.key)
-    return (0, int(e.lease.subnet.network_address), e.key)
+        return (1, 0, 0, e.key)
+    ident = e.lease.ident  # an IPv6-only lease's IPv6 subnet, after the IPv4 ones
+    return (0, ident.version, int(ident.network_address), e.key)
 
 
 async def list_entries(store: Store) -> list[Entry]:
@@ -96,13 +106,13 @@ async def load_config(store: Store, store_name: str) -> NetworkConfig:
     return parse_config(raw)
 
 
-async def delete(store: Store, store_name: str, subnet: IPv4Network) -> Entry:
-    """Delete the lease of `subnet` (a dual-stack lease by its IPv4 subnet); UserError (exit 1)
-    when there is none."""
-    key = subnet_key(subnet)
+async def delete(store: Store, store_name: str, subnet: IPv4Network | IPv6Network) -> Entry:
+    """Delete the lease of `subnet` (a dual-stack lease by its IPv4 subnet, an IPv6-only one by
+    its IPv6 subnet); UserError (exit 1) when there is none."""
+    key = subnet_key(subnet) if isinstance(subnet, IPv4Network) else None
     entries = [entry(r) for r in (await store.list_leases()).records]
     found = next((e for e in entries if e.key == key), None) or next(
-        (e for e in entries if e.lease is not None and e.lease.subnet == subnet), None)
+        (e for e in entries if e.lease is not None and e.lease.ident == subnet), None)
     if found is None:
         raise UserError(f"no lease for {subnet} in {store_name} (see `flannel-udp leases "
                         "list`)", 1)
@@ -158,6 +168,10 @@ async def reserve(store: Store, store_name: str, subnet: IPv4Network, public_ip:
     with a TTL, then made permanent), so that a host acquiring it meanwhile wins and we refuse.
     Returns what was done ('reserved', 'converted', 'unchanged') and the lease."""
     config = await load_config(store, store_name)
+    if not config.enable_ipv4:
+        raise UserError("leases reserve: not for an IPv6-only network yet (its leases are "
+                        "0.0.0.0-0&<IPv6 subnet> keys with a PublicIPv6); put the key with "
+                        "etcdctl", 1)
     if config.enable_ipv6:
         raise UserError("leases reserve: not for a dual-stack network yet (its leases need an "
                         "IPv6 subnet and PublicIPv6 too); put the key with etcdctl", 1)

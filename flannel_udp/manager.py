@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from flannel_udp.config import NetworkConfig
+from flannel_udp.config import NO_IPV4, NetworkConfig
 from flannel_udp.errors import UserError
 from flannel_udp.lease import (
     LEASE_TTL,
@@ -23,6 +23,7 @@ from flannel_udp.lease import (
     choose_new_ipv6_subnet,
     choose_new_subnet,
     encode_lease_value,
+    is_ours,
     lease_from_record,
     lease_key,
     own_lease,
@@ -39,8 +40,16 @@ ACQUIRE_ATTEMPTS = 50  # lost races before giving up
 
 
 def _shown(lease: Lease) -> str:
-    """A lease's subnets for the log: '10.244.3.0/24', dual stack '10.244.3.0/24 fd00::/64'."""
+    """A lease's subnets for the log: '10.244.3.0/24', dual stack '10.244.3.0/24 fd00::/64',
+    IPv6-only 'fd00::/64'."""
+    if not lease.has_ipv4:
+        return str(lease.ipv6_subnet)
     return str(lease.subnet) + ("" if lease.ipv6_subnet is None else f" {lease.ipv6_subnet}")
+
+
+def _public(lease: Lease) -> str:
+    """A lease's underlay address for the log: PublicIP, PublicIPv6 for an IPv6-only one."""
+    return str(lease.public_ip if lease.has_ipv4 else lease.public_ipv6)
 
 
 def refuse_ipv6_on_v2() -> None:
@@ -80,7 +89,8 @@ class LeaseManager:
         self.ttl = ttl
         self.lease: Lease | None = None
         self._key = ""  # the store key of our lease, once taken
-        self.peers: dict[IPv4Network, Peer] = {}
+        # keyed by Lease.ident: the IPv4 subnet, or the IPv6 one in an IPv6-only network
+        self.peers: dict[IPv4Network | IPv6Network, Peer] = {}
         self._snapshot: Snapshot | None = None
         self.holds_lease = False  # our lease was in the table at the last load_peers()
         self.store_errors = 0  # renewals that failed
@@ -100,6 +110,12 @@ class LeaseManager:
             log.warning("lease store: skipping lease %s: %s", record.key, e)
             return None
         subnet = lease.subnet
+        if not self.config.enable_ipv4:
+            return self._parse_v6_only(record.key, lease)
+        if not lease.has_ipv4:
+            log.warning("lease store: skipping lease %s: IPv6-only, the network has IPv4",
+                        record.key)
+            return None
         if not subnet.subnet_of(self.config.network):
             log.warning("lease store: skipping lease %s: outside Network %s",
                         record.key, self.config.network)
@@ -121,6 +137,21 @@ class LeaseManager:
                         self.config.ipv6_subnet_len, self.config.ipv6_network)
         return lease
 
+    def _parse_v6_only(self, key: str, lease: Lease) -> Lease | None:
+        """A lease of an IPv6-only network: flannel's empty IPv4 part and an IPv6 subnet of the
+        IPv6Network's length."""
+        v6 = lease.ipv6_subnet
+        if lease.has_ipv4 or v6 is None:
+            log.warning("lease store: skipping lease %s: not IPv6-only, the network is", key)
+            return None
+        if not (v6.prefixlen == self.config.ipv6_subnet_len
+                and self.config.ipv6_network is not None
+                and v6.subnet_of(self.config.ipv6_network)):
+            log.warning("lease store: skipping lease %s: not a /%d of IPv6Network %s", key,
+                        self.config.ipv6_subnet_len, self.config.ipv6_network)
+            return None
+        return lease
+
     def _parse_all(self, snapshot: Snapshot) -> list[Lease]:
         return [lease for _, lease in self._parse_keyed(snapshot)]
 
@@ -140,7 +171,7 @@ class LeaseManager:
             keyed = self._parse_keyed(await self.store.list_leases())
             leases = [lease for _, lease in keyed]
             stored_key = {id(lease): key for key, lease in keyed}
-            mine = own_lease(self.config, leases, self.public_ip)
+            mine = own_lease(self.config, leases, self.public_ip, self.public_ipv6)
             if mine is not None:
                 # A reservation (a lease that never expires) stays one, as in flannel.
                 ttl = None if mine.expiration is None else self.ttl
@@ -148,7 +179,7 @@ class LeaseManager:
                 expiration = await self.store.put_lease(key, self.value, ttl)
                 return self._took(key, mine.subnet, mine.ipv6_subnet, expiration,
                                   "reusing our lease")
-            stale = stale_own_leases(self.config, leases, self.public_ip)
+            stale = stale_own_leases(self.config, leases, self.public_ip, self.public_ipv6)
             for old in stale:
                 # E.g. our v4-only lease once the network is dual stack: flannel deletes it;
                 # its v4 subnet is asked for again.
@@ -156,7 +187,8 @@ class LeaseManager:
                          stored_key[id(old)])
                 await self.store.delete_lease(stored_key[id(old)])
             if stale:
-                preferred = preferred or stale[0].subnet
+                if stale[0].has_ipv4:
+                    preferred = preferred or stale[0].subnet
                 continue
             subnet = choose_new_subnet(self.config, leases, preferred)
             ipv6_subnet = None
@@ -182,7 +214,9 @@ class LeaseManager:
                     await self.store.delete_lease(key)
                     continue
             if expiration is not None:
-                how = "the subnet of the old subnet file" if subnet == preferred else "new"
+                reused = (subnet == preferred if self.config.enable_ipv4
+                          else ipv6_subnet == preferred_v6)
+                how = "the subnet of the old subnet file" if reused else "new"
                 return self._took(key, subnet, ipv6_subnet, expiration, how)
             log.debug("lease %s was taken meanwhile; trying again", key)
         raise UserError("could not acquire a subnet: every attempt lost a race", exit_code=1)
@@ -191,10 +225,14 @@ class LeaseManager:
                            ipv6_subnet: IPv6Network) -> str | None:
         """The key of another lease sharing a subnet with `key`'s, if any."""
         for lease in self._parse_all(await self.store.list_leases()):
-            if lease_key(lease) != key and (lease.subnet.overlaps(subnet) or (
+            if lease_key(lease) != key and ((lease.has_ipv4 and subnet != NO_IPV4
+                                             and lease.subnet.overlaps(subnet)) or (
                     lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(ipv6_subnet))):
                 return lease_key(lease)
         return None
+
+    def _is_ours(self, lease: Lease) -> bool:
+        return is_ours(self.config, lease, self.public_ip, self.public_ipv6)
 
     def _lease(self, subnet: IPv4Network, ipv6_subnet: IPv6Network | None,
                expiration: float | None) -> Lease:
@@ -230,7 +268,7 @@ class LeaseManager:
             except StoreError as e:
                 self.store_errors += 1
                 log.error("renewing lease %s failed (%s); retrying in %.0f s",
-                          self.lease.subnet, e, RENEW_RETRY)
+                          _shown(self.lease), e, RENEW_RETRY)
                 await asyncio.sleep(RENEW_RETRY)
                 continue
             self.lease = self._lease(self.lease.subnet, self.lease.ipv6_subnet, new_exp)
@@ -244,17 +282,18 @@ class LeaseManager:
         self._snapshot = await self.store.list_leases()
         now = time.time()
         leases = self._parse_all(self._snapshot)
-        mine = self.lease.subnet if self.lease is not None else None
+        mine = self.lease.ident if self.lease is not None else None
         my_key = lease_key(self.lease) if self.lease is not None else None
-        self.holds_lease = any(lease_key(lease) == my_key and lease.public_ip == self.public_ip
+        self.holds_lease = any(lease_key(lease) == my_key and self._is_ours(lease)
                                for lease in leases)
-        self.peers = {lease.subnet: Peer(lease, now) for lease in leases if lease.subnet != mine}
+        self.peers = {lease.ident: Peer(lease, now) for lease in leases if lease.ident != mine}
         return [p.lease for p in self.peers.values()]
 
     async def watch(self, on_add: Callable[[Lease], None],
-                    on_remove: Callable[[IPv4Network], None],
+                    on_remove: Callable[[IPv4Network | IPv6Network], None],
                     on_own_lost: Callable[[], Awaitable[None]]) -> None:
-        """Apply lease events for ever. Our own lease going away calls `on_own_lost`."""
+        """Apply lease events for ever (`on_remove` gets the lease's ident). Our own lease
+        going away calls `on_own_lost`."""
         assert self._snapshot is not None, "load_peers() first"
         # aclosing: when a handler fails, the store's watch (an etcd stream) ends now, not
         # whenever the generator is collected.
@@ -263,13 +302,13 @@ class LeaseManager:
                 await self._apply(events, on_add, on_remove, on_own_lost)
 
     async def _apply(self, events: list[LeaseEvent], on_add: Callable[[Lease], None],
-                     on_remove: Callable[[IPv4Network], None],
+                     on_remove: Callable[[IPv4Network | IPv6Network], None],
                      on_own_lost: Callable[[], Awaitable[None]]) -> None:
         for event in events:
             lease = self._parse(event.record)
             if lease is None:
                 continue
-            if self.lease is not None and lease.subnet == self.lease.subnet:
+            if self.lease is not None and lease.ident == self.lease.ident:
                 if lease_key(lease) != lease_key(self.lease):
                     # Our v4 subnet under another key (e.g. the v4-only lease we replaced)
                     if event.kind != "delete":
@@ -277,32 +316,32 @@ class LeaseManager:
                                   lease_key(self.lease))
                     continue
                 if event.kind == "delete":
-                    log.warning("our lease %s was deleted or expired", lease.subnet)
+                    log.warning("our lease %s was deleted or expired", _shown(lease))
                     await on_own_lost()
-                elif lease.public_ip != self.public_ip:
-                    log.error("our subnet %s is now leased to %s", lease.subnet,
-                              lease.public_ip)
+                elif not self._is_ours(lease):
+                    log.error("our subnet %s is now leased to %s", _shown(lease),
+                              lease.public_ip if lease.has_ipv4 else lease.public_ipv6)
                 elif lease.expiration != self.lease.expiration:
                     # flanneld too takes its lease's expiry from the watch: a lease made a
                     # reservation by hand is not renewed (given a TTL again) behind it.
                     if lease.expiration is None:
                         log.info("our lease %s is now a reservation: it never expires",
-                                 lease.subnet)
+                                 _shown(lease))
                     self.lease = self._lease(self.lease.subnet, self.lease.ipv6_subnet,
                                              lease.expiration)
                     self._lease_changed.set()
                 continue
             if event.kind == "delete":
-                known = self.peers.get(lease.subnet)
+                known = self.peers.get(lease.ident)
                 # Only the key the peer holds now: not an older key of the same v4 subnet (a
                 # node that moved from a v4-only lease to a dual-stack one).
                 if known is not None and lease_key(known.lease) == lease_key(lease):
-                    del self.peers[lease.subnet]
-                    log.info("peer %s (%s) went away", _shown(lease), lease.public_ip)
-                    on_remove(lease.subnet)
+                    del self.peers[lease.ident]
+                    log.info("peer %s (%s) went away", _shown(lease), _public(lease))
+                    on_remove(lease.ident)
             else:
-                old = self.peers.get(lease.subnet)
-                self.peers[lease.subnet] = Peer(lease, time.time())
-                log.info("peer %s at %s (%s) %s", _shown(lease), lease.public_ip,
+                old = self.peers.get(lease.ident)
+                self.peers[lease.ident] = Peer(lease, time.time())
+                log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease),
                          lease.backend, "changed" if old else "appeared")
                 on_add(lease)

@@ -44,8 +44,9 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
                              labels=["subnet", "public_ip", "backend", "network", "ipv6_subnet",
                                      "public_ipv6", "ipv6_network"])
     if lease:
-        info.add_metric([lease.get("subnet", ""), lease.get("public_ip", ""),
-                         lease.get("backend", ""), status.get("network", ""),
+        # subnet, public_ip and network are None (empty labels) in an IPv6-only network
+        info.add_metric([lease.get("subnet") or "", lease.get("public_ip") or "",
+                         lease.get("backend", ""), status.get("network") or "",
                          lease.get("ipv6_subnet") or "", lease.get("public_ipv6") or "",
                          status.get("ipv6_network") or ""], 1.0)
     yield info
@@ -95,7 +96,9 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
                                      labels=["peer", "public_ip", "direction"])
     for peer in peers:
         for direction in ("tx", "rx"):
-            labels = [peer["subnet"], peer["public_ip"], direction]
+            # an IPv6-only peer by its IPv6 subnet and PublicIPv6
+            labels = [peer["subnet"] or peer.get("ipv6_subnet") or "",
+                      peer["public_ip"] or peer.get("public_ipv6") or "", direction]
             peer_packets.add_metric(labels, peer.get(f"{direction}_packets", 0))
             peer_bytes.add_metric(labels, peer.get(f"{direction}_bytes", 0))
         v6 = peer.get("ipv6")  # dual stack, userspace: the peer's IPv6 route

@@ -92,12 +92,13 @@ class _Miss(Exception):
 
 
 def find_interface(choice: IfaceChoice, public_ip: IPv4Address | None = None,
-                   netns: str | None = None) -> ExtIface:
+                   netns: str | None = None, need_ipv4: bool = True) -> ExtIface:
     """The underlay interface and its address, as flanneld picks them (IfaceChoice, and
     --public-ip when no selection flag is given); never the loopback interface, which other
     hosts cannot reach. `netns`: look in that named network namespace instead of this
     process's (for tests). Nothing matching: one UserError naming each candidate and why it
-    missed."""
+    missed. `need_ipv4` False (an IPv6-only network): an interface named by --iface needs no
+    IPv4 address (its address is then 0.0.0.0)."""
     with NetNS(netns) if netns else IPRoute() as ipr:
         links = _links(ipr)
         if not choice.asks():
@@ -105,7 +106,7 @@ def find_interface(choice: IfaceChoice, public_ip: IPv4Address | None = None,
         misses = []
         for spec in choice.names:
             try:
-                return _named(links, spec)
+                return _named(links, spec, need_ipv4)
             except _Miss as e:
                 misses.append(f"--iface {spec}: {e}")
         for regex in choice.regexes:
@@ -133,13 +134,16 @@ def _links(ipr: IPRoute) -> list[_Link]:
                    for link in ipr.get_links()), key=lambda link: link.index)
 
 
-def _chosen(link: _Link, address: IPv4Address | None = None) -> ExtIface:
+def _chosen(link: _Link, address: IPv4Address | None = None,
+            need_ipv4: bool = True) -> ExtIface:
     """`link` with `address`, else its first usable address; _Miss when other hosts could not
     reach it there."""
     if link.loopback:
         raise _Miss(f"{link.name} is the loopback interface, which other hosts cannot reach; "
                     "name the underlay interface or its address")
-    if address is None:
+    if address is None and not link.usable and not need_ipv4:
+        address = IPv4Address("0.0.0.0")
+    elif address is None:
         if not link.usable:
             raise _Miss(f"interface {link.name} has no IPv4 address; give it one or pick "
                         "another with --iface")
@@ -150,12 +154,12 @@ def _chosen(link: _Link, address: IPv4Address | None = None) -> ExtIface:
     return ExtIface(name=link.name, index=link.index, address=address, mtu=link.mtu)
 
 
-def _named(links: list[_Link], spec: str) -> ExtIface:
+def _named(links: list[_Link], spec: str, need_ipv4: bool = True) -> ExtIface:
     """--iface: the interface called `spec`, or the one holding the IPv4 address `spec`."""
     wanted = _as_ipv4(spec)
     for link in links:
         if (wanted in link.addresses) if wanted is not None else (link.name == spec):
-            return _chosen(link, wanted)
+            return _chosen(link, wanted, need_ipv4)
     raise _Miss("no such interface" if wanted is None else "no interface has this address")
 
 

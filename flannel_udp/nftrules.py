@@ -134,9 +134,9 @@ class NftablesRules(TrafficRules):
         self.subnet = subnet
         self.ipv6_subnet = ipv6_subnet
         lines = tables_script()
-        if self.forward:
+        if self.forward and self.ipv4:
             lines += forward_script(self.network)
-        if self.masq:
+        if self.masq and self.ipv4:
             lines += masq_script(self.network, subnet, self.random_fully)
         v6 = self.ipv6_network is not None and ipv6_subnet is not None
         if v6 and self.forward:
@@ -145,8 +145,9 @@ class NftablesRules(TrafficRules):
             lines += masq_script(self.ipv6_network, ipv6_subnet, self.random_fully)
         self.script = "\n".join(lines) + "\n"
         self._rewrite()
-        log.info("nftables: table %s, chain(s) %s in place for %s in %s%s%s", IPV4_TABLE,
-                 " and ".join(self._chains()), subnet, self.network,
+        log.info("nftables: table %s, chain(s) %s in place for %s%s%s", IPV4_TABLE,
+                 " and ".join(self._chains()),
+                 f"{subnet} in {self.network}" if self.ipv4 else "(no IPv4: IPv6-only)",
                  f"; table {IPV6_TABLE} for {ipv6_subnet} in {self.ipv6_network}" if v6 else "",
                  " (masquerade fully-random)" if self.masq and self.random_fully else "")
 

@@ -14,13 +14,16 @@ from pathlib import Path
 from flannel_udp.errors import UserError
 
 
-def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool,
+def render(network: IPv4Network | None, subnet: IPv4Network | None, mtu: int, ipmasq: bool,
            ipv6_network: IPv6Network | None = None,
            ipv6_subnet: IPv6Network | None = None) -> str:
     """flannel's WriteSubnetFile: each subnet as its first address with the lease's prefix
-    length; the two IPv6 lines (dual stack) between the IPv4 ones and FLANNEL_MTU."""
-    text = (f"FLANNEL_NETWORK={network}\n"
-            f"FLANNEL_SUBNET={subnet.network_address + 1}/{subnet.prefixlen}\n")
+    length; the two IPv6 lines (dual stack) between the IPv4 ones and FLANNEL_MTU. IPv6-only
+    (`network` None): no FLANNEL_NETWORK nor FLANNEL_SUBNET, as flanneld writes it."""
+    text = ""
+    if network is not None and subnet is not None:
+        text = (f"FLANNEL_NETWORK={network}\n"
+                f"FLANNEL_SUBNET={subnet.network_address + 1}/{subnet.prefixlen}\n")
     if ipv6_network is not None and ipv6_subnet is not None:
         text += (f"FLANNEL_IPV6_NETWORK={ipv6_network}\n"
                  f"FLANNEL_IPV6_SUBNET={ipv6_subnet.network_address + 1}/"

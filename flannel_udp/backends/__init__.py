@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
@@ -106,8 +106,8 @@ class Network(ABC):
         """A peer appeared or changed; takes effect without stopping traffic."""
 
     @abstractmethod
-    def remove_peer(self, subnet: IPv4Network) -> None:
-        """A peer went away."""
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
+        """A peer went away; `subnet` is its lease's ident (Lease.ident)."""
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:
@@ -156,6 +156,9 @@ VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
 
 def check_ipv6(config: NetworkConfig) -> None:
     """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
+    if not config.enable_ipv4 and config.backend_type == "udp":
+        raise UserError("EnableIPv4: false: the udp backend does not run IPv6-only networks "
+                        "(flannel's udp backend is IPv4-only); use vxlan or host-gw")
     if config.enable_ipv6 and config.backend_type == "vxlan":
         from flannel_udp.backends.vxlan.options import vxlan_options
         dataplane = vxlan_options(config).dataplane

@@ -3,12 +3,12 @@ PublicIP (`<subnet> via <PublicIP>`), which only works when the hosts share an L
 peer whose PublicIP is behind a gateway is reported and skipped. The lease carries
 `"BackendType":"host-gw"` and no BackendData, as flannel's. Dual stack (EnableIPv6): a peer's
 IPv6 subnet is routed to its PublicIPv6 as well (`<v6 subnet> via <PublicIPv6>`); a v4-only
-peer gets its v4 route only."""
+peer gets its v4 route only. IPv6-only (EnableIPv4 false): the IPv6 route alone."""
 
 from __future__ import annotations
 
 from functools import partial
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from flannel_udp import netlink
@@ -27,6 +27,12 @@ def plan_host_gw(lease: Lease, config: NetworkConfig | None = None) -> Plan:
         # flannel's route networks ignore leases of other types.
         return Plan((), "ignored", f"runs backend {lease.backend}, not host-gw; ignored as "
                     "flannel does")
+    if config is not None and not config.enable_ipv4:
+        v6 = _ipv6_route(lease, config)
+        if isinstance(v6, str):
+            return Plan((), "unreachable", f"no IPv6 route: {v6} (host-gw needs the hosts on "
+                        "one L2 segment)", shown={"ipv6_path": v6})
+        return Plan((v6,), "host-gw", shown={"ipv6_path": "host-gw"})
     route = direct_route(lease)
     if isinstance(route, str):
         return Plan((), "unreachable", f"not directly reachable: {route} (host-gw needs the "
@@ -74,13 +80,13 @@ class HostGwNetwork(Network):
         self._routes.start(peers)
 
     def accepts(self, lease: Lease) -> bool:
-        plan = self._routes.plan(lease.subnet)
+        plan = self._routes.plan(lease.ident)
         return plan.reachable if plan is not None else lease.backend == "host-gw"
 
     def add_peer(self, lease: Lease) -> None:
         self._routes.set_peer(lease)
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
         self._routes.remove_peer(subnet)
 
     def stats(self) -> dict[str, Any]:

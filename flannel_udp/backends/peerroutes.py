@@ -16,13 +16,15 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from flannel_udp import netlink
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import AnyAddress, AnyNetwork, KernelEntry, Route
+
+Ident = IPv4Network | IPv6Network  # a peer's Lease.ident
 
 log = logging.getLogger("flannel-udp")
 
@@ -60,6 +62,13 @@ def resync_period() -> float:
     return period
 
 
+def _underlay(lease: Lease) -> AnyAddress:
+    """The peer's underlay address: PublicIP, PublicIPv6 for an IPv6-only lease."""
+    if lease.has_ipv4 or lease.public_ipv6 is None:
+        return lease.public_ip
+    return lease.public_ipv6
+
+
 def direct_route(lease: Lease) -> Route | str:
     """flannel's DirectRouting test: the route `<subnet> via <PublicIP>` when the kernel reaches
     the PublicIP by a gateway-less route, else why not. Asks the kernel: worker thread only."""
@@ -82,10 +91,11 @@ class PeerRoutes:
         self._plan_of = plan
         self.resync = resync_period() if resync is None else resync
         self._cond = threading.Condition()
-        self._pending: dict[IPv4Network, Lease | None] = {}  # None: the peer went away
-        self._leases: dict[IPv4Network, Lease] = {}  # worker thread only
-        self._installed: dict[IPv4Network, tuple[KernelEntry, ...]] = {}  # worker thread only
-        self.plans: dict[IPv4Network, Plan] = {}  # read by status, replaced whole
+        # All keyed by Lease.ident (the IPv6 subnet of an IPv6-only lease).
+        self._pending: dict[Ident, Lease | None] = {}  # None: the peer went away
+        self._leases: dict[Ident, Lease] = {}  # worker thread only
+        self._installed: dict[Ident, tuple[KernelEntry, ...]] = {}  # worker thread only
+        self.plans: dict[Ident, Plan] = {}  # read by status, replaced whole
         self._stop = False
         self._first_pass = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,22 +103,22 @@ class PeerRoutes:
     def start(self, peers: list[Lease]) -> None:
         """Start the worker with the current peers; returns once their entries are in."""
         for lease in peers:
-            self._pending[lease.subnet] = lease
+            self._pending[lease.ident] = lease
         self._thread = threading.Thread(target=self._run, name="peer-routes", daemon=True)
         self._thread.start()
         self._first_pass.wait(FIRST_PASS_TIMEOUT)
 
     def set_peer(self, lease: Lease) -> None:
         with self._cond:
-            self._pending[lease.subnet] = lease
+            self._pending[lease.ident] = lease
             self._cond.notify()
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: Ident) -> None:
         with self._cond:
             self._pending[subnet] = None
             self._cond.notify()
 
-    def plan(self, subnet: IPv4Network) -> Plan | None:
+    def plan(self, subnet: Ident) -> Plan | None:
         """The peer's current plan; None until the worker has seen it."""
         return self.plans.get(subnet)
 
@@ -145,7 +155,7 @@ class PeerRoutes:
                 log.exception("updating the kernel's routes failed; retrying at the next pass")
             self._first_pass.set()
 
-    def _apply(self, changes: dict[IPv4Network, Lease | None]) -> None:
+    def _apply(self, changes: dict[Ident, Lease | None]) -> None:
         for subnet, lease in changes.items():
             if lease is None:
                 self._leases.pop(subnet, None)
@@ -159,20 +169,20 @@ class PeerRoutes:
 
     def _update(self, lease: Lease) -> None:
         plan = self._plan_of(lease)
-        old = self.plans.get(lease.subnet)
+        old = self.plans.get(lease.ident)
         if old is None or (old.path, old.problem) != (plan.path, plan.problem):
             # Said once per change, not at every pass.
             if plan.problem is not None:
-                log.warning("peer %s at %s: %s; skipped", lease.subnet, lease.public_ip,
+                log.warning("peer %s at %s: %s; skipped", lease.ident, _underlay(lease),
                             plan.problem)
             else:
-                log.info("peer %s at %s: %s", lease.subnet, lease.public_ip, plan.path)
-        before = self._installed.get(lease.subnet, ())
+                log.info("peer %s at %s: %s", lease.ident, _underlay(lease), plan.path)
+        before = self._installed.get(lease.ident, ())
         self._withdraw(tuple(e for e in before if e not in plan.entries))
         if plan.entries != before:
             self._install(lease, plan.entries)
-        self._installed[lease.subnet] = plan.entries
-        self.plans = {**self.plans, lease.subnet: plan}
+        self._installed[lease.ident] = plan.entries
+        self.plans = {**self.plans, lease.ident: plan}
 
     def _resync(self) -> None:
         """Plan every peer again, then put back what vanished from the kernel."""
@@ -189,7 +199,7 @@ class PeerRoutes:
     def _install(self, lease: Lease, entries: tuple[KernelEntry, ...]) -> None:
         for entry, why in netlink.install(list(entries)):
             # Kept as wanted: the next resync tries again.
-            log.error("peer %s: cannot add %s: %s", lease.subnet, netlink.describe(entry), why)
+            log.error("peer %s: cannot add %s: %s", lease.ident, netlink.describe(entry), why)
 
     @staticmethod
     def _withdraw(entries: tuple[KernelEntry, ...]) -> None:

@@ -135,7 +135,8 @@ class Host(Netns):
             return None
 
     def peer_subnets(self) -> set[str]:
-        return {p["subnet"] for p in self.status()["peers"]}
+        """Each peer's subnet as `status` names it: the IPv4 one, the IPv6 one if IPv6-only."""
+        return {p["subnet"] or p["ipv6_subnet"] for p in self.status()["peers"]}
 
     def lease(self) -> dict[str, Any]:
         """The daemon's own lease as `status` reports it (subnet, public_ip, backend, expires)."""
@@ -165,10 +166,11 @@ class Host(Netns):
 
 
 class Pod(Netns):
-    """A pod namespace attached to a host by a veth; `address` is its eth0 address,
-    `address6` its IPv6 one (None without an IPv6 subnet)."""
+    """A pod namespace attached to a host by a veth; `address` is its eth0 address (None in an
+    IPv6-only network), `address6` its IPv6 one (None without an IPv6 subnet)."""
 
-    def __init__(self, name: str, index: int, host: Host, address: str, gateway: str,
+    def __init__(self, name: str, index: int, host: Host, address: str | None,
+                 gateway: str | None,
                  processes: list[subprocess.Popen]) -> None:
         super().__init__(name, processes)
         self.index = index

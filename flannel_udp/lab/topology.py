@@ -214,7 +214,8 @@ class Topology:
         FLANNEL_SUBNET form, e.g. 10.244.3.1/24), the pod the next address with a default route
         via it, both MTU `mtu`. Both default to the host's subnet.env. One pod per host. Dual
         stack: the same in IPv6 with `flannel_ipv6_subnet` (FLANNEL_IPV6_SUBNET's form, e.g.
-        fd99:0:0:5c::1/64), by default subnet.env's when that is read."""
+        fd99:0:0:5c::1/64), by default subnet.env's when that is read. IPv6-only (a subnet.env
+        with no FLANNEL_SUBNET): the IPv6 side alone."""
         if any(p.host is host for p in self.pods):
             raise NetnsError(f"{host.label} has a pod already (one pod per host)")
         env = host.subnet_env() if flannel_subnet is None or mtu is None else {}
@@ -224,24 +225,30 @@ class Topology:
             flannel_subnet = env.get("FLANNEL_SUBNET")
         if mtu is None:
             mtu = int(env["FLANNEL_MTU"]) if "FLANNEL_MTU" in env else None
-        if flannel_subnet is None or mtu is None:
+        if (flannel_subnet is None and not env.get("FLANNEL_IPV6_SUBNET")) or mtu is None:
             raise NetnsError(f"{host.label} has no subnet.env yet: pass flannel_subnet and mtu")
-        gateway = ipaddress.IPv4Interface(flannel_subnet)
-        address = ipaddress.IPv4Interface(f"{gateway.ip + 1}/{gateway.network.prefixlen}")
+        gateway = address = None
+        if flannel_subnet is not None:
+            gateway = ipaddress.IPv4Interface(flannel_subnet)
+            address = ipaddress.IPv4Interface(f"{gateway.ip + 1}/{gateway.network.prefixlen}")
         index = next(self._pod_ids)
-        pod = Pod(f"{self.prefix}-p{index}", index, host, str(address.ip), str(gateway.ip),
-                  self.processes)
+        pod = Pod(f"{self.prefix}-p{index}", index, host,
+                  None if address is None else str(address.ip),
+                  None if gateway is None else str(gateway.ip), self.processes)
         self._add_namespace(pod.name)
         self.pods.append(pod)
         veth = f"pod{index}"
         self._ip(host.name, "link", "add", veth, "mtu", str(mtu), "type", "veth",
                  "peer", "name", "eth0", "mtu", str(mtu), "netns", pod.name)
-        self._ip(host.name, "addr", "add", str(gateway), "dev", veth)
+        if gateway is not None:
+            self._ip(host.name, "addr", "add", str(gateway), "dev", veth)
         self._ip(host.name, "link", "set", veth, "up")
         self._ip(pod.name, "link", "set", "lo", "up")
-        self._ip(pod.name, "addr", "add", str(address), "dev", "eth0")
+        if address is not None:
+            self._ip(pod.name, "addr", "add", str(address), "dev", "eth0")
         self._ip(pod.name, "link", "set", "eth0", "up")
-        self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
+        if gateway is not None:
+            self._ip(pod.name, "route", "add", "default", "via", str(gateway.ip))
         if env.get("FLANNEL_IPV6_SUBNET"):  # dual stack: the same in IPv6
             gateway6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
             address6 = ipaddress.IPv6Interface(f"{gateway6.ip + 1}/{gateway6.network.prefixlen}")
@@ -283,7 +290,8 @@ class Topology:
         hosts = list(self.hosts if hosts is None else hosts)
         leases = {h.label: h.lease() for h in hosts}
         for host in hosts:
-            others = {leases[h.label]["subnet"] for h in hosts if h is not host}
+            others = {leases[h.label]["subnet"] or leases[h.label]["ipv6_subnet"]
+                      for h in hosts if h is not host}
             wait_until(lambda h=host, o=others: o <= h.peer_subnets(), timeout,
                        f"{host.label}'s daemon to list {', '.join(sorted(others))} as peers")
         return leases

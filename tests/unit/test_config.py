@@ -64,8 +64,11 @@ V6 = '{"Network": "10.5.0.0/16", "EnableIPv6": true, '
     ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "IPv6Network: missing"),
     ('{"Network": "10.5.0.0/16", "EnableIPv6": "yes"}', "EnableIPv6: expected true or false"),
     ('{"Network": "10.5.0.0/16", "EnableIPv4": 0}', "EnableIPv4: expected true or false"),
-    ('{"Network": "10.5.0.0/16", "EnableIPv4": false, "EnableIPv6": true, '
-     '"IPv6Network": "fd99::/56"}', "EnableIPv4: false (an IPv6-only network) is not supported"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": false}', "EnableIPv4: false with no EnableIPv6"),
+    ('{"EnableIPv4": false, "EnableIPv6": true}', "IPv6Network: missing with EnableIPv6"),
+    # flannel's JSON decoding refuses a Network that is not a CIDR, IPv6-only or not
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", "Network": "x"}',
+     'Network: "x" is not an IPv4 CIDR'),
     (V6 + '"IPv6Network": "10.6.0.0/16"}', "IPv6Network: \"10.6.0.0/16\" is not an IPv6 CIDR"),
     (V6 + '"IPv6Network": "fd99::/125"}', "IPv6Network: fd99::/125 is too small"),
     (V6 + '"IPv6Network": "fd99::/56", "IPv6SubnetLen": 57}',
@@ -111,6 +114,23 @@ def test_small_ipv6_network_gets_prefix_plus_two_and_keys_match_case_insensitive
     assert cfg.ipv6_subnet_len == 98
     assert (cfg.ipv6_subnet_min, cfg.ipv6_subnet_max) == (IPv6Address("fd99::4000:0"),
                                                           IPv6Address("fd99::8000:0"))
+
+
+def test_ipv6_only_config_has_flannels_empty_ipv4_side_and_ignores_the_ipv4_keys():
+    # flannel's CheckNetworkConfig skips Network and its keys with EnableIPv4 false.
+    for text in ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", '
+                 '"Backend": {"Type": "host-gw"}}',
+                 '{"enableipv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", '
+                 '"Network": "10.5.0.0/16", "SubnetLen": 99, "SubnetMin": "1.2.3.4", '
+                 '"Backend": {"Type": "vxlan"}}'):
+        c = parse_config(text)
+        assert (c.enable_ipv4, c.enable_ipv6) == (False, True)
+        assert c.network == IPv4Network("0.0.0.0/0") and c.subnet_len == 0
+        assert c.ipv6_network == IPv6Network("fd99::/56") and c.ipv6_subnet_len == 64
+        assert c.ipv6_subnet_min == IPv6Address("fd99:0:0:1::")
+        assert c.ipv6_subnet_max == IPv6Address("fd99:0:0:ff::")
+        assert c.contains_subnet(IPv4Network("0.0.0.0/0"))
+        assert not c.contains_subnet(IPv4Network("10.5.1.0/24"))
 
 
 def test_ipv6_keys_without_enable_ipv6_are_ignored_as_flannel_does():

@@ -282,3 +282,28 @@ def test_reserve_in_a_dual_stack_network_is_refused_in_one_line(tmp_path):
                              "leases need an IPv6 subnet and PublicIPv6 too); put the key with "
                              "etcdctl\n")
     assert s.dump() == before
+
+
+def test_ipv6_only_leases_are_listed_deleted_by_their_ipv6_subnet_and_not_reserved(tmp_path):
+    s = embedded(tmp_path)
+    v6only = ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd99::/56", '
+              '"Backend": {"Type": "host-gw"}}')
+    assert flannel_udp("network", "set", v6only, *s.flags).returncode == 0
+    value = b'{"PublicIP":"0.0.0.0","PublicIPv6":"fd77::3","BackendType":"host-gw"}'
+    s.put_by_hand("0.0.0.0-0&fd99:0:0:25::-64", value, 3600)
+    listed = s.leases("list")
+    assert listed.returncode == 0, listed.stderr
+    row = listed.stdout.splitlines()[1].split()
+    assert row[:5] == ["-", "-", "fd99:0:0:25::/64", "fd77::3", "host-gw"]
+    as_json = json.loads(s.leases("list", "--json").stdout)
+    assert [(e["subnet"], e["public_ip"], e["ipv6_subnet"]) for e in as_json] == [
+        (None, None, "fd99:0:0:25::/64")]
+    before = s.dump()
+    refused = s.leases("reserve", "10.5.7.0/24", "--public-ip", ME)
+    assert refused.returncode == 1 and refused.stderr.startswith(
+        "flannel-udp: leases reserve: not for an IPv6-only network yet")
+    assert s.dump() == before
+    deleted = s.leases("delete", "fd99:0:0:25::-64")
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.startswith("deleted the lease fd99:0:0:25::/64 of fd77::3 from ")
+    assert json.loads(s.leases("list", "--json").stdout) == []

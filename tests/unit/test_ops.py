@@ -265,6 +265,23 @@ def test_metrics_carry_a_peers_ipv6_route_as_a_peer_of_its_own():
     assert got[("flannel_udp_peers", ())] == 1
 
 
+def test_metrics_of_an_ipv6_only_node_have_empty_ipv4_labels_and_peers_by_ipv6_subnet():
+    # status's IPv6-only shape: null IPv4 subnet, public IP and network
+    status = {**STATUS, "network": None, "ipv6_network": "fd99::/56",
+              "lease": {**STATUS["lease"], "subnet": None, "public_ip": None,
+                        "backend": "host-gw", "ipv6_subnet": "fd99:0:0:25::/64",
+                        "public_ipv6": "fd77::b"},
+              "peers": [{**STATUS["peers"][0], "subnet": None, "public_ip": None,
+                         "ipv6_subnet": "fd99:0:0:7::/64", "public_ipv6": "fd77::c"}]}
+    got = samples(metrics.render(status))
+    info = [labels for (name, labels) in got if name == "flannel_udp_info"]
+    assert info == [(("backend", "host-gw"), ("ipv6_network", "fd99::/56"),
+                     ("ipv6_subnet", "fd99:0:0:25::/64"), ("network", ""), ("public_ip", ""),
+                     ("public_ipv6", "fd77::b"), ("subnet", ""))]
+    peer = (("direction", "tx"), ("peer", "fd99:0:0:7::/64"), ("public_ip", "fd77::c"))
+    assert got[("flannel_udp_peer_packets_total", peer)] == 5
+
+
 def test_metrics_carry_the_source_check_drops_and_the_suppressed_icmp_errors():
     status = {**STATUS, "counters": {**STATUS["counters"], "icmp_suppressed": 7,
                                      "drops": {"unknown_sender": 5, "spoofed_inner_source": 6}}}

@@ -3,7 +3,7 @@ period's knob."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -11,6 +11,7 @@ from flannel_udp.backends.hostgw import plan_host_gw
 from flannel_udp.backends.peerroutes import DEFAULT_RESYNC, RESYNC_ENV, resync_period
 from flannel_udp.backends.vxlan.options import VxlanSettings
 from flannel_udp.backends.vxlan.peers import plan_vxlan_peer
+from flannel_udp.config import NO_IPV4, NO_PUBLIC_IP, parse_config
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
@@ -49,3 +50,17 @@ def test_resync_period_defaults_to_flannels_10_s_and_refuses_nonsense(monkeypatc
         with pytest.raises(UserError, match=RESYNC_ENV) as err:
             resync_period()
         assert err.value.exit_code == 2
+
+
+def test_host_gw_in_an_ipv6_only_network_plans_the_ipv6_route_alone():
+    config = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd99::/56",'
+                          '"Backend":{"Type":"host-gw"}}')
+    v6 = Lease(NO_IPV4, NO_PUBLIC_IP, "host-gw", ipv6_subnet=IPv6Network("fd99:0:0:25::/64"),
+               public_ipv6=None)
+    # never a route for the lease's empty IPv4 side (0.0.0.0/0 via 0.0.0.0)
+    plan = plan_host_gw(v6, config)
+    assert plan.entries == () and not plan.reachable
+    assert plan.shown["ipv6_path"] == "none: the lease has no PublicIPv6"
+    foreign = Lease(NO_IPV4, NO_PUBLIC_IP, "host-gw", ipv6_subnet=IPv6Network("fd98::/64"),
+                    public_ipv6=IPv6Address("fd77::3"))
+    assert "not a subnet of IPv6Network" in plan_host_gw(foreign, config).shown["ipv6_path"]

@@ -25,6 +25,18 @@ def test_dual_stack_content_is_flanneds_format():
                     "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
 
 
+def test_ipv6_only_content_has_no_ipv4_lines_as_flanneld_writes_it(tmp_path):
+    # flannel's WriteSubnetFile writes FLANNEL_NETWORK/FLANNEL_SUBNET only with EnableIPv4
+    text = subnetenv.render(None, None, 1450, True, IPv6Network("fd99::/56"),
+                            IPv6Network("fd99:0:0:5c::/64"))
+    assert text == ("FLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_IPV6_SUBNET=fd99:0:0:5c::1/64\n"
+                    "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    path = tmp_path / "subnet.env"
+    subnetenv.write(path, text)
+    assert subnetenv.previous_subnet(path) is None
+    assert subnetenv.previous_ipv6_subnet(path) == IPv6Network("fd99:0:0:5c::/64")
+
+
 def test_previous_ipv6_subnet_is_read_back(tmp_path):
     path = tmp_path / "subnet.env"
     assert subnetenv.previous_ipv6_subnet(path) is None

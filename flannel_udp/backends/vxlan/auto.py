@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from flannel_udp.backends import Network, UserspaceDataplane
@@ -59,7 +59,7 @@ class AutoVxlanNetwork(Network):
     def add_peer(self, lease: Lease) -> None:
         self._chosen.add_peer(lease)
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
         self._chosen.remove_peer(subnet)
 
     def stats(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ With IPv6 (EnableIPv6) a second device, `flannel-v6.<VNI>`, as flanneld's: local
 PublicIPv6 on the same underlay device, MTU = underlay - 70, its own VtepMAC (BackendV6Data),
 `<our IPv6 subnet's network address>/128`, and per remote dual-stack lease the same three
 entries over IPv6 (NDP neighbour, FDB entry to the peer's PublicIPv6, onlink route).
+IPv6-only (EnableIPv4 false): `flannel-v6.<VNI>` alone, as flanneld (no `flannel.<VNI>`, no
+BackendData in the lease).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from typing import Any
 
 from flannel_udp import netlink
@@ -77,7 +86,8 @@ class KernelVxlanNetwork(Network):
         self.public_ipv6 = public_ipv6
         self.settings = vxlan_settings(config, ext, public_ip, public_ipv6)
         self.mtu = self.settings.mtu
-        self.backend_data = self.settings.backend_data
+        self.ipv4 = config.enable_ipv4  # False: IPv6-only, flannel-v6.<VNI> alone
+        self.backend_data = self.settings.backend_data if self.ipv4 else None
         self.backend_v6_data = self.settings.backend_v6_data
         self.device = f"{DEVICE_PREFIX}{self.settings.vni}"
         self.device6 = f"{V6_DEVICE_PREFIX}{self.settings.vni}" if public_ipv6 else None
@@ -90,9 +100,10 @@ class KernelVxlanNetwork(Network):
         """Create the device(s); KernelVxlanUnavailable when the kernel won't, UserError when a
         running daemon has one."""
         try:
-            self._claims.append(claim_device(self.device))
-            self._index = self._create_device(self.device, self.public_ip, self.mtu,
-                                              self.settings.vtep_mac)
+            if self.ipv4:
+                self._claims.append(claim_device(self.device))
+                self._index = self._create_device(self.device, self.public_ip, self.mtu,
+                                                  self.settings.vtep_mac)
             if self.device6 is not None:
                 assert self.public_ipv6 is not None and self.settings.v6_vtep_mac is not None
                 self._claims.append(claim_device(self.device6))
@@ -126,16 +137,19 @@ class KernelVxlanNetwork(Network):
                 f"{self.ext.name}, local {local}): {e.strerror}") from None
 
     def start(self, lease: Lease, peers: list[Lease]) -> None:
-        netlink.add_address(self.device, IPv4Interface((lease.subnet.network_address, 32)))
+        if self._index:
+            netlink.add_address(self.device, IPv4Interface((lease.subnet.network_address, 32)))
         if self._index6 and lease.ipv6_subnet is not None:
             assert self.device6 is not None
             netlink.add_address(self.device6,
                                 IPv6Interface((lease.ipv6_subnet.network_address, 128)))
         self._routes = PeerRoutes(self._plan)
         self._routes.start(peers)
-        log.info("vxlan backend, kernel dataplane: %s VNI %d, VtepMAC %s, mtu %d, UDP port %d "
-                 "on %s", self.device, self.settings.vni, format_mac(self.settings.vtep_mac),
-                 self.mtu, self.settings.port, self.ext.name)
+        if self._index:
+            log.info("vxlan backend, kernel dataplane: %s VNI %d, VtepMAC %s, mtu %d, UDP port "
+                     "%d on %s", self.device, self.settings.vni,
+                     format_mac(self.settings.vtep_mac), self.mtu, self.settings.port,
+                     self.ext.name)
         if self._index6:
             assert self.settings.v6_vtep_mac is not None
             log.info("vxlan backend, kernel dataplane: %s VNI %d, VtepMAC %s, mtu %d, local %s",
@@ -143,6 +157,8 @@ class KernelVxlanNetwork(Network):
                      self.settings.v6_device_mtu, self.public_ipv6)
 
     def _plan(self, lease: Lease) -> Plan:
+        if not self.ipv4:
+            return self._plan_v6_only(lease)
         plan = plan_vxlan_peer(lease, self.settings, self._encapsulate)
         if not self._index6 or lease.ipv6_subnet is None or lease.backend != "vxlan":
             return plan  # flanneld takes a peer over IPv6 only when both have it
@@ -154,6 +170,17 @@ class KernelVxlanNetwork(Network):
         if plan6.problem is not None:
             shown["ipv6_path"] = f"{plan6.path}: {plan6.problem}"
         return Plan(plan.entries + plan6.entries, plan.path, plan.problem, shown)
+
+    def _plan_v6_only(self, lease: Lease) -> Plan:
+        """An IPv6-only network's peer: its IPv6 half alone, on flannel-v6.<VNI>."""
+        if lease.backend != "vxlan":
+            return Plan((), "ignored", f"runs backend {lease.backend}, not vxlan; ignored as "
+                        "flannel does")
+        assert lease.ipv6_subnet is not None  # the manager keeps only IPv6-only leases
+        peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
+        plan = plan_vxlan_v6_peer(peer, self.settings, self._encapsulate_v6)
+        return Plan(plan.entries, plan.path, plan.problem,
+                    {"ipv6_path": plan.path, **{f"ipv6_{k}": v for k, v in plan.shown.items()}})
 
     def _encapsulate(self, lease: Lease, mac: bytes) -> tuple[KernelEntry, ...]:
         """flanneld's three entries for a remote vxlan lease, in its order."""
@@ -171,27 +198,29 @@ class KernelVxlanNetwork(Network):
                 Route(peer.subnet, gateway, self._index6, onlink=True))
 
     def accepts(self, lease: Lease) -> bool:
-        plan = self._routes.plan(lease.subnet) if self._routes is not None else None
+        plan = self._routes.plan(lease.ident) if self._routes is not None else None
         return plan.reachable if plan is not None else lease.backend == "vxlan"
 
     def add_peer(self, lease: Lease) -> None:
         if self._routes is not None:
             self._routes.set_peer(lease)
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
         if self._routes is not None:
             self._routes.remove_peer(subnet)
 
     def stats(self) -> dict[str, Any]:
         plans = self._routes.plans if self._routes is not None else {}
-        lease = {"vni": self.settings.vni, "vtep_mac": format_mac(self.settings.vtep_mac),
-                 "dataplane": "kernel", "device": self.device,
+        lease = {"vni": self.settings.vni,
+                 "vtep_mac": format_mac(self.settings.vtep_mac) if self.ipv4 else None,
+                 "dataplane": "kernel", "device": self.device if self.ipv4 else None,
                  "direct_routing": self.settings.direct_routing}
         if self._index6 and self.settings.v6_vtep_mac is not None:
             lease.update({"ipv6_device": self.device6,
                           "ipv6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
                           "ipv6_counters": netlink.link_counters(self.device6 or "")})
-        return {"counters": netlink.link_counters(self.device),
+        return {"counters": netlink.link_counters(self.device if self.ipv4
+                                                  else self.device6 or ""),
                 "peers": {str(subnet): {"path": plan.path, **plan.shown}
                           for subnet, plan in plans.items()},
                 "lease": lease}
