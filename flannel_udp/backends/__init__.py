@@ -20,7 +20,6 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
-from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
 if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backend options
@@ -149,20 +148,8 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 # Every backend carries IPv6 (EnableIPv6, dual stack): udp as IPv6 inner packets in flannel's
-# udp format, ours alone (flanneld's udp is IPv4-only); vxlan on the kernel's VXLAN devices
-# (Dataplane "kernel", or "auto" taking them), not yet on its userspace dataplane.
-VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
-
-
-def check_ipv6(config: NetworkConfig) -> None:
-    """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
-    if config.enable_ipv6 and config.backend_type == "vxlan":
-        from flannel_udp.backends.vxlan.options import vxlan_options
-        dataplane = vxlan_options(config).dataplane
-        if dataplane not in VXLAN_IPV6_DATAPLANES:
-            raise UserError(f"EnableIPv6: the vxlan backend's {dataplane} dataplane does not "
-                            "carry IPv6 yet; set Backend.Dataplane \"kernel\" (flannel-v6.<VNI>) "
-                            "or drop EnableIPv6")
+# udp format, ours alone (flanneld's udp is IPv4-only); vxlan on either dataplane, as
+# flannel-v6.<VNI> does (the userspace one sends and takes its frames on the wire).
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
@@ -170,6 +157,5 @@ def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
                  ) -> Network:
     """The backend the config names; UserError for options it can't work with.
     `public_ipv6`: ours in dual stack (EnableIPv6), else None."""
-    check_ipv6(config)
     return BACKENDS[config.backend_type](config, ext, public_ip, settings,
                                          public_ipv6 if config.enable_ipv6 else None)

@@ -9,13 +9,13 @@ and its peers' kernel neighbour and FDB entries stay right.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from flannel_udp.backends import DataplaneSettings, Unreachable
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.userspace import TunNetwork
-from flannel_udp.backends.vxlan.options import vtep_mac6_for, vxlan_settings
+from flannel_udp.backends.vxlan.options import vxlan_settings
 from flannel_udp.backends.vxlan.peers import peer_vtep_mac, plan_vxlan_peer
 from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease, LeaseValueError, VxlanLeaseData, format_mac
@@ -35,18 +35,20 @@ class VxlanNetwork(TunNetwork):
     send_sockets = SEND_SOCKETS
 
     def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-                 settings: DataplaneSettings) -> None:
+                 settings: DataplaneSettings, public_ipv6: IPv6Address | None = None) -> None:
+        """`public_ipv6`: our PublicIPv6 in dual stack (EnableIPv6), else None."""
         super().__init__(config, ext, settings)
-        self.settings = settings = vxlan_settings(config, ext, public_ip)
+        self.settings = settings = vxlan_settings(config, ext, public_ip, public_ipv6)
         self.vni = settings.vni
         self.port = settings.port
         self.mtu = settings.mtu
         self.tun_name = f"{TUN_PREFIX}{self.vni}"
         self.vtep_mac = settings.vtep_mac
         self.backend_data = settings.backend_data
-        self.vtep_mac6 = vtep_mac6_for(public_ip, self.vni)
-        if config.enable_ipv6:
-            self.backend_v6_data = VxlanLeaseData(self.vni, self.vtep_mac6).encode()
+        # Dual stack: the IPv6 VtepMAC the kernel dataplane's flannel-v6.<VNI> would have, so
+        # Dataplane "auto" publishes the same BackendV6Data whichever it takes.
+        self.vtep_mac6 = settings.v6_vtep_mac
+        self.backend_v6_data = settings.backend_v6_data
         self._direct: PeerRoutes | None = None
 
     def _fastpath_options(self) -> dict[str, Any]:
@@ -56,7 +58,7 @@ class VxlanNetwork(TunNetwork):
         return (peer_vtep_mac(lease, self.vni),)
 
     def _fastpath_options6(self) -> dict[str, Any]:
-        return {"vtep_mac6": self.vtep_mac6}
+        return {} if self.vtep_mac6 is None else {"vtep_mac6": self.vtep_mac6}
 
     def _route_args6(self, lease: Lease) -> tuple[Any, ...]:
         # As a flannel-v6 device: frames to the VtepMAC of the peer's BackendV6Data.
