@@ -281,11 +281,13 @@ def test_where_flannel_v6_cannot_be_made_auto_falls_back_to_userspace_for_v4_and
             "sent": 8 << 20, "received": 8 << 20, "intact": True}, src
 
 
+@pytest.mark.parametrize("dataplane", ["kernel", "userspace"])
 def test_direct_routing_in_dual_stack_routes_v6_peers_on_the_link_via_their_public_ipv6(
-        topology):
+        topology, dataplane):
     topo = topology(3, segments=[0, 0, 1], ipv6=True)
     h1, h2, h3 = topo.hosts
-    config = {**CONFIG, "Backend": {**CONFIG["Backend"], "DirectRouting": True}}
+    config = {**CONFIG, "Backend": {"Type": "vxlan", "Dataplane": dataplane,
+                                    "DirectRouting": True}}
     start(topo, config, topo.hosts)
     leases = topo.wait_peers()
     pods = {h.label: topo.add_pod(h) for h in topo.hosts}
@@ -294,9 +296,12 @@ def test_direct_routing_in_dual_stack_routes_v6_peers_on_the_link_via_their_publ
     # h2 shares h1's segment: a plain route via its PublicIPv6; h3 is behind the router
     [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h2"])
     assert (route["gateway"], route["dev"]) == (h2.underlay_ipv6, "eth0")
-    [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h3"])
-    assert (route["gateway"], route["dev"], route["flags"]) == (
-        subnet6["h3"].split("/")[0], DEV6, ["onlink"])
+    if dataplane == "kernel":
+        [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h3"])
+        assert (route["gateway"], route["dev"], route["flags"]) == (
+            subnet6["h3"].split("/")[0], DEV6, ["onlink"])
+    else:  # the fast path's, through the TUN's route for the IPv6Network
+        assert h1.ip_json("-6", "route", "show", "exact", subnet6["h3"]) == []
     paths = {p["subnet"]: p["ipv6_path"] for p in h1.status()["peers"]}
     assert paths == {leases["h2"]["subnet"]: "direct", leases["h3"]["subnet"]: "vxlan"}
     for label, pod in pods.items():

@@ -16,7 +16,12 @@ from flannel_udp.backends import DataplaneSettings, Unreachable
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.userspace import TunNetwork
 from flannel_udp.backends.vxlan.options import vxlan_settings
-from flannel_udp.backends.vxlan.peers import peer_vtep_mac, plan_vxlan_peer
+from flannel_udp.backends.vxlan.peers import (
+    V6Peer,
+    peer_vtep_mac,
+    plan_vxlan_peer,
+    plan_vxlan_v6_peer,
+)
 from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease, LeaseValueError, VxlanLeaseData, format_mac
 from flannel_udp.netlink import ExtIface
@@ -29,7 +34,8 @@ SEND_SOCKETS = 8
 
 class VxlanNetwork(TunNetwork):
     """The vxlan backend's `Network` in userspace: the fast path in VXLAN mode, one route per
-    vxlan peer; with DirectRouting, directly reachable peers get a kernel route instead."""
+    vxlan peer; with DirectRouting, directly reachable peers get a kernel route instead (in
+    dual stack their IPv6 subnets too, via a directly reachable PublicIPv6)."""
 
     backend_type = "vxlan"
     send_sockets = SEND_SOCKETS
@@ -89,7 +95,13 @@ class VxlanNetwork(TunNetwork):
         plan = plan_vxlan_peer(lease, self.settings, lambda _lease, _mac: ())
         if plan.problem is not None:  # add_peer has said why already
             return Plan((), plan.path)
-        return plan
+        if not self._v6_on or lease.ipv6_subnet is None:
+            return plan
+        # Dual stack: the IPv6 side decided apart, as the kernel dataplane decides it.
+        peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
+        plan6 = plan_vxlan_v6_peer(peer, self.settings, lambda _peer, _mac: ())
+        return Plan(plan.entries + plan6.entries, plan.path, None,
+                    {**plan.shown, "ipv6_path": plan6.path})
 
     def add_peer(self, lease: Lease) -> None:
         super().add_peer(lease)
@@ -107,7 +119,10 @@ class VxlanNetwork(TunNetwork):
             counters["path"] = "vxlan"
         if self._direct is not None:
             for subnet, plan in self._direct.plans.items():
-                stats["peers"].setdefault(str(subnet), {})["path"] = plan.path
+                row = stats["peers"].setdefault(str(subnet), {})
+                row["path"] = plan.path
+                if "ipv6_path" in plan.shown:
+                    row["ipv6_path"] = plan.shown["ipv6_path"]
         return stats
 
     def close(self) -> None:
