@@ -116,6 +116,8 @@ def test_frames_from_and_to_the_kernel_node_go_over_the_ipv6_underlay(cluster: C
 def test_status_shows_each_v6_peer_under_its_lease(cluster: Cluster):
     leases = lease_by_label(cluster)
     for host in cluster.daemons:
+        ours = host.status()["lease"]
+        assert ours["ipv6_vtep_mac"] == leases[host.label]["BackendV6Data"]["VtepMAC"], ours
         rows = host.status()["peers"]
         assert len(rows) == 3, rows
         for row in rows:

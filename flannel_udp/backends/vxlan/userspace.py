@@ -77,8 +77,11 @@ class VxlanNetwork(TunNetwork):
         return (data.vtep_mac,)
 
     def _lease_stats(self) -> dict[str, Any]:
-        return {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
-                "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
+        stats = {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
+                 "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
+        if self._v6_on and self.vtep_mac6 is not None:  # as the kernel dataplane names it
+            stats["ipv6_vtep_mac"] = format_mac(self.vtep_mac6)
+        return stats
 
     # DirectRouting: the fast path keeps a route to every peer (a fallback should the kernel
     # route go); the more specific kernel route `<subnet> via <PublicIP>` takes the packets
