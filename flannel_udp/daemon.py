@@ -21,7 +21,6 @@ from flannel_udp.backends import (
     DataplaneSettings,
     Network,
     UserspaceDataplane,
-    check_ipv6,
     make_network,
 )
 from flannel_udp.config import NO_PUBLIC_IP, NetworkConfig, parse_config
@@ -249,7 +248,6 @@ class Daemon:
             lambda: load_config(opts.store, missing, opts.net_config_path),
             opts.store_wait)
         self.config = config
-        check_ipv6(config)  # before anything is taken
         if config.enable_ipv6 and opts.store.keyspace == "etcd v2":
             refuse_ipv6_on_v2()
         ext = await asyncio.to_thread(netlink.find_interface, opts.iface, opts.public_ip,

@@ -753,9 +753,10 @@ def _super_segment(packet: bytes, mtu: int, gro_size: int) -> int:
     """Payload per segment if a packet with a partial checksum is a sender's unsplit
     super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's `mtu`
     (cut to fit it: the sender's MSS is not passed on), UDP with more payload than the UDP_GRO
-    segment size its datagram came with (UDP datagrams keep their bounds)."""
-    header_len = _ipv4_header_len(packet)
-    if packet[IPV4_PROTO_OFFSET] == PROTO_UDP:
+    segment size its datagram came with (UDP datagrams keep their bounds). IPv4 or IPv6 (a
+    partial checksum there is TCP's or UDP's right behind the fixed header)."""
+    header_len = _l3_header_len(packet)
+    if _l4_proto(packet) == PROTO_UDP:
         return gro_size if gro_size and len(packet) - header_len - UDP_HEADER_LEN > gro_size else 0
     if not mtu or len(packet) <= mtu:
         return 0
@@ -824,11 +825,13 @@ def _plain_header(packet: bytes, csum_at: int) -> bytes:
 def _super_frames(packet: bytes, csum_at: int, mss: int,
                   vnet: bool) -> list[tuple[bytes, bytes]] | None:
     """The frames of a super-packet cut into `mss` payloads (None: it can't be): TCP to a
-    virtio-header TUN whole behind a GSO header, else its segments with complete checksums."""
-    header_len = _ipv4_header_len(packet)
-    tcp = packet[IPV4_PROTO_OFFSET] == PROTO_TCP
+    virtio-header TUN whole behind a GSO header (TCPV4, TCPV6), else its segments with complete
+    checksums."""
+    header_len = _l3_header_len(packet)
+    tcp = _l4_proto(packet) == PROTO_TCP
     l4_len = _tcp_header_len(packet, header_len) if tcp else UDP_HEADER_LEN
-    header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4 if tcp else GSO_UDP_L4,
+    gso_tcp = GSO_TCPV6 if _is_ipv6(packet) else GSO_TCPV4
+    header = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_tcp if tcp else GSO_UDP_L4,
                            header_len + l4_len, mss & 0xFFFF, header_len, csum_at - header_len)
     drop, segments = segment_tso(header, packet)
     if mss > 0xFFFF or drop is not None:
@@ -896,8 +899,7 @@ def tun_writes(packets: list[bytes], *, vnet: bool = True, complete_partial: boo
         csum_at = partial_checksum_at(packet) if complete_partial else 0
         if csum_at:
             completed += 1
-            # IPv6 super-packets are not looked for: they go on as they came.
-            mss = 0 if _is_ipv6(packet) else _super_segment(packet, mtu, gro_size)
+            mss = _super_segment(packet, mtu, gro_size)
             if mss:
                 flush()
                 frames = _super_frames(packet, csum_at, mss, vnet)

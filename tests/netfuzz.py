@@ -159,27 +159,31 @@ def udp_pool(seed: int, size: int, src_net: str, dst_net: str) -> list[bytes]:
 
 
 def vxlan_pool(seed: int, size: int, src_net: str, dst_net: str, vni: int,
-               mac: bytes) -> list[bytes]:
+               mac: bytes, ipv6: bool = False) -> list[bytes]:
     """Frames with the right header around mutated packets, and frames whose VXLAN or
-    Ethernet header is wrong (flags, VNI, MAC, ethertype) or mutated as a whole."""
+    Ethernet header is wrong (flags, VNI, MAC, ethertype) or mutated as a whole. `ipv6`: IPv6
+    packets in 0x86DD frames, as a flannel-v6 device sends them (`mac`: the IPv6 VtepMAC)."""
     rng = random.Random(seed)
-    bases = base_packets(rng, src_net, dst_net)
+    bases = (base_packets6 if ipv6 else base_packets)(rng, src_net, dst_net)
+    ethertype, others = (0x86DD, [0x0800, 0x0806, 0]) if ipv6 else (0x0800, [0x86DD, 0x0806, 0])
     pool = []
     for _ in range(size):
         inner = mutate(rng, rng.choice(bases))
         kind = rng.randrange(6)
         if kind == 0:
-            frame = vxlan_frame(inner, vni, mac, flags=rng.choice([0, 0x80, 0xF7]))
+            frame = vxlan_frame(inner, vni, mac, flags=rng.choice([0, 0x80, 0xF7]),
+                                ethertype=ethertype)
         elif kind == 1:
-            frame = vxlan_frame(inner, rng.choice([0, vni + 1, 0xFFFFFF]), mac)
+            frame = vxlan_frame(inner, rng.choice([0, vni + 1, 0xFFFFFF]), mac,
+                                ethertype=ethertype)
         elif kind == 2:
-            frame = vxlan_frame(inner, vni, rng.randbytes(6))
+            frame = vxlan_frame(inner, vni, rng.randbytes(6), ethertype=ethertype)
         elif kind == 3:
-            frame = vxlan_frame(inner, vni, mac, ethertype=rng.choice([0x86DD, 0x0806, 0]))
+            frame = vxlan_frame(inner, vni, mac, ethertype=rng.choice(others))
         elif kind == 4:
-            frame = mutate(rng, vxlan_frame(inner, vni, mac))
+            frame = mutate(rng, vxlan_frame(inner, vni, mac, ethertype=ethertype))
         else:
-            frame = vxlan_frame(inner, vni, mac)
+            frame = vxlan_frame(inner, vni, mac, ethertype=ethertype)
         pool.append(frame)
     return pool
 
@@ -231,14 +235,14 @@ def send_loop(sock: socket.socket, pool: list[tuple[bytes, tuple[str, int]]],
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="send crafted datagrams from a namespace")
-    parser.add_argument("kind", choices=["udp", "udp6", "vxlan", "tun", "hex"])
+    parser.add_argument("kind", choices=["udp", "udp6", "vxlan", "vxlan6", "tun", "hex"])
     parser.add_argument("--to", default="", help="peer address (udp, vxlan, hex)")
     parser.add_argument("--port", type=int, default=8285)
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--pool", type=int, default=8192)
     parser.add_argument("--src-net", default="",
-                        help="'a.b.c' of the inner sources (udp6: 'a:b:c:d', over IPv6)")
+                        help="'a.b.c' of the inner sources (udp6, vxlan6: 'a:b:c:d', over IPv6)")
     parser.add_argument("--dst-net", default="", help="'a.b.c' of the inner destinations")
     parser.add_argument("--dst-nets", default="", help="tun: comma-separated 'a.b.c' prefixes")
     parser.add_argument("--src", default="", help="tun: the inner source")
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = [(p, (via, 0)) for p, via in
                 tun_pool(args.seed, args.pool, args.src, args.dst_nets.split(","))]
     else:
-        family = socket.AF_INET6 if args.kind == "udp6" else socket.AF_INET
+        family = socket.AF_INET6 if args.kind in ("udp6", "vxlan6") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         address = (args.to, args.port)
@@ -260,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             datagrams = udp6_pool(args.seed, args.pool, args.src_net, args.dst_net)
         elif args.kind == "udp":
             datagrams = udp_pool(args.seed, args.pool, args.src_net, args.dst_net)
-        elif args.kind == "vxlan":
+        elif args.kind in ("vxlan", "vxlan6"):
             datagrams = vxlan_pool(args.seed, args.pool, args.src_net, args.dst_net, args.vni,
-                                   bytes.fromhex(args.mac.replace(":", "")))
+                                   bytes.fromhex(args.mac.replace(":", "")),
+                                   ipv6=args.kind == "vxlan6")
         else:
             datagrams = [bytes.fromhex(d) for d in args.datagrams]
         pool = [(d, address) for d in datagrams]

@@ -149,23 +149,24 @@ def _host_gw(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
 
 BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_gw}
 # Every backend carries IPv6 (EnableIPv6, dual stack): udp as IPv6 inner packets in flannel's
-# udp format, ours alone (flanneld's udp is IPv4-only); vxlan on the kernel's VXLAN devices
-# (Dataplane "kernel", or "auto" taking them), not yet on its userspace dataplane.
-VXLAN_IPV6_DATAPLANES = ("kernel", "auto")
+# udp format, ours alone (flanneld's udp is IPv4-only); vxlan on either dataplane, as
+# flannel-v6.<VNI> does (the userspace one sends and takes its frames on the wire).
 
 
 def check_ipv6(config: NetworkConfig) -> None:
-    """UserError (one line) when the config enables IPv6 on a backend that can't carry it."""
-    if not config.enable_ipv4 and config.backend_type == "udp":
+    """UserError (one line) for an IPv6-only network (EnableIPv4 false) on a data plane that
+    cannot run one: udp, and vxlan's userspace dataplane."""
+    if config.enable_ipv4:
+        return
+    if config.backend_type == "udp":
         raise UserError("EnableIPv4: false: the udp backend does not run IPv6-only networks "
                         "(flannel's udp backend is IPv4-only); use vxlan or host-gw")
-    if config.enable_ipv6 and config.backend_type == "vxlan":
+    if config.backend_type == "vxlan":
         from flannel_udp.backends.vxlan.options import vxlan_options
-        dataplane = vxlan_options(config).dataplane
-        if dataplane not in VXLAN_IPV6_DATAPLANES:
-            raise UserError(f"EnableIPv6: the vxlan backend's {dataplane} dataplane does not "
-                            "carry IPv6 yet; set Backend.Dataplane \"kernel\" (flannel-v6.<VNI>) "
-                            "or drop EnableIPv6")
+        if vxlan_options(config).dataplane == "userspace":
+            raise UserError("EnableIPv4: false: the vxlan backend's userspace dataplane does "
+                            "not run IPv6-only networks yet; set Backend.Dataplane \"kernel\" "
+                            "(flannel-v6.<VNI>) or use host-gw")
 
 
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,

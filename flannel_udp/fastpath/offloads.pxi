@@ -269,10 +269,11 @@ cdef size_t super_segment(const Coalescer* c, const uint8_t* pkt, size_t n, size
     """The payload per segment if a packet with a partial checksum is a sender's unsplit
     super-packet (a veth hands GSO frames on whole), else 0: TCP longer than the TUN's MTU (cut
     to fit it: the sender's own MSS is not passed on), or UDP with more payload than the
-    segment size its datagram came with (UDP_GRO's; UDP segments must keep their bounds)."""
-    cdef size_t ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+    segment size its datagram came with (UDP_GRO's; UDP segments must keep their bounds). IPv4
+    or IPv6 (partial_csum_at6 marks only TCP/UDP right behind the fixed header)."""
+    cdef size_t ihl = l3_header_len(pkt)
     cdef size_t l4_len
-    if pkt[IPV4_PROTO_OFFSET] == PROTO_UDP:
+    if l4_proto(pkt) == PROTO_UDP:
         return gro_size if gro_size and n - ihl - UDP_HEADER_LEN > gro_size else 0
     if c.mtu == 0 or n <= c.mtu:
         return 0
@@ -283,19 +284,26 @@ cdef size_t super_segment(const Coalescer* c, const uint8_t* pkt, size_t n, size
 cdef void co_write_super(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route,
                          size_t csum_at, size_t mss) noexcept nogil:
     """Write a super-packet (partial checksum at ``csum_at``) as segments of ``mss`` payload:
-    TCP to a virtio-header TUN whole behind a GSO header (the kernel splits it, or passes it
-    on whole as its own VXLAN receiver does); else split here with complete checksums, one
-    write per segment. One that can't be split within TSO_MAX_SEGS is dropped as bad_gso."""
+    TCP to a virtio-header TUN whole behind a GSO header (TCPV4, TCPV6: the kernel splits it,
+    or passes it on whole as its own VXLAN receiver does); else split here with complete
+    checksums, one write per segment. One that can't be split within TSO_MAX_SEGS is dropped as
+    bad_gso."""
     cdef uint8_t vh[VNET_HDR_LEN]
     cdef GsoPlan plan
-    cdef size_t ihl = <size_t>(pkt[IPV4_VER_IHL_OFFSET] & 0x0F) * 4
+    cdef size_t ihl = l3_header_len(pkt)
+    cdef bint tcp = l4_proto(pkt) == PROTO_TCP
     cdef size_t gap = VNET_HDR_LEN if c.vnet else 0
     cdef size_t off, seg_len
     cdef unsigned int i, written = 0
     cdef uint8_t* seg
     memset(vh, 0, VNET_HDR_LEN)
     vh[VNET_FLAGS_OFFSET] = VNET_F_NEEDS_CSUM
-    vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4 if pkt[IPV4_PROTO_OFFSET] == PROTO_TCP else GSO_UDP_L4
+    if not tcp:
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_UDP_L4
+    elif (pkt[0] >> 4) == 6:
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV6
+    else:
+        vh[VNET_GSO_TYPE_OFFSET] = GSO_TCPV4
     wr_host16(vh + VNET_GSO_SIZE_OFFSET, <uint32_t>mss)
     wr_host16(vh + VNET_CSUM_START_OFFSET, <uint32_t>ihl)
     wr_host16(vh + VNET_CSUM_OFFSET_OFFSET, <uint32_t>(csum_at - ihl))
@@ -304,7 +312,7 @@ cdef void co_write_super(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route
         c.counters.drops[D_BAD_GSO] += 1
         return
     wr_host16(vh + VNET_HDR_LEN_OFFSET, <uint32_t>plan.hdr_len)
-    if c.vnet and pkt[IPV4_PROTO_OFFSET] == PROTO_TCP:
+    if c.vnet and tcp:
         memcpy(pkt - VNET_HDR_LEN, vh, VNET_HDR_LEN)
         # Counted as the segments it stands for, as when split here.
         co_count(c, co_emit(c, pkt - VNET_HDR_LEN, n + VNET_HDR_LEN), plan.count,
@@ -337,8 +345,7 @@ cdef void co_add(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route, size_t
     cdef uint8_t flags
     if csum_at:
         c.counters.csum_completed += 1
-        # IPv6 super-packets are not looked for: they go on as they came.
-        mss = 0 if (pkt[0] >> 4) == 6 else super_segment(c, pkt, n, csum_at, gro_size)
+        mss = super_segment(c, pkt, n, csum_at, gro_size)
         if mss:
             co_flush(c)
             co_write_super(c, pkt, n, route, csum_at, mss)

@@ -533,3 +533,86 @@ def test_an_ipv6_tcp_run_becomes_one_tcpv6_super_packet():
         VNET_F_NEEDS_CSUM, GSO_TCPV6, 60, 1400, 40, 16)
     assert len(merged) == 60 + 3 * 1400 and merged[4:6] == (3 * 1400 + 20).to_bytes(2, "big")
     assert merged[60:] == b"".join(s[60:] for s in segments)
+
+
+# -- IPv6 from a kernel VXLAN sender on a veth (flannel-v6.<VNI>): partial checksums, and GSO
+# super-packets handed over whole, as for IPv4.
+
+def as_partial6(pkt: bytes) -> bytes:
+    """An IPv6 TCP/UDP packet as a kernel sender with checksum offload leaves it: the folded
+    pseudo-header sum in the checksum field."""
+    at = 40 + (16 if pkt[6] == 6 else 6)
+    pseudo = pkt[8:40] + (len(pkt) - 40).to_bytes(4, "big") + bytes([0, 0, 0, pkt[6]])
+    return pkt[:at] + (~checksum(pseudo) & 0xFFFF).to_bytes(2, "big") + pkt[at + 2 :]
+
+
+def udp6_datagram(src: int, dst: int, payload: bytes) -> bytes:
+    l4 = struct.pack("!HHHH", 4242, 53, 8 + len(payload), 0) + payload
+    return with_l4_checksum(ipv6_packet(src, dst, 17, l4), 46)
+
+
+@st.composite
+def ipv6_from_kernel_senders(draw: st.DrawFn) -> list[bytes]:
+    """ipv6_tcp_runs as a flannel-v6 device on a veth sends them: some checksums partial, now
+    and then an unsplit TCP or UDP super-packet (partial)."""
+    out = []
+    for pkt in draw(ipv6_tcp_runs()):
+        kind = draw(st.sampled_from(["as is", "partial", "partial", "super"]))
+        if (pkt[0] >> 4) != 6:
+            out.append(pkt)
+            continue
+        if kind == "partial":
+            pkt = as_partial6(pkt)
+        elif kind == "super":
+            size = draw(st.integers(1, 9000))
+            src, dst = draw(addresses6), draw(addresses6)
+            pkt = as_partial6(tcp6_segment(src, dst, draw(st.integers(0, 0xFFFFFFFF)),
+                                           bytes([size & 0xFF]) * size)
+                              if draw(st.booleans())
+                              else udp6_datagram(src, dst, bytes([size & 0xFF]) * size))
+        out.append(pkt)
+    return out
+
+
+@settings(max_examples=300, **SLOW)
+@given(ipv6_from_kernel_senders(), st.booleans(), st.booleans(),
+       st.sampled_from([0, 68, 1280, 1450]), st.sampled_from([0, 1, 100, 1378]))
+def test_ipv6_tun_writes_of_partial_checksums_agree_with_reference(packets, vnet, complete, mtu,
+                                                                   gro_size):
+    packets = [p for p in packets if packet._validate_any(p)[1] is None
+               and len(packet._validate_any(p)[0]) == len(p)]
+    options = dict(vnet=vnet, complete_partial=complete, mtu=mtu, gro_size=gro_size)
+    assert _fastpath.tun_writes(packets, **options) == packet.tun_writes(packets, **options)
+
+
+@pytest.mark.parametrize("impl", [_fastpath, packet], ids=["c", "reference"])
+def test_an_unsplit_ipv6_tcp_super_packet_is_cut_to_the_tun_mtu(impl):
+    """A kernel flannel-v6 sender on a veth hands over a 64 KB TCP frame whole, its checksum
+    partial: to a virtio-header TUN it goes behind a TCPV6 GSO header sized to the TUN's MTU;
+    to a plain one as segments of that size with complete checksums."""
+    src, dst = int(ipaddress.IPv6Address("fd99:0:0:c9::2")), int(ipaddress.IPv6Address(TUN_ADDR6))
+    data = bytes(range(256)) * 40
+    pkt = as_partial6(tcp6_segment(src, dst, 5000, data, flags=0x18))
+    (header, whole), = impl.tun_writes([pkt], complete_partial=True, mtu=1450)[0]
+    assert whole == pkt
+    assert VNET_HDR.unpack(header) == (VNET_F_NEEDS_CSUM, GSO_TCPV6, 60, 1390, 40, 16)
+    frames, completed, bad_gso = impl.tun_writes([pkt], vnet=False, complete_partial=True,
+                                                 mtu=1450)
+    assert (completed, bad_gso) == (1, 0)
+    segments = [seg for _, seg in frames]
+    assert [len(s) for s in segments] == [1450] * 7 + [60 + len(data) - 7 * 1390]
+    assert b"".join(s[60:] for s in segments) == data
+    for i, seg in enumerate(segments):
+        assert struct.unpack("!H", seg[4:6])[0] == len(seg) - 40
+        assert struct.unpack("!I", seg[44:48])[0] == 5000 + i * 1390
+        assert with_l4_checksum(seg, 56) == seg
+
+
+@pytest.mark.parametrize("impl", [_fastpath, packet], ids=["c", "reference"])
+def test_an_ipv6_udp_super_packet_keeps_its_datagram_bounds(impl):
+    src, dst = int(ipaddress.IPv6Address("fd99:0:0:c9::2")), int(ipaddress.IPv6Address(TUN_ADDR6))
+    pkt = as_partial6(udp6_datagram(src, dst, bytes(range(100)) * 30))
+    frames, _, bad_gso = impl.tun_writes([pkt], complete_partial=True, mtu=1450, gro_size=1000)
+    assert bad_gso == 0 and [len(seg) for _, seg in frames] == [1048, 1048, 1048]
+    for _, seg in frames:
+        assert with_l4_checksum(seg, 46) == seg

@@ -11,12 +11,14 @@ import asyncio
 import json
 import signal
 from dataclasses import dataclass
+from ipaddress import IPv6Address
 
 import pytest
 from helpers import program_from_store, publish, stored_leases
 
+from flannel_udp.backends.vxlan.options import vtep_mac_for
 from flannel_udp.lab import Host, KernelVxlanNode, Pod, Topology, ping_failures, wait_until
-from flannel_udp.lease import LEASE_TTL
+from flannel_udp.lease import LEASE_TTL, format_mac
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
@@ -230,33 +232,62 @@ def test_a_restarted_daemon_keeps_its_dual_stack_lease_and_v6_vtep_mac(cluster: 
         assert cluster.pods[label].ping(target, count=2)[target].ok, label
 
 
-@pytest.mark.parametrize("dataplane", ["auto", "kernel"])
-def test_where_flannel_v6_cannot_be_made_the_start_is_one_line_and_takes_nothing(
-        topology, dataplane):
+def test_where_flannel_v6_cannot_be_made_a_kernel_start_is_one_line_and_takes_nothing(topology):
     topo = topology(1, ipv6=True)
     host = topo.hosts[0]
     host.run("ip", "link", "add", DEV6, "type", "bridge")  # the name is taken
-    config = {**CONFIG, "Backend": {"Type": "vxlan", "Dataplane": dataplane}}
     result = host.flannel("run", "--local-store", topo.store_path, "--net-config-path",
-                          topo.write_net_config(config), "--subnet-file", host.subnet_file,
+                          topo.write_net_config(CONFIG), "--subnet-file", host.subnet_file,
                           "--control-socket", host.control_socket, "--iface", "eth0",
                           check=False, timeout=20)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert f"cannot create VXLAN device {DEV6}: a bridge device of that name exists " \
-        "(remove it)" in last
-    if dataplane == "auto":
-        assert "does not carry IPv6 yet, so Dataplane \"auto\" cannot fall back" in last
+        "(remove it, or set Backend.Dataplane \"userspace\")" in last
     assert host.link(DEV) is None and host.link("flvx.1") is None
     assert stored_leases(topo.store_path) == {}
 
 
+def test_where_flannel_v6_cannot_be_made_auto_falls_back_to_userspace_for_v4_and_v6(topology):
+    """Dataplane "auto": flannel.1, made before flannel-v6.1 failed, is removed, and the
+    userspace dataplane carries both sides, publishing the BackendV6Data the kernel one would
+    have; a kernel node beside it reaches it over v4 and v6."""
+    topo = topology(2, ipv6=True)
+    h1, h2 = topo.hosts
+    flanneld = KernelVxlanNode(h1, FLANNELD_SUBNET, ipv6_subnet=FLANNELD_SUBNET6)
+    publish(flanneld, topo.store_path)
+    h2.run("ip", "link", "add", DEV6, "type", "bridge")  # the name is taken
+    start(topo, {**CONFIG, "Backend": {"Type": "vxlan", "Dataplane": "auto"}}, [h2])
+    lease = h2.status()["lease"]
+    assert (lease["dataplane"], lease["dataplane_choice"]) == ("userspace", "auto"), lease
+    assert h2.link(DEV) is None and h2.link("flvx.1") is not None
+    assert h2.link(DEV6)["linkinfo"]["info_kind"] == "bridge"  # not ours: as it was
+    assert "vxlan dataplane: userspace (TUN flvx.1), as the kernel's is not available: " \
+        f"cannot create VXLAN device {DEV6}" in h2.log_path.read_text()
+    wait_until(lambda: len(stored_leases(topo.store_path)) == 2, 10, "two leases")
+    [value] = [json.loads(v) for v in stored_leases(topo.store_path).values()
+               if json.loads(v)["PublicIP"] == h2.underlay_ip]
+    assert value["BackendV6Data"] == {
+        "VNI": 1, "VtepMAC": format_mac(vtep_mac_for(IPv6Address(h2.underlay_ipv6), 1))}
+    program_from_store(flanneld, topo.store_path)
+    pods = {"h2": topo.add_pod(h2),
+            "h1": topo.add_pod(h1, f"{flanneld.subnet.network_address + 1}/24", 1450,
+                               f"{flanneld.ipv6_subnet.network_address + 1}/64")}
+    for src, dst in (("h1", "h2"), ("h2", "h1")):
+        for target in (pods[dst].address, pods[dst].address6):
+            assert pods[src].ping(target, count=3)[target].ok, (src, target)
+        assert pods[src].tcp_transfer(pods[dst], 7700 + len(src), 8 << 20, ipv6=True) == {
+            "sent": 8 << 20, "received": 8 << 20, "intact": True}, src
+
+
+@pytest.mark.parametrize("dataplane", ["kernel", "userspace"])
 def test_direct_routing_in_dual_stack_routes_v6_peers_on_the_link_via_their_public_ipv6(
-        topology):
+        topology, dataplane):
     topo = topology(3, segments=[0, 0, 1], ipv6=True)
     h1, h2, h3 = topo.hosts
-    config = {**CONFIG, "Backend": {**CONFIG["Backend"], "DirectRouting": True}}
+    config = {**CONFIG, "Backend": {"Type": "vxlan", "Dataplane": dataplane,
+                                    "DirectRouting": True}}
     start(topo, config, topo.hosts)
     leases = topo.wait_peers()
     pods = {h.label: topo.add_pod(h) for h in topo.hosts}
@@ -265,9 +296,12 @@ def test_direct_routing_in_dual_stack_routes_v6_peers_on_the_link_via_their_publ
     # h2 shares h1's segment: a plain route via its PublicIPv6; h3 is behind the router
     [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h2"])
     assert (route["gateway"], route["dev"]) == (h2.underlay_ipv6, "eth0")
-    [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h3"])
-    assert (route["gateway"], route["dev"], route["flags"]) == (
-        subnet6["h3"].split("/")[0], DEV6, ["onlink"])
+    if dataplane == "kernel":
+        [route] = h1.ip_json("-6", "route", "show", "exact", subnet6["h3"])
+        assert (route["gateway"], route["dev"], route["flags"]) == (
+            subnet6["h3"].split("/")[0], DEV6, ["onlink"])
+    else:  # the fast path's, through the TUN's route for the IPv6Network
+        assert h1.ip_json("-6", "route", "show", "exact", subnet6["h3"]) == []
     paths = {p["subnet"]: p["ipv6_path"] for p in h1.status()["peers"]}
     assert paths == {leases["h2"]["subnet"]: "direct", leases["h3"]["subnet"]: "vxlan"}
     for label, pod in pods.items():

@@ -176,22 +176,27 @@ def prefix6(subnet: str) -> str:
     return ipaddress.IPv6Network(subnet).network_address.exploded[:19]
 
 
-def test_a_million_mutated_ipv6_datagrams_on_the_ipv6_port(topology):
-    """Dual stack on the udp backend: h2 (a lease holder, by its PublicIPv6) sends mutated IPv6
-    packets (extension headers, fragments, hop limits, lengths, versions...) to h1's IPv6
-    socket; every datagram is forwarded or dropped by a named reason, and the pods still talk
-    over v4 and v6."""
+@pytest.mark.parametrize("backend", ["udp", "vxlan"])
+def test_a_million_mutated_ipv6_datagrams_on_the_ipv6_port(topology, backend):
+    """Dual stack on the udp backend and vxlan's userspace dataplane: h2 (a lease holder, by
+    its PublicIPv6) sends mutated IPv6 packets (extension headers, fragments, hop limits,
+    lengths, versions...; vxlan: in 0x86DD frames to h1's IPv6 VtepMAC, some with a wrong VXLAN
+    or Ethernet header) to h1's IPv6 socket; every datagram is forwarded or dropped by a named
+    reason, and the pods still talk over v4 and v6."""
     topo: Topology = topology(2, ipv6=True)
     leases = topo.start_daemons({"Network": "10.244.0.0/16", "EnableIPv6": True,
-                                 "IPv6Network": "fd99::/56", "Backend": {"Type": "udp"}})
+                                 "IPv6Network": "fd99::/56",
+                                 "Backend": userspace_config(backend)["Backend"]})
     h1, h2 = topo.hosts
     p1, p2 = topo.add_pod(h1), topo.add_pod(h2)
-    port = USERSPACE_PORTS["udp"]
+    port = USERSPACE_PORTS[backend]
     assert h1.underlay_ipv6 is not None
+    vxlan_args = (["--vni", "1", "--mac", h1.lease()["ipv6_vtep_mac"]]
+                  if backend == "vxlan" else [])
     before, kernel_before = h1.status()["counters"], socket_drops6(h1, port)
-    sent = fuzz(h2, "udp6", "--to", h1.underlay_ipv6, "--port", str(port), "--seed", "13",
+    sent = fuzz(h2, f"{backend}6", "--to", h1.underlay_ipv6, "--port", str(port), "--seed", "13",
                 "--src-net", prefix6(leases["h2"]["ipv6_subnet"]),
-                "--dst-net", prefix6(leases["h1"]["ipv6_subnet"]))
+                "--dst-net", prefix6(leases["h1"]["ipv6_subnet"]), *vxlan_args)
     assert sent["sent"] == FUZZ_COUNT, sent
 
     def taken() -> int:
@@ -202,11 +207,14 @@ def test_a_million_mutated_ipv6_datagrams_on_the_ipv6_port(topology):
     after = h1.status()["counters"]
     grown = {k: v - before["ingress_drops"][k] for k, v in after["ingress_drops"].items()
              if v != before["ingress_drops"][k]}
-    print(f"udp6 port: {FUZZ_COUNT} sent in {sent['seconds']} s, "
+    print(f"{backend}6 port: {FUZZ_COUNT} sent in {sent['seconds']} s, "
           f"{after['rx_packets'] - before['rx_packets']} into the TUN, dropped {grown}")
     assert accounted == FUZZ_COUNT, (accounted, grown)
     assert after["rx_packets"] > before["rx_packets"]  # some got past every check
     assert {"short", "bad_total_len", "spoofed_inner_source"} <= set(grown), grown
+    if backend == "vxlan":  # another ethertype to our IPv6 VtepMAC: not our MAC for it
+        assert {"vxlan_short", "vxlan_bad_flags", "vxlan_wrong_vni",
+                "vxlan_wrong_mac"} <= set(grown), grown
     for host in (h1, h2):
         assert host.daemon is not None and host.daemon.poll() is None, host.log_tail(5)
     assert p2.ping(p1.address, count=3)[p1.address].ok

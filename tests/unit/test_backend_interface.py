@@ -20,7 +20,6 @@ from flannel_udp.backends.userspace import TunNetwork
 from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
 from flannel_udp.backends.vxlan.userspace import VxlanNetwork
 from flannel_udp.config import parse_config
-from flannel_udp.errors import UserError
 from flannel_udp.netlink import ExtIface
 
 PUBLIC_IP = IPv4Address("192.168.77.13")
@@ -80,22 +79,8 @@ def test_every_backend_gets_the_settings_and_is_a_network(backend):
         assert (candidate.source_check, candidate.busy_poll_us) == (False, 300)
 
 
-@pytest.mark.parametrize("backend, message", [
-    ({"Type": "vxlan", "Dataplane": "userspace"},
-     "EnableIPv6: the vxlan backend's userspace dataplane does not carry IPv6 yet"),
-])
-def test_a_backend_without_ipv6_refuses_enable_ipv6_in_one_line(backend, message):
-    config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
-                                      "IPv6Network": "fd99::/56", "Backend": backend}))
-    with pytest.raises(UserError) as err:
-        make_network(config, EXT, PUBLIC_IP, DataplaneSettings())
-    assert str(err.value).startswith(message)
-    assert "\n" not in str(err.value) and err.value.exit_code == 2
-
-
-@pytest.mark.parametrize("dataplane", ["kernel", "auto"])
-def test_vxlan_on_the_kernel_dataplane_takes_enable_ipv6_and_publishes_backend_v6_data(
-        dataplane):
+@pytest.mark.parametrize("dataplane", ["kernel", "auto", "userspace"])
+def test_vxlan_on_every_dataplane_takes_enable_ipv6_and_publishes_backend_v6_data(dataplane):
     config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
                                       "IPv6Network": "fd99::/56",
                                       "Backend": {"Type": "vxlan", "Dataplane": dataplane}}))
@@ -103,6 +88,24 @@ def test_vxlan_on_the_kernel_dataplane_takes_enable_ipv6_and_publishes_backend_v
                            IPv6Address("fd77::11"))
     data = json.loads(network.backend_v6_data or b"null")
     assert data["VNI"] == 1 and data["VtepMAC"] != json.loads(network.backend_data)["VtepMAC"]
+    if dataplane == "auto":  # whichever open() takes, the lease is the same
+        assert network._userspace.backend_v6_data == network._kernel.backend_v6_data
+
+
+def test_userspace_vxlan_has_the_ipv6_vtep_mac_kernel_vxlan_would_have():
+    """So a node whose Dataplane "auto" falls back to userspace publishes, and answers to, the
+    BackendV6Data it would have with flannel-v6.<VNI>."""
+    from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork
+    from flannel_udp.lease import format_mac
+
+    config = parse_config(json.dumps({"Network": "10.244.0.0/16", "EnableIPv6": True,
+                                      "IPv6Network": "fd99::/56", "Backend": {"Type": "vxlan"}}))
+    public_ipv6 = IPv6Address("fd77::11")
+    ours = VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings(), public_ipv6)
+    kernel = KernelVxlanNetwork(config, EXT, PUBLIC_IP, public_ipv6)
+    assert ours.backend_v6_data == kernel.backend_v6_data
+    assert ours.vtep_mac6 == kernel.settings.v6_vtep_mac
+    assert json.loads(ours.backend_v6_data)["VtepMAC"] == format_mac(ours.vtep_mac6)
 
 
 def test_userspace_vxlan_publishes_its_own_ipv6_vtep_and_reads_the_peers():
@@ -117,12 +120,12 @@ def test_userspace_vxlan_publishes_its_own_ipv6_vtep_and_reads_the_peers():
     config = parse_config(json.dumps({
         "Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd99::/56",
         "Backend": {"Type": "vxlan", "Dataplane": "userspace"}}))
-    network = VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings())
+    network = VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings(), IPv6Address("fd77::11"))
     data = json.loads(network.backend_v6_data)
     assert data["VNI"] == 1 and data["VtepMAC"] == format_mac(network.vtep_mac6)
     assert network.vtep_mac6 != network.vtep_mac
-    assert VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings()).vtep_mac6 == \
-        network.vtep_mac6
+    assert VxlanNetwork(config, EXT, PUBLIC_IP, DataplaneSettings(),
+                        IPv6Address("fd77::11")).vtep_mac6 == network.vtep_mac6
     v4_only = VxlanNetwork(parse_config(json.dumps({"Network": "10.244.0.0/16",
                                                     "Backend": {"Type": "vxlan"}})),
                            EXT, PUBLIC_IP, DataplaneSettings())

@@ -21,7 +21,8 @@ def vxlan_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
                   settings: DataplaneSettings, public_ipv6: IPv6Address | None = None
                   ) -> Network:
     """The `Network` of the dataplane the config's `Backend.Dataplane` names; with
-    `public_ipv6` (dual stack) the kernel one also makes flannel-v6.<VNI> on it."""
+    `public_ipv6` (dual stack) the kernel one also makes flannel-v6.<VNI> on it, the userspace
+    one sends IPv6 frames over it as flannel-v6.<VNI> does."""
     # Imported here: validating the options (`network set`) needs none of the dataplanes.
     from flannel_udp.backends.vxlan.auto import AutoVxlanNetwork
     from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork
@@ -29,8 +30,10 @@ def vxlan_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
     from flannel_udp.backends.vxlan.userspace import VxlanNetwork
     dataplane = vxlan_options(config).dataplane
     if dataplane == "userspace":
-        return VxlanNetwork(config, ext, public_ip, settings)
-    if dataplane == "kernel":
+        return VxlanNetwork(config, ext, public_ip, settings, public_ipv6)
+    if dataplane == "kernel" or not config.enable_ipv4:
+        # IPv6-only: the userspace dataplane cannot run it, so "auto" has nothing to fall
+        # back to (check_ipv6 refuses "userspace" outright).
         return KernelVxlanNetwork(config, ext, public_ip, public_ipv6)
     return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip, public_ipv6),
-                            VxlanNetwork(config, ext, public_ip, settings))
+                            VxlanNetwork(config, ext, public_ip, settings, public_ipv6))

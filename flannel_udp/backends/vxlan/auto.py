@@ -10,7 +10,6 @@ from typing import Any
 from flannel_udp.backends import Network, UserspaceDataplane
 from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork, KernelVxlanUnavailable
 from flannel_udp.backends.vxlan.userspace import VxlanNetwork
-from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
 log = logging.getLogger("flannel-udp")
@@ -18,8 +17,8 @@ log = logging.getLogger("flannel-udp")
 
 class AutoVxlanNetwork(Network):
     """Dataplane "auto": the kernel's VXLAN device when it can be created, else userspace. Both
-    publish the same lease (same VtepMAC), so peers can't tell which was taken. Whatever the
-    chosen one offers, `userspace()` included, is the chosen one's."""
+    publish the same lease (same VtepMACs, BackendV6Data's too), so peers can't tell which was
+    taken. Whatever the chosen one offers, `userspace()` included, is the chosen one's."""
 
     backend_type = "vxlan"
 
@@ -35,11 +34,8 @@ class AutoVxlanNetwork(Network):
         try:
             self._kernel.open()
         except KernelVxlanUnavailable as e:
-            if self._kernel.public_ipv6 is not None:
-                # The userspace dataplane carries no IPv6 yet: falling back would drop it.
-                raise UserError(f"EnableIPv6: {e}; the userspace dataplane does not carry "
-                                "IPv6 yet, so Dataplane \"auto\" cannot fall back to it",
-                                exit_code=1) from None
+            # open() has removed whatever it made (flannel.<VNI> when only flannel-v6.<VNI>
+            # failed): the userspace dataplane takes both sides, IPv4 and IPv6.
             log.warning("vxlan dataplane: userspace (TUN %s), as the kernel's is not available: "
                         "%s", self._userspace.tun_name, e)
             self._chosen = self._userspace

@@ -122,9 +122,7 @@ class KernelVxlanNetwork(Network):
             log.info("removing the VXLAN device %s left behind", name)
             netlink.delete_link(name)
         elif kind is not None:
-            # In dual stack the userspace dataplane is no way out: it carries no IPv6 yet.
-            hint = ("remove it" if self.public_ipv6 is not None
-                    else "remove it, or set Backend.Dataplane \"userspace\"")
+            hint = "remove it, or set Backend.Dataplane \"userspace\""
             raise KernelVxlanUnavailable(
                 f"cannot create VXLAN device {name}: a {kind or 'plain'} device of "
                 f"that name exists ({hint})")

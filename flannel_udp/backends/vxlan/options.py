@@ -84,13 +84,6 @@ def vtep_mac_for(public_ip: IPv4Address | IPv6Address, vni: int) -> bytes:
     return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
 
 
-def vtep_mac6_for(public_ip: IPv4Address, vni: int) -> bytes:
-    """Our IPv6 VtepMAC (BackendV6Data's): as a flannel-v6 device has its own, not the IPv4
-    one, derived as stably."""
-    digest = hashlib.sha256(f"flannel-udp vtep6 {public_ip} {vni}".encode()).digest()
-    return bytes([(digest[0] & 0xFC) | 0x02]) + digest[1:6]
-
-
 @dataclass(frozen=True)
 class VxlanSettings:
     """What both dataplanes derive from the config, the underlay and the public IP."""

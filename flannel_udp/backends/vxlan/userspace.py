@@ -9,14 +9,19 @@ and its peers' kernel neighbour and FDB entries stay right.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from flannel_udp.backends import DataplaneSettings, Unreachable
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.userspace import TunNetwork
-from flannel_udp.backends.vxlan.options import vtep_mac6_for, vxlan_settings
-from flannel_udp.backends.vxlan.peers import peer_vtep_mac, plan_vxlan_peer
+from flannel_udp.backends.vxlan.options import vxlan_settings
+from flannel_udp.backends.vxlan.peers import (
+    V6Peer,
+    peer_vtep_mac,
+    plan_vxlan_peer,
+    plan_vxlan_v6_peer,
+)
 from flannel_udp.config import NetworkConfig
 from flannel_udp.lease import Lease, LeaseValueError, VxlanLeaseData, format_mac
 from flannel_udp.netlink import ExtIface
@@ -29,24 +34,27 @@ SEND_SOCKETS = 8
 
 class VxlanNetwork(TunNetwork):
     """The vxlan backend's `Network` in userspace: the fast path in VXLAN mode, one route per
-    vxlan peer; with DirectRouting, directly reachable peers get a kernel route instead."""
+    vxlan peer; with DirectRouting, directly reachable peers get a kernel route instead (in
+    dual stack their IPv6 subnets too, via a directly reachable PublicIPv6)."""
 
     backend_type = "vxlan"
     send_sockets = SEND_SOCKETS
 
     def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
-                 settings: DataplaneSettings) -> None:
+                 settings: DataplaneSettings, public_ipv6: IPv6Address | None = None) -> None:
+        """`public_ipv6`: our PublicIPv6 in dual stack (EnableIPv6), else None."""
         super().__init__(config, ext, settings)
-        self.settings = settings = vxlan_settings(config, ext, public_ip)
+        self.settings = settings = vxlan_settings(config, ext, public_ip, public_ipv6)
         self.vni = settings.vni
         self.port = settings.port
         self.mtu = settings.mtu
         self.tun_name = f"{TUN_PREFIX}{self.vni}"
         self.vtep_mac = settings.vtep_mac
         self.backend_data = settings.backend_data
-        self.vtep_mac6 = vtep_mac6_for(public_ip, self.vni)
-        if config.enable_ipv6:
-            self.backend_v6_data = VxlanLeaseData(self.vni, self.vtep_mac6).encode()
+        # Dual stack: the IPv6 VtepMAC the kernel dataplane's flannel-v6.<VNI> would have, so
+        # Dataplane "auto" publishes the same BackendV6Data whichever it takes.
+        self.vtep_mac6 = settings.v6_vtep_mac
+        self.backend_v6_data = settings.backend_v6_data
         self._direct: PeerRoutes | None = None
 
     def _fastpath_options(self) -> dict[str, Any]:
@@ -56,7 +64,7 @@ class VxlanNetwork(TunNetwork):
         return (peer_vtep_mac(lease, self.vni),)
 
     def _fastpath_options6(self) -> dict[str, Any]:
-        return {"vtep_mac6": self.vtep_mac6}
+        return {} if self.vtep_mac6 is None else {"vtep_mac6": self.vtep_mac6}
 
     def _route_args6(self, lease: Lease) -> tuple[Any, ...]:
         # As a flannel-v6 device: frames to the VtepMAC of the peer's BackendV6Data.
@@ -69,8 +77,11 @@ class VxlanNetwork(TunNetwork):
         return (data.vtep_mac,)
 
     def _lease_stats(self) -> dict[str, Any]:
-        return {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
-                "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
+        stats = {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
+                 "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
+        if self._v6_on and self.vtep_mac6 is not None:  # as the kernel dataplane names it
+            stats["ipv6_vtep_mac"] = format_mac(self.vtep_mac6)
+        return stats
 
     # DirectRouting: the fast path keeps a route to every peer (a fallback should the kernel
     # route go); the more specific kernel route `<subnet> via <PublicIP>` takes the packets
@@ -87,7 +98,13 @@ class VxlanNetwork(TunNetwork):
         plan = plan_vxlan_peer(lease, self.settings, lambda _lease, _mac: ())
         if plan.problem is not None:  # add_peer has said why already
             return Plan((), plan.path)
-        return plan
+        if not self._v6_on or lease.ipv6_subnet is None:
+            return plan
+        # Dual stack: the IPv6 side decided apart, as the kernel dataplane decides it.
+        peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
+        plan6 = plan_vxlan_v6_peer(peer, self.settings, lambda _peer, _mac: ())
+        return Plan(plan.entries + plan6.entries, plan.path, None,
+                    {**plan.shown, "ipv6_path": plan6.path})
 
     def add_peer(self, lease: Lease) -> None:
         super().add_peer(lease)
@@ -105,7 +122,10 @@ class VxlanNetwork(TunNetwork):
             counters["path"] = "vxlan"
         if self._direct is not None:
             for subnet, plan in self._direct.plans.items():
-                stats["peers"].setdefault(str(subnet), {})["path"] = plan.path
+                row = stats["peers"].setdefault(str(subnet), {})
+                row["path"] = plan.path
+                if "ipv6_path" in plan.shown:
+                    row["ipv6_path"] = plan.shown["ipv6_path"]
         return stats
 
     def close(self) -> None:
