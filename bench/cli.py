@@ -28,7 +28,7 @@ from flannel_udp.lab import (
 )
 
 SCHEMA = "flannel-udp-bench/1"
-TESTS = ("tcp1", "tcp4", "udp1400", "small", "ping", "rss5000")
+TESTS = ("tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "rss5000")
 DEFAULT_DURATION = 5
 QUICK_DURATION = 1
 MANY_PEERS = 5000
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                      "quick": args.quick, "small_packet_method": "iperf3 -u -l 64 -b 0",
                      "ping_method": f"iputils ping -i {measure.PING_INTERVAL}"},
         "topology": {"hosts": 2, "underlay": "veth to a bridge in its own namespace",
-                     "underlay_mtu": UNDERLAY_MTU},
+                     "underlay_mtu": UNDERLAY_MTU, "dual_stack": True},
         "cases": {},
     }
     remove_stale()
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     topo: Topology | None = None
     try:
         with sigterm_as_interrupt():
-            topo = Topology(2)
+            topo = Topology(2, ipv6=True)  # dual stack: tcp1v6 runs over fd77::/64
             with topo:
                 _say(f"flannel-udp bench: 2 hosts on a bridge, namespaces {topo.prefix}-*, "
                      f"{duration} s per test; cases {','.join(cases)}; tests {','.join(tests)}")
@@ -227,10 +227,15 @@ def _run_case(topo: Topology, case: Case, tests: list[str], duration: int) -> di
 
 
 def _run_test(test: str, ends: Endpoints, duration: int) -> dict[str, Any]:
-    if test in ("tcp1", "tcp4"):
-        streams = 1 if test == "tcp1" else 4
-        _say(f"    {test:<8} iperf3 TCP, {streams} stream{'s' * (streams > 1)}, {duration} s ...")
-        r = measure.tcp(ends, streams, duration)
+    if test == "tcp1v6" and ends.address6 is None:
+        _say(f"    {test:<8} not available: {ends.no_v6}")
+        return {"not available": ends.no_v6}
+    if test in ("tcp1", "tcp1v6", "tcp4"):
+        streams = 4 if test == "tcp4" else 1
+        over = " over IPv6" if test == "tcp1v6" else ""
+        _say(f"    {test:<8} iperf3 TCP{over}, {streams} stream{'s' * (streams > 1)}, "
+             f"{duration} s ...")
+        r = measure.tcp(ends, streams, duration, ipv6=test == "tcp1v6")
         cpu = (f", daemons {r['cpu_s_per_gb']:.2f} CPU s/GB"
                if r["cpu_s_per_gb"] is not None else "")
         _say(f"             {r['gbit_s']:.2f} Gbit/s, {r['retransmits']} retransmits{cpu}")

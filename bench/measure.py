@@ -74,11 +74,14 @@ def daemons_peak_rss(hosts: Sequence[Host]) -> dict[str, Any] | None:
 # -- iperf3 -----------------------------------------------------------------------------------
 
 
-def tcp(ends: Endpoints, streams: int, seconds: int) -> dict[str, Any]:
-    """iperf3 TCP with `streams` parallel streams; the receiver's rate, and the daemons' CPU
-    seconds per GB received over the test."""
+def tcp(ends: Endpoints, streams: int, seconds: int, ipv6: bool = False) -> dict[str, Any]:
+    """iperf3 TCP with `streams` parallel streams (to the server's IPv6 address with `ipv6`);
+    the receiver's rate, and the daemons' CPU seconds per GB received over the test."""
+    address = ends.address6 if ipv6 else ends.address
+    if address is None:
+        raise NetnsError(f"{ends.server.name} has no IPv6 address")
     cpu_before = daemons_cpu_seconds(ends.daemons)
-    report = ends.client.iperf3(ends.server, ends.address, "-P", str(streams), seconds=seconds)
+    report = ends.client.iperf3(ends.server, address, "-P", str(streams), seconds=seconds)
     cpu = daemons_cpu_seconds(ends.daemons) - cpu_before
     received = report["end"]["sum_received"]
     result: dict[str, Any] = {

@@ -37,6 +37,7 @@ def _us(v: float) -> str:
 
 METRICS = (
     Metric("tcp1.gbit_s", "TCP 1 stream, Gbit/s", _gbit),
+    Metric("tcp1v6.gbit_s", "TCP 1 stream IPv6, Gbit/s", _gbit),
     Metric("tcp4.gbit_s", "TCP 4 streams, Gbit/s", _gbit),
     Metric("udp1400.gbit_s", "UDP 1400 B, Gbit/s received", _gbit),
     Metric("udp1400.loss", "UDP 1400 B, loss", _pct, ratio=False),
@@ -151,6 +152,8 @@ def _cell(case: dict[str, Any], name: str, metric: Metric,
     test = metric.key.split(".")[0]
     if isinstance(case.get(test), dict) and "error" in case[test]:
         return "error"
+    if isinstance(case.get(test), dict) and "not available" in case[test]:
+        return "no IPv6" if test == "tcp1v6" else "not available"
     value = _number(lookup(case, metric.key))
     if value is None:
         return "-"
@@ -179,6 +182,8 @@ def table(results: dict[str, Any]) -> str:
         for test, value in case.items():
             if isinstance(value, dict) and "error" in value:
                 lines.append(f"  {name} {test}: error: {value['error']}")
+            if isinstance(value, dict) and "not available" in value:
+                lines.append(f"  {name} {test}: not available: {value['not available']}")
     many = results.get("rss5000")
     if many is not None:
         if "error" in many:
@@ -240,8 +245,8 @@ def write_chart(results: dict[str, Any], path: Path) -> str | None:
                 for n, c in of.items()}
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    _grouped(axes[0, 0], "throughput, Gbit/s", ["TCP 1", "TCP 4", "UDP 1400 B"],
-             series(cases, ["tcp1.gbit_s", "tcp4.gbit_s", "udp1400.gbit_s"]))
+    _grouped(axes[0, 0], "throughput, Gbit/s", ["TCP 1", "TCP 1 v6", "TCP 4", "UDP 1400 B"],
+             series(cases, ["tcp1.gbit_s", "tcp1v6.gbit_s", "tcp4.gbit_s", "udp1400.gbit_s"]))
     _grouped(axes[0, 1], "UDP 64 B, kpps received", ["64 B"],
              series(cases, ["small.pps"], 1e-3))
     _grouped(axes[0, 2], "ping RTT, us (log scale)",
@@ -259,10 +264,10 @@ def write_chart(results: dict[str, Any], path: Path) -> str | None:
     _grouped(axes[1, 1], f"daemon peak RSS, MB (target {RSS_TARGET_MB})",
              ["in the cases (2 hosts)", f"{many.get('peers', 5000):,} peers"], rss)
     axes[1, 1].axhline(RSS_TARGET_MB, color="red", linestyle="--", linewidth=1)
-    ratio_keys = ["tcp1.gbit_s", "tcp4.gbit_s", "udp1400.gbit_s", "small.pps"]
+    ratio_keys = ["tcp1.gbit_s", "tcp1v6.gbit_s", "tcp4.gbit_s", "udp1400.gbit_s", "small.pps"]
     all_ratios = results.get("ratios", {})
     _grouped(axes[1, 2], "ratio to kernel VXLAN (targets 0.25x TCP 1, 0.5x 64 B)",
-             ["TCP 1", "TCP 4", "UDP 1400 B", "64 B pps"],
+             ["TCP 1", "TCP 1 v6", "TCP 4", "UDP 1400 B", "64 B pps"],
              {n: [all_ratios[n].get(k) for k in ratio_keys] for n in ours if n in all_ratios})
     axes[1, 2].axhline(0.25, color="red", linestyle="--", linewidth=1)
     axes[1, 2].axhline(0.5, color="orange", linestyle="--", linewidth=1)

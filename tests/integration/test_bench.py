@@ -1,5 +1,6 @@
 """The benchmark harness keeps working: its quickest run on the underlay and the udp backend
-writes a JSON report of the expected shape with positive figures, Ctrl-C removes everything it
+(dual stack: tcp1v6 over fd77:: and over the pods' IPv6 addresses) writes a JSON report of the
+expected shape with positive figures, Ctrl-C removes everything it
 made, and the issue's targets are judged against kernel VXLAN. The figures are not judged here."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from helpers import ROOT, namespaces_of
 
 from bench import report
 
-PATH_TESTS = ["tcp1", "tcp4", "udp1400", "small", "ping"]
+PATH_TESTS = ["tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping"]
 
 
 def _sigint_as_on_a_terminal() -> None:
@@ -45,7 +46,7 @@ def test_quickest_run_reports_every_figure_of_underlay_and_udp(netns_session, tm
     assert list(result["cases"]) == ["underlay", "udp"]
     for name, case in result["cases"].items():
         assert case["status"] == "measured", (name, case)
-        for test in ("tcp1", "tcp4", "udp1400"):
+        for test in ("tcp1", "tcp1v6", "tcp4", "udp1400"):
             assert case[test]["gbit_s"] > 0, (name, test, case[test])
         assert case["small"]["pps"] > 0, (name, case["small"])
         for key in ("udp1400", "small"):
@@ -57,7 +58,8 @@ def test_quickest_run_reports_every_figure_of_underlay_and_udp(netns_session, tm
     assert result["cases"]["underlay"]["tcp1"]["cpu_s_per_gb"] is None
     assert "daemons" not in result["cases"]["underlay"]
     udp = result["cases"]["udp"]
-    assert udp["tcp1"]["cpu_s_per_gb"] > 0
+    assert udp["tcp1"]["cpu_s_per_gb"] > 0 and udp["tcp1v6"]["cpu_s_per_gb"] > 0
+    assert "TCP 1 stream IPv6, Gbit/s" in out  # the table row beside TCP 1
     assert set(udp["daemons"]["peak_rss"]["each_mb"]) == {"h1", "h2"}
     assert udp["daemons"]["peak_rss"]["max_mb"] > 0
     # No kernel VXLAN in this run: no ratios, and the targets say why they can't be judged.
@@ -125,3 +127,22 @@ def test_quick_leaves_the_busypoll_cases_out_unless_asked_for():
     assert selected_cases(None, quick=True) == everything[:5]
     assert selected_cases(["vxlan-busypoll", "kernel-vxlan"], quick=True) == [
         "kernel-vxlan", "vxlan-busypoll"]
+
+
+def test_tcp1v6_is_shown_beside_tcp1_as_a_ratio_to_kernel_vxlan_s_v6_figure():
+    def case(v4: float, v6: dict, kernel: bool) -> dict:
+        return {"status": "measured", "kernel": kernel, "tcp1": {"gbit_s": v4}, "tcp1v6": v6}
+
+    results = {"cases": {"kernel-vxlan": case(10, {"gbit_s": 8}, True),
+                         "udp": case(5, {"gbit_s": 2}, False),
+                         "v4only": case(4, {"not available": "this case carries no IPv6"},
+                                        False)},
+               "settings": {"tests": ["tcp1", "tcp1v6"]}}
+    results["ratios"] = report.ratios(results)
+    assert results["ratios"]["udp"] == {"tcp1.gbit_s": 0.5, "tcp1v6.gbit_s": 0.25}
+    assert results["ratios"]["v4only"] == {"tcp1.gbit_s": 0.4}
+    rows = {line.strip().split("  ")[0]: line for line in report.table(results).splitlines()}
+    assert "5.00 (0.50x)" in rows["TCP 1 stream, Gbit/s"]
+    v6_row = rows["TCP 1 stream IPv6, Gbit/s"]
+    assert "8.00" in v6_row and "2.00 (0.25x)" in v6_row and "no IPv6" in v6_row
+    assert "v4only tcp1v6: not available: this case carries no IPv6" in report.table(results)
