@@ -66,28 +66,26 @@ def read(path: str | os.PathLike) -> dict[str, str]:
     return values
 
 
-def previous_subnet(path: str | os.PathLike) -> IPv4Network | None:
-    """The subnet named by FLANNEL_SUBNET in an existing file, if it parses."""
-    value = read(path).get("FLANNEL_SUBNET")
+def _previous(path: str | os.PathLike, name: str, kind: type[IPv4Network] | type[IPv6Network]
+              ) -> IPv4Network | IPv6Network | None:
+    value = read(path).get(name)
     if not value:
         return None
     try:
         net = ip_interface(value).network
     except ValueError:
         return None
-    return net if isinstance(net, IPv4Network) else None
+    return net if isinstance(net, kind) else None
+
+
+def previous_subnet(path: str | os.PathLike) -> IPv4Network | None:
+    """The subnet named by FLANNEL_SUBNET in an existing file, if it parses."""
+    return _previous(path, "FLANNEL_SUBNET", IPv4Network)  # type: ignore[return-value]
 
 
 def previous_ipv6_subnet(path: str | os.PathLike) -> IPv6Network | None:
     """The IPv6 subnet named by FLANNEL_IPV6_SUBNET in an existing file, if it parses."""
-    value = read(path).get("FLANNEL_IPV6_SUBNET")
-    if not value:
-        return None
-    try:
-        net = ip_interface(value).network
-    except ValueError:
-        return None
-    return net if isinstance(net, IPv6Network) else None
+    return _previous(path, "FLANNEL_IPV6_SUBNET", IPv6Network)  # type: ignore[return-value]
 
 
 def lock_path(path: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ and the bench use too; this module holds only what the tests alone need.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import os
@@ -308,3 +309,41 @@ def case_with_bytes(draw: st.DrawFn) -> tuple[int, dict[int, int], int, bytes]:
 def vteps(draw: st.DrawFn) -> Vtep:
     vni = draw(st.one_of(st.sampled_from([1, 0xFFFFFF]), st.integers(1, 0xFFFFFF)))
     return Vtep(vni, draw(macs), draw(st.one_of(st.just(8), st.integers(1, 64))))
+
+
+# -- lease stores of namespace tests ----------------------------------------------------------
+
+FLANNEL_PREFIX = "/coreos.com/network"
+StoreAccess = tuple[list[str], Callable, Callable, Callable, Callable]
+
+
+def lease_store(topo: Any, kind: str) -> StoreAccess:
+    """The lease store of a topology's daemons, `kind` "embedded" (topo.store_path) or
+    "etcd v3" (an etcd in the topology, read back with etcdctl as an operator would): the
+    daemons' extra flags, stored() (key under <prefix>/subnets/ -> value), put(key, value) with
+    a 24 h TTL, delete(key), and cleanup()."""
+    if kind == "embedded":
+        store = LocalStore(topo.store_path)
+        return ([], lambda: {r.key: r.value for r in asyncio.run(store.list_leases()).records},
+                lambda key, value: asyncio.run(store.put_lease(key, value, LEASE_TTL)),
+                lambda key: asyncio.run(store.delete_lease(key)), lambda: None)
+    import pytest
+
+    from flannel_udp.lab import EtcdCluster, etcd_problem
+    problem = etcd_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    etcd = EtcdCluster.in_topology(topo).start()
+    subnets = f"{FLANNEL_PREFIX}/subnets/"
+
+    def stored() -> dict[str, bytes]:
+        out = json.loads(etcd.etcdctl("get", "--prefix", subnets, "-w", "json").stdout)
+        return {base64.b64decode(kv["key"]).decode().removeprefix(subnets):
+                base64.b64decode(kv["value"]) for kv in out.get("kvs", [])}
+
+    def put(key: str, value: bytes) -> None:
+        lease_id = etcd.etcdctl("lease", "grant", "86400").stdout.split()[1]
+        etcd.etcdctl("put", f"--lease={lease_id}", f"{subnets}{key}", value.decode())
+
+    return (etcd.client_flags(), stored, put,
+            lambda key: etcd.etcdctl("del", f"{subnets}{key}"), etcd.cleanup)

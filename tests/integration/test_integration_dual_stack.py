@@ -11,26 +11,23 @@ etcdctl on etcd); a v4-only lease gets its v4 route only, and a lease's routes g
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from helpers import lease_store
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
-from flannel_udp.lab import EtcdCluster, Host, Pod, Topology, etcd_problem, wait_until
+from flannel_udp.lab import Host, Pod, Topology, wait_until
 from flannel_udp.lab.hosts import ping_failures
-from flannel_udp.lease import LEASE_TTL
 from flannel_udp.stores.local import LocalStore
 
 pytestmark = pytest.mark.netns
 
-PREFIX = "/coreos.com/network"
 DUAL_CONFIG = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd99::/56",
                "Backend": {"Type": "host-gw"}}
 _ports = itertools.count(7301)
@@ -53,58 +50,11 @@ class Cluster:
     delete: Callable[[str], None]
 
 
-def _embedded(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
-    store = LocalStore(topo.store_path)
-
-    def stored() -> dict[str, bytes]:
-        return {r.key: r.value for r in asyncio.run(store.list_leases()).records}
-
-    def put(key: str, value: bytes) -> None:
-        asyncio.run(store.put_lease(key, value, LEASE_TTL))
-
-    def delete(key: str) -> None:
-        asyncio.run(store.delete_lease(key))
-
-    return [], stored, put, delete, lambda: None
-
-
-def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
-    problem = etcd_problem()
-    if problem is not None:
-        pytest.skip(problem)
-    etcd = EtcdCluster.in_topology(topo).start()
-
-    def stored() -> dict[str, bytes]:
-        # read back with etcdctl, as an operator would
-        out = json.loads(etcd.etcdctl("get", "--prefix", f"{PREFIX}/subnets/", "-w",
-                                      "json").stdout)
-        return {base64_text(kv["key"]).removeprefix(f"{PREFIX}/subnets/"):
-                base64_bytes(kv["value"]) for kv in out.get("kvs", [])}
-
-    def put(key: str, value: bytes) -> None:
-        lease_id = etcd.etcdctl("lease", "grant", "86400").stdout.split()[1]
-        etcd.etcdctl("put", f"--lease={lease_id}", f"{PREFIX}/subnets/{key}", value.decode())
-
-    def delete(key: str) -> None:
-        etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
-
-    return etcd.client_flags(), stored, put, delete, etcd.cleanup
-
-
-def base64_bytes(text: str) -> bytes:
-    return base64.b64decode(text)
-
-
-def base64_text(text: str) -> str:
-    return base64_bytes(text).decode()
-
-
 @pytest.fixture(scope="module", params=["embedded", "etcd v3"])
 def cluster(request, module_topology) -> Cluster:
     topo = module_topology(4, ipv6=True)
     *daemons, kernel = topo.hosts
-    flags, stored, put, delete, cleanup = (_embedded if request.param == "embedded"
-                                           else _etcd)(topo)
+    flags, stored, put, delete, cleanup = lease_store(topo, request.param)
     os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
     try:
         leases = topo.start_daemons(DUAL_CONFIG, daemons, *flags)

@@ -11,25 +11,20 @@ iptables ones; a lease deleted takes its route with it."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import ipaddress
 import itertools
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from helpers import lease_store
 
 from flannel_udp.backends.peerroutes import RESYNC_ENV
-from flannel_udp.lab import EtcdCluster, Host, Pod, Topology, etcd_problem, wait_until
-from flannel_udp.lease import LEASE_TTL
-from flannel_udp.stores.local import LocalStore
+from flannel_udp.lab import Host, Pod, Topology, wait_until
 
 pytestmark = pytest.mark.netns
 
-PREFIX = "/coreos.com/network"
 NETWORK6 = ipaddress.IPv6Network("fd99::/56")
 # host-gw: h4 is programmed as flanneld v0.22.3 programs a node of an IPv6-only network
 KERNEL_V6, KERNEL_KEY = "fd99:0:0:f0::/64", "0.0.0.0-0&fd99:0:0:f0::-64"
@@ -53,44 +48,6 @@ class Cluster:
     delete: Callable[[str], None]
 
 
-def _embedded(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
-    store = LocalStore(topo.store_path)
-
-    def stored() -> dict[str, bytes]:
-        return {r.key: r.value for r in asyncio.run(store.list_leases()).records}
-
-    def put(key: str, value: bytes) -> None:
-        asyncio.run(store.put_lease(key, value, LEASE_TTL))
-
-    def delete(key: str) -> None:
-        asyncio.run(store.delete_lease(key))
-
-    return [], stored, put, delete, lambda: None
-
-
-def _etcd(topo: Topology) -> tuple[list[str], Callable, Callable, Callable, Callable]:
-    problem = etcd_problem()
-    if problem is not None:
-        pytest.skip(problem)
-    etcd = EtcdCluster.in_topology(topo).start()
-
-    def stored() -> dict[str, bytes]:
-        # read back with etcdctl, as an operator would
-        out = json.loads(etcd.etcdctl("get", "--prefix", f"{PREFIX}/subnets/", "-w",
-                                      "json").stdout)
-        return {base64.b64decode(kv["key"]).decode().removeprefix(f"{PREFIX}/subnets/"):
-                base64.b64decode(kv["value"]) for kv in out.get("kvs", [])}
-
-    def put(key: str, value: bytes) -> None:
-        lease_id = etcd.etcdctl("lease", "grant", "86400").stdout.split()[1]
-        etcd.etcdctl("put", f"--lease={lease_id}", f"{PREFIX}/subnets/{key}", value.decode())
-
-    def delete(key: str) -> None:
-        etcd.etcdctl("del", f"{PREFIX}/subnets/{key}")
-
-    return etcd.client_flags(), stored, put, delete, etcd.cleanup
-
-
 @pytest.fixture(scope="module", params=[("host-gw", "embedded"), ("vxlan", "embedded"),
                                         ("host-gw", "etcd v3"), ("vxlan", "etcd v3")],
                 ids=lambda p: f"{p[0]}-{p[1].replace(' ', '')}")
@@ -102,7 +59,7 @@ def cluster(request, module_topology) -> Cluster:
         # An IPv6 underlay: no IPv4 address left on eth0 (etcd below listens on the v4 one).
         for host in topo.hosts:
             host.run("ip", "-4", "addr", "flush", "dev", "eth0")
-    flags, stored, put, delete, cleanup = (_embedded if store == "embedded" else _etcd)(topo)
+    flags, stored, put, delete, cleanup = lease_store(topo, store)
     os.environ[RESYNC_ENV] = "1"  # the daemons' environment is copied from ours at start
     try:
         topo.start_daemons(config(backend), daemons, *flags, "--ip-masq")
