@@ -124,6 +124,28 @@ def _addr6_field(cfg: dict[str, Any], name: str) -> IPv6Address | None:
         raise ConfigError(f"{name}: {json.dumps(value)} is not an IPv6 address") from None
 
 
+def _subnet_range(network: IPv4Network | IPv6Network, subnet_len: int, prefix: str,
+                  given_min: Any, given_max: Any) -> tuple[Any, Any]:
+    """[IPv6]SubnetMin and [IPv6]SubnetMax (`prefix` "" or "IPv6"), flannel's defaults (the
+    second and the last subnet) for those not given, checked against the network."""
+    step = 1 << (network.max_prefixlen - subnet_len)
+    first = int(network.network_address)
+    last = int(network.broadcast_address) + 1 - step
+    address = type(network.network_address)
+    subnet_min = given_min or address(first + step)
+    subnet_max = given_max or address(last)
+    for name, addr in ((f"{prefix}SubnetMin", subnet_min), (f"{prefix}SubnetMax", subnet_max)):
+        if addr not in network:
+            raise ConfigError(f"{name}: {addr} is outside {prefix}Network {network}")
+        if int(addr) % step:
+            raise ConfigError(f"{name}: {addr} is not aligned to {prefix}SubnetLen "
+                              f"/{subnet_len}")
+    if subnet_min > subnet_max:
+        raise ConfigError(f"{prefix}SubnetMin: {subnet_min} is above {prefix}SubnetMax "
+                          f"{subnet_max}")
+    return subnet_min, subnet_max
+
+
 def _ipv6_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     """IPv6Network, IPv6SubnetLen, IPv6SubnetMin/Max with flannel's defaults and checks
     (CheckNetworkConfig), as NetworkConfig's ipv6_* fields."""
@@ -146,18 +168,9 @@ def _ipv6_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     elif not network.prefixlen + 2 <= subnet_len <= 126:
         raise ConfigError(f"IPv6SubnetLen: {subnet_len} is out of range for IPv6Network "
                           f"{network} (must be {network.prefixlen + 2}..126)")
-    step = 1 << (128 - subnet_len)
-    first = int(network.network_address)
-    last = int(network.broadcast_address) + 1 - step
-    subnet_min = _addr6_field(cfg, "IPv6SubnetMin") or IPv6Address(first + step)
-    subnet_max = _addr6_field(cfg, "IPv6SubnetMax") or IPv6Address(last)
-    for name, addr in (("IPv6SubnetMin", subnet_min), ("IPv6SubnetMax", subnet_max)):
-        if addr not in network:
-            raise ConfigError(f"{name}: {addr} is outside IPv6Network {network}")
-        if int(addr) % step:
-            raise ConfigError(f"{name}: {addr} is not aligned to IPv6SubnetLen /{subnet_len}")
-    if subnet_min > subnet_max:
-        raise ConfigError(f"IPv6SubnetMin: {subnet_min} is above IPv6SubnetMax {subnet_max}")
+    subnet_min, subnet_max = _subnet_range(
+        network, subnet_len, "IPv6", _addr6_field(cfg, "IPv6SubnetMin"),
+        _addr6_field(cfg, "IPv6SubnetMax"))
     return {"ipv6_network": network, "ipv6_subnet_len": subnet_len,
             "ipv6_subnet_min": subnet_min, "ipv6_subnet_max": subnet_max}
 
@@ -187,18 +200,8 @@ def _ipv4_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"SubnetLen: {subnet_len} is out of range for Network {network} "
                           f"(must be {network.prefixlen + 1}..30)")
 
-    step = 1 << (32 - subnet_len)
-    first = int(network.network_address)
-    last = int(network.broadcast_address) + 1 - step
-    subnet_min = _addr_field(cfg, "SubnetMin") or IPv4Address(first + step)
-    subnet_max = _addr_field(cfg, "SubnetMax") or IPv4Address(last)
-    for name, addr in (("SubnetMin", subnet_min), ("SubnetMax", subnet_max)):
-        if addr not in network:
-            raise ConfigError(f"{name}: {addr} is outside Network {network}")
-        if int(addr) % step:
-            raise ConfigError(f"{name}: {addr} is not aligned to SubnetLen /{subnet_len}")
-    if subnet_min > subnet_max:
-        raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
+    subnet_min, subnet_max = _subnet_range(network, subnet_len, "", _addr_field(cfg, "SubnetMin"),
+                                           _addr_field(cfg, "SubnetMax"))
     return {"network": network, "subnet_len": subnet_len, "subnet_min": subnet_min,
             "subnet_max": subnet_max}
 

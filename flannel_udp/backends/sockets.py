@@ -21,37 +21,24 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def open_udp_socket(port: int) -> socket.socket:
-    """The UDP socket bound to the backend's port on every address: it receives from peers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def open_udp_socket(port: int, family: int = socket.AF_INET) -> socket.socket:
+    """The UDP socket bound to the backend's port on every address of `family`: it receives
+    from peers (AF_INET6: IPv6 only, over an IPv6 underlay, and sends to them in UDP mode)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    over = ""
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        over = " over IPv6"
     _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
     _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
     try:
-        sock.bind(("0.0.0.0", port))
+        sock.bind(("::" if over else "0.0.0.0", port))
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"UDP port {port} is already in use (another flanneld or "
+            raise UserError(f"UDP port {port} is already in use{over} (another flanneld or "
                             "flannel-udp? Backend.Port sets another)") from None
-        raise UserError(f"cannot bind UDP port {port}: {e.strerror}") from None
-    return sock
-
-
-def open_udp_socket6(port: int) -> socket.socket:
-    """The IPv6-only UDP socket bound to the backend's port on every IPv6 address: it receives
-    from peers over an IPv6 underlay (and sends to them in UDP mode)."""
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
-    _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
-    try:
-        sock.bind(("::", port))
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(f"UDP port {port} is already in use over IPv6 (another flanneld or "
-                            "flannel-udp? Backend.Port sets another)") from None
-        raise UserError(f"cannot bind UDP port {port} over IPv6: {e.strerror}") from None
+        raise UserError(f"cannot bind UDP port {port}{over}: {e.strerror}") from None
     return sock
 
 

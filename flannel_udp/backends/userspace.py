@@ -26,7 +26,6 @@ from flannel_udp.backends.sockets import (
     enable_udp_gro,
     open_send_sockets,
     open_udp_socket,
-    open_udp_socket6,
     udp_gso_supported,
 )
 from flannel_udp.backends.tun import tun_attached
@@ -95,7 +94,7 @@ class TunNetwork(Network, UserspaceDataplane):
             self._sock = open_udp_socket(self.port)
             self._senders = open_send_sockets(self.send_sockets)
             if self.config.enable_ipv6:
-                self._sock6 = open_udp_socket6(self.port)
+                self._sock6 = open_udp_socket(self.port, socket.AF_INET6)
                 self._senders6 = open_send_sockets(self.send_sockets, socket.AF_INET6)
             self._tun, self.offloads_probed = open_tun_with_offloads(
                 self.tun_name, self._sock, self._senders)
