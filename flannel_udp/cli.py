@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 DEFAULT_LOCAL_STORE = "/var/lib/flannel-udp/leases"
 EXAMPLE_CONFIG = '{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}'
-# Accepted for flanneld compatibility; their features come in later versions.
-NOT_ACTIVE_YET: tuple[str, ...] = ()
 # strconv.ParseBool's spellings, which Go's flag package takes for `-flag=value`.
 GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
 GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
@@ -325,10 +323,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             raise UserError(f"{flag}: flannel-udp has no Kubernetes subnet manager; it keeps the "
                             "leases in etcd (--etcd-endpoints) or in its embedded store")
-    for dest in NOT_ACTIVE_YET:
-        if getattr(args, dest):
-            log.warning("--%s is accepted but not active yet in this version",
-                        dest.replace("_", "-"))
     iface = _iface_choice(args)
     if args.subnet_lease_renew_margin < 1 or args.subnet_lease_renew_margin > 1439:
         raise UserError("--subnet-lease-renew-margin: must be 1..1439 minutes (the lease "
