@@ -719,19 +719,12 @@ def partial_checksum_at(packet: bytes) -> int:
     left as it was. One whose checksum is wrong otherwise keeps it, for the kernel to drop.
     IPv6: TCP or UDP right behind the fixed header, the IPv6 pseudo-header."""
     if _is_ipv6(packet):
-        proto = packet[IPV6_NEXT_HEADER_OFFSET]
-        if proto == PROTO_TCP and IPV6_HEADER_LEN + TCP_HEADER_LEN <= len(packet):
-            at = IPV6_HEADER_LEN + TCP_CSUM_OFFSET
-        elif proto == PROTO_UDP and IPV6_HEADER_LEN + UDP_HEADER_LEN <= len(packet):
-            at = IPV6_HEADER_LEN + UDP_CSUM_OFFSET
-        else:
-            return 0
-        pseudo = _pseudo_sum(packet, proto, len(packet) - IPV6_HEADER_LEN)
-        return at if _u16(packet, at) == pseudo else 0
-    header_len = _ipv4_header_len(packet)
-    if _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
-        return 0  # a fragment: the kernel completes checksums before it fragments
-    proto = packet[IPV4_PROTO_OFFSET]
+        header_len, proto = IPV6_HEADER_LEN, packet[IPV6_NEXT_HEADER_OFFSET]
+    else:
+        header_len = _ipv4_header_len(packet)
+        if _u16(packet, IPV4_FLAGS_OFFSET) & IPV4_FRAGMENT_MASK:
+            return 0  # a fragment: the kernel completes checksums before it fragments
+        proto = packet[IPV4_PROTO_OFFSET]
     if proto == PROTO_TCP and header_len + TCP_HEADER_LEN <= len(packet):
         at = header_len + TCP_CSUM_OFFSET
     elif proto == PROTO_UDP and header_len + UDP_HEADER_LEN <= len(packet):
