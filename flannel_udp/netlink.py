@@ -102,7 +102,7 @@ def find_interface(choice: IfaceChoice, public_ip: IPv4Address | None = None,
     with NetNS(netns) if netns else IPRoute() as ipr:
         links = _links(ipr)
         if not choice.asks():
-            return _default_interface(ipr, links, public_ip)
+            return _default_interface(ipr, links, public_ip, need_ipv4)
         misses = []
         for spec in choice.names:
             try:
@@ -190,24 +190,27 @@ def _reaching(ipr: IPRoute, links: list[_Link], target: IPv4Address) -> ExtIface
     return _chosen(link, source)
 
 
-def _default_interface(ipr: IPRoute, links: list[_Link],
-                       public_ip: IPv4Address | None) -> ExtIface:
+def _default_interface(ipr: IPRoute, links: list[_Link], public_ip: IPv4Address | None,
+                       need_ipv4: bool = True) -> ExtIface:
     """No selection flag: the interface holding --public-ip (flanneld v0.22), else, as
-    flanneld v0.11 and for a public IP that is not this host's (NAT), the default route's."""
-    if public_ip is not None:
+    flanneld v0.11 and for a public IP that is not this host's (NAT), the default route's;
+    in an IPv6-only network (`need_ipv4` False) the IPv6 default route's, as flanneld's
+    GetDefaultV6GatewayInterface."""
+    if public_ip is not None and need_ipv4:
         holder = next((link for link in links if public_ip in link.addresses), None)
         if holder is not None:
             return _chosen(holder, public_ip)
-    routes = ipr.get_default_routes(family=socket.AF_INET)
+    family, version = (socket.AF_INET, "IPv4") if need_ipv4 else (socket.AF_INET6, "IPv6")
+    routes = ipr.get_default_routes(family=family)
     if not routes:
-        raise UserError("no IPv4 default route to pick the interface from; name it with "
+        raise UserError(f"no {version} default route to pick the interface from; name it with "
                         "--iface, --iface-regex or --iface-can-reach")
     oif = routes[0].get("RTA_OIF")
     link = next((link for link in links if link.index == oif), None)
     if link is None:
         raise UserError(f"the default route leaves by interface index {oif}, which is gone")
     try:
-        return _chosen(link)
+        return _chosen(link, need_ipv4=need_ipv4)
     except _Miss as e:
         raise UserError(f"the default route's interface: {e}") from None
 
@@ -254,9 +257,10 @@ def _as_ipv4(text: str | None) -> IPv4Address | None:
         return None
 
 
-def configure_tun(name: str, address: IPv4Interface, mtu: int,
+def configure_tun(name: str, address: IPv4Interface | None, mtu: int,
                   routes: list[IPv4Network]) -> None:
-    """Give the TUN its MTU and address, bring it up (IPv6 off first), and route through it."""
+    """Give the TUN its MTU and address, bring it up (IPv6 off first), and route through it.
+    `address` None: no IPv4 address (an IPv6-only network; configure_tun6 adds the rest)."""
     disable_ipv6(name)
     # The ICMP errors the fast path writes back come from the TUN's own address; without
     # accept_local the kernel drops them as martians.
@@ -266,13 +270,14 @@ def configure_tun(name: str, address: IPv4Interface, mtu: int,
         try:
             # The default queue of 500 overflows under one TCP stream (drops = retransmits).
             ipr.link("set", index=index, mtu=mtu, txqlen=TUN_TXQUEUELEN)
-            ipr.addr("add", index=index, address=str(address.ip),
-                     prefixlen=address.network.prefixlen)
+            if address is not None:
+                ipr.addr("add", index=index, address=str(address.ip),
+                         prefixlen=address.network.prefixlen)
             ipr.link("set", index=index, state="up")
             for dst in routes:
                 ipr.route("replace", dst=str(dst), oif=index)
         except NetlinkError as e:
-            raise UserError(f"cannot configure {name} ({address}, mtu {mtu}, routes "
+            raise UserError(f"cannot configure {name} ({address or 'no IPv4'}, mtu {mtu}, routes "
                             f"{', '.join(map(str, routes))}): {os.strerror(e.code)}",
                             exit_code=1) from None
 

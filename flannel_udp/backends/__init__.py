@@ -20,7 +20,6 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from flannel_udp.config import NetworkConfig
-from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 
 if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backend options
@@ -153,27 +152,10 @@ BACKENDS: dict[str, Factory] = {"udp": _udp, "vxlan": _vxlan, "host-gw": _host_g
 # flannel-v6.<VNI> does (the userspace one sends and takes its frames on the wire).
 
 
-def check_ipv6(config: NetworkConfig) -> None:
-    """UserError (one line) for an IPv6-only network (EnableIPv4 false) on a data plane that
-    cannot run one: udp, and vxlan's userspace dataplane."""
-    if config.enable_ipv4:
-        return
-    if config.backend_type == "udp":
-        raise UserError("EnableIPv4: false: the udp backend does not run IPv6-only networks "
-                        "(flannel's udp backend is IPv4-only); use vxlan or host-gw")
-    if config.backend_type == "vxlan":
-        from flannel_udp.backends.vxlan.options import vxlan_options
-        if vxlan_options(config).dataplane == "userspace":
-            raise UserError("EnableIPv4: false: the vxlan backend's userspace dataplane does "
-                            "not run IPv6-only networks yet; set Backend.Dataplane \"kernel\" "
-                            "(flannel-v6.<VNI>) or use host-gw")
-
-
 def make_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
                  settings: DataplaneSettings, public_ipv6: IPv6Address | None = None
                  ) -> Network:
     """The backend the config names; UserError for options it can't work with.
     `public_ipv6`: ours in dual stack (EnableIPv6), else None."""
-    check_ipv6(config)
     return BACKENDS[config.backend_type](config, ext, public_ip, settings,
                                          public_ipv6 if config.enable_ipv6 else None)

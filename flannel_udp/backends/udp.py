@@ -32,3 +32,5 @@ class UdpNetwork(TunNetwork):
             raise Unreachable(f"runs backend {lease.backend}, which the udp backend cannot "
                               "reach")
         return ()
+
+    _route_args6 = _route_args  # the same frames over IPv6

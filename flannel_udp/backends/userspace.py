@@ -6,7 +6,9 @@ needs and how a peer's lease becomes a route.
 Python sets the devices up and keeps the route table current; the packets never leave C
 (`flannel_udp._fastpath`). Dual stack (EnableIPv6, our lease holding an IPv6 subnet): the TUN
 gets the IPv6 subnet's network address and a route for the IPv6Network, and each peer's IPv6
-subnet is routed to its PublicIPv6 over IPv6 sockets (to its PublicIP when it has none).
+subnet is routed to its PublicIPv6 over IPv6 sockets (to its PublicIP when it has none). An
+IPv6-only network (EnableIPv4 false) is the same without the IPv4 side: the TUN has no IPv4
+address nor route, and the peers are their IPv6 subnets alone.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class TunNetwork(Network, UserspaceDataplane):
         self._senders: list[socket.socket] = []
         self._sock6: socket.socket | None = None  # dual stack: the IPv6 underlay's
         self._senders6: list[socket.socket] = []
-        self._v6_subnets: dict[IPv4Network, IPv6Network] = {}  # peers' IPv6 subnets we route
+        # The peers' IPv6 subnets we route, by their lease's ident (Lease.ident)
+        self._v6_subnets: dict[IPv4Network | IPv6Network, IPv6Network] = {}
         self._v6_on = False  # the fast path has an IPv6 side (dual stack, our IPv6 lease)
         self._fastpath: FastPath | None = None
         self.offloads_probed = Offloads()
@@ -116,8 +119,10 @@ class TunNetwork(Network, UserspaceDataplane):
     def start(self, lease: Lease, peers: list[Lease]) -> None:
         from flannel_udp._fastpath import FastPath
         assert self._tun is not None and self._sock is not None
+        v4 = self.config.enable_ipv4
         tun_addr = IPv4Interface((lease.subnet.network_address, 32))
-        netlink.configure_tun(self.tun_name, tun_addr, self.mtu, [self.config.network])
+        netlink.configure_tun(self.tun_name, tun_addr if v4 else None, self.mtu,
+                              [self.config.network] if v4 else [])
         v6: dict[str, Any] = {}
         if (self.config.enable_ipv6 and lease.ipv6_subnet is not None
                 and self.config.ipv6_network is not None and self._sock6 is not None):
@@ -133,8 +138,11 @@ class TunNetwork(Network, UserspaceDataplane):
                   "udp6_fd": self._sock6.fileno(),
                   "send6_fds": [s.fileno() for s in self._senders6] or None,
                   **self._fastpath_options6()}
+        # IPv6-only: the IPv4 side has no route and its own subnet is the address 0.0.0.0 alone
+        # (not flannel's empty 0.0.0.0/0, which would take in every IPv4 destination).
         self._fastpath = FastPath(self._tun.fileno(), self._sock.fileno(), self.port,
-                                  str(lease.subnet.network_address), self.config.subnet_len,
+                                  str(lease.subnet.network_address),
+                                  self.config.subnet_len if v4 else 32,
                                   send_fds=[s.fileno() for s in self._senders] or None,
                                   vnet_hdr=self.offloads_probed.tun_vnet_hdr,
                                   udp_gso=self.offloads_probed.udp_gso,
@@ -148,17 +156,26 @@ class TunNetwork(Network, UserspaceDataplane):
             self.add_peer(peer)
         self._fastpath.start()
         log.info("%s backend: %s %s mtu %d, UDP port %d on %s", self.config.backend_type,
-                 self.tun_name, tun_addr, self.mtu, self.port, self.ext.name)
+                 self.tun_name, tun_addr if v4 else lease.ipv6_subnet, self.mtu, self.port,
+                 self.ext.name)
+
+    def _reach(self, lease: Lease) -> tuple[Any, ...]:
+        """`_route_args` of the lease's IPv4 side, or of its IPv6 side in an IPv6-only network
+        (where that is all it has)."""
+        return self._route_args(lease) if self.config.enable_ipv4 else self._route_args6(lease)
 
     def accepts(self, lease: Lease) -> bool:
         try:
-            self._route_args(lease)
+            self._reach(lease)
         except Unreachable:
             return False
         return True
 
     def add_peer(self, lease: Lease) -> None:
         if self._fastpath is None:
+            return
+        if not self.config.enable_ipv4:
+            self._add_peer6(lease)
             return
         subnet = str(lease.subnet.network_address)
         try:
@@ -174,7 +191,7 @@ class TunNetwork(Network, UserspaceDataplane):
         """Route the peer's IPv6 subnet (if it has one and we run dual stack), or forget the
         one it had."""
         assert self._fastpath is not None
-        old = self._v6_subnets.pop(lease.subnet, None)
+        old = self._v6_subnets.pop(lease.ident, None)
         if old is not None and old != lease.ipv6_subnet:
             self._fastpath.del_route6(str(old.network_address))
         if (lease.ipv6_subnet is None or not self._v6_on
@@ -187,12 +204,16 @@ class TunNetwork(Network, UserspaceDataplane):
                         lease.public_ipv6 or lease.public_ip, e)
             return
         peer = lease.public_ipv6 if lease.public_ipv6 is not None else lease.public_ip
+        if not lease.has_ipv4 and lease.public_ipv6 is None:
+            log.warning("peer %s: no PublicIPv6 in its lease; skipped", lease.ipv6_subnet)
+            return
         self._fastpath.set_route6(str(lease.ipv6_subnet.network_address), str(peer), *extra)
-        self._v6_subnets[lease.subnet] = lease.ipv6_subnet
+        self._v6_subnets[lease.ident] = lease.ipv6_subnet
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
         if self._fastpath is not None:
-            self._fastpath.del_route(str(subnet.network_address))
+            if isinstance(subnet, IPv4Network):
+                self._fastpath.del_route(str(subnet.network_address))
             old = self._v6_subnets.pop(subnet, None)
             if old is not None:
                 self._fastpath.del_route6(str(old.network_address))
@@ -203,17 +224,21 @@ class TunNetwork(Network, UserspaceDataplane):
             if mac is not None:
                 counters["vtep_mac"] = format_mac(mac)
             peers[f"{subnet}/{self.config.subnet_len}"] = counters
-        # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6".
+        # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6"; in an
+        # IPv6-only network it is the lease's row.
         routes6 = {subnet: (ip, mac, counters) for subnet, ip, mac, counters in
                    (self._fastpath.routes6() if self._fastpath and self._v6_on else ())}
-        for subnet4, subnet6 in self._v6_subnets.items():
+        for ident, subnet6 in self._v6_subnets.items():
             found = routes6.get(str(subnet6.network_address))
-            if found is not None and str(subnet4) in peers:
-                ip, mac, counters = found
-                counters = {"subnet": str(subnet6), "peer": ip, **counters}
-                if mac is not None:
-                    counters["vtep_mac"] = format_mac(mac)
-                peers[str(subnet4)]["ipv6"] = counters
+            if found is None:
+                continue
+            ip, mac, counters = found
+            if mac is not None:
+                counters["vtep_mac"] = format_mac(mac)
+            if isinstance(ident, IPv6Network):
+                peers[str(ident)] = counters
+            elif str(ident) in peers:
+                peers[str(ident)]["ipv6"] = {"subnet": str(subnet6), "peer": ip, **counters}
         return {"counters": self.counters(), "peers": peers, "lease": self._lease_stats()}
 
     def userspace(self) -> UserspaceDataplane:

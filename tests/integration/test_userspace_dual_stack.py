@@ -1,9 +1,9 @@
 """End to end, dual stack on the udp backend's userspace data plane: three hosts on an underlay
 with IPv4 and IPv6 addresses, `EnableIPv6` with `IPv6Network` fd99::/56. The fast path carries
 IPv6 inner packets in flannel's udp format (ours alone: flanneld's udp backend is IPv4-only)
-over the IPv6 underlay to each peer's PublicIPv6: every pair of pods pings and moves TCP over
-v4 and over v6, `status` lists each peer's IPv6 subnet, and a peer's IPv6 route goes with its
-lease."""
+over the IPv6 underlay to each peer's PublicIPv6: every pair of pods pings and moves 100 MB of
+TCP over v4 and over v6, `status` lists each peer's IPv6 subnet, and a peer's IPv6 route goes
+with its lease."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_every_pair_pings_and_moves_tcp_over_v4_and_over_v6(cluster: Topology):
     assert not failures, "\n".join(failures) + "\n" + cluster.log_tails()
     for src, dst in itertools.permutations(pods.values(), 2):
         for ipv6 in (False, True):
-            got = src.tcp_transfer(dst, next(_ports), 4 << 20, ipv6=ipv6)
-            assert got == {"sent": 4 << 20, "received": 4 << 20, "intact": True}, (
+            got = src.tcp_transfer(dst, next(_ports), 100 << 20, timeout=120, ipv6=ipv6)
+            assert got == {"sent": 100 << 20, "received": 100 << 20, "intact": True}, (
                 src.label, dst.label, ipv6)
 
 

@@ -1,13 +1,14 @@
 """End to end, an IPv6-only network (`"EnableIPv4": false`, `IPv6Network` fd99::/56): three
-flannel-udp hosts as namespaces on host-gw and on vxlan's kernel dataplane, on the embedded store
-with an underlay that has no IPv4 address at all (fd77::1x only) and on etcd's v3 keyspace;
-on host-gw a fourth node is programmed as flanneld v0.22.3 would (its lease, v6 routes and
-subnet.env, as read from flannel's source). Every pair of pods pings and moves a TCP transfer
-over v6; the leases are flanneld's for an
-IPv6-only network (key `0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0, no BackendData); subnet.env has
-no FLANNEL_NETWORK nor FLANNEL_SUBNET; host-gw routes each peer's IPv6 subnet via its PublicIPv6,
-vxlan makes `flannel-v6.1` alone (no `flannel.1`); --ip-masq writes ip6tables rules and no
-iptables ones; a lease deleted takes its route with it."""
+flannel-udp hosts as namespaces on host-gw, on vxlan's kernel and userspace dataplanes and on udp
+(ours alone: flannel's udp is IPv4-only), on the embedded store with an underlay that has no
+IPv4 address at all (fd77::1x only) and on etcd's v3 keyspace; on host-gw a fourth node is
+programmed as flanneld v0.22.3 would (its lease, v6 routes and subnet.env, as read from
+flannel's source). Every pair of pods pings and moves 100 MB of TCP over v6; the leases are
+flanneld's for an IPv6-only network (key `0.0.0.0-0&<v6>-64`, PublicIP 0.0.0.0, no
+BackendData); subnet.env has no FLANNEL_NETWORK nor FLANNEL_SUBNET; host-gw routes each peer's
+IPv6 subnet via its PublicIPv6, vxlan makes `flannel-v6.1` alone (no `flannel.1`), the userspace
+dataplanes a TUN with the IPv6 side alone; --ip-masq writes ip6tables rules and no iptables
+ones; a lease deleted takes its route with it."""
 
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ KERNEL_V6, KERNEL_KEY = "fd99:0:0:f0::/64", "0.0.0.0-0&fd99:0:0:f0::-64"
 _ports = itertools.count(7401)
 
 
+USERSPACE = ("udp", "vxlan-userspace")  # backends forwarding through a TUN: its name
+TUN = {"udp": "flannel0", "vxlan-userspace": "flvx.1"}
+
+
 def config(backend: str) -> dict:
-    be = {"Type": "vxlan", "Dataplane": "kernel"} if backend == "vxlan" else {"Type": backend}
+    be = {"udp": {"Type": "udp"}, "host-gw": {"Type": "host-gw"},
+          "vxlan": {"Type": "vxlan", "Dataplane": "kernel"},
+          "vxlan-userspace": {"Type": "vxlan", "Dataplane": "userspace"}}[backend]
     return {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": str(NETWORK6), "Backend": be}
 
 
@@ -49,7 +56,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module", params=[("host-gw", "embedded"), ("vxlan", "embedded"),
-                                        ("host-gw", "etcd v3"), ("vxlan", "etcd v3")],
+                                        ("host-gw", "etcd v3"), ("vxlan", "etcd v3"),
+                                        ("udp", "embedded"), ("vxlan-userspace", "embedded")],
                 ids=lambda p: f"{p[0]}-{p[1].replace(' ', '')}")
 def cluster(request, module_topology) -> Cluster:
     backend, store = request.param
@@ -93,6 +101,13 @@ def program_as_flanneld(node: Host, daemons: list[Host], put: Callable) -> None:
         "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n")
 
 
+def vtep_mac6(host: Host, backend: str) -> str:
+    """The host's IPv6 VtepMAC: flannel-v6.1's, or the userspace dataplane's in its status."""
+    if backend == "vxlan":
+        return host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+    return host.status()["lease"]["ipv6_vtep_mac"]
+
+
 def test_every_pair_pings_and_moves_tcp_over_v6(cluster: Cluster):
     pods = list(cluster.pods.values())
     failures = []
@@ -103,10 +118,11 @@ def test_every_pair_pings_and_moves_tcp_over_v6(cluster: Cluster):
         if done.returncode != 0:
             failures.append(f"{src.label} -> {dst.label}: {done.stdout.strip()}")
     assert not failures, "\n".join(failures) + "\n" + cluster.topo.log_tails()
+    # 100 MB on one store: the other carries packets on the same routes
+    size = 100 << 20 if cluster.store == "embedded" else 8 << 20
     for src, dst in itertools.permutations(pods, 2):
-        got = src.tcp_transfer(dst, next(_ports), 2 << 20, ipv6=True)
-        assert got == {"sent": 2 << 20, "received": 2 << 20, "intact": True}, (
-            src.label, dst.label)
+        got = src.tcp_transfer(dst, next(_ports), size, ipv6=True)
+        assert got == {"sent": size, "received": size, "intact": True}, (src.label, dst.label)
 
 
 def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: Cluster):
@@ -118,15 +134,18 @@ def test_leases_and_subnet_env_are_flanneld_s_for_an_ipv6_only_network(cluster: 
         v6 = ipaddress.IPv6Network(lease["ipv6_subnet"])
         assert v6.subnet_of(NETWORK6) and v6.prefixlen == 64
         value = f'{{"PublicIP":"0.0.0.0","PublicIPv6":"{host.underlay_ipv6}"'
-        if cluster.backend == "vxlan":
-            mac = host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+        if cluster.backend.startswith("vxlan"):
+            mac = vtep_mac6(host, cluster.backend)
             value += f',"BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac}"}}}}'
+        elif cluster.backend == "udp":
+            value += "}"  # flannel's udp leases have no BackendType
         else:
             value += ',"BackendType":"host-gw"}'
         expected[f"0.0.0.0-0&{v6.network_address}-64"] = value.encode()
         # flanneld's vxlan writes the underlay's MTU - 50 in IPv6-only too (flannel-v6.1 has
-        # - 70; the kernel tells the pods with packet-too-big)
-        mtu = 1500 - 50 if cluster.backend == "vxlan" else 1500
+        # - 70; the kernel tells the pods with packet-too-big); the userspace dataplanes the
+        # same, their TUN's, with packet-too-big above the IPv6 underlay's path MTU.
+        mtu = {"vxlan": 1450, "vxlan-userspace": 1450, "udp": 1472}.get(cluster.backend, 1500)
         assert host.subnet_file.read_text() == (
             f"FLANNEL_IPV6_NETWORK={NETWORK6}\nFLANNEL_IPV6_SUBNET={v6.network_address + 1}/64\n"
             f"FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n")
@@ -145,6 +164,13 @@ def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
         links = {link["ifname"] for link in host.ip_json("link", "show")}
         if cluster.backend == "vxlan":
             assert "flannel-v6.1" in links and "flannel.1" not in links
+        if cluster.backend in USERSPACE:  # the TUN: the IPv6Network's route, no IPv4 at all
+            tun = TUN[cluster.backend]
+            assert not ({"flannel-v6.1", "flannel.1"} & links)
+            assert not [a for link in host.ip_json("-4", "addr", "show", "dev", tun)
+                        for a in link.get("addr_info", ())]
+            assert [r["dev"] for r in host.ip_json("-6", "route", "show", "exact",
+                                                   str(NETWORK6))] == [tun]
         for other in cluster.daemons:
             if other is host:
                 continue
@@ -154,7 +180,12 @@ def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
             assert peer["public_ipv6"] == other.underlay_ipv6
             assert peer["reachable"] is True
             routes = host.ip_json("-6", "route", "show", "exact", subnet6)
-            if cluster.backend == "vxlan":
+            if cluster.backend in USERSPACE:  # the fast path's table: no kernel route
+                assert not routes
+                if cluster.backend == "vxlan-userspace":
+                    assert peer["ipv6_path"] == "vxlan"
+                    assert peer["vtep_mac"] == vtep_mac6(other, cluster.backend)
+            elif cluster.backend == "vxlan":
                 assert peer["ipv6_path"] == "vxlan"
                 gateway = str(ipaddress.IPv6Network(subnet6).network_address)
                 assert [(r["gateway"], r["dev"]) for r in routes] == [(gateway,
@@ -196,11 +227,10 @@ def test_status_prints_the_ipv6_only_lease_and_peers(cluster: Cluster):
     host = cluster.topo.host(1)
     out = host.flannel("status", "--control-socket", str(host.control_socket)).stdout
     lease = host.lease()
-    assert f"lease    -  public IP -  backend {cluster.backend}" in out
+    assert f"lease    -  public IP -  backend {config(cluster.backend)['Backend']['Type']}" in out
     assert f"ipv6     {lease['ipv6_subnet']}  public IPv6 {host.underlay_ipv6}" in out
-    if cluster.backend == "vxlan":  # flannel-v6.1's, the only VtepMAC
-        mac = host.ip_json("link", "show", "flannel-v6.1")[0]["address"]
-        assert f"vxlan    VNI 1  VtepMAC {mac}" in out
+    if cluster.backend.startswith("vxlan"):  # flannel-v6.1's, the only VtepMAC
+        assert f"vxlan    VNI 1  VtepMAC {vtep_mac6(host, cluster.backend)}" in out
     for other in cluster.daemons[1:]:
         row = next(line for line in out.splitlines()
                    if other.lease()["ipv6_subnet"] in line and line.startswith("-"))
@@ -229,3 +259,36 @@ def test_a_deleted_lease_takes_its_route_with_it_last(cluster: Cluster):
                    f"{host.label} to drop {subnet6}")
         wait_until(lambda h=host: not h.ip_json("-6", "route", "show", "exact", subnet6), 10,
                    f"{host.label} to remove the route to {subnet6}")
+
+
+def test_auto_falls_back_to_userspace_in_an_ipv6_only_network_beside_a_kernel_node(topology):
+    """h1 takes the kernel's flannel-v6.1; on h2 a bridge holds that name, so "auto" runs the
+    userspace dataplane, with the VtepMAC the kernel's would have had, and h2 names no --iface:
+    the IPv6 default route's interface is its underlay. Pods ping both ways over v6."""
+    topo: Topology = topology(2, ipv6=True)
+    h1, h2 = topo.hosts
+    for host in topo.hosts:
+        host.run("ip", "-4", "addr", "flush", "dev", "eth0")
+    h2.run("ip", "link", "add", "flannel-v6.1", "type", "bridge")
+    h2.run("ip", "-6", "route", "add", "default", "via", h1.underlay_ipv6, "dev", "eth0")
+    net_config = topo.write_net_config(
+        {**config("vxlan"), "Backend": {"Type": "vxlan", "Dataplane": "auto"}})
+    h1.start_flannel(topo.store_path, net_config)
+    h2.start_flannel(topo.store_path, net_config, iface=None)
+    for host in topo.hosts:
+        host.wait_ready()
+    topo.wait_peers()
+    assert (h1.lease()["dataplane"], h2.lease()["dataplane"]) == ("kernel", "userspace")
+    assert "underlay eth0" in h2.log_path.read_text()
+    h1_mac = h1.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+    assert h1.lease()["ipv6_vtep_mac"] == h1_mac
+    stored = lease_store(topo, "embedded")[1]()
+    v6 = ipaddress.IPv6Network(h2.lease()["ipv6_subnet"])
+    mac = h2.lease()["ipv6_vtep_mac"]
+    assert f'"VtepMAC":"{mac}"'.encode() in stored[f"0.0.0.0-0&{v6.network_address}-64"]
+    pods = [topo.add_pod(host) for host in topo.hosts]
+    for src, dst in itertools.permutations(pods, 2):
+        assert dst.address6 is not None
+        src.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst.address6)
+    got = pods[0].tcp_transfer(pods[1], next(_ports), 8 << 20, ipv6=True)
+    assert got == {"sent": 8 << 20, "received": 8 << 20, "intact": True}

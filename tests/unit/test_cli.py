@@ -308,24 +308,3 @@ def test_refused_interface_flags_are_one_line_and_change_nothing(tmp_path, argv,
     assert not store.exists() and not subnet_file.exists()
 
 
-@pytest.mark.parametrize("backend, message", [
-    ({"Type": "udp"}, "EnableIPv4: false: the udp backend does not run IPv6-only networks"),
-    ({"Type": "vxlan", "Dataplane": "userspace"},
-     "EnableIPv4: false: the vxlan backend's userspace dataplane does not run IPv6-only"),
-])
-def test_ipv6_only_on_a_backend_without_it_is_refused_at_start_changing_nothing(
-        tmp_path, backend, message):
-    config = tmp_path / "net-conf.json"
-    config.write_text(json.dumps({"EnableIPv4": False, "EnableIPv6": True,
-                                  "IPv6Network": "fd99::/56", "Backend": backend}))
-    store, subnet_file = tmp_path / "store", tmp_path / "subnet.env"
-    done = flannel_udp("run", "--local-store", str(store), "--subnet-file", str(subnet_file),
-                       "--net-config-path", str(config), "--control-socket",
-                       str(tmp_path / "control.sock"), "--public-ipv6", "fd77::1")
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in done.stderr
-    assert not store.exists() and not subnet_file.exists()  # no lease, no config seeded
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net-conf.json"]
-
-

@@ -112,3 +112,20 @@ def test_a_single_candidate_is_named_alone(host):
         pick(host, "nope0")
     with pytest.raises(UserError, match=r"^--iface 10\.9\.9\.9: no interface has this address$"):
         pick(host, "10.9.9.9")
+
+
+def test_an_ipv6_only_network_picks_the_ipv6_default_route_s_interface(module_topology):
+    """As flanneld's GetDefaultV6GatewayInterface: the IPv6 default route's interface, which
+    needs no IPv4 address, even where an IPv4 default route leaves by another one."""
+    h1 = module_topology(1).host(1)
+    h1.run("ip", "link", "add", "ens6", "type", "veth", "peer", "name", "ens6p")
+    for dev in ("ens6", "ens6p"):
+        h1.run("ip", "link", "set", dev, "up")
+    h1.run("ip", "addr", "add", "fd66::2/64", "dev", "ens6", "nodad")
+    h1.run("ip", "route", "add", "default", "via", "192.168.77.1", "dev", "eth0")
+    with pytest.raises(UserError, match="^no IPv6 default route to pick the interface from"):
+        find_interface(IfaceChoice(), None, netns=h1.name, need_ipv4=False)
+    h1.run("ip", "-6", "route", "add", "default", "via", "fd66::1", "dev", "ens6")
+    ext = find_interface(IfaceChoice(), None, netns=h1.name, need_ipv4=False)
+    assert (ext.name, str(ext.address)) == ("ens6", "0.0.0.0")
+    assert find_interface(IfaceChoice(), None, netns=h1.name).name == "eth0"  # dual stack, v4

@@ -31,9 +31,7 @@ def vxlan_network(config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
     dataplane = vxlan_options(config).dataplane
     if dataplane == "userspace":
         return VxlanNetwork(config, ext, public_ip, settings, public_ipv6)
-    if dataplane == "kernel" or not config.enable_ipv4:
-        # IPv6-only: the userspace dataplane cannot run it, so "auto" has nothing to fall
-        # back to (check_ipv6 refuses "userspace" outright).
+    if dataplane == "kernel":
         return KernelVxlanNetwork(config, ext, public_ip, public_ipv6)
     return AutoVxlanNetwork(KernelVxlanNetwork(config, ext, public_ip, public_ipv6),
                             VxlanNetwork(config, ext, public_ip, settings, public_ipv6))

@@ -41,7 +41,7 @@ class AutoVxlanNetwork(Network):
             self._chosen = self._userspace
         else:
             log.info("vxlan dataplane: kernel (%s), chosen by Dataplane \"auto\"",
-                     self._kernel.device)
+                     self._kernel.device if self._kernel.ipv4 else self._kernel.device6)
             self._chosen = self._kernel
             return
         self._userspace.open()

@@ -35,6 +35,13 @@ def peer_vtep_mac(lease: Lease, vni: int) -> bytes:
     return _vtep_mac(lease.backend_data, vni)
 
 
+def peer_v6_vtep_mac(lease: Lease, vni: int) -> bytes:
+    """The VtepMAC of a vxlan peer's IPv6 device (BackendV6Data); Unreachable as above."""
+    if lease.backend != "vxlan":
+        raise Unreachable(f"runs backend {lease.backend}, not vxlan; ignored as flannel does")
+    return _vtep_mac(lease.backend_v6_data, vni, " (BackendV6Data)")
+
+
 @dataclass(frozen=True)
 class V6Peer:
     """A peer's IPv6 side, from its lease: its IPv6 subnet, PublicIPv6 and BackendV6Data."""

@@ -12,18 +12,19 @@ from __future__ import annotations
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
-from flannel_udp.backends import DataplaneSettings, Unreachable
+from flannel_udp.backends import DataplaneSettings
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
 from flannel_udp.backends.userspace import TunNetwork
 from flannel_udp.backends.vxlan.options import vxlan_settings
 from flannel_udp.backends.vxlan.peers import (
     V6Peer,
+    peer_v6_vtep_mac,
     peer_vtep_mac,
     plan_vxlan_peer,
     plan_vxlan_v6_peer,
 )
 from flannel_udp.config import NetworkConfig
-from flannel_udp.lease import Lease, LeaseValueError, VxlanLeaseData, format_mac
+from flannel_udp.lease import Lease, format_mac
 from flannel_udp.netlink import ExtIface
 
 TUN_PREFIX = "flvx."  # + VNI: at most 13 characters, within IFNAMSIZ for every VNI
@@ -50,7 +51,7 @@ class VxlanNetwork(TunNetwork):
         self.mtu = settings.mtu
         self.tun_name = f"{TUN_PREFIX}{self.vni}"
         self.vtep_mac = settings.vtep_mac
-        self.backend_data = settings.backend_data
+        self.backend_data = settings.backend_data if config.enable_ipv4 else None
         # Dual stack: the IPv6 VtepMAC the kernel dataplane's flannel-v6.<VNI> would have, so
         # Dataplane "auto" publishes the same BackendV6Data whichever it takes.
         self.vtep_mac6 = settings.v6_vtep_mac
@@ -68,16 +69,11 @@ class VxlanNetwork(TunNetwork):
 
     def _route_args6(self, lease: Lease) -> tuple[Any, ...]:
         # As a flannel-v6 device: frames to the VtepMAC of the peer's BackendV6Data.
-        try:
-            data = VxlanLeaseData.decode(lease.backend_v6_data)
-        except LeaseValueError as e:
-            raise Unreachable(f"malformed BackendV6Data: {e}") from None
-        if data.vni is not None and data.vni != self.vni:
-            raise Unreachable(f"BackendV6Data VNI {data.vni} is not ours ({self.vni})")
-        return (data.vtep_mac,)
+        return (peer_v6_vtep_mac(lease, self.vni),)
 
     def _lease_stats(self) -> dict[str, Any]:
-        stats = {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac),
+        v4 = self.config.enable_ipv4  # IPv6-only: the IPv6 VtepMAC is the only one
+        stats = {"vni": self.vni, "vtep_mac": format_mac(self.vtep_mac) if v4 else None,
                  "dataplane": "userspace", "direct_routing": self.settings.direct_routing}
         if self._v6_on and self.vtep_mac6 is not None:  # as the kernel dataplane names it
             stats["ipv6_vtep_mac"] = format_mac(self.vtep_mac6)
@@ -95,14 +91,20 @@ class VxlanNetwork(TunNetwork):
 
     def _plan_direct(self, lease: Lease) -> Plan:
         # Encapsulation is the fast path's: no kernel entries for the others.
+        plan6 = None
+        if self._v6_on and lease.ipv6_subnet is not None and lease.backend == "vxlan":
+            # Dual stack: the IPv6 side decided apart, as the kernel dataplane decides it.
+            peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
+            plan6 = plan_vxlan_v6_peer(peer, self.settings, lambda _peer, _mac: ())
+        if not self.config.enable_ipv4:  # IPv6-only: that side is all there is
+            if plan6 is None or plan6.problem is not None:  # add_peer has said why already
+                return Plan((), "ignored")
+            return Plan(plan6.entries, plan6.path, None, {"ipv6_path": plan6.path})
         plan = plan_vxlan_peer(lease, self.settings, lambda _lease, _mac: ())
-        if plan.problem is not None:  # add_peer has said why already
+        if plan.problem is not None:
             return Plan((), plan.path)
-        if not self._v6_on or lease.ipv6_subnet is None:
+        if plan6 is None:
             return plan
-        # Dual stack: the IPv6 side decided apart, as the kernel dataplane decides it.
-        peer = V6Peer(lease.ipv6_subnet, lease.public_ipv6, lease.backend_v6_data)
-        plan6 = plan_vxlan_v6_peer(peer, self.settings, lambda _peer, _mac: ())
         return Plan(plan.entries + plan6.entries, plan.path, None,
                     {**plan.shown, "ipv6_path": plan6.path})
 
@@ -120,6 +122,8 @@ class VxlanNetwork(TunNetwork):
         stats = super().stats()
         for counters in stats["peers"].values():
             counters["path"] = "vxlan"
+            if not self.config.enable_ipv4:  # the row is the IPv6 side's, as the kernel's
+                counters["ipv6_path"] = "vxlan"
         if self._direct is not None:
             for subnet, plan in self._direct.plans.items():
                 row = stats["peers"].setdefault(str(subnet), {})
