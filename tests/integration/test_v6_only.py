@@ -101,6 +101,13 @@ def program_as_flanneld(node: Host, daemons: list[Host], put: Callable) -> None:
         "FLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n")
 
 
+def ours_v4_routes(host: Host) -> list[dict]:
+    """IPv4 routes other than the kernel's for eth0's own address: none of ours may be there,
+    not to 0.0.0.0/0, not to anything."""
+    return [r for r in host.ip_json("-4", "route", "show", "table", "all")
+            if r.get("protocol") != "kernel" and r.get("type") not in ("local", "broadcast")]
+
+
 def vtep_mac6(host: Host, backend: str) -> str:
     """The host's IPv6 VtepMAC: flannel-v6.1's, or the userspace dataplane's in its status."""
     if backend == "vxlan":
@@ -200,8 +207,7 @@ def test_each_peer_is_routed_over_v6_only(cluster: Cluster):
             routes = host.ip_json("-6", "route", "show", "exact", KERNEL_V6)
             assert [(r["gateway"], r["dev"]) for r in routes] == [(kernel.underlay_ipv6,
                                                                    "eth0")]
-        # no IPv4 route of ours: not to 0.0.0.0/0, not to anything
-        assert not host.ip_json("-4", "route", "show", "proto", "static")
+        assert not ours_v4_routes(host)
 
 
 def test_masquerade_and_forward_rules_are_ip6tables_ones_only(cluster: Cluster):
@@ -292,3 +298,22 @@ def test_auto_falls_back_to_userspace_in_an_ipv6_only_network_beside_a_kernel_no
         src.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst.address6)
     got = pods[0].tcp_transfer(pods[1], next(_ports), 8 << 20, ipv6=True)
     assert got == {"sent": 8 << 20, "received": 8 << 20, "intact": True}
+
+
+@pytest.mark.parametrize("dataplane", ["kernel", "userspace"])
+def test_direct_routing_in_an_ipv6_only_network_routes_peers_via_their_public_ipv6(
+        topology, dataplane):
+    topo: Topology = topology(2, ipv6=True)
+    topo.start_daemons({**config("vxlan"), "Backend": {"Type": "vxlan", "Dataplane": dataplane,
+                                                       "DirectRouting": True}})
+    for host, other in itertools.permutations(topo.hosts, 2):
+        subnet6 = other.lease()["ipv6_subnet"]
+        peer = next(p for p in host.status()["peers"] if p["ipv6_subnet"] == subnet6)
+        assert peer["ipv6_path"] == "direct"
+        routes = host.ip_json("-6", "route", "show", "exact", subnet6)
+        assert [(r["gateway"], r["dev"]) for r in routes] == [(other.underlay_ipv6, "eth0")]
+        assert not ours_v4_routes(host)
+    pods = [topo.add_pod(host) for host in topo.hosts]
+    for src, dst in itertools.permutations(pods, 2):
+        assert dst.address6 is not None
+        src.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst.address6)
