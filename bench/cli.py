@@ -28,7 +28,7 @@ from flannel_udp.lab import (
 )
 
 SCHEMA = "flannel-udp-bench/1"
-TESTS = ("tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "rss5000")
+TESTS = ("tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "loaded", "rss5000")
 DEFAULT_DURATION = 5
 QUICK_DURATION = 1
 MANY_PEERS = 5000
@@ -247,6 +247,18 @@ def _run_test(test: str, ends: Endpoints, duration: int) -> dict[str, Any]:
         loss = "?" if r["loss"] is None else f"{r['loss'] * 100:.2f}%"
         _say(f"             {r['gbit_s']:.2f} Gbit/s, {r['pps'] / 1000:.0f} kpps received, "
              f"loss {loss}")
+        return r
+    if test == "loaded":
+        _say(f"    {test:<8} ping and a {measure.RR_SIZE} B TCP request/response loop, every "
+             f"{measure.PING_INTERVAL * 1000:.0f} ms, {duration} s under 1, then 4 TCP "
+             "streams ...")
+        r = measure.latency_under_load(ends, duration)
+        for load in r.values():
+            ping, rr = load["ping"], load["rr"]
+            _say(f"             {load['streams']} stream{'s' * (load['streams'] > 1)}: ping "
+                 f"p50 {ping['p50_us']} us, p99 {ping['p99_us']} us; request/response p50 "
+                 f"{rr['p50_us']} us, p99 {rr['p99_us']} us; load {load['load_gbit_s']:.2f} "
+                 "Gbit/s")
         return r
     _say(f"    {test:<8} ping every {measure.PING_INTERVAL * 1000:.0f} ms, {duration} s idle, "
          f"then {duration} s under one TCP stream ...")
