@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure flannel-udp against the bare underlay and kernel VXLAN on one "
                     "two-host namespace topology (needs root, iperf3, ping).")
     parser.add_argument("--cases", type=_names(tuple(CASES)), metavar="LIST",
-                        help=f"comma-separated, of {','.join(CASES)} (default all; with "
-                        "--quick all but the -busypoll ones)")
+                        help=f"comma-separated, of {','.join(CASES)} (default all but the "
+                        "-qN ones (--queues N); with --quick not the -busypoll ones either)")
     parser.add_argument("--tests", type=_names(TESTS), default=list(TESTS), metavar="LIST",
                         help=f"comma-separated, of {','.join(TESTS)} (default all)")
     parser.add_argument("--duration", type=int, metavar="SECONDS",
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def selected_cases(requested: list[str] | None, quick: bool) -> list[str]:
-    """The cases to run, in CASES order (the reference first): those requested, else all but,
-    with --quick, the -busypoll ones."""
+    """The cases to run, in CASES order (the reference first): those requested, else all but
+    the queue settings (-qN, run only when named) and, with --quick, the -busypoll ones."""
     return [name for name in CASES if name in requested] if requested else [
-        name for name in CASES if not (quick and name.endswith("-busypoll"))]
+        name for name in CASES if not (quick and name.endswith("-busypoll"))
+        and not re.search(r"-q\d+$", name)]
 
 
 def _missing_tools() -> str | None:

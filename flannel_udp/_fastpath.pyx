@@ -126,7 +126,10 @@ cdef dict route_counters(const RouteEntry* e):
 
 
 cdef class FastPath:
-    """TUN <-> UDP forwarder for one TUN queue; fds are owned (and closed) by the caller.
+    """TUN <-> UDP forwarder for one or more TUN queues; fds are owned (and closed) by the
+    caller. ``more_queues``: each queue beyond the first (``tun_fd``, ``udp_fd``, ``udp6_fd``)
+    as (TUN queue fd, receiving socket, IPv6 receiving socket or None), each with its own
+    thread pair on the same route table and send sockets.
 
     ``mode`` "udp" is flannel's udp backend; "vxlan" is RFC 7348 with VNI ``vni`` and our
     ``vtep_mac`` (6 bytes). Egress sends from ``send_fds`` (default: ``udp_fd``), a VXLAN flow

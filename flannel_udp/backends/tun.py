@@ -27,10 +27,12 @@ TUN_OFFLOAD_SETS = (
 )
 
 
-def open_tun(name: str, vnet_hdr: bool = False) -> pytun.TunTapDevice:
+def open_tun(name: str, vnet_hdr: bool = False, multi_queue: bool = False) -> pytun.TunTapDevice:
     """A non-persistent TUN (it vanishes with its routes when the fd closes), non-blocking;
-    with `vnet_hdr`, IFF_VNET_HDR (pytun.Error EINVAL if the kernel refuses it)."""
+    with `vnet_hdr`, IFF_VNET_HDR (pytun.Error EINVAL if the kernel refuses it); with
+    `multi_queue`, IFF_MULTI_QUEUE: opening the same name again attaches another queue."""
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
+    flags |= pytun.IFF_MULTI_QUEUE if multi_queue else 0
     try:
         tun = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as e:

@@ -151,6 +151,9 @@ def test_quick_leaves_the_busypoll_cases_out_unless_asked_for():
     assert selected_cases(None, quick=True) == everything[:5]
     assert selected_cases(["vxlan-busypoll", "kernel-vxlan"], quick=True) == [
         "kernel-vxlan", "vxlan-busypoll"]
+    # Each queue setting runs only when named, after the others, udp before vxlan.
+    assert selected_cases(["vxlan-q2", "udp-q1", "udp-q2", "kernel-vxlan"], quick=True) == [
+        "kernel-vxlan", "udp-q1", "udp-q2", "vxlan-q2"]
 
 
 def test_tcp1v6_is_shown_beside_tcp1_as_a_ratio_to_kernel_vxlan_s_v6_figure():
