@@ -214,4 +214,6 @@ CASES: dict[str, Callable[[], Case]] = {
     # Each queue setting (run --queues N), named; "udp" and "vxlan" run the default.
     **{f"{backend}-q{n}": (lambda b=backend, q=n: FlannelUdp(b, queues=q))
        for n in QUEUE_SETTINGS for backend in ("udp", "vxlan")},
+    **{f"{backend}-busypoll-q{n}": (lambda b=backend, q=n: FlannelUdp(b, BUSY_POLL_US, q))
+       for n in QUEUE_SETTINGS for backend in ("udp", "vxlan")},
 }
