@@ -27,10 +27,14 @@ DATAGRAMS = 50
 
 
 def _udp_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
-    """The headers of an IPv4 UDP packet, as far as flow_queue reads."""
+    """The headers of a UDP packet (IPv4 or IPv6, as the addresses), as far as flow_queue
+    reads."""
+    ports = struct.pack("!HHHH", sport, dport, 8, 0)
+    if ":" in src:
+        return (struct.pack("!IHBB", 6 << 28, 8, 17, 64) + ipaddress.IPv6Address(src).packed
+                + ipaddress.IPv6Address(dst).packed + ports)
     return (struct.pack("!BBHHHBBH", 0x45, 0, 28, 0, 0, 64, 17, 0)
-            + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
-            + struct.pack("!HHHH", sport, dport, 8, 0))
+            + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed + ports)
 
 
 def _queue_tx_rx(host) -> list[tuple[int, int]]:
@@ -39,32 +43,35 @@ def _queue_tx_rx(host) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
 def test_each_flow_takes_the_queue_flow_queue_names_on_both_hosts(topology, backend):
-    topo = topology(2)
-    topo.start_daemons(userspace_config(backend), None, "--queues", str(QUEUES))
+    topo = topology(2, ipv6=True)
+    config = {**userspace_config(backend), "EnableIPv6": True, "IPv6Network": "fd99::/56"}
+    topo.start_daemons(config, None, "--queues", str(QUEUES))
     h1, h2 = topo.hosts
     pods = {f"p{i}": topo.add_pod(host) for i, host in enumerate(topo.hosts)}
     assert not ping_failures(pods)
     p0, p1 = pods["p0"], pods["p1"]
-    # One source port per queue: the flows flow_queue puts on queue 0, 1, 2, 3.
-    sports: dict[int, int] = {}
-    for sport in range(20000, 21000):
-        sports.setdefault(flow_queue(_udp_packet(p0.address, p1.address, sport, SINK_PORT),
-                                     QUEUES), sport)
-    assert sorted(sports) == list(range(QUEUES))
-    for queue, sport in sorted(sports.items()):
-        before1, before2 = _queue_tx_rx(h1), _queue_tx_rx(h2)
-        p0.run(sys.executable, "-c", "import socket, sys, time\n"
-               "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-               f"s.bind(('{p0.address}', {sport}))\n"
-               f"for _ in range({DATAGRAMS}):\n"
-               f"    s.sendto(b'x' * 100, ('{p1.address}', {SINK_PORT}))\n"
-               "    time.sleep(0.001)\n")
-        after1, after2 = _queue_tx_rx(h1), _queue_tx_rx(h2)
-        sent = [a[0] - b[0] for a, b in zip(after1, before1, strict=True)]
-        written = [a[1] - b[1] for a, b in zip(after2, before2, strict=True)]
-        expected = [DATAGRAMS if q == queue else 0 for q in range(QUEUES)]
-        assert sent == expected, (queue, sport, sent)      # h1's TUN steering program
-        assert written == expected, (queue, sport, written)  # h2's reuseport program
+    assert p0.address6 is not None and p1.address6 is not None
+    for src, dst, family in ((p0.address, p1.address, "AF_INET"),
+                             (p0.address6, p1.address6, "AF_INET6")):
+        # One source port per queue: the flows flow_queue puts on queue 0, 1, 2, 3.
+        sports: dict[int, int] = {}
+        for sport in range(20000, 21000):
+            sports.setdefault(flow_queue(_udp_packet(src, dst, sport, SINK_PORT), QUEUES), sport)
+        assert sorted(sports) == list(range(QUEUES))
+        for queue, sport in sorted(sports.items()):
+            before1, before2 = _queue_tx_rx(h1), _queue_tx_rx(h2)
+            p0.run(sys.executable, "-c", "import socket, time\n"
+                   f"s = socket.socket(socket.{family}, socket.SOCK_DGRAM)\n"
+                   f"s.bind(('{src}', {sport}))\n"
+                   f"for _ in range({DATAGRAMS}):\n"
+                   f"    s.sendto(b'x' * 100, ('{dst}', {SINK_PORT}))\n"
+                   "    time.sleep(0.001)\n")
+            after1, after2 = _queue_tx_rx(h1), _queue_tx_rx(h2)
+            sent = [a[0] - b[0] for a, b in zip(after1, before1, strict=True)]
+            written = [a[1] - b[1] for a, b in zip(after2, before2, strict=True)]
+            expected = [DATAGRAMS if q == queue else 0 for q in range(QUEUES)]
+            assert sent == expected, (family, queue, sport, sent)  # h1's TUN steering program
+            assert written == expected, (family, queue, sport, written)  # h2's reuseport one
     counters = h1.status()["counters"]
     assert sum(q["tx_packets"] for q in counters["queues"]) == counters["tx_packets"]
 
