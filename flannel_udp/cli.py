@@ -576,6 +576,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")
+    if c.get("queues"):
+        print(f"queues   {len(c['queues'])}, tx/rx pkts each: " + ", ".join(
+            f"{q['tx_packets']}/{q['rx_packets']}" for q in c["queues"]))
     dual = bool(lease and lease.get("ipv6_subnet"))
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}"
           + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if dual else "") + f"{'BACKEND':<9}"

@@ -74,6 +74,8 @@ def test_each_flow_takes_the_queue_flow_queue_names_on_both_hosts(topology, back
             assert written == expected, (family, queue, sport, written)  # h2's reuseport one
     counters = h1.status()["counters"]
     assert sum(q["tx_packets"] for q in counters["queues"]) == counters["tx_packets"]
+    text = h1.flannel("status", "--control-socket", h1.control_socket).stdout
+    assert f"queues   {QUEUES}, tx/rx pkts each: " in text, text
 
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
