@@ -129,12 +129,14 @@ class TunNetwork(Network, UserspaceDataplane):
         assert self._tun is not None and self._sock is not None
         off = self.offloads_probed
         for _ in range(1, queues):
-            tun = open_tun(self.tun_name, vnet_hdr=off.tun_vnet_hdr, multi_queue=True)
+            tun = open_tun(self.tun_name, vnet_hdr=off.tun_vnet_hdr, multi_queue=True,
+                           another_queue=True)
             sock = sock6 = None
             try:
-                sock = open_udp_socket(self.port, reuseport=True)
+                sock = open_udp_socket(self.port, reuseport=True, group_member=True)
                 if self._sock6 is not None:
-                    sock6 = open_udp_socket(self.port, socket.AF_INET6, reuseport=True)
+                    sock6 = open_udp_socket(self.port, socket.AF_INET6, reuseport=True,
+                                            group_member=True)
                 for s in (sock, sock6):
                     if s is not None and off.udp_gro and not enable_udp_gro(s):
                         raise UserError("a queue's UDP socket refused UDP_GRO, which the first "

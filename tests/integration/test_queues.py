@@ -114,6 +114,42 @@ def test_the_steering_programs_are_built_for_the_queue_count():
         assert struct.pack("=I", queues) in reuseport_program(queues, 0)
 
 
+# Holds TUN flannel0 with two queues until killed, as another multi-queue daemon might.
+HOLD_MQ_TUN = """
+import pytun, time
+flags = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE
+tuns = [pytun.TunTapDevice(name="flannel0", flags=flags) for _ in range(2)]
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_multi_queue_daemon_joins_neither_the_port_nor_the_tun(topology):
+    topo = topology(3)
+    h1, h2, h3 = topo.hosts
+    topo.start_daemons(userspace_config("udp"), [h1, h2], "--queues", "2")
+    pods = {f"p{i}": topo.add_pod(host) for i, host in enumerate([h1, h2])}
+    assert not ping_failures(pods)
+    # Beside the running one: its port's SO_REUSEPORT group takes no one else in.
+    line = refused_run(h1, "--queues", "2", "--local-store", topo.store_path, "--iface", "eth0",
+                       "--subnet-file", h1.dir / "second.env", "--control-socket",
+                       h1.dir / "second.sock", exit_code=None, timeout=30)
+    assert "UDP port 8285 is already in use" in line, line
+    assert not ping_failures(pods)
+    assert len(h1.status()["counters"]["queues"]) == 2
+    # A multi-queue TUN of that name held by another process: not joined as one more queue.
+    holder = h3.popen(sys.executable, "-c", HOLD_MQ_TUN, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        line = refused_run(h3, "--queues", "2", "--local-store", topo.store_path, "--iface",
+                           "eth0", "--subnet-file", h3.dir / "h3.env", "--control-socket",
+                           h3.dir / "h3.sock", exit_code=None, timeout=30)
+        assert "TUN flannel0 is in use" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.mark.parametrize("queues", ["0", "17"])
 def test_a_queue_count_out_of_range_is_refused_in_one_line(topology, queues):
     topo = topology(1)
