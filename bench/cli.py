@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_DURATION}; {QUICK_DURATION} with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_DURATION} s per test, and no -busypoll cases unless "
-                             "--cases names them: under a minute")
+                             "--cases names them: about a minute and a half")
     parser.add_argument("--output", type=Path, metavar="PATH",
                         help="the JSON file (default bench/results/<timestamp>.json)")
     parser.add_argument("--chart", type=Path, metavar="PATH",
