@@ -24,6 +24,8 @@ VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
 # --busy-poll of the "-busypoll" cases: twice the bench's ping interval, so that a thread is
 # still polling when the next echo request comes.
 BUSY_POLL_US = 20_000
+# The `-qN` cases: the daemons with --queues N.
+QUEUE_SETTINGS = (1, 2, 4)
 
 
 @dataclass
@@ -118,16 +120,21 @@ class KernelVxlan(Case):
 
 class FlannelUdp(Case):
     """A flannel-udp daemon on each host with `Backend.Type` = `backend`, one pod behind each;
-    with `busy_poll_us`, run with --busy-poll."""
+    with `busy_poll_us`, run with --busy-poll; with `queues`, with --queues (else the
+    default)."""
 
     kernel = False
 
-    def __init__(self, backend: str, busy_poll_us: int = 0) -> None:
-        self.name = f"{backend}-busypoll" if busy_poll_us else backend
+    def __init__(self, backend: str, busy_poll_us: int = 0, queues: int | None = None) -> None:
+        self.name = backend + ("-busypoll" if busy_poll_us else "") + (
+            f"-q{queues}" if queues else "")
         self.title = f"flannel-udp {backend} backend" + (
-            f", --busy-poll {busy_poll_us}" if busy_poll_us else "")
+            f", --busy-poll {busy_poll_us}" if busy_poll_us else "") + (
+            f", --queues {queues}" if queues else "")
         self.backend = backend
-        self.extra = ("--busy-poll", str(busy_poll_us)) if busy_poll_us else ()
+        self.extra: tuple[str, ...] = ("--busy-poll", str(busy_poll_us)) if busy_poll_us else ()
+        if queues:
+            self.extra += ("--queues", str(queues))
 
     def unavailable(self) -> str | None:
         # Picked up by itself once `flannel-udp run` accepts the backend.
@@ -204,4 +211,9 @@ CASES: dict[str, Callable[[], Case]] = {
     "kernel-to-vxlan": KernelToVxlan,
     "udp-busypoll": lambda: FlannelUdp("udp", BUSY_POLL_US),
     "vxlan-busypoll": lambda: FlannelUdp("vxlan", BUSY_POLL_US),
+    # Each queue setting (run --queues N), named; "udp" and "vxlan" run the default.
+    **{f"{backend}-q{n}": (lambda b=backend, q=n: FlannelUdp(b, queues=q))
+       for n in QUEUE_SETTINGS for backend in ("udp", "vxlan")},
+    **{f"{backend}-busypoll-q{n}": (lambda b=backend, q=n: FlannelUdp(b, BUSY_POLL_US, q))
+       for n in QUEUE_SETTINGS for backend in ("udp", "vxlan")},
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from flannel_udp.lab import (
 )
 
 SCHEMA = "flannel-udp-bench/1"
-TESTS = ("tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "rss5000")
+TESTS = ("tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "loaded", "rss5000")
 DEFAULT_DURATION = 5
 QUICK_DURATION = 1
 MANY_PEERS = 5000
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure flannel-udp against the bare underlay and kernel VXLAN on one "
                     "two-host namespace topology (needs root, iperf3, ping).")
     parser.add_argument("--cases", type=_names(tuple(CASES)), metavar="LIST",
-                        help=f"comma-separated, of {','.join(CASES)} (default all; with "
-                        "--quick all but the -busypoll ones)")
+                        help=f"comma-separated, of {','.join(CASES)} (default all but the "
+                        "-qN ones (--queues N); with --quick not the -busypoll ones either)")
     parser.add_argument("--tests", type=_names(TESTS), default=list(TESTS), metavar="LIST",
                         help=f"comma-separated, of {','.join(TESTS)} (default all)")
     parser.add_argument("--duration", type=int, metavar="SECONDS",
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_DURATION}; {QUICK_DURATION} with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_DURATION} s per test, and no -busypoll cases unless "
-                             "--cases names them: under a minute")
+                             "--cases names them: about a minute and a half")
     parser.add_argument("--output", type=Path, metavar="PATH",
                         help="the JSON file (default bench/results/<timestamp>.json)")
     parser.add_argument("--chart", type=Path, metavar="PATH",
@@ -76,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def selected_cases(requested: list[str] | None, quick: bool) -> list[str]:
-    """The cases to run, in CASES order (the reference first): those requested, else all but,
-    with --quick, the -busypoll ones."""
+    """The cases to run, in CASES order (the reference first): those requested, else all but
+    the queue settings (-qN, run only when named) and, with --quick, the -busypoll ones."""
     return [name for name in CASES if name in requested] if requested else [
-        name for name in CASES if not (quick and name.endswith("-busypoll"))]
+        name for name in CASES if not (quick and name.endswith("-busypoll"))
+        and not re.search(r"-q\d+$", name)]
 
 
 def _missing_tools() -> str | None:
@@ -247,6 +249,18 @@ def _run_test(test: str, ends: Endpoints, duration: int) -> dict[str, Any]:
         loss = "?" if r["loss"] is None else f"{r['loss'] * 100:.2f}%"
         _say(f"             {r['gbit_s']:.2f} Gbit/s, {r['pps'] / 1000:.0f} kpps received, "
              f"loss {loss}")
+        return r
+    if test == "loaded":
+        _say(f"    {test:<8} ping and a {measure.RR_SIZE} B TCP request/response loop, every "
+             f"{measure.PING_INTERVAL * 1000:.0f} ms, {duration} s under 1, then 4 TCP "
+             "streams ...")
+        r = measure.latency_under_load(ends, duration)
+        for load in r.values():
+            ping, rr = load["ping"], load["rr"]
+            _say(f"             {load['streams']} stream{'s' * (load['streams'] > 1)}: ping "
+                 f"p50 {ping['p50_us']} us, p99 {ping['p99_us']} us; request/response p50 "
+                 f"{rr['p50_us']} us, p99 {rr['p99_us']} us; load {load['load_gbit_s']:.2f} "
+                 "Gbit/s")
         return r
     _say(f"    {test:<8} ping every {measure.PING_INTERVAL * 1000:.0f} ms, {duration} s idle, "
          f"then {duration} s under one TCP stream ...")

@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -22,6 +23,9 @@ from flannel_udp.stores.local import LocalStore
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PING_INTERVAL = 0.01  # s; below 0.2 s needs root, which the bench is
 LOAD_RAMP = 0.5  # s of TCP load before the pings under load start
+LOADED_STREAMS = (1, 4)  # the `loaded` test's TCP loads
+RR_PORT = 5301  # the request/response loop's echo server (iperf3 has 5201)
+RR_SIZE = 64  # bytes of each request and of its answer
 MANY_PEERS_NETWORK = IPv4Network("10.0.0.0/8")
 MANY_PEERS_SUBNET_LEN = 24
 # Public IPs of the fake peers: never sent to (the bench sends no traffic in that test).
@@ -160,6 +164,41 @@ def ping_idle_and_loaded(ends: Endpoints, seconds: int) -> dict[str, Any]:
     loaded = ping(ends.client, ends.address, count)
     loaded["load_gbit_s"] = load.result()["end"]["sum_received"]["bits_per_second"] / 1e9
     return {"idle": idle, "load": loaded}
+
+
+def latency_under_load(ends: Endpoints, seconds: int) -> dict[str, Any]:
+    """For 1 and 4 TCP streams (iperf3, client to server): while they run, ping and a TCP
+    request/response loop (RR_SIZE bytes each way, TCP_NODELAY, one connection) side by side,
+    PING_INTERVAL apart each, `seconds` long; p50/p99 of both, and what the load carried."""
+    count = max(50, int(seconds / PING_INTERVAL))
+    out: dict[str, Any] = {}
+    for streams in LOADED_STREAMS:
+        echo = ends.server.tcp_echo(ends.address, RR_PORT, timeout=60)
+        try:
+            load = ends.client.iperf3_start(
+                ends.server, ends.address, "-P", str(streams),
+                seconds=math.ceil(LOAD_RAMP + count * PING_INTERVAL * 1.5))
+            time.sleep(LOAD_RAMP)
+            with ThreadPoolExecutor(2) as pool:
+                pinged = pool.submit(ping, ends.client, ends.address, count)
+                rr = pool.submit(ends.client.tcp_rr, ends.address, RR_PORT, count, RR_SIZE,
+                                 PING_INTERVAL)
+                pings, rtts = pinged.result(), rr.result()
+            report = load.result()
+        finally:
+            echo.kill()
+            echo.wait()
+        out[f"s{streams}"] = {
+            "streams": streams,
+            "ping": pings,
+            "rr": {"p50_us": round(percentile(rtts, 50), 1),
+                   "p99_us": round(percentile(rtts, 99), 1),
+                   "mean_us": round(sum(rtts) / len(rtts), 1), "count": len(rtts),
+                   "size_bytes": RR_SIZE},
+            "load_gbit_s": report["end"]["sum_received"]["bits_per_second"] / 1e9,
+            "retransmits": report["end"]["sum_sent"].get("retransmits"),
+        }
+    return out
 
 
 # -- one daemon, many peers -------------------------------------------------------------------

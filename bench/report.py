@@ -47,6 +47,10 @@ METRICS = (
     Metric("ping.idle.p99_us", "ping idle p99, us", _us),
     Metric("ping.load.p50_us", "ping under load p50, us", _us),
     Metric("ping.load.p99_us", "ping under load p99, us", _us),
+    *(Metric(f"loaded.s{n}.{probe}.{p}_us", f"{what} {p} under {n} TCP stream{'s' * (n > 1)}, us",
+             _us)
+      for n in (1, 4) for probe, what in (("ping", "ping"), ("rr", "TCP req/resp"))
+      for p in ("p50", "p99")),
     Metric("tcp1.cpu_s_per_gb", "daemons' CPU s per GB (TCP 1)", lambda v: f"{v:.2f}",
            kernel_has_it=False),
     Metric("daemons.peak_rss.max_mb", "daemon peak RSS, MB", lambda v: f"{v:.1f}",
@@ -58,7 +62,7 @@ METRICS = (
 class Target:
     label: str
     metric: str
-    kind: str  # "ratio": value / kernel's; "added": value - kernel's
+    kind: str  # "ratio": value / kernel's; "added": value - kernel's; "absolute": value
     op: str
     limit: float
     unit: str
@@ -70,9 +74,15 @@ TARGETS = (
     Target("UDP 64 B pps >= 0.5x kernel VXLAN", "small.pps", "ratio", ">=", 0.5, "x"),
     Target("ping p50 (idle) < kernel VXLAN's + 50 us", "ping.idle.p50_us", "added", "<", 50,
            " us"),
+    # Issue 16: latency under load (the `loaded` test), with the daemon's default settings.
+    Target("under 1 TCP stream: ping p50 <= 200 us", "loaded.s1.ping.p50_us", "absolute",
+           "<=", 200, " us"),
+    Target("under 1 TCP stream: ping p99 <= 1000 us", "loaded.s1.ping.p99_us", "absolute",
+           "<=", 1000, " us"),
+    Target("4 TCP streams >= 0.5x kernel VXLAN", "tcp4.gbit_s", "ratio", ">=", 0.5, "x"),
 )
 RSS_TARGET_MB = 64
-_OPS = {">=": operator.ge, "<": operator.lt}
+_OPS = {">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 def lookup(tree: dict[str, Any] | None, key: str) -> Any:
@@ -119,6 +129,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ref = _number(lookup(reference, t.metric))
             if case.get("status") != "measured":
                 line["reason"] = case.get("status")
+            elif t.kind == "absolute":
+                if value is None:
+                    line["reason"] = "not measured"
+                else:
+                    line["value"] = value
+                    line["pass"] = _OPS[t.op](value, t.limit)
             elif reference is None or reference.get("status") != "measured":
                 line["reason"] = f"{REFERENCE} not measured"
             elif value is None or ref is None:
@@ -193,7 +209,7 @@ def table(results: dict[str, Any]) -> str:
                          f"{many['peak_rss_mb']:.1f} MB, all listed "
                          f"{many['seconds_to_list_all']:.1f} s after its start")
     if results.get("targets"):
-        lines.append("\n  targets of issue 5 (reported, not enforced):")
+        lines.append("\n  targets of issues 5 and 16 (reported, not enforced):")
         width = max(len(t["case"]) for t in results["targets"])
         for t in results["targets"]:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
@@ -249,10 +265,13 @@ def write_chart(results: dict[str, Any], path: Path) -> str | None:
              series(cases, ["tcp1.gbit_s", "tcp1v6.gbit_s", "tcp4.gbit_s", "udp1400.gbit_s"]))
     _grouped(axes[0, 1], "UDP 64 B, kpps received", ["64 B"],
              series(cases, ["small.pps"], 1e-3))
-    _grouped(axes[0, 2], "ping RTT, us (log scale)",
-             ["idle p50", "idle p99", "load p50", "load p99"],
+    _grouped(axes[0, 2], "ping RTT, us (log scale; 1/4: under 1/4 TCP streams)",
+             ["idle p50", "idle p99", "load p50", "load p99", "1 p50", "1 p99", "4 p50",
+              "4 p99"],
              series(cases, ["ping.idle.p50_us", "ping.idle.p99_us", "ping.load.p50_us",
-                            "ping.load.p99_us"]), log=True)
+                            "ping.load.p99_us", "loaded.s1.ping.p50_us",
+                            "loaded.s1.ping.p99_us", "loaded.s4.ping.p50_us",
+                            "loaded.s4.ping.p99_us"]), log=True)
     _grouped(axes[1, 0], "flannel-udp daemons' CPU s per GB", ["TCP 1", "TCP 4"],
              series(ours, ["tcp1.cpu_s_per_gb", "tcp4.cpu_s_per_gb"]))
     many = results.get("rss5000") or {}

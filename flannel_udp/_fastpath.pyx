@@ -103,6 +103,19 @@ cdef void sender_remove6(Shared* s, const RouteEntry6* e) noexcept nogil:
         senders_remove(&s.senders, e.base.peer)
 
 
+cdef void counters_add(Counters* total, const Counters* c) noexcept:
+    cdef unsigned int k
+    total.packets += c.packets
+    total.bytes += c.bytes
+    total.icmp_sent += c.icmp_sent
+    total.icmp_suppressed += c.icmp_suppressed
+    total.offloaded += c.offloaded
+    total.gso_fallbacks += c.gso_fallbacks
+    total.csum_completed += c.csum_completed
+    for k in range(D_COUNT):
+        total.drops[k] += c.drops[k]
+
+
 cdef dict route_counters(const RouteEntry* e):
     return {
         "tx_packets": e.tx_packets,
@@ -113,7 +126,10 @@ cdef dict route_counters(const RouteEntry* e):
 
 
 cdef class FastPath:
-    """TUN <-> UDP forwarder for one TUN queue; fds are owned (and closed) by the caller.
+    """TUN <-> UDP forwarder for one or more TUN queues; fds are owned (and closed) by the
+    caller. ``more_queues``: each queue beyond the first (``tun_fd``, ``udp_fd``, ``udp6_fd``)
+    as (TUN queue fd, receiving socket, IPv6 receiving socket or None), each with its own
+    thread pair on the same route table and send sockets.
 
     ``mode`` "udp" is flannel's udp backend; "vxlan" is RFC 7348 with VNI ``vni`` and our
     ``vtep_mac`` (6 bytes). Egress sends from ``send_fds`` (default: ``udp_fd``), a VXLAN flow
@@ -134,22 +150,25 @@ cdef class FastPath:
     """
 
     cdef Shared* shared
-    cdef Queue* queue
+    cdef Queue* queue               # the first TUN queue (queues[0])
+    cdef Queue* queues[MAX_QUEUES]
+    cdef unsigned int n_queues
     cdef bint lock_ready
 
     def __cinit__(self, *args, **kwargs):
         cdef pthread_rwlockattr_t attr
         cdef int rc
         self.shared = <Shared*>calloc(1, sizeof(Shared))
-        self.queue = <Queue*>calloc(1, sizeof(Queue))
-        if self.shared == NULL or self.queue == NULL:
+        if self.shared == NULL:
             raise MemoryError()
         self.shared.stop_fd = -1
         self.shared.udp_fd = -1
         self.shared.udp6_fd = -1
-        self.queue.tun_fd = -1
-        self.queue.park_fds[0] = self.queue.park_fds[1] = -1
-        self.queue.shared = self.shared
+        self.queue = queue_new(self.shared, -1, -1, -1)
+        if self.queue == NULL:
+            raise MemoryError()
+        self.queues[0] = self.queue
+        self.n_queues = 1
         if (rt_init(&self.shared.table, TABLE_MIN_CAPACITY) < 0
                 or rt_init(&self.shared.senders, TABLE_MIN_CAPACITY) < 0
                 or rt6_init(&self.shared.table6, TABLE_MIN_CAPACITY) < 0
@@ -163,14 +182,9 @@ cdef class FastPath:
         pthread_rwlockattr_destroy(&attr)
         if rc != 0:
             raise OSError(rc, strerror(rc).decode())
-        pthread_mutex_init(&self.queue.eg_mutex, NULL)
-        pthread_mutex_init(&self.queue.ig_mutex, NULL)
-        pthread_mutex_init(&self.queue.poll_mutex, NULL)
         self.lock_ready = True
         self.shared.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        self.queue.park_fds[0] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        self.queue.park_fds[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if self.shared.stop_fd < 0 or self.queue.park_fds[0] < 0 or self.queue.park_fds[1] < 0:
+        if self.shared.stop_fd < 0:
             raise OSError(errno, strerror(errno).decode())
 
     def __init__(self, int tun_fd, int udp_fd, int port, str tun_addr, int subnet_len, *,
@@ -178,11 +192,20 @@ cdef class FastPath:
                  bint vnet_hdr=False, bint udp_gso=False, bint udp_gro=False,
                  bint source_check=False, int busy_poll_us=0, int mtu=0,
                  str tun_addr6=None, int subnet_len6=64, object vtep_mac6=None,
-                 object udp6_fd=None, object send6_fds=None, int path_mtu6=0):
+                 object udp6_fd=None, object send6_fds=None, int path_mtu6=0,
+                 object more_queues=None):
         cdef unsigned int i
         cdef uint8_t tun6[16]
-        if self.queue.eg.started or self.queue.ig.started:
+        cdef Queue* qu
+        if self.running:
             raise RuntimeError("FastPath is running")
+        more = [] if more_queues is None else [tuple(q) for q in more_queues]
+        if len(more) >= MAX_QUEUES:
+            raise ValueError(f"more_queues: at most {MAX_QUEUES - 1}, not {len(more)}")
+        for q in more:
+            if len(q) != 3 or (q[2] is None) != (udp6_fd is None):
+                raise ValueError("more_queues: (tun_fd, udp_fd, udp6_fd) each, udp6_fd given "
+                                 "exactly when udp6_fd is")
         if not 0 < port < 65536:
             raise ValueError(f"port out of range: {port}")
         if not 0 <= subnet_len <= 32:
@@ -234,6 +257,19 @@ cdef class FastPath:
         self.shared.n6_senders = len(senders6)
         self.shared.udp6_fd = -1 if udp6_fd is None else int(udp6_fd)
         self.queue.tun_fd = tun_fd
+        self.queue.udp_fd = udp_fd
+        self.queue.udp6_fd = self.shared.udp6_fd
+        while self.n_queues > 1:
+            self.n_queues -= 1
+            queue_free(self.queues[self.n_queues])
+            self.queues[self.n_queues] = NULL
+        for q in more:
+            qu = queue_new(self.shared, int(q[0]), int(q[1]), -1 if q[2] is None else int(q[2]))
+            if qu == NULL:
+                raise MemoryError()
+            qu.busy_poll_ns = <uint64_t>busy_poll_us * 1000
+            self.queues[self.n_queues] = qu
+            self.n_queues += 1
         self.shared.udp_fd = udp_fd
         self.shared.port = htons(<uint16_t>port)
         self.shared.tun_addr = parse_ipv4(tun_addr)
@@ -254,24 +290,16 @@ cdef class FastPath:
         self.shared.mask6_lo = <uint64_t>(mask & 0xFFFFFFFFFFFFFFFF)
 
     def __dealloc__(self):
-        if self.queue != NULL:
-            if self.shared != NULL:
-                with nogil:
-                    stop_threads(self.queue)
-            free(self.queue.eg.bufs)
-            free(self.queue.eg.arena)
-            free(self.queue.ig.bufs)
-            free(self.queue.ig.arena)
-            if self.queue.park_fds[0] >= 0:
-                close(self.queue.park_fds[0])
-            if self.queue.park_fds[1] >= 0:
-                close(self.queue.park_fds[1])
-            if self.lock_ready:
-                pthread_mutex_destroy(&self.queue.eg_mutex)
-                pthread_mutex_destroy(&self.queue.ig_mutex)
-                pthread_mutex_destroy(&self.queue.poll_mutex)
-            free(self.queue)
-            self.queue = NULL
+        cdef unsigned int i
+        if self.shared != NULL and self.shared.stop_fd >= 0:
+            with nogil:
+                for i in range(self.n_queues):
+                    stop_threads(self.queues[i])
+        for i in range(self.n_queues):
+            queue_free(self.queues[i])
+            self.queues[i] = NULL
+        self.n_queues = 0
+        self.queue = NULL
         if self.shared != NULL:
             if self.shared.stop_fd >= 0:
                 close(self.shared.stop_fd)
@@ -464,9 +492,21 @@ cdef class FastPath:
         return [(str(subnet), peer, mac, stats) for subnet, peer, mac, stats in out]
 
     def counters(self) -> dict:
-        """Global counters; tx_* = sent to peers, rx_* = written to the TUN (inner bytes)."""
-        cdef Counters* eg = &self.queue.eg.counters
-        cdef Counters* ig = &self.queue.ig.counters
+        """Global counters, summed over the TUN queues; tx_* = sent to peers, rx_* = written to
+        the TUN (inner bytes)."""
+        cdef Counters eg_sum, ig_sum
+        cdef Counters* eg = &eg_sum
+        cdef Counters* ig = &ig_sum
+        cdef uint64_t polled[2]
+        cdef unsigned int i, k
+        memset(eg, 0, sizeof(Counters))
+        memset(ig, 0, sizeof(Counters))
+        polled[0] = polled[1] = 0
+        for i in range(self.n_queues):
+            counters_add(eg, &self.queues[i].eg.counters)
+            counters_add(ig, &self.queues[i].ig.counters)
+            for k in range(2):
+                polled[k] += self.queues[i].busy_polled[k]
         return {
             "tx_packets": eg.packets,
             "tx_bytes": eg.bytes,
@@ -481,11 +521,17 @@ cdef class FastPath:
             "gro_coalesced": ig.offloaded,
             "gso_fallbacks": eg.gso_fallbacks,
             "csum_completed": ig.csum_completed,
-            "busy_poll_batches": self.queue.busy_polled[0] + self.queue.busy_polled[1],
-            "busy_poll_egress_batches": self.queue.busy_polled[0],
-            "busy_poll_ingress_batches": self.queue.busy_polled[1],
+            "busy_poll_batches": polled[0] + polled[1],
+            "busy_poll_egress_batches": polled[0],
+            "busy_poll_ingress_batches": polled[1],
             "drops": {name: eg.drops[code] + ig.drops[code] for code, name in DROP_NAMES.items()},
         }
+
+    def queue_counters(self) -> list:
+        """Per TUN queue, in order: the packets its egress sent and its ingress wrote."""
+        return [{"tx_packets": self.queues[i].eg.counters.packets,
+                 "rx_packets": self.queues[i].ig.counters.packets}
+                for i in range(self.n_queues)]
 
     def set_trace(self, int every) -> None:
         """Sample one packet decision in ``every`` into the trace rings; 0 turns tracing off
@@ -499,14 +545,16 @@ cdef class FastPath:
         direction "egress"/"ingress", verdict "sent"/"to_tun"/"icmp_unreachable"/"dropped",
         drop reason or "", proto, src, dst, peer, length), ...]; addresses as text, "" for
         none. One consumer only (the caller holds the GIL)."""
-        cdef TraceRing* rings[2]
+        cdef TraceRing* rings[2 * MAX_QUEUES]
         cdef TraceRing* r
         cdef TraceRecord* rec
         cdef uint32_t head, tail
-        rings[0] = &self.queue.eg_trace
-        rings[1] = &self.queue.ig_trace
+        # Egress rings of every queue, then ingress ones.
+        for k in range(self.n_queues):
+            rings[k] = &self.queues[k].eg_trace
+            rings[self.n_queues + k] = &self.queues[k].ig_trace
         out = []
-        for k in range(2):
+        for k in range(2 * self.n_queues):
             r = rings[k]
             head = fu_load_acquire(&r.head)
             tail = r.tail
@@ -530,9 +578,12 @@ cdef class FastPath:
 
     def trace_info(self) -> dict:
         """Whether tracing is on (every, 0 = off) and the records taken and lost (ring full)."""
-        return {"every": fu_load_relaxed(&self.shared.trace_every),
-                "records": self.queue.eg_trace.taken + self.queue.ig_trace.taken,
-                "lost": self.queue.eg_trace.lost + self.queue.ig_trace.lost}
+        records = lost = 0
+        for i in range(self.n_queues):
+            records += self.queues[i].eg_trace.taken + self.queues[i].ig_trace.taken
+            lost += self.queues[i].eg_trace.lost + self.queues[i].ig_trace.lost
+        return {"every": fu_load_relaxed(&self.shared.trace_every), "records": records,
+                "lost": lost}
 
     def _table_info(self) -> dict:
         """Diagnostics of the route hash table: capacity, count, longest probe sequence."""
@@ -556,56 +607,47 @@ cdef class FastPath:
 
     @property
     def running(self) -> bool:
-        return bool(self.queue.eg.started or self.queue.ig.started)
+        return any(self.queues[i].eg.started or self.queues[i].ig.started
+                   for i in range(self.n_queues))
+
+    @property
+    def queue_count(self) -> int:
+        return self.n_queues
 
     def start(self) -> None:
-        """Start the egress and ingress threads; no-op if they are running."""
+        """Start the egress and ingress threads of every queue; no-op if they are running."""
         cdef uint64_t drained
-        cdef int rc
-        if self.queue.eg.started or self.queue.ig.started:
+        cdef int rc = 0
+        cdef unsigned int i
+        if self.running:
             return
-        if self.queue.tun_fd < 0 or self.shared.udp_fd < 0 or any(
+        if any(self.queues[i].tun_fd < 0 or self.queues[i].udp_fd < 0
+               for i in range(self.n_queues)) or any(
                 self.shared.send_fds[i] < 0
                 for i in range(self.shared.n_senders + self.shared.n6_senders)) \
                 or (self.shared.n6_senders and self.shared.udp6_fd < 0):
             raise ValueError("start() needs a TUN fd and UDP socket fds")
-        if self.queue.eg.bufs == NULL:
-            # malloc'd, not calloc'd: untouched pages cost no RSS until traffic needs them.
-            self.queue.eg.bufs = <uint8_t*>malloc(<size_t>BATCH * EGRESS_SLOT)
-            self.queue.eg.arena = <uint8_t*>malloc(ARENA_SIZE) if self.shared.vnet else NULL
-            self.queue.ig.bufs = <uint8_t*>malloc(<size_t>BATCH * ING_SLOT)
-            self.queue.ig.arena = <uint8_t*>malloc(ING_ARENA)
-            if (self.queue.eg.bufs == NULL or self.queue.ig.bufs == NULL
-                    or self.queue.ig.arena == NULL
-                    or (self.shared.vnet and self.queue.eg.arena == NULL)):
-                free(self.queue.eg.bufs)
-                free(self.queue.eg.arena)
-                free(self.queue.ig.bufs)
-                free(self.queue.ig.arena)
-                self.queue.eg.bufs = NULL
-                self.queue.eg.arena = NULL
-                self.queue.ig.bufs = NULL
-                self.queue.ig.arena = NULL
+        for i in range(self.n_queues):
+            if queue_alloc(self.queues[i]) < 0:
                 raise MemoryError()
-            queue_init_ingress(self.queue)
         read(self.shared.stop_fd, &drained, sizeof(drained))  # re-arm after a previous stop()
-        read(self.queue.park_fds[0], &drained, sizeof(drained))
-        read(self.queue.park_fds[1], &drained, sizeof(drained))
-        rc = pthread_create(&self.queue.eg.thread, NULL, egress_main, self.queue)
-        if rc == 0:
-            self.queue.eg.started = 1
-            rc = pthread_create(&self.queue.ig.thread, NULL, ingress_main, self.queue)
-            if rc == 0:
-                self.queue.ig.started = 1
+        with nogil:
+            for i in range(self.n_queues):
+                rc = queue_start(self.queues[i])
+                if rc != 0:
+                    break
+            if rc != 0:
+                for i in range(self.n_queues):
+                    stop_threads(self.queues[i])
         if rc != 0:
-            with nogil:
-                stop_threads(self.queue)
             raise OSError(rc, strerror(rc).decode())
 
     def stop(self) -> None:
         """Stop and join the threads; idempotent."""
+        cdef unsigned int i
         with nogil:
-            stop_threads(self.queue)
+            for i in range(self.n_queues):
+                stop_threads(self.queues[i])
 
     def process_egress(self, bytes packet, object vnet_hdr=None) -> tuple:
         """Test hook: (action, data, peer_ip or "", drop or 0, sender) for a packet read from

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flannel_udp import __version__, control
+from flannel_udp.backends import DEFAULT_QUEUES, MAX_QUEUES
 from flannel_udp.errors import UserError
 from flannel_udp.stores import StoreError
 from flannel_udp.stores.keyspace import ETCD_APIS, StoreChoice
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="after forwarding, keep a fast-path thread polling this long before it sleeps: "
               "lower latency for traffic with gaps shorter than USEC, at the cost of up to "
               "one CPU core while it polls (default 0 = sleep at once; not flanneld's)")
+    _add(run, "--queues", type=int, default=DEFAULT_QUEUES, metavar="N",
+         help="TUN queues of the udp backend and vxlan's userspace data plane, each with its "
+              "own forwarding threads, flows spread over them by their addresses and ports "
+              f"(1 to {MAX_QUEUES}; default %(default)s; not flanneld's)")
     _add(run, "--drop-log-interval", type=float, default=10.0, metavar="SECONDS",
          help="log the growth of the drop counters at most this often per reason (default "
               "%(default)s)")
@@ -344,6 +349,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flannel_udp._fastpath import MAX_BUSY_POLL_US
     if not 0 <= args.busy_poll <= MAX_BUSY_POLL_US:
         raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to {MAX_BUSY_POLL_US} us")
+    if not 1 <= args.queues <= MAX_QUEUES:
+        raise UserError(f"--queues {args.queues}: must be 1 to {MAX_QUEUES}")
     if args.iptables_resync < 1:
         raise UserError("--iptables-resync: must be 1 second or more")
     stores = open_store(args)
@@ -354,6 +361,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       net_config_path=args.net_config_path, control_socket=args.control_socket,
                       ip_masq=args.ip_masq, store_wait=args.etcd_wait or None,
                       source_check=not args.no_source_check, busy_poll_us=args.busy_poll,
+                      queues=args.queues,
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
                       healthz_port=args.healthz_port,
@@ -568,6 +576,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.get("busy_poll_us"):
         print(f"busy-poll {status['busy_poll_us']} us, "
               f"{c.get('busy_poll_batches', 0)} batches handled while polling")
+    if c.get("queues"):
+        print(f"queues   {len(c['queues'])}, tx/rx pkts each: " + ", ".join(
+            f"{q['tx_packets']}/{q['rx_packets']}" for q in c["queues"]))
     dual = bool(lease and lease.get("ipv6_subnet"))
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}"
           + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if dual else "") + f"{'BACKEND':<9}"

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
 from flannel_udp.backends import (
+    DEFAULT_QUEUES,
     DataplaneSettings,
     Network,
     UserspaceDataplane,
@@ -68,6 +69,7 @@ class RunOptions:
     source_check: bool = True
     # After forwarding, a fast-path thread polls this long (us) before it sleeps; 0: at once.
     busy_poll_us: int = 0
+    queues: int = DEFAULT_QUEUES  # TUN queues of a userspace data plane (--queues)
     drop_log_interval: float = 10.0  # seconds; at most one line per drop reason this often
     iptables_resync: float = 5.0  # seconds between checks of the masquerade and forward rules
     # flanneld's FLANNEL-FWD accept rules for the Network, on by default as in flanneld.
@@ -271,8 +273,8 @@ class Daemon:
         # No iptables (or nft): say so before taking anything.
         self.rules = await asyncio.to_thread(open_rules, config, opts)
         self.network = network = make_network(
-            config, ext, public_ip, DataplaneSettings(opts.source_check, opts.busy_poll_us),
-            self.public_ipv6)
+            config, ext, public_ip,
+            DataplaneSettings(opts.source_check, opts.busy_poll_us, opts.queues), self.public_ipv6)
         # Backends may create devices over netlink, which can't run on the loop thread.
         await asyncio.to_thread(network.open)
         try:
@@ -320,7 +322,8 @@ class Daemon:
             return
         hint = ' (Backend.Dataplane "userspace" has it)' if config.backend_type == "vxlan" else ""
         for flag, given in (("--busy-poll", self.opts.busy_poll_us),
-                            ("--no-source-check", not self.opts.source_check)):
+                            ("--no-source-check", not self.opts.source_check),
+                            ("--queues", self.opts.queues != DEFAULT_QUEUES)):
             if given:
                 log.warning("%s: no effect on backend %s, which forwards in the kernel%s", flag,
                             config.backend_type, hint)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:  # netlink (pyroute2) is not needed to check a config's backen
     from flannel_udp.netlink import ExtIface
 
 
+DEFAULT_QUEUES = 1  # --queues: see docs/performance.md for the measurements behind it
+MAX_QUEUES = 16  # the fast path's MAX_QUEUES
+
+
 @dataclass(frozen=True)
 class DataplaneSettings:
     """The run flags that a userspace data plane takes (a kernel one has no such thing); every
@@ -33,6 +37,7 @@ class DataplaneSettings:
 
     source_check: bool = True  # forward a datagram only from a lease holder, source in its subnet
     busy_poll_us: int = 0  # after forwarding, a fast-path thread polls this long before sleeping
+    queues: int = DEFAULT_QUEUES  # TUN queues, each with a thread pair and a receiving socket
 
 
 class UserspaceDataplane(ABC):

@@ -35,22 +35,23 @@ def offloads_wanted() -> bool:
     return os.environ.get(OFFLOADS_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
 
 
-def open_tun_with_offloads(name: str, receiver: socket.socket,
-                           senders: list[socket.socket]) -> tuple[pytun.TunTapDevice, Offloads]:
-    """Open TUN `name` and probe every offload on it and on the sockets (`senders`, or the
-    `receiver` where it sends too) unless FLANNEL_UDP_OFFLOADS=0; log the result."""
+def open_tun_with_offloads(name: str, receiver: socket.socket, senders: list[socket.socket],
+                           multi_queue: bool = False) -> tuple[pytun.TunTapDevice, Offloads]:
+    """Open TUN `name` (its first queue with `multi_queue`) and probe every offload on it and
+    on the sockets (`senders`, or the `receiver` where it sends too) unless
+    FLANNEL_UDP_OFFLOADS=0; log the result."""
     off = Offloads()
     if not offloads_wanted():
-        tun = open_tun(name)
+        tun = open_tun(name, multi_queue=multi_queue)
         log.info("offloads off (%s=0)", OFFLOADS_ENV)
         return tun, off
     off.udp_gro = enable_udp_gro(receiver)
     off.udp_gso = all(udp_gso_supported(sock) for sock in senders or [receiver])
     try:
-        tun = open_tun(name, vnet_hdr=True)
+        tun = open_tun(name, vnet_hdr=True, multi_queue=multi_queue)
         off.tun_vnet_hdr = True
     except pytun.Error:
-        tun = open_tun(name)
+        tun = open_tun(name, multi_queue=multi_queue)
     if off.tun_vnet_hdr:
         try:
             flags = enable_tun_offloads(tun)

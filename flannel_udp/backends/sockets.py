@@ -21,14 +21,23 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def open_udp_socket(port: int, family: int = socket.AF_INET) -> socket.socket:
+def open_udp_socket(port: int, family: int = socket.AF_INET, reuseport: bool = False,
+                    group_member: bool = False) -> socket.socket:
     """The UDP socket bound to the backend's port on every address of `family`: it receives
-    from peers (AF_INET6: IPv6 only, over an IPv6 underlay, and sends to them in UDP mode)."""
+    from peers (AF_INET6: IPv6 only, over an IPv6 underlay, and sends to them in UDP mode).
+    With `reuseport`, the first of an SO_REUSEPORT group (one socket per TUN queue), on a port
+    nobody holds; with `group_member` too, one more of our group."""
+    if reuseport and not group_member:
+        # A port another process holds with SO_REUSEPORT would take us into its group: bind
+        # once without it first, so that a port in use is refused as it is with one queue.
+        open_udp_socket(port, family).close()
     sock = socket.socket(family, socket.SOCK_DGRAM)
     over = ""
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         over = " over IPv6"
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCKET_BUFFER)
     _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER)
     try:

@@ -27,10 +27,16 @@ TUN_OFFLOAD_SETS = (
 )
 
 
-def open_tun(name: str, vnet_hdr: bool = False) -> pytun.TunTapDevice:
+def open_tun(name: str, vnet_hdr: bool = False, multi_queue: bool = False,
+             another_queue: bool = False) -> pytun.TunTapDevice:
     """A non-persistent TUN (it vanishes with its routes when the fd closes), non-blocking;
-    with `vnet_hdr`, IFF_VNET_HDR (pytun.Error EINVAL if the kernel refuses it)."""
+    with `vnet_hdr`, IFF_VNET_HDR (pytun.Error EINVAL if the kernel refuses it); with
+    `multi_queue`, IFF_MULTI_QUEUE, `another_queue` then attaching one more queue to ours.
+    The first queue of a multi-queue TUN needs a name that does not exist yet (IFF_TUN_EXCL):
+    a multi-queue TUN of another process would otherwise take us in as one more queue."""
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet_hdr else 0)
+    flags |= pytun.IFF_MULTI_QUEUE if multi_queue else 0
+    flags |= pytun.IFF_TUN_EXCL if multi_queue and not another_queue else 0
     try:
         tun = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as e:

@@ -30,7 +30,8 @@ from flannel_udp.backends.sockets import (
     open_udp_socket,
     udp_gso_supported,
 )
-from flannel_udp.backends.tun import tun_attached
+from flannel_udp.backends.steering import attach_reuseport_program, attach_steering_program
+from flannel_udp.backends.tun import open_tun, tun_attached
 from flannel_udp.config import NetworkConfig
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease, format_mac
@@ -50,6 +51,7 @@ class TunNetwork(Network, UserspaceDataplane):
     backend_type = ""  # published in our lease
     backend_data: bytes | None = None
     send_sockets = 0  # 0: send from the receiving socket
+    inner_offset = 0  # where the inner IP packet starts in a datagram's payload
 
     def __init__(self, config: NetworkConfig, ext: ExtIface, settings: DataplaneSettings) -> None:
         self.config = config
@@ -68,6 +70,9 @@ class TunNetwork(Network, UserspaceDataplane):
         self._v6_on = False  # the fast path has an IPv6 side (dual stack, our IPv6 lease)
         self._fastpath: FastPath | None = None
         self.offloads_probed = Offloads()
+        # Queues beyond the first (--queues): (TUN queue, its socket, its IPv6 socket or None)
+        self._more_queues: list[tuple[pytun.TunTapDevice, socket.socket,
+                                      socket.socket | None]] = []
 
     def _route_args(self, lease: Lease) -> tuple[Any, ...]:
         """What `FastPath.set_route` needs beyond subnet and PublicIP to reach `lease`'s node;
@@ -93,14 +98,16 @@ class TunNetwork(Network, UserspaceDataplane):
 
     def open(self) -> None:
         from flannel_udp._fastpath import FastPath  # noqa: F401  fail early if not built
+        queues = self.dataplane_settings.queues
+        many = queues > 1
         try:
-            self._sock = open_udp_socket(self.port)
+            self._sock = open_udp_socket(self.port, reuseport=many)
             self._senders = open_send_sockets(self.send_sockets)
             if self.config.enable_ipv6:
-                self._sock6 = open_udp_socket(self.port, socket.AF_INET6)
+                self._sock6 = open_udp_socket(self.port, socket.AF_INET6, reuseport=many)
                 self._senders6 = open_send_sockets(self.send_sockets, socket.AF_INET6)
             self._tun, self.offloads_probed = open_tun_with_offloads(
-                self.tun_name, self._sock, self._senders)
+                self.tun_name, self._sock, self._senders, multi_queue=many)
             off = self.offloads_probed
             if self._sock6 is not None:
                 # One UDP_GRO flag for both sockets: the IPv6 one gets it only with the IPv4
@@ -112,9 +119,42 @@ class TunNetwork(Network, UserspaceDataplane):
                 if off.udp_gso:
                     off.udp_gso = all(udp_gso_supported(s)
                                       for s in self._senders6 or [self._sock6])
+            if many:
+                self._open_more_queues(queues)
         except BaseException:
             self.close()
             raise
+
+    def _open_more_queues(self, queues: int) -> None:
+        """Queues 1..N-1: a TUN queue each and a receiving socket in the port's SO_REUSEPORT
+        group (the group's i-th is queue i's), as queue 0's; then the programs that keep each
+        flow on one queue both ways (steering)."""
+        assert self._tun is not None and self._sock is not None
+        off = self.offloads_probed
+        for _ in range(1, queues):
+            tun = open_tun(self.tun_name, vnet_hdr=off.tun_vnet_hdr, multi_queue=True,
+                           another_queue=True)
+            sock = sock6 = None
+            try:
+                sock = open_udp_socket(self.port, reuseport=True, group_member=True)
+                if self._sock6 is not None:
+                    sock6 = open_udp_socket(self.port, socket.AF_INET6, reuseport=True,
+                                            group_member=True)
+                for s in (sock, sock6):
+                    if s is not None and off.udp_gro and not enable_udp_gro(s):
+                        raise UserError("a queue's UDP socket refused UDP_GRO, which the first "
+                                        f"one took; run with {OFFLOADS_ENV}=0")
+            except BaseException:
+                tun.close()
+                for s in (sock, sock6):
+                    if s is not None:
+                        s.close()
+                raise
+            self._more_queues.append((tun, sock, sock6))
+        attach_reuseport_program(self._sock, queues, self.inner_offset)
+        if self._sock6 is not None:
+            attach_reuseport_program(self._sock6, queues, self.inner_offset)
+        attach_steering_program(self._tun.fileno(), queues)
 
     def start(self, lease: Lease, peers: list[Lease]) -> None:
         from flannel_udp._fastpath import FastPath
@@ -150,14 +190,18 @@ class TunNetwork(Network, UserspaceDataplane):
                                   source_check=self.dataplane_settings.source_check,
                                   busy_poll_us=self.dataplane_settings.busy_poll_us,
                                   mtu=self.mtu,
+                                  more_queues=[(tun.fileno(), sock.fileno(),
+                                                None if sock6 is None else sock6.fileno())
+                                               for tun, sock, sock6 in self._more_queues],
                                   **self._fastpath_options(), **v6)
         self._v6_on = bool(v6)
         for peer in peers:
             self.add_peer(peer)
         self._fastpath.start()
-        log.info("%s backend: %s %s mtu %d, UDP port %d on %s", self.config.backend_type,
-                 self.tun_name, tun_addr if v4 else lease.ipv6_subnet, self.mtu, self.port,
-                 self.ext.name)
+        log.info("%s backend: %s %s mtu %d, UDP port %d on %s, %d queue%s",
+                 self.config.backend_type, self.tun_name,
+                 tun_addr if v4 else lease.ipv6_subnet, self.mtu, self.port, self.ext.name,
+                 1 + len(self._more_queues), "s" * bool(self._more_queues))
 
     def _reach(self, lease: Lease) -> tuple[Any, ...]:
         """`_route_args` of the lease's IPv4 side, or of its IPv6 side in an IPv6-only network
@@ -266,6 +310,8 @@ class TunNetwork(Network, UserspaceDataplane):
         queue_drops = netlink.tx_dropped(self.tun_name)
         if queue_drops is not None:
             counters["drops"]["tun_queue_full"] = queue_drops
+        if self._more_queues:  # --queues: what each queue carried
+            counters["queues"] = self._fastpath.queue_counters()
         return counters
 
     def offloads(self) -> dict[str, bool]:
@@ -291,6 +337,12 @@ class TunNetwork(Network, UserspaceDataplane):
         if self._fastpath is not None:
             self._fastpath.stop()
             self._fastpath = None
+        for tun, sock, sock6 in self._more_queues:
+            tun.close()
+            sock.close()
+            if sock6 is not None:
+                sock6.close()
+        self._more_queues = []
         if self._tun is not None:
             # Closing the last fd of a non-persistent TUN removes it and every route through it.
             self._tun.close()

@@ -19,5 +19,10 @@ static inline uint32_t fu_load_relaxed(const uint32_t* p) {
 static inline void fu_store_relaxed(uint32_t* p, uint32_t v) {
     __atomic_store_n(p, v, __ATOMIC_RELAXED);
 }
+/* A route's counters: with several TUN queues, threads of different queues add to the same
+   route at once. */
+static inline void fu_add_relaxed64(uint64_t* p, uint64_t v) {
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
 
 #endif

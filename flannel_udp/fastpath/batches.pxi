@@ -127,11 +127,11 @@ cdef int ingress_batch(Queue* qu, bint drain) noexcept nogil:
     """Move the UDP sockets' datagrams (IPv4's, then IPv6's if there is one) into the TUN, a
     batch at a time until a socket is empty if ``drain``, else one batch each; the datagrams
     read, -1 on a socket error."""
-    cdef int n = ingress_socket(qu, qu.shared.udp_fd, False, drain)
+    cdef int n = ingress_socket(qu, qu.udp_fd, False, drain)
     cdef int n6
-    if qu.shared.udp6_fd < 0 or n < 0:
+    if qu.udp6_fd < 0 or n < 0:
         return n
-    n6 = ingress_socket(qu, qu.shared.udp6_fd, True, drain)
+    n6 = ingress_socket(qu, qu.udp6_fd, True, drain)
     return -1 if n6 < 0 else n + n6
 
 

@@ -13,6 +13,7 @@ cdef enum:
     REPLY_MAX = IPV6_MIN_MTU
     TABLE_MIN_CAPACITY = 16
     MAX_SENDERS = 64                # send sockets egress may spread flows over
+    MAX_QUEUES = 16                 # TUN queues (each with a thread pair)
     # ICMP errors a peer's traffic can make us write: a token bucket, ICMP_RATE per second with
     # bursts of ICMP_BURST (the kernel's own icmp_msgs_per_sec is 1000, burst 50).
     ICMP_RATE = 100

@@ -207,8 +207,8 @@ cdef void co_count(Coalescer* c, bint written, unsigned int packets, size_t nbyt
     c.counters.packets += packets
     c.counters.bytes += nbytes
     if route != NULL:
-        route.rx_packets += packets
-        route.rx_bytes += nbytes
+        fu_add_relaxed64(&route.rx_packets, packets)
+        fu_add_relaxed64(&route.rx_bytes, nbytes)
 
 
 cdef void co_write_plain(Coalescer* c, uint8_t* pkt, size_t n, RouteEntry* route,

@@ -7,8 +7,8 @@ cdef void count_sent(EgressState* q, unsigned int p, unsigned int segs,
                      size_t inner_len) noexcept nogil:
     q.counters.packets += segs
     q.counters.bytes += inner_len
-    q.routes[p].tx_packets += segs
-    q.routes[p].tx_bytes += inner_len
+    fu_add_relaxed64(&q.routes[p].tx_packets, segs)
+    fu_add_relaxed64(&q.routes[p].tx_bytes, inner_len)
 
 
 cdef void count_failed(EgressState* q, int err, unsigned int segs) noexcept nogil:

@@ -7,7 +7,7 @@ ctypedef struct RouteEntry:
     uint32_t used
     uint8_t mac[6]          # VXLAN: the peer's VtepMAC
     uint8_t underlay6       # an IPv6 route whose peer is reached over IPv6 (RouteEntry6.peer6)
-    # tx_* written only under the egress half's mutex, rx_* only under the ingress half's.
+    # tx_* added to by egress halves, rx_* by ingress halves (atomically: one per TUN queue).
     uint64_t tx_packets
     uint64_t tx_bytes
     uint64_t rx_packets
@@ -68,7 +68,8 @@ ctypedef struct Shared:
     int mode                # MODE_UDP or MODE_VXLAN
     uint32_t vni            # VXLAN
     uint8_t vtep_mac[6]     # VXLAN: ours
-    int udp_fd              # receives (bound to the port)
+    int udp_fd              # queue 0's receiving socket (bound to the port); UDP mode sends
+                            # from it
     int vnet                # the TUN carries a virtio_net_hdr before each packet
     uint32_t udp_gso        # send segments with UDP_SEGMENT; cleared if the kernel refuses
                             # (atomic, relaxed: status reads it while egress may clear it)
@@ -79,7 +80,7 @@ ctypedef struct Shared:
     # IPv6 ones (to PublicIPv6s; UDP mode: udp6_fd only)
     int send_fds[2 * MAX_SENDERS]
     unsigned int n6_senders
-    int udp6_fd             # receives over IPv6 (bound to the port; -1: no IPv6 underlay)
+    int udp6_fd             # queue 0's over IPv6 (bound to the port; -1: no IPv6 underlay)
     int stop_fd             # eventfd; readable = threads must exit
     # Source validation: only a lease holder's PublicIP may send, only from its own subnet.
     int source_check
@@ -193,8 +194,12 @@ ctypedef struct IngressState:
 ctypedef struct Queue:
     # One TUN queue and its thread pair. Each half (its state, counters and trace ring) is
     # worked under its mutex: by its own thread, and by the other one while that busy-polls.
+    # With several queues (IFF_MULTI_QUEUE), each has its own receiving sockets in one
+    # SO_REUSEPORT group on the port; they share the route table and the send sockets.
     Shared* shared
     int tun_fd
+    int udp_fd              # receives (bound to the port)
+    int udp6_fd             # receives over IPv6 (-1: no IPv6 underlay)
     EgressState eg
     IngressState ig
     TraceRing eg_trace

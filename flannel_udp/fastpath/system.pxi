@@ -135,3 +135,4 @@ cdef extern from "fastpath/atomics.h" nogil:
     void fu_store_release(uint32_t* p, uint32_t v) noexcept
     uint32_t fu_load_relaxed(const uint32_t* p) noexcept
     void fu_store_relaxed(uint32_t* p, uint32_t v) noexcept
+    void fu_add_relaxed64(uint64_t* p, uint64_t v) noexcept

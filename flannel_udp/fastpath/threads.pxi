@@ -74,9 +74,9 @@ cdef void poll_halves(Queue* qu) noexcept nogil:
     cdef uint64_t deadline = monotonic_ns() + qu.busy_poll_ns
     cdef int worked, i, n
     fds[0].fd = qu.tun_fd
-    fds[1].fd = qu.shared.udp_fd
+    fds[1].fd = qu.udp_fd
     fds[2].fd = qu.shared.stop_fd
-    fds[3].fd = qu.shared.udp6_fd    # poll ignores it when -1
+    fds[3].fd = qu.udp6_fd    # poll ignores it when -1
     for i in range(4):
         fds[i].events = POLLIN
     while True:
@@ -129,7 +129,7 @@ cdef void busy_poll(Queue* qu, int me) noexcept nogil:
 cdef void io_loop(Queue* qu, int me) noexcept nogil:
     """Thread ``me`` (0 egress, 1 ingress): sleep until its fd is ready, forward a batch,
     busy-poll, again; while the other thread busy-polls, sleep until it stops."""
-    cdef int fd = qu.tun_fd if me == 0 else qu.shared.udp_fd
+    cdef int fd = qu.tun_fd if me == 0 else qu.udp_fd
     cdef uint64_t drained
     cdef int n
     thread_setup("flannel-egress" if me == 0 else "flannel-ingress")
@@ -146,7 +146,7 @@ cdef void io_loop(Queue* qu, int me) noexcept nogil:
                 run_half(qu, me == 0, False)
             continue
         if wait_ready(fd, POLLIN, qu.shared.stop_fd, -1,
-                      qu.shared.udp6_fd if me == 1 else -1) <= 0:
+                      qu.udp6_fd if me == 1 else -1) <= 0:
             break
         if fu_load_acquire(&qu.poller) == <uint32_t>(2 - me):
             continue    # it takes this packet: don't queue up behind it on the mutex
@@ -201,3 +201,85 @@ cdef void stop_threads(Queue* qu) noexcept nogil:
     if qu.ig.started:
         pthread_join(qu.ig.thread, NULL)
         qu.ig.started = 0
+
+
+cdef Queue* queue_new(Shared* shared, int tun_fd, int udp_fd, int udp6_fd) noexcept nogil:
+    """A queue with its mutexes and park eventfds, no buffers yet (queue_alloc); NULL when out
+    of memory or fds."""
+    cdef Queue* qu = <Queue*>calloc(1, sizeof(Queue))
+    if qu == NULL:
+        return NULL
+    qu.shared = shared
+    qu.tun_fd = tun_fd
+    qu.udp_fd = udp_fd
+    qu.udp6_fd = udp6_fd
+    pthread_mutex_init(&qu.eg_mutex, NULL)
+    pthread_mutex_init(&qu.ig_mutex, NULL)
+    pthread_mutex_init(&qu.poll_mutex, NULL)
+    qu.park_fds[0] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    qu.park_fds[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+    if qu.park_fds[0] < 0 or qu.park_fds[1] < 0:
+        queue_free(qu)
+        return NULL
+    return qu
+
+
+cdef void queue_free(Queue* qu) noexcept nogil:
+    """Stop the queue's threads and free it (NULL: nothing)."""
+    if qu == NULL:
+        return
+    stop_threads(qu)
+    free(qu.eg.bufs)
+    free(qu.eg.arena)
+    free(qu.ig.bufs)
+    free(qu.ig.arena)
+    if qu.park_fds[0] >= 0:
+        close(qu.park_fds[0])
+    if qu.park_fds[1] >= 0:
+        close(qu.park_fds[1])
+    pthread_mutex_destroy(&qu.eg_mutex)
+    pthread_mutex_destroy(&qu.ig_mutex)
+    pthread_mutex_destroy(&qu.poll_mutex)
+    free(qu)
+
+
+cdef int queue_alloc(Queue* qu) noexcept nogil:
+    """The queue's packet buffers, once (malloc'd, not calloc'd: untouched pages cost no RSS
+    until traffic needs them); -1 when out of memory."""
+    cdef bint vnet = qu.shared.vnet
+    if qu.eg.bufs != NULL:
+        return 0
+    qu.eg.bufs = <uint8_t*>malloc(<size_t>BATCH * EGRESS_SLOT)
+    qu.eg.arena = <uint8_t*>malloc(ARENA_SIZE) if vnet else NULL
+    qu.ig.bufs = <uint8_t*>malloc(<size_t>BATCH * ING_SLOT)
+    qu.ig.arena = <uint8_t*>malloc(ING_ARENA)
+    if (qu.eg.bufs == NULL or qu.ig.bufs == NULL or qu.ig.arena == NULL
+            or (vnet and qu.eg.arena == NULL)):
+        free(qu.eg.bufs)
+        free(qu.eg.arena)
+        free(qu.ig.bufs)
+        free(qu.ig.arena)
+        qu.eg.bufs = NULL
+        qu.eg.arena = NULL
+        qu.ig.bufs = NULL
+        qu.ig.arena = NULL
+        return -1
+    queue_init_ingress(qu)
+    return 0
+
+
+cdef int queue_start(Queue* qu) noexcept nogil:
+    """Start the queue's thread pair; 0, or pthread_create's error (none left running)."""
+    cdef uint64_t drained
+    cdef int rc
+    read(qu.park_fds[0], &drained, sizeof(drained))
+    read(qu.park_fds[1], &drained, sizeof(drained))
+    rc = pthread_create(&qu.eg.thread, NULL, egress_main, qu)
+    if rc == 0:
+        qu.eg.started = 1
+        rc = pthread_create(&qu.ig.thread, NULL, ingress_main, qu)
+        if rc == 0:
+            qu.ig.started = 1
+    if rc != 0:
+        stop_threads(qu)
+    return rc

@@ -301,16 +301,33 @@ class Netns:
     def tcp_sink(self, address: str, port: int, timeout: float = 60) -> subprocess.Popen:
         """Start a one-connection TCP sink; returns once it listens. Its stdout's last line is
         JSON {"bytes": n, "sha256": hex} of what it received (see `tcp_sink_result`)."""
-        proc = self.popen(*PROBE, "tcp-sink", "--bind", address, "--port", str(port),
+        return self._listening_probe("tcp-sink", address, port, timeout)
+
+    def tcp_echo(self, address: str, port: int, timeout: float = 60) -> subprocess.Popen:
+        """Start a one-connection TCP echo server (for `tcp_rr`); returns once it listens."""
+        return self._listening_probe("tcp-echo", address, port, timeout)
+
+    def _listening_probe(self, probe: str, address: str, port: int,
+                         timeout: float) -> subprocess.Popen:
+        proc = self.popen(*PROBE, probe, "--bind", address, "--port", str(port),
                           "--timeout", str(timeout), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.startswith("listening"):
             proc.kill()
             _, err = proc.communicate()
-            raise NetnsError(f"[{self.name}] tcp-sink on {address}:{port} did not start: "
+            raise NetnsError(f"[{self.name}] {probe} on {address}:{port} did not start: "
                              f"{line.strip()} {err.strip()}")
         return proc
+
+    def tcp_rr(self, address: str, port: int, count: int, size: int = 64,
+               interval: float = 0.01) -> list[float]:
+        """`count` TCP round trips of `size`-byte requests to a `tcp_echo` server, `interval` s
+        apart, over one connection; their times in microseconds."""
+        result = self.run(*PROBE, "tcp-rr", "--to", address, "--port", str(port), "--count",
+                          str(count), "--size", str(size), "--interval", str(interval),
+                          timeout=count * (interval + 1) + 30)
+        return json.loads(result.stdout)["rtts_us"]
 
     @staticmethod
     def tcp_sink_result(proc: subprocess.Popen, timeout: float = 60) -> dict[str, Any]:

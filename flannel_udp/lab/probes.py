@@ -1,10 +1,11 @@
-"""The small probes the lab runs inside namespaces, as `python -m flannel_udp.lab.probes
-ping|tcp-sink|tcp-send|tcp-connect ...`: an ICMP pinger (so no ping binary is needed, and an ICMP
-error is reported as such), a TCP sink/sender that check a transfer by its SHA-256, and a TCP
-connect that reports how it ended (e.g. ENETUNREACH: flannel answers no ICMP with ICMP, so a
-ping to an unleased address just times out, while a TCP SYN gets net unreachable). Each prints
-JSON for `Netns` to read. IPv6 destinations are pinged with ICMPv6 (the kernel fills in its
-checksum and strips the IPv6 header on receive)."""
+"""The small probes the lab runs inside namespaces, as `python -m flannel_udp.lab.probes CMD`
+(ping, tcp-sink, tcp-send, tcp-connect, tcp-echo, tcp-rr): an ICMP pinger (so no ping binary is
+needed, and an ICMP error is reported as such), a TCP sink/sender that check a transfer by its
+SHA-256, a TCP connect that reports how it ended (e.g. ENETUNREACH: flannel answers no ICMP with
+ICMP, so a ping to an unleased address just times out, while a TCP SYN gets net unreachable),
+and a TCP request/response loop (`tcp-rr` timing small requests answered by `tcp-echo`: an
+RPC's round trip). Each prints JSON for `Netns` to read. IPv6 destinations are pinged with
+ICMPv6 (the kernel fills in its checksum and strips the IPv6 header on receive)."""
 
 from __future__ import annotations
 
@@ -194,6 +195,47 @@ def _tcp_send_main(to: str, port: int, timeout: float) -> int:
     return 0
 
 
+def _tcp_echo_main(bind: str, port: int, timeout: float) -> int:
+    """Echo what one connection sends until it closes (or `timeout` s pass without one)."""
+    server = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET,
+                           socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((bind, port))
+    server.listen(1)
+    server.settimeout(timeout)
+    print(f"listening {bind}:{port}", flush=True)
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.settimeout(timeout)
+    while chunk := conn.recv(1 << 16):
+        conn.sendall(chunk)
+    conn.close()
+    return 0
+
+
+def _tcp_rr_main(to: str, port: int, count: int, size: int, interval: float,
+                 timeout: float) -> int:
+    """`count` requests of `size` bytes, `interval` s apart, each waiting for its whole echo;
+    prints the round trips in microseconds (JSON)."""
+    request = bytes(size)
+    rtts: list[float] = []
+    with socket.create_connection((to, port), timeout=timeout) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            started = time.perf_counter_ns()
+            conn.sendall(request)
+            got = 0
+            while got < size:
+                chunk = conn.recv(size - got)
+                if not chunk:
+                    raise SystemExit("tcp-rr: the echo server closed the connection")
+                got += len(chunk)
+            rtts.append((time.perf_counter_ns() - started) / 1000)
+            time.sleep(interval)
+    print(json.dumps({"rtts_us": rtts}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flannel_udp.lab.probes",
                                      description="probes run inside test namespaces")
@@ -215,6 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--to", required=True)
     send.add_argument("--port", type=int, required=True)
     send.add_argument("--timeout", type=float, default=60)
+    echo = sub.add_parser("tcp-echo", help="echo one TCP connection's bytes back")
+    echo.add_argument("--bind", required=True)
+    echo.add_argument("--port", type=int, required=True)
+    echo.add_argument("--timeout", type=float, default=60)
+    rr = sub.add_parser("tcp-rr", help="time small requests answered by tcp-echo")
+    rr.add_argument("--to", required=True)
+    rr.add_argument("--port", type=int, required=True)
+    rr.add_argument("--count", type=int, default=100)
+    rr.add_argument("--size", type=int, default=64)
+    rr.add_argument("--interval", type=float, default=0.01)
+    rr.add_argument("--timeout", type=float, default=10)
     args = parser.parse_args(argv)
     if args.cmd == "ping":
         return _ping_main(args.dsts, args.count, args.interval, args.timeout)
@@ -222,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         return _tcp_sink_main(args.bind, args.port, args.timeout)
     if args.cmd == "tcp-connect":
         return _tcp_connect_main(args.to, args.port, args.timeout)
+    if args.cmd == "tcp-echo":
+        return _tcp_echo_main(args.bind, args.port, args.timeout)
+    if args.cmd == "tcp-rr":
+        return _tcp_rr_main(args.to, args.port, args.count, args.size, args.interval,
+                            args.timeout)
     return _tcp_send_main(args.to, args.port, args.timeout)
 
 

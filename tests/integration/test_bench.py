@@ -15,7 +15,7 @@ from helpers import ROOT, namespaces_of
 
 from bench import report
 
-PATH_TESTS = ["tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping"]
+PATH_TESTS = ["tcp1", "tcp1v6", "tcp4", "udp1400", "small", "ping", "loaded"]
 
 
 def _sigint_as_on_a_terminal() -> None:
@@ -55,17 +55,29 @@ def test_quickest_run_reports_every_figure_of_underlay_and_udp(netns_session, tm
             ping = case["ping"][when]
             assert 0 < ping["p50_us"] <= ping["p99_us"], (name, when, ping)
             assert ping["received"] > 0, (name, when, ping)
+        # Latency under load: ping and the TCP request/response loop under 1 and 4 streams.
+        for load, streams in (("s1", 1), ("s4", 4)):
+            loaded = case["loaded"][load]
+            assert loaded["streams"] == streams and loaded["load_gbit_s"] > 0, (name, loaded)
+            for probe in ("ping", "rr"):
+                figures = loaded[probe]
+                assert 0 < figures["p50_us"] <= figures["p99_us"], (name, load, probe, figures)
+            assert loaded["ping"]["received"] > 0 and loaded["rr"]["count"] > 0, (name, loaded)
     assert result["cases"]["underlay"]["tcp1"]["cpu_s_per_gb"] is None
     assert "daemons" not in result["cases"]["underlay"]
     udp = result["cases"]["udp"]
     assert udp["tcp1"]["cpu_s_per_gb"] > 0 and udp["tcp1v6"]["cpu_s_per_gb"] > 0
     assert "TCP 1 stream IPv6, Gbit/s" in out  # the table row beside TCP 1
+    assert "TCP req/resp p99 under 4 TCP streams, us" in out
     assert set(udp["daemons"]["peak_rss"]["each_mb"]) == {"h1", "h2"}
     assert udp["daemons"]["peak_rss"]["max_mb"] > 0
-    # No kernel VXLAN in this run: no ratios, and the targets say why they can't be judged.
+    # No kernel VXLAN in this run: no ratios, and the targets relative to it say why they can't
+    # be judged; the absolute ones of latency under load are.
     assert result["ratios"] == {}
-    assert result["targets"] and all(t["pass"] is None and t["reason"]
-                                     for t in result["targets"])
+    relative = [t for t in result["targets"] if not t["target"].startswith("under")]
+    assert relative and all(t["pass"] is None and t["reason"] for t in relative)
+    absolute = [t for t in result["targets"] if t["target"].startswith("under")]
+    assert len(absolute) == 2 and all(t["pass"] in (True, False) for t in absolute)
     assert result["chart"] is None
 
 
@@ -98,22 +110,34 @@ def test_ctrl_c_removes_every_namespace_and_writes_nothing(netns_session, tmp_pa
 
 
 def test_targets_are_judged_against_kernel_vxlan():
-    def case(gbit: float, pps: float, p50: float, kernel: bool) -> dict:
+    def case(gbit: float, pps: float, p50: float, kernel: bool, loaded_p50: float = 300,
+             loaded_p99: float = 900) -> dict:
         return {"status": "measured", "kernel": kernel, "tcp1": {"gbit_s": gbit},
-                "small": {"pps": pps}, "ping": {"idle": {"p50_us": p50}}}
+                "tcp4": {"gbit_s": gbit * 2}, "small": {"pps": pps},
+                "ping": {"idle": {"p50_us": p50}},
+                "loaded": {"s1": {"ping": {"p50_us": loaded_p50, "p99_us": loaded_p99}}}}
 
-    results = {"cases": {"kernel-vxlan": case(10, 100_000, 60, True),
+    results = {"cases": {"kernel-vxlan": case(10, 100_000, 60, True, 40, 120),
                          "udp": case(3, 40_000, 100, False),
                          "vxlan": {"status": "not available", "kernel": False}},
                "rss5000": {"peers": 5000, "peak_rss_mb": 70.0, "seconds_to_list_all": 1.0}}
     results["ratios"] = report.ratios(results)
-    assert results["ratios"]["udp"] == {"tcp1.gbit_s": 0.3, "small.pps": 0.4,
-                                        "ping.idle.p50_us": pytest.approx(1.6667, abs=1e-4)}
+    assert results["ratios"]["udp"] == {"tcp1.gbit_s": 0.3, "tcp4.gbit_s": 0.3, "small.pps": 0.4,
+                                        "ping.idle.p50_us": pytest.approx(1.6667, abs=1e-4),
+                                        "loaded.s1.ping.p50_us": 7.5,
+                                        "loaded.s1.ping.p99_us": 7.5}
     verdicts = {(t["case"], t["target"].split()[0]): (t["value"], t["pass"])
                 for t in report.targets(results)}
     assert verdicts[("udp", "TCP")] == (0.3, True)
     assert verdicts[("udp", "UDP")] == (0.4, False)
     assert verdicts[("udp", "ping")] == (40, True)
+    assert verdicts[("udp", "4")] == (0.3, False)
+    # Issue 16's latency targets are absolute: under one TCP stream, ping p50 <= 200 us and
+    # p99 <= 1 ms.
+    lines = {t["target"]: (t["value"], t["pass"]) for t in report.targets(results)
+             if t["case"] == "udp" and t["target"].startswith("under")}
+    assert lines == {"under 1 TCP stream: ping p50 <= 200 us": (300, False),
+                     "under 1 TCP stream: ping p99 <= 1000 us": (900, True)}
     assert verdicts[("vxlan", "TCP")] == (None, None)
     assert verdicts[("udp", "5,000-peer")] == (70.0, False)
     assert "0.30x" in report.table({**results, "settings": {"tests": ["tcp1"]}})
@@ -127,6 +151,9 @@ def test_quick_leaves_the_busypoll_cases_out_unless_asked_for():
     assert selected_cases(None, quick=True) == everything[:5]
     assert selected_cases(["vxlan-busypoll", "kernel-vxlan"], quick=True) == [
         "kernel-vxlan", "vxlan-busypoll"]
+    # Each queue setting runs only when named, after the others, udp before vxlan.
+    assert selected_cases(["vxlan-q2", "udp-q1", "udp-q2", "kernel-vxlan"], quick=True) == [
+        "kernel-vxlan", "udp-q1", "udp-q2", "vxlan-q2"]
 
 
 def test_tcp1v6_is_shown_beside_tcp1_as_a_ratio_to_kernel_vxlan_s_v6_figure():

@@ -14,6 +14,7 @@ from typing import Any
 
 from flannel_udp.backends import DataplaneSettings
 from flannel_udp.backends.peerroutes import PeerRoutes, Plan
+from flannel_udp.backends.steering import VXLAN_INNER_OFFSET
 from flannel_udp.backends.userspace import TunNetwork
 from flannel_udp.backends.vxlan.options import vxlan_settings
 from flannel_udp.backends.vxlan.peers import (
@@ -40,6 +41,7 @@ class VxlanNetwork(TunNetwork):
 
     backend_type = "vxlan"
     send_sockets = SEND_SOCKETS
+    inner_offset = VXLAN_INNER_OFFSET  # the VXLAN header, then the inner Ethernet header
 
     def __init__(self, config: NetworkConfig, ext: ExtIface, public_ip: IPv4Address,
                  settings: DataplaneSettings, public_ipv6: IPv6Address | None = None) -> None:
