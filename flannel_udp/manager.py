@@ -31,12 +31,25 @@ from flannel_udp.lease import (
     stale_own_leases,
     subnet_key,
 )
-from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, Store, StoreError
+from flannel_udp.stores import (
+    LeaseEvent,
+    LeaseRecord,
+    Snapshot,
+    Store,
+    StoreError,
+    no_key,
+)
 
 log = logging.getLogger("flannel-udp")
 
 RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flannel
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
+# Lease events applied before the control loop gets a turn (status, /metrics, renewals): a
+# burst of thousands in one watch response must not hold it for the whole burst.
+EVENTS_PER_TURN = 128
+
+OnAdd = Callable[[Lease, float], None]  # (lease, when it changed in the store, unix time)
+OnRemove = Callable[[IPv4Network | IPv6Network, float], None]  # (lease ident, when)
 
 
 def _shown(lease: Lease) -> str:
@@ -92,6 +105,7 @@ class LeaseManager:
         # keyed by Lease.ident: the IPv4 subnet, or the IPv6 one in an IPv6-only network
         self.peers: dict[IPv4Network | IPv6Network, Peer] = {}
         self._snapshot: Snapshot | None = None
+        self._acquired: Snapshot | None = None  # the listing acquire() last read
         self.holds_lease = False  # our lease was in the table at the last load_peers()
         self.store_errors = 0  # renewals that failed
         # Set when our lease changes under the renewal's feet (made a reservation by hand,
@@ -168,7 +182,10 @@ class LeaseManager:
         `preferred_v6`) if free, else a random free subnet; a lost race tries again. A dual-stack
         lease is one key holding both subnets, created atomically: both or neither."""
         for _ in range(ACQUIRE_ATTEMPTS):
-            keyed = self._parse_keyed(await self.store.list_leases())
+            # No store call per key: a reservation shows without one (no etcd lease), and
+            # the expiry of ours comes with the renewal that follows.
+            self._acquired = await self.store.list_leases(no_key)
+            keyed = self._parse_keyed(self._acquired)
             leases = [lease for _, lease in keyed]
             stored_key = {id(lease): key for key, lease in keyed}
             mine = own_lease(self.config, leases, self.public_ip, self.public_ipv6)
@@ -224,7 +241,7 @@ class LeaseManager:
     async def _overlapping(self, key: str, subnet: IPv4Network,
                            ipv6_subnet: IPv6Network) -> str | None:
         """The key of another lease sharing a subnet with `key`'s, if any."""
-        for lease in self._parse_all(await self.store.list_leases()):
+        for lease in self._parse_all(await self.store.list_leases(no_key)):
             if lease_key(lease) != key and ((lease.has_ipv4 and subnet != NO_IPV4
                                              and lease.subnet.overlaps(subnet)) or (
                     lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(ipv6_subnet))):
@@ -276,35 +293,55 @@ class LeaseManager:
 
     # -- following the table --
 
-    async def load_peers(self) -> list[Lease]:
+    def _is_own_key(self, key: str) -> bool:
+        """The one key whose expiry the store is asked for: ours (the renewal needs it)."""
+        return key == self._key
+
+    async def load_peers(self, reuse_acquired: bool = False) -> list[Lease]:
         """Read the table once: the peers as of now (watch() goes on from here). Also notes
-        whether our own lease is still in it (`holds_lease`)."""
-        self._snapshot = await self.store.list_leases()
+        whether our own lease is still in it (`holds_lease`). With `reuse_acquired`, right
+        after acquire(): its listing serves (the table is read once at start), and the watch
+        from its revision brings our own write and whatever changed since."""
+        acquired, self._acquired = self._acquired, None
+        if reuse_acquired and acquired is not None:
+            self._snapshot = acquired
+            held = True  # just taken or renewed
+        else:
+            self._snapshot = await self.store.list_leases(self._is_own_key)
+            held = None
         now = time.time()
         leases = self._parse_all(self._snapshot)
         mine = self.lease.ident if self.lease is not None else None
         my_key = lease_key(self.lease) if self.lease is not None else None
-        self.holds_lease = any(lease_key(lease) == my_key and self._is_ours(lease)
-                               for lease in leases)
+        self.holds_lease = held or any(lease_key(lease) == my_key and self._is_ours(lease)
+                                       for lease in leases)
         self.peers = {lease.ident: Peer(lease, now) for lease in leases if lease.ident != mine}
         return [p.lease for p in self.peers.values()]
 
-    async def watch(self, on_add: Callable[[Lease], None],
-                    on_remove: Callable[[IPv4Network | IPv6Network], None],
+    async def watch(self, on_add: OnAdd, on_remove: OnRemove,
                     on_own_lost: Callable[[], Awaitable[None]]) -> None:
-        """Apply lease events for ever (`on_remove` gets the lease's ident). Our own lease
-        going away calls `on_own_lost`."""
+        """Apply lease events for ever (`on_remove` gets the lease's ident; both get when the
+        change happened, see LeaseEvent.at). Our own lease going away calls `on_own_lost`.
+
+        No queue stands between the store's watch and the table: each batch is applied as it
+        is read, the next read only when it is done, so a burst waits in etcd's watch stream
+        (whose flow control etcd handles without blocking anyone) and never in a buffer of
+        ours that could fill up (flannel issue 2251)."""
         assert self._snapshot is not None, "load_peers() first"
         # aclosing: when a handler fails, the store's watch (an etcd stream) ends now, not
         # whenever the generator is collected.
-        async with contextlib.aclosing(self.store.watch(self._snapshot)) as batches:
+        async with contextlib.aclosing(self.store.watch(
+                self._snapshot, self._is_own_key)) as batches:
             async for events in batches:
                 await self._apply(events, on_add, on_remove, on_own_lost)
 
-    async def _apply(self, events: list[LeaseEvent], on_add: Callable[[Lease], None],
-                     on_remove: Callable[[IPv4Network | IPv6Network], None],
+    async def _apply(self, events: list[LeaseEvent], on_add: OnAdd, on_remove: OnRemove,
                      on_own_lost: Callable[[], Awaitable[None]]) -> None:
-        for event in events:
+        received = time.time()
+        for count, event in enumerate(events, 1):
+            if count % EVENTS_PER_TURN == 0:
+                await asyncio.sleep(0)  # let status, /metrics and the renewal run
+            at = event.at if event.at is not None else received
             lease = self._parse(event.record)
             if lease is None:
                 continue
@@ -338,10 +375,10 @@ class LeaseManager:
                 if known is not None and lease_key(known.lease) == lease_key(lease):
                     del self.peers[lease.ident]
                     log.info("peer %s (%s) went away", _shown(lease), _public(lease))
-                    on_remove(lease.ident)
+                    on_remove(lease.ident, at)
             else:
                 old = self.peers.get(lease.ident)
                 self.peers[lease.ident] = Peer(lease, time.time())
                 log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease),
                          lease.backend, "changed" if old else "appeared")
-                on_add(lease)
+                on_add(lease, at)

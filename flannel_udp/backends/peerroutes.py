@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel_udp import netlink
+from flannel_udp import latency, netlink
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import AnyAddress, AnyNetwork, KernelEntry, Route
@@ -92,10 +92,15 @@ class PeerRoutes:
         self.resync = resync_period() if resync is None else resync
         self._cond = threading.Condition()
         # All keyed by Lease.ident (the IPv6 subnet of an IPv6-only lease).
+        # Coalesced by peer, so bounded by the number of peers whatever the rate of events:
+        # a burst never blocks the watch that hands them over (flannel issue 2251).
         self._pending: dict[Ident, Lease | None] = {}  # None: the peer went away
+        self._since: dict[Ident, float] = {}  # the earliest change pending per peer
         self._leases: dict[Ident, Lease] = {}  # worker thread only
         self._installed: dict[Ident, tuple[KernelEntry, ...]] = {}  # worker thread only
-        self.plans: dict[Ident, Plan] = {}  # read by status, replaced whole
+        # Written by the worker in place, read by other threads one key at a time (a lookup is
+        # atomic under the GIL; iterating it from another thread is not safe).
+        self.plans: dict[Ident, Plan] = {}
         self._stop = False
         self._first_pass = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,19 +113,34 @@ class PeerRoutes:
         self._thread.start()
         self._first_pass.wait(FIRST_PASS_TIMEOUT)
 
-    def set_peer(self, lease: Lease) -> None:
+    def set_peer(self, lease: Lease, since: float | None = None) -> None:
+        """Plan and install the peer's entries soon; `since`: when its lease changed (for the
+        programming latency), None for none."""
         with self._cond:
             self._pending[lease.ident] = lease
+            if since is not None:
+                self._since.setdefault(lease.ident, since)
             self._cond.notify()
 
-    def remove_peer(self, subnet: Ident) -> None:
+    def remove_peer(self, subnet: Ident, since: float | None = None) -> None:
         with self._cond:
             self._pending[subnet] = None
+            if since is not None:
+                self._since.setdefault(subnet, since)
             self._cond.notify()
 
     def plan(self, subnet: Ident) -> Plan | None:
         """The peer's current plan; None until the worker has seen it."""
         return self.plans.get(subnet)
+
+    def peer_stats(self, subnet: Ident) -> dict[str, Any] | None:
+        """The peer's row for `status`: its path and what its plan shows; None until planned."""
+        plan = self.plans.get(subnet)
+        return None if plan is None else {"path": plan.path, **plan.shown}
+
+    def count(self) -> int:
+        """How many peers are planned (their entries installed, or why not known)."""
+        return len(self.plans)
 
     def close(self) -> None:
         """Stop the worker and withdraw every entry it installed. Idempotent."""
@@ -147,8 +167,11 @@ class PeerRoutes:
                 if self._stop:
                     return
                 changes, self._pending = self._pending, {}
+                since, self._since = self._since, {}
             try:
                 self._apply(changes)
+                for changed_at in since.values():
+                    latency.programmed(changed_at)
                 if full:
                     self._resync()
             except Exception:  # the thread must survive a bad pass: the next one retries
@@ -160,9 +183,7 @@ class PeerRoutes:
             if lease is None:
                 self._leases.pop(subnet, None)
                 self._withdraw(self._installed.pop(subnet, ()))
-                plans = dict(self.plans)
-                plans.pop(subnet, None)
-                self.plans = plans
+                self.plans.pop(subnet, None)
             else:
                 self._leases[subnet] = lease
                 self._update(lease)
@@ -182,7 +203,7 @@ class PeerRoutes:
         if plan.entries != before:
             self._install(lease, plan.entries)
         self._installed[lease.ident] = plan.entries
-        self.plans = {**self.plans, lease.ident: plan}
+        self.plans[lease.ident] = plan
 
     def _resync(self) -> None:
         """Plan every peer again, then put back what vanished from the kernel."""

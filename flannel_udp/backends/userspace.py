@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytun
 
-from flannel_udp import netlink
+from flannel_udp import latency, netlink
 from flannel_udp.backends import DataplaneSettings, Network, Unreachable, UserspaceDataplane
 from flannel_udp.backends.offloads import OFFLOADS_ENV, Offloads, open_tun_with_offloads
 from flannel_udp.backends.sockets import (
@@ -157,7 +157,7 @@ class TunNetwork(Network, UserspaceDataplane):
             return False
         return True
 
-    def add_peer(self, lease: Lease) -> None:
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
         if self._fastpath is None:
             return
         subnet = str(lease.subnet.network_address)
@@ -169,6 +169,7 @@ class TunNetwork(Network, UserspaceDataplane):
             return
         self._fastpath.set_route(subnet, str(lease.public_ip), *extra)
         self._add_peer6(lease)
+        latency.programmed(since)  # set_route has put it in the table the threads read
 
     def _add_peer6(self, lease: Lease) -> None:
         """Route the peer's IPv6 subnet (if it has one and we run dual stack), or forget the
@@ -190,31 +191,39 @@ class TunNetwork(Network, UserspaceDataplane):
         self._fastpath.set_route6(str(lease.ipv6_subnet.network_address), str(peer), *extra)
         self._v6_subnets[lease.subnet] = lease.ipv6_subnet
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network, since: float | None = None) -> None:
         if self._fastpath is not None:
             self._fastpath.del_route(str(subnet.network_address))
             old = self._v6_subnets.pop(subnet, None)
             if old is not None:
                 self._fastpath.del_route6(str(old.network_address))
+            latency.programmed(since)
 
     def stats(self) -> dict[str, Any]:
-        peers = {}
-        for subnet, _ip, mac, counters in self._fastpath.routes() if self._fastpath else ():
-            if mac is not None:
-                counters["vtep_mac"] = format_mac(mac)
-            peers[f"{subnet}/{self.config.subnet_len}"] = counters
+        return {"counters": self.counters(), "lease": self._lease_stats()}
+
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        if self._fastpath is None or ident.version != 4:
+            return None
+        found = self._fastpath.route(str(ident.network_address))
+        if found is None:
+            return None
+        _ip, mac, counters = found
+        if mac is not None:
+            counters["vtep_mac"] = format_mac(mac)
         # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6".
-        routes6 = {subnet: (ip, mac, counters) for subnet, ip, mac, counters in
-                   (self._fastpath.routes6() if self._fastpath and self._v6_on else ())}
-        for subnet4, subnet6 in self._v6_subnets.items():
-            found = routes6.get(str(subnet6.network_address))
-            if found is not None and str(subnet4) in peers:
-                ip, mac, counters = found
-                counters = {"subnet": str(subnet6), "peer": ip, **counters}
-                if mac is not None:
-                    counters["vtep_mac"] = format_mac(mac)
-                peers[str(subnet4)]["ipv6"] = counters
-        return {"counters": self.counters(), "peers": peers, "lease": self._lease_stats()}
+        subnet6 = self._v6_subnets.get(ident)
+        found6 = (self._fastpath.route6(str(subnet6.network_address))
+                  if subnet6 is not None and self._v6_on else None)
+        if subnet6 is not None and found6 is not None:
+            ip6, mac6, counters6 = found6
+            counters["ipv6"] = {"subnet": str(subnet6), "peer": ip6, **counters6}
+            if mac6 is not None:
+                counters["ipv6"]["vtep_mac"] = format_mac(mac6)
+        return counters
+
+    def route_count(self) -> int:
+        return 0 if self._fastpath is None else self._fastpath.route_count()
 
     def userspace(self) -> UserspaceDataplane:
         return self
