@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = any(c.get("status") == "failed" or any(isinstance(v, dict) and "error" in v
                                                     for v in c.values())
                  for c in results["cases"].values())
-    failed = failed or "error" in results.get(SCALE, {})
+    failed = failed or "error" in results.get(SCALE, {}) or any(
+        "error" in r for r in results.get(SCALE, {}).values() if isinstance(r, dict))
     return 1 if failed or "error" in results.get("rss5000", {}) else 0
 
 

@@ -39,6 +39,7 @@ PUBLIC_BASE = IPv4Address("100.64.0.0")  # the simulated nodes' PublicIPs: never
 TXN_OPS = 128  # etcd's default --max-txn-ops
 WRITERS = 8  # transactions in flight while filling
 POLL = 0.025  # s between two looks at the daemons' tables for pending events
+TICKS = 50  # etcd transactions a second under churn, each with its share of the events
 READ_EVERY = 1.0  # s between two reads of `status` and of `/metrics` under churn
 EVENT_TIMEOUT = 30.0  # s after which an event not seen in a table counts as lost
 MAX_QUERY = 5000  # subnets per `routes` request (the daemon takes at most 5,000)
@@ -87,7 +88,9 @@ class Etcd:
         import grpc
         from aetcd import rpc
         self.rpc = rpc
-        self.channel = grpc.aio.insecure_channel(endpoint.removeprefix("http://"))
+        self.channel = grpc.aio.insecure_channel(
+            endpoint.removeprefix("http://"),
+            options=[("grpc.max_receive_message_length", 256 << 20)])  # the whole table
         self.kv = rpc.KVStub(self.channel)
         self.leases = rpc.LeaseStub(self.channel)
         self.prefix = prefix.rstrip("/")
@@ -128,6 +131,15 @@ class Etcd:
             async with limit:
                 await self.kv.Txn(self.rpc.TxnRequest(success=chunk))
         await asyncio.gather(*(txn(c) for c in chunks))
+
+    async def txn(self, ops: list[tuple[int, bool]], lease: int) -> None:
+        """One transaction: a put (True) or a delete (False) of each index."""
+        await self.kv.Txn(self.rpc.TxnRequest(success=[
+            self.rpc.RequestOp(request_put=self.rpc.PutRequest(
+                key=self.full(index), value=value_of(index), lease=lease)) if put else
+            self.rpc.RequestOp(request_delete_range=self.rpc.DeleteRangeRequest(
+                key=self.full(index)))
+            for index, put in ops]))
 
     async def keys(self) -> set[str]:
         end = self.subnets[:-1] + b"0"  # '/' + 1
@@ -286,34 +298,28 @@ async def phase_quiet(a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def phase_churn(a: dict[str, Any]) -> dict[str, Any]:
-    """`rate` events per second for `seconds` (a fresh lease put, a live one deleted, in
-    turn), every `sample_every`-th followed into both tables, while Readers read."""
+    """`rate` events per second for `seconds`: every tick (TICKS a second) one etcd
+    transaction with the tick's share of events (a fresh lease put, a live one deleted, in
+    turn); every `sample_every`-th event is followed into both tables, from the moment its
+    transaction was sent (etcd's commit is part of it), while Readers read."""
     etcd = Etcd(a["endpoint"], a["prefix"])
     tracker = Tracker(a["sockets"])
     fresh = _fresh(a["fresh"], set(a["exclude"]))
     alive = list(range(1, a["count"] + 1))
     rng = random.Random(17)
-    interval = 1.0 / a["rate"]
+    ticks = min(TICKS, a["rate"])
     total = int(a["rate"] * a["seconds"])
     in_flight: set[asyncio.Task] = set()
-    limit = asyncio.Semaphore(64)
+    commits: list[float] = []
     late = 0
 
-    async def event(number: int) -> None:
-        async with limit:
-            if number % 2 == 0:
-                index = fresh()
-                alive.append(index)
-                at = time.time()
-                if number % a["sample_every"] == 0:
-                    tracker.expect(index, True, at)
-                await etcd.put(index, a["lease"])
-            else:
-                index = alive.pop(rng.randrange(len(alive)))
-                at = time.time()
-                if number % a["sample_every"] == 1 % a["sample_every"]:
-                    tracker.expect(index, False, at)
-                await etcd.delete(index)
+    async def send(ops: list[tuple[int, bool]]) -> None:
+        at = time.time()
+        for number, (index, put) in ops:
+            if (number // 2) % a["sample_every"] == 0:  # a put and the delete after it
+                tracker.expect(index, put, at)
+        await etcd.txn([(index, put) for _, (index, put) in ops], a["lease"])
+        commits.append(time.time() - at)
 
     async def poller() -> None:
         while True:
@@ -323,13 +329,27 @@ async def phase_churn(a: dict[str, Any]) -> dict[str, Any]:
     polling = asyncio.create_task(poller())
     with Readers(a["sockets"], a["metrics_urls"]) as readers:
         started = time.monotonic()
-        for number in range(total):
-            delay = started + number * interval - time.monotonic()
+        number = tick = 0
+        while number < total:
+            delay = started + tick / ticks - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -0.1:
                 late += 1
-            task = asyncio.create_task(event(number))
+            tick += 1
+            due = min(total, int(tick * a["rate"] / ticks))
+            ops = []
+            older = len(alive)  # deletes take leases of earlier ticks: a key once per txn
+            while number < due:
+                if number % 2 == 0:
+                    index = fresh()
+                    alive.append(index)
+                    ops.append((number, (index, True)))
+                else:
+                    ops.append((number, (alive.pop(rng.randrange(older)), False)))
+                    older -= 1
+                number += 1
+            task = asyncio.create_task(send(ops))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         await asyncio.gather(*in_flight)
@@ -340,6 +360,7 @@ async def phase_churn(a: dict[str, Any]) -> dict[str, Any]:
     await etcd.close()
     return {"rate": a["rate"], "seconds": a["seconds"], "events": total,
             "achieved_rate": round(total / sent_in, 1), "sample_every": a["sample_every"],
+            "late_ticks": late, "etcd_commit_s": percentiles(commits),
             "put_s": percentiles(tracker.seen["put"]),
             "delete_s": percentiles(tracker.seen["delete"]),
             "all_s": percentiles(tracker.seen["put"] + tracker.seen["delete"]),
@@ -348,31 +369,27 @@ async def phase_churn(a: dict[str, Any]) -> dict[str, Any]:
 
 
 async def phase_burst(a: dict[str, Any]) -> dict[str, Any]:
-    """`count` fresh leases put at once (transactions of TXN_OPS), then deleted at once, while
-    `status` is asked of each daemon every 0.1 s; how long until each table holds them all
-    (then none of them)."""
+    """`count` fresh leases put at once (transactions of TXN_OPS, WRITERS in flight), then
+    deleted at once, while `status` and `/metrics` are read from each daemon every 0.1 s; how
+    long until each table holds them all (then none of them), told by its `routes` count (one
+    O(1) request every 0.05 s: the probe must not load what it measures)."""
     etcd = Etcd(a["endpoint"], a["prefix"])
     fresh = _fresh(a["fresh"], set(a["exclude"]))
     indexes = [fresh() for _ in range(a["count"])]
-    subnets = [str(subnet_of(i)) for i in indexes]
+    before = [(await asyncio.to_thread(_routes, path, []))["routes"] for path in a["sockets"]]
     result: dict[str, Any] = {"count": a["count"]}
-    with Readers(a["sockets"], [], every=0.1) as readers:
+    with Readers(a["sockets"], a.get("metrics_urls", []), every=0.1) as readers:
         for kind, lease in (("put", a["lease"]), ("delete", None)):
+            want = [b + a["count"] if kind == "put" else b for b in before]
             started = time.time()
             await etcd.many(indexes, lease)
             written = time.time() - started
             done: dict[int, float] = {}
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 300
             while len(done) < len(a["sockets"]) and time.monotonic() < deadline:
                 for d, path in enumerate(a["sockets"]):
-                    if d in done:
-                        continue
-                    present = []
-                    for i in range(0, len(subnets), MAX_QUERY):
-                        answer = await asyncio.to_thread(_routes, path,
-                                                         subnets[i:i + MAX_QUERY])
-                        present += answer["present"]
-                    if all(p == (kind == "put") for p in present):
+                    if d not in done and (await asyncio.to_thread(_routes, path, []))[
+                            "routes"] == want[d]:
                         done[d] = time.time() - started
                 await asyncio.sleep(0.05)
             result[kind] = {"written_s": round(written, 2),
@@ -422,8 +439,11 @@ def _rss_mb(pid: int, field: str) -> float:
 
 
 def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: int,
-             say: Say, backend: str = "udp") -> dict[str, Any]:
-    """One size: fill, start the daemons, ready, quiet, churn, burst, check, stop."""
+             say: Say, backend: str = "udp",
+             check_status: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """One size: fill, start the daemons, ready, quiet, churn, burst, check, stop.
+    `check_status(control socket)` is called on h1 once it is ready (its result kept as
+    "status_pages")."""
     from bench.measure import cpu_seconds
     from flannel_udp.lab import NetnsError, wait_until
     hosts = topo.hosts[:2]
@@ -456,11 +476,14 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
                    interval=0.05)
         rss_ready = {h.label: _rss_mb(h.daemon.pid, "VmRSS") for h in hosts}
         say(f"    ready after run: {ready} s; RSS {rss_ready} MB")
+        pages = check_status(str(hosts[0].control_socket)) if check_status else None
         own = [h.lease()["subnet"] for h in hosts]
         exclude = [int(IPv4Network(s).network_address) - int(NETWORK.network_address)
                    >> (32 - SUBNET_LEN) for s in own]
         common = {**base, "lease": fill["lease"], "exclude": exclude,
-                  "sockets": [str(h.control_socket) for h in hosts]}
+                  "sockets": [str(h.control_socket) for h in hosts],
+                  "metrics_urls": [f"http://{h.underlay_ip}:{HEALTHZ_PORT}/metrics"
+                                   for h in hosts]}
         quiet = _driver(topo, "quiet", {**common, "fresh": leases + 1, "samples": 20},
                         timeout=600)
         say(f"    one event at a time: put -> in both tables {quiet['put_s']}, delete -> out "
@@ -470,12 +493,12 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
             f"second ...")
         churn = _driver(topo, "churn", {
             **common, "fresh": quiet["fresh"], "count": leases, "rate": rate,
-            "seconds": seconds, "sample_every": max(1, rate // 100),
-            "metrics_urls": [f"http://{h.underlay_ip}:{HEALTHZ_PORT}/metrics" for h in hosts]},
+            "seconds": seconds, "sample_every": max(1, rate // 100)},
             timeout=seconds * 4 + 300)
         churn["daemon_cpu_s"] = {h.label: round(cpu_seconds(h.daemon.pid)
                                                 - cpu_before[h.label], 1) for h in hosts}
-        say(f"    churn ({churn['achieved_rate']}/s): converged p50/p99/max {churn['all_s']}, "
+        say(f"    churn ({churn['achieved_rate']}/s, etcd commit {churn['etcd_commit_s']}): "
+            f"p50/p99/max {churn['all_s']}, "
             f"lost {churn['lost']}; status RTT {churn['status_rtt_s']}, /metrics RTT "
             f"{churn['metrics_rtt_s']}; CPU {churn['daemon_cpu_s']} s")
         result_burst = None
@@ -497,6 +520,7 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
             if host.daemon is not None and host.daemon.poll() is None:
                 host.stop_flannel()
     return {"leases": leases, "backend": backend, "fill_s": fill["seconds"],
+            "status_pages": pages,
             "ready_after_run_s": ready, "rss_ready_mb": rss_ready, "rss_peak_mb": rss_peak,
             "quiet": quiet, "churn": churn, "burst": result_burst, "check": check}
 
@@ -504,13 +528,17 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
 def run_scale(topo: Any, sizes: list[int], rates: list[int], seconds: int, burst: int,
               say: Say) -> dict[str, Any]:
     """Every size on one etcd in the topology's switch namespace; the results by size."""
-    from flannel_udp.lab import EtcdCluster
+    from flannel_udp.lab import EtcdCluster, NetnsError
     etcd = EtcdCluster.in_topology(topo).start()
     results: dict[str, Any] = {}
     try:
         for leases, rate in zip(sizes, rates, strict=True):
             say(f"[scale] {leases:,} leases, churn {rate} events/s, burst {burst:,}")
-            results[str(leases)] = run_size(topo, etcd, leases, rate, seconds, burst, say)
+            try:
+                results[str(leases)] = run_size(topo, etcd, leases, rate, seconds, burst, say)
+            except NetnsError as e:  # this size failed: the others still run
+                say(f"    error: {e}")
+                results[str(leases)] = {"leases": leases, "error": str(e)}
     finally:
         etcd.cleanup()
     return results
@@ -530,6 +558,9 @@ def table(results: dict[str, Any]) -> str:
     from flannel_udp.demo import text_table
     rows, judged = [], []
     for size, r in results.items():
+        if "error" in r:
+            judged.append((False, f"{int(size):,}: the run", r["error"][:120]))
+            continue
         churn, quiet, burst = r["churn"], r["quiet"], r.get("burst") or {}
 
         def fmt(p: dict[str, Any]) -> str:

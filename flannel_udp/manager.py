@@ -22,9 +22,9 @@ from flannel_udp.lease import (
     LeaseValueError,
     choose_new_ipv6_subnet,
     choose_new_subnet,
+    decode_lease,
     encode_lease_value,
     is_ours,
-    lease_from_record,
     lease_key,
     own_lease,
     parse_lease_key,
@@ -47,6 +47,9 @@ ACQUIRE_ATTEMPTS = 50  # lost races before giving up
 # Lease events applied before the control loop gets a turn (status, /metrics, renewals): a
 # burst of thousands in one watch response must not hold it for the whole burst.
 EVENTS_PER_TURN = 128
+# Peers' comings and goings logged one line each per batch of events; beyond, one line counts
+# the rest (a burst of 20,000 events would otherwise cost as much in logging as in routing).
+LOGGED_PER_BATCH = 20
 
 OnAdd = Callable[[Lease, float], None]  # (lease, when it changed in the store, unix time)
 OnRemove = Callable[[IPv4Network | IPv6Network, float], None]  # (lease ident, when)
@@ -106,6 +109,7 @@ class LeaseManager:
         self.peers: dict[IPv4Network | IPv6Network, Peer] = {}
         self._snapshot: Snapshot | None = None
         self._acquired: Snapshot | None = None  # the listing acquire() last read
+        self._acquired_leases: list[Lease] = []  # and its leases, parsed
         self.holds_lease = False  # our lease was in the table at the last load_peers()
         self.store_errors = 0  # renewals that failed
         # Set when our lease changes under the renewal's feet (made a reservation by hand,
@@ -115,11 +119,12 @@ class LeaseManager:
     # -- parsing store records, one place --
 
     def _parse(self, record: LeaseRecord) -> Lease | None:
-        if parse_lease_key(record.key) is None:
+        parsed = parse_lease_key(record.key)
+        if parsed is None:
             log.warning("lease store: skipping key %r: not a subnet key", record.key)
             return None
         try:
-            lease = lease_from_record(record.key, record.value, record.expiration)
+            lease = decode_lease(parsed[0], record.value, record.expiration, parsed[1])
         except LeaseValueError as e:
             log.warning("lease store: skipping lease %s: %s", record.key, e)
             return None
@@ -186,7 +191,7 @@ class LeaseManager:
             # the expiry of ours comes with the renewal that follows.
             self._acquired = await self.store.list_leases(no_key)
             keyed = self._parse_keyed(self._acquired)
-            leases = [lease for _, lease in keyed]
+            leases = self._acquired_leases = [lease for _, lease in keyed]
             stored_key = {id(lease): key for key, lease in keyed}
             mine = own_lease(self.config, leases, self.public_ip, self.public_ipv6)
             if mine is not None:
@@ -303,14 +308,16 @@ class LeaseManager:
         after acquire(): its listing serves (the table is read once at start), and the watch
         from its revision brings our own write and whatever changed since."""
         acquired, self._acquired = self._acquired, None
+        parsed, self._acquired_leases = self._acquired_leases, []
         if reuse_acquired and acquired is not None:
             self._snapshot = acquired
             held = True  # just taken or renewed
+            leases = parsed
         else:
             self._snapshot = await self.store.list_leases(self._is_own_key)
             held = None
+            leases = self._parse_all(self._snapshot)
         now = time.time()
-        leases = self._parse_all(self._snapshot)
         mine = self.lease.ident if self.lease is not None else None
         my_key = lease_key(self.lease) if self.lease is not None else None
         self.holds_lease = held or any(lease_key(lease) == my_key and self._is_ours(lease)
@@ -338,23 +345,45 @@ class LeaseManager:
     async def _apply(self, events: list[LeaseEvent], on_add: OnAdd, on_remove: OnRemove,
                      on_own_lost: Callable[[], Awaitable[None]]) -> None:
         received = time.time()
+        quiet = {"appeared": 0, "changed": 0, "went away": 0}  # beyond the lines logged
+        logged = 0
+        each = len(events) if log.isEnabledFor(logging.DEBUG) else LOGGED_PER_BATCH
         for count, event in enumerate(events, 1):
             if count % EVENTS_PER_TURN == 0:
                 await asyncio.sleep(0)  # let status, /metrics and the renewal run
             at = event.at if event.at is not None else received
+            if event.kind == "delete":
+                gone = self._gone(event.record.key)
+                if gone is None:
+                    continue
+                ident, key = gone
+                if self.lease is not None and ident == self.lease.ident:
+                    # Not an older key of our subnet (e.g. the v4-only lease we replaced)
+                    if key == lease_key(self.lease):
+                        log.warning("our lease %s was deleted or expired", _shown(self.lease))
+                        await on_own_lost()
+                    continue
+                known = self.peers.get(ident)
+                # Only the key the peer holds now: not an older key of the same v4 subnet (a
+                # node that moved from a v4-only lease to a dual-stack one).
+                if known is not None and lease_key(known.lease) == key:
+                    del self.peers[ident]
+                    if logged < each:
+                        logged += 1
+                        log.info("peer %s (%s) went away", _shown(known.lease),
+                                 _public(known.lease))
+                    else:
+                        quiet["went away"] += 1
+                    on_remove(ident, at)
+                continue
             lease = self._parse(event.record)
             if lease is None:
                 continue
             if self.lease is not None and lease.ident == self.lease.ident:
                 if lease_key(lease) != lease_key(self.lease):
                     # Our v4 subnet under another key (e.g. the v4-only lease we replaced)
-                    if event.kind != "delete":
-                        log.error("lease %s overlaps ours (%s)", lease_key(lease),
-                                  lease_key(self.lease))
-                    continue
-                if event.kind == "delete":
-                    log.warning("our lease %s was deleted or expired", _shown(lease))
-                    await on_own_lost()
+                    log.error("lease %s overlaps ours (%s)", lease_key(lease),
+                              lease_key(self.lease))
                 elif not self._is_ours(lease):
                     log.error("our subnet %s is now leased to %s", _shown(lease),
                               lease.public_ip if lease.has_ipv4 else lease.public_ipv6)
@@ -368,17 +397,29 @@ class LeaseManager:
                                              lease.expiration)
                     self._lease_changed.set()
                 continue
-            if event.kind == "delete":
-                known = self.peers.get(lease.ident)
-                # Only the key the peer holds now: not an older key of the same v4 subnet (a
-                # node that moved from a v4-only lease to a dual-stack one).
-                if known is not None and lease_key(known.lease) == lease_key(lease):
-                    del self.peers[lease.ident]
-                    log.info("peer %s (%s) went away", _shown(lease), _public(lease))
-                    on_remove(lease.ident, at)
+            old = self.peers.get(lease.ident)
+            self.peers[lease.ident] = Peer(lease, time.time())
+            how = "changed" if old else "appeared"
+            if logged < each:
+                logged += 1
+                log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease), lease.backend,
+                         how)
             else:
-                old = self.peers.get(lease.ident)
-                self.peers[lease.ident] = Peer(lease, time.time())
-                log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease),
-                         lease.backend, "changed" if old else "appeared")
-                on_add(lease, at)
+                quiet[how] += 1
+            on_add(lease, at)
+        if any(quiet.values()):
+            log.info("and %s more peers in this batch of lease events (-v 1 logs each)",
+                     ", ".join(f"{n} {how}" for how, n in quiet.items() if n))
+
+    def _gone(self, key: str) -> tuple[IPv4Network | IPv6Network, str] | None:
+        """A deleted key's ident and canonical key (no need to read the value it had); None
+        for a key that is no lease of this network (skipped, with a warning, when put)."""
+        parsed = parse_lease_key(key)
+        if parsed is None:
+            return None
+        subnet, ipv6_subnet = parsed
+        if not self.config.enable_ipv4 or (subnet == NO_IPV4 and ipv6_subnet is not None):
+            if ipv6_subnet is None:
+                return None
+            return ipv6_subnet, subnet_key(subnet, ipv6_subnet)
+        return subnet, subnet_key(subnet, ipv6_subnet)
