@@ -34,6 +34,7 @@ QUICK_DURATION = 1
 MANY_PEERS = 5000
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SCALE = "scale"  # not a dataplane: etcd with many leases around two daemons (bench/scale.py)
+DATAPLANES = "scale_kernel_dataplanes"  # host-gw and kernel VXLAN with many peers
 PAUSE = 0.2  # s between tests, so that queues of the last one have drained
 
 
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "per size (default 50)")
     group.add_argument("--churn-seconds", type=int, default=30, metavar="SECONDS",
                        help="how long the churn lasts (default %(default)s)")
+    group.add_argument("--kernel-peers", type=int, default=5000, metavar="N",
+                       help="host-gw and the kernel VXLAN dataplane with N peers: start-up and "
+                            "resync times (default %(default)s; 0: not measured)")
     group.add_argument("--burst", type=int, default=20000, metavar="N",
                        help="leases put at once, then deleted at once, after the churn "
                             "(default %(default)s; 0: none)")
@@ -134,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if with_scale and len(rates) != len(args.leases):
         print("python -m bench: --churn: one rate, or one per --leases size", file=sys.stderr)
         return 2
-    if args.churn_seconds < 1 or args.burst < 0:
-        print("python -m bench: --churn-seconds must be at least 1, --burst 0 or more",
-              file=sys.stderr)
+    if args.churn_seconds < 1 or args.burst < 0 or args.kernel_peers < 0:
+        print("python -m bench: --churn-seconds must be at least 1, --burst and "
+              "--kernel-peers 0 or more", file=sys.stderr)
         return 2
     problem = check_environment() or (None if only_scale else _missing_tools())
     if with_scale and problem is None:
@@ -159,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                      "quick": args.quick, "small_packet_method": "iperf3 -u -l 64 -b 0",
                      "ping_method": f"iputils ping -i {measure.PING_INTERVAL}",
                      **({"scale": {"leases": args.leases, "churn": rates,
-                                   "churn_seconds": args.churn_seconds, "burst": args.burst}}
+                                   "churn_seconds": args.churn_seconds, "burst": args.burst,
+                                   "kernel_peers": args.kernel_peers}}
                         if with_scale else {})},
         "topology": {"hosts": 2, "underlay": "veth to a bridge in its own namespace",
                      "underlay_mtu": UNDERLAY_MTU, "dual_stack": True},
@@ -185,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
                         if tails:
                             _say(tails)
                         results[SCALE] = {"error": str(e)}
+                    if args.kernel_peers:
+                        try:
+                            results[DATAPLANES] = scale.run_dataplanes(topo, args.kernel_peers,
+                                                                       _say)
+                        except NetnsError as e:
+                            _say(f"    kernel data planes: error: {e}")
+                            results[DATAPLANES] = {"error": str(e)}
                 _say(f"removing {len(topo.namespaces)} namespaces ...")
     except KeyboardInterrupt:
         _say(f"\ninterrupted: no results written; {_left_behind(topo)}")
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(report.table(results))
         _say()
     if SCALE in results:
-        _say(scale.table(results[SCALE]))
+        _say(scale.table(results[SCALE], results.get(DATAPLANES)))
         _say()
     _say(f"JSON: {output}")
     _say(f"chart: {results['chart'] or 'none, ' + why_no_chart}")
@@ -215,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = any(c.get("status") == "failed" or any(isinstance(v, dict) and "error" in v
                                                     for v in c.values())
                  for c in results["cases"].values())
-    failed = failed or "error" in results.get(SCALE, {}) or any(
-        "error" in r for r in results.get(SCALE, {}).values() if isinstance(r, dict))
+    failed = failed or "error" in results.get(DATAPLANES, {}) or "error" in results.get(
+        SCALE, {}) or any("error" in r for r in results.get(SCALE, {}).values()
+                          if isinstance(r, dict))
     return 1 if failed or "error" in results.get("rss5000", {}) else 0
 
 

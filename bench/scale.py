@@ -40,6 +40,8 @@ TXN_OPS = 128  # etcd's default --max-txn-ops
 WRITERS = 8  # transactions in flight while filling
 POLL = 0.025  # s between two looks at the daemons' tables for pending events
 TICKS = 50  # etcd transactions a second under churn, each with its share of the events
+PEERS_NET = "100.64.0.1/16"  # on a veth: the simulated PublicIPs, directly reachable
+RESYNC_S = 2  # the kernel data planes' resync period while measured
 READ_EVERY = 1.0  # s between two reads of `status` and of `/metrics` under churn
 EVENT_TIMEOUT = 30.0  # s after which an event not seen in a table counts as lost
 MAX_QUERY = 5000  # subnets per `routes` request (the daemon takes at most 5,000)
@@ -506,8 +508,10 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
             say(f"    burst: {burst:,} leases put at once, then deleted ...")
             result_burst = _driver(topo, "burst", {**common, "fresh": churn["fresh"],
                                                    "count": burst}, timeout=600)
-            say(f"    burst: in the tables after {result_burst['put']['in_tables_s']} s, out "
-                f"after {result_burst['delete']['in_tables_s']} s; status RTT "
+            say(f"    burst: written in {result_burst['put']['written_s']} s, in the tables "
+                f"after {result_burst['put']['in_tables_s']} s; deletes written in "
+                f"{result_burst['delete']['written_s']} s, out after "
+                f"{result_burst['delete']['in_tables_s']} s; status RTT "
                 f"{result_burst['status_rtt_s']}")
         check = _driver(topo, "check", {**base, "sockets": common["sockets"],
                                         "own_keys": [s.replace("/", "-") for s in own]},
@@ -544,6 +548,22 @@ def run_scale(topo: Any, sizes: list[int], rates: list[int], seconds: int, burst
     return results
 
 
+def run_dataplanes(topo: Any, peers: int, say: Say) -> dict[str, Any]:
+    """host-gw and the kernel VXLAN data plane with `peers` peers, in h1 (no daemon)."""
+    results = {}
+    for backend in ("host-gw", "vxlan"):
+        say(f"[scale] {backend}{' (kernel dataplane)' if backend == 'vxlan' else ''} with "
+            f"{peers:,} peers ...")
+        result = json.loads(topo.hosts[0].run(
+            sys.executable, "-m", "bench.scale", "dataplane",
+            input=json.dumps({"backend": backend, "peers": peers}), timeout=900).stdout)
+        say(f"    first pass (every entry) {result['start_s']} s, a resync pass "
+            f"{result['resync_s']} s, close {result['close_s']} s; "
+            f"{result['routes_in_kernel']:,} routes in the kernel's main table")
+        results[backend] = result
+    return results
+
+
 HEALTHZ_PORT = 9180
 # Issue 17's targets, reported (never enforced): ready < 5 s and RSS < 256 MB at 50,000 leases,
 # RSS < 64 MB at 5,000; convergence p99 < 1 s under churn; status and /metrics answered.
@@ -551,8 +571,9 @@ READY_TARGET_S = 5.0
 CONVERGENCE_TARGET_S = 1.0
 
 
-def table(results: dict[str, Any]) -> str:
-    """The scale figures, a line per size, and the targets as PASS/FAIL lines."""
+def table(results: dict[str, Any], dataplanes: dict[str, Any] | None = None) -> str:
+    """The scale figures, a line per size, the kernel data planes', and the targets as
+    PASS/FAIL lines."""
     if "error" in results:
         return f"scale: error: {results['error']}"
     from flannel_udp.demo import text_table
@@ -593,12 +614,87 @@ def table(results: dict[str, Any]) -> str:
     out = text_table(["leases", "ready s", "RSS ready MB", "RSS peak MB",
                       "quiet put, delete p50/p99/max s", "churn p50/p99/max s",
                       "status/metrics max s", "burst in tables s", "= etcd"], rows)
-    lines = [out, "", "  targets of issue 17 (reported, not enforced):"]
+    lines = [out]
+    if dataplanes and "error" not in dataplanes:
+        lines += ["", text_table(
+            ["kernel data plane", "peers", "first pass s", "resync pass s", "close s"],
+            [[b, f"{r['peers']:,}", r["start_s"], r["resync_s"], r["close_s"]]
+             for b, r in dataplanes.items()])]
+    elif dataplanes:
+        lines += ["", f"  kernel data planes: error: {dataplanes['error']}"]
+    lines += ["", "  targets of issue 17 (reported, not enforced):"]
     lines += [f"    {'PASS' if ok else 'FAIL'}  {what:<52} {got}" for ok, what, got in judged]
     return "\n".join(lines)
 
+def phase_dataplane(a: dict[str, Any]) -> dict[str, Any]:
+    """Inside a host namespace, no daemon: `backend` (host-gw, or vxlan on the kernel's VXLAN
+    device) started with `peers` peers' leases; how long the first pass (every route,
+    neighbour and FDB entry) took, how long a resync pass (every peer planned again, the
+    kernel's tables dumped and compared) takes, and how long closing (withdrawing) takes. A
+    device holding PEERS_NET makes the simulated PublicIPs directly reachable."""
+    import os
+    import subprocess
+
+    from flannel_udp import netlink
+    from flannel_udp.backends.peerroutes import RESYNC_ENV
+    from flannel_udp.config import parse_config
+    from flannel_udp.lease import Lease, VxlanLeaseData
+
+    os.environ[RESYNC_ENV] = str(RESYNC_S)
+    # A veth pair (this kernel may lack the dummy module); only its connected route matters.
+    subprocess.run(["ip", "link", "add", "fu-peers", "type", "veth", "peer", "name",
+                    "fu-peers1"], check=True)
+    try:
+        subprocess.run(["ip", "addr", "add", PEERS_NET, "dev", "fu-peers"], check=True)
+        for device in ("fu-peers", "fu-peers1"):
+            subprocess.run(["ip", "link", "set", device, "up"], check=True)
+        backend = {"Type": a["backend"]}
+        if a["backend"] == "vxlan":
+            backend["Dataplane"] = "kernel"
+        config = parse_config(json.dumps({**network_config(), "Backend": backend}))
+        ext = netlink.find_interface(netlink.IfaceChoice(names=("eth0",)))
+        if a["backend"] == "vxlan":
+            from flannel_udp.backends.vxlan.kernel import KernelVxlanNetwork
+            network: Any = KernelVxlanNetwork(config, ext, ext.address)
+
+            def lease(i: int) -> Lease:
+                mac = bytes([0x0a, 0x58, *(i + 1 << 8).to_bytes(4, "big")])
+                return Lease(subnet_of(i), PUBLIC_BASE + i, "vxlan",
+                             VxlanLeaseData(1, mac).encode())
+        else:
+            from flannel_udp.backends.hostgw import HostGwNetwork
+            network = HostGwNetwork(config, ext)
+
+            def lease(i: int) -> Lease:
+                return Lease(subnet_of(i), PUBLIC_BASE + i, "host-gw")
+        own = Lease(subnet_of(a["peers"] + 10), ext.address, a["backend"])
+        network.open()
+        started = time.monotonic()
+        network.start(own, [lease(i) for i in range(1, a["peers"] + 1)])
+        routes = network._routes
+        deadline = time.monotonic() + 600
+        while routes.timings["start_s"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        start_wall = round(time.monotonic() - started, 2)
+        while routes.timings["resync_s"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        in_kernel = len(subprocess.run(["ip", "route", "show"], capture_output=True,
+                                       text=True).stdout.splitlines())
+        started = time.monotonic()
+        network.close()
+        return {"backend": a["backend"], "peers": a["peers"], "start_s": routes.timings["start_s"],
+                "start_wall_s": start_wall, "resync_s": routes.timings["resync_s"],
+                "close_s": round(time.monotonic() - started, 2), "routes_in_kernel": in_kernel}
+    finally:
+        subprocess.run(["ip", "link", "del", "fu-peers"], check=False)
+
+
+async def _dataplane(a: dict[str, Any]) -> dict[str, Any]:
+    return await asyncio.to_thread(phase_dataplane, a)
+
+
 PHASES = {"fill": phase_fill, "quiet": phase_quiet, "churn": phase_churn,
-          "burst": phase_burst, "check": phase_check}
+          "burst": phase_burst, "check": phase_check, "dataplane": _dataplane}
 
 
 def driver_main() -> int:

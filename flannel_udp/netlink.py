@@ -5,10 +5,13 @@ pyroute2's sync IPRoute must not run on the uvloop thread: async callers use asy
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -457,10 +460,37 @@ def _withdraw(ipr: IPRoute, entry: KernelEntry) -> None:
         ipr.fdb("del", ifindex=entry.ifindex, lladdr=_mac_text(entry.mac), dst=str(entry.dst))
 
 
+_thread_socket = threading.local()
+
+
+@contextlib.contextmanager
+def one_socket() -> Iterator[None]:
+    """Within it, the kernel-entry helpers of this thread (install, withdraw, missing,
+    direct_route_to) share one netlink socket instead of opening one per call: a worker keeping
+    5,000 peers' entries would otherwise open thousands at start and at every resync."""
+    with IPRoute() as ipr:
+        _thread_socket.ipr = ipr
+        try:
+            yield
+        finally:
+            _thread_socket.ipr = None
+
+
+@contextlib.contextmanager
+def _socket() -> Iterator[IPRoute]:
+    """This thread's shared socket (one_socket), else one for this call."""
+    shared = getattr(_thread_socket, "ipr", None)
+    if shared is not None:
+        yield shared
+        return
+    with IPRoute() as ipr:
+        yield ipr
+
+
 def install(entries: list[KernelEntry]) -> list[tuple[KernelEntry, str]]:
     """Add or replace each entry, in order; the ones that failed, with the reason."""
     failed = []
-    with IPRoute() as ipr:
+    with _socket() as ipr:
         for entry in entries:
             try:
                 _install(ipr, entry)
@@ -471,7 +501,7 @@ def install(entries: list[KernelEntry]) -> list[tuple[KernelEntry, str]]:
 
 def withdraw(entries: list[KernelEntry]) -> None:
     """Remove each entry, in order; those already gone (or whose device is) are fine."""
-    with IPRoute() as ipr:
+    with _socket() as ipr:
         for entry in entries:
             try:
                 _withdraw(ipr, entry)
@@ -485,7 +515,7 @@ def missing(entries: list[KernelEntry]) -> list[KernelEntry]:
     have: set[KernelEntry] = set()
     families = {_family(e.dst if isinstance(e, Route) else
                         e.address if isinstance(e, Neighbour) else e.dst) for e in entries}
-    with IPRoute() as ipr:
+    with _socket() as ipr:
         for family in families:
             if not any(isinstance(e, Route) and _family(e.dst) == family for e in entries):
                 continue
@@ -519,7 +549,7 @@ def direct_route_to(address: AnyAddress) -> tuple[int | None, str]:
     """(the outgoing interface, "") when the kernel reaches `address` (IPv4 or IPv6) by a
     directly connected, gateway-less route (flannel's ip.DirectRouting); else (None, why
     not)."""
-    with IPRoute() as ipr:
+    with _socket() as ipr:
         try:
             found = ipr.route("get", family=_family(address), dst=str(address))
         except NetlinkError as e:

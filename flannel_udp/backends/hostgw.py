@@ -90,7 +90,8 @@ class HostGwNetwork(Network):
         self._routes.remove_peer(subnet, since)
 
     def stats(self) -> dict[str, Any]:
-        return {"counters": {}, "lease": {"route_resync": self._routes.resync}}
+        return {"counters": {}, "lease": {"route_resync": self._routes.resync,
+                                          **self._routes.timings}}
 
     def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
         return self._routes.peer_stats(ident)

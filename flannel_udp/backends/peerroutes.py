@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
@@ -102,6 +103,8 @@ class PeerRoutes:
         # atomic under the GIL; iterating it from another thread is not safe).
         self.plans: dict[Ident, Plan] = {}
         self._stop = False
+        # Seconds the first pass (every peer at start) and the last resync took, for status.
+        self.timings: dict[str, float | None] = {"start_s": None, "resync_s": None}
         self._first_pass = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -150,14 +153,21 @@ class PeerRoutes:
                 self._cond.notify()
             self._thread.join()
             self._thread = None
-        for entries in self._installed.values():
-            self._withdraw(entries)
+        with netlink.one_socket():
+            for entries in self._installed.values():
+                self._withdraw(entries)
         self._installed.clear()
         self.plans = {}
 
     # -- the worker --
 
     def _run(self) -> None:
+        # One netlink socket for the worker's whole life: every route, neighbour and FDB
+        # entry, every reachability test and every resync's dump go through it.
+        with netlink.one_socket():
+            self._work()
+
+    def _work(self) -> None:
         full = False
         while True:
             with self._cond:
@@ -169,11 +179,16 @@ class PeerRoutes:
                 changes, self._pending = self._pending, {}
                 since, self._since = self._since, {}
             try:
+                started = time.monotonic()
                 self._apply(changes)
+                if not self._first_pass.is_set():
+                    self.timings["start_s"] = round(time.monotonic() - started, 3)
                 for changed_at in since.values():
                     latency.programmed(changed_at)
                 if full:
+                    started = time.monotonic()
                     self._resync()
+                    self.timings["resync_s"] = round(time.monotonic() - started, 3)
             except Exception:  # the thread must survive a bad pass: the next one retries
                 log.exception("updating the kernel's routes failed; retrying at the next pass")
             self._first_pass.set()

@@ -211,7 +211,8 @@ class KernelVxlanNetwork(Network):
         lease = {"vni": self.settings.vni,
                  "vtep_mac": format_mac(self.settings.vtep_mac) if self.ipv4 else None,
                  "dataplane": "kernel", "device": self.device if self.ipv4 else None,
-                 "direct_routing": self.settings.direct_routing}
+                 "direct_routing": self.settings.direct_routing,
+                 **(self._routes.timings if self._routes is not None else {})}
         if self._index6 and self.settings.v6_vtep_mac is not None:
             lease.update({"ipv6_device": self.device6,
                           "ipv6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
