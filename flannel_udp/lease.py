@@ -27,7 +27,7 @@ class LeaseValueError(ValueError):
     """A lease value that is not flannel lease JSON."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     subnet: IPv4Network
     public_ip: IPv4Address

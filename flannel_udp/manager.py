@@ -46,7 +46,7 @@ RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flann
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
 # Lease events applied before the control loop gets a turn (status, /metrics, renewals): a
 # burst of thousands in one watch response must not hold it for the whole burst.
-EVENTS_PER_TURN = 128
+EVENTS_PER_TURN = 64
 # Peers' comings and goings logged one line each per batch of events; beyond, one line counts
 # the rest (a burst of 20,000 events would otherwise cost as much in logging as in routing).
 LOGGED_PER_BATCH = 20
@@ -74,7 +74,7 @@ def refuse_ipv6_on_v2() -> None:
                     "dual-stack network config in etcd's v3 keyspace (--etcd-api v3)")
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     lease: Lease
     since: float  # when this node learned of the lease (or of its last change)

@@ -27,7 +27,7 @@ def no_key(key: str) -> bool:
     return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseRecord:
     key: str  # e.g. '10.244.3.0-24'
     value: bytes
@@ -43,7 +43,7 @@ class Snapshot:
     records: tuple[LeaseRecord, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseEvent:
     kind: str  # 'put' (added or changed) or 'delete' (deleted or expired)
     record: LeaseRecord
