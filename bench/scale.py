@@ -503,6 +503,8 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
             f"p50/p99/max {churn['all_s']}, "
             f"lost {churn['lost']}; status RTT {churn['status_rtt_s']}, /metrics RTT "
             f"{churn['metrics_rtt_s']}; CPU {churn['daemon_cpu_s']} s")
+        # The peak so far: the table at its size (the burst adds `burst` leases for a while).
+        rss_before_burst = {h.label: _rss_mb(h.daemon.pid, "VmHWM") for h in hosts}
         result_burst = None
         if burst:
             say(f"    burst: {burst:,} leases put at once, then deleted ...")
@@ -525,7 +527,8 @@ def run_size(topo: Any, etcd: Any, leases: int, rate: int, seconds: int, burst: 
                 host.stop_flannel()
     return {"leases": leases, "backend": backend, "fill_s": fill["seconds"],
             "status_pages": pages,
-            "ready_after_run_s": ready, "rss_ready_mb": rss_ready, "rss_peak_mb": rss_peak,
+            "ready_after_run_s": ready, "rss_ready_mb": rss_ready,
+            "rss_peak_before_burst_mb": rss_before_burst, "rss_peak_mb": rss_peak,
             "quiet": quiet, "churn": churn, "burst": result_burst, "check": check}
 
 
@@ -588,7 +591,9 @@ def table(results: dict[str, Any], dataplanes: dict[str, Any] | None = None) -> 
             return "-" if p.get("p50") is None else f"{p['p50']}/{p['p99']}/{p['max']}"
         rows.append([f"{int(size):,}", "/".join(f"{v}" for v in r["ready_after_run_s"].values()),
                      "/".join(f"{v:.0f}" for v in r["rss_ready_mb"].values()),
-                     "/".join(f"{v:.0f}" for v in r["rss_peak_mb"].values()),
+                     "/".join(f"{v:.0f}" for v in r.get("rss_peak_before_burst_mb",
+                                                         r["rss_peak_mb"]).values())
+                     + " (" + "/".join(f"{v:.0f}" for v in r["rss_peak_mb"].values()) + ")",
                      fmt(quiet["put_s"]) + " " + fmt(quiet["delete_s"]),
                      f"{fmt(churn['all_s'])} @{churn['achieved_rate']}/s lost {churn['lost']}",
                      f"{churn['status_rtt_s']['max']}/{churn['metrics_rtt_s']['max']}",
@@ -597,13 +602,16 @@ def table(results: dict[str, Any], dataplanes: dict[str, Any] | None = None) -> 
                      "yes" if all(d["equal"] for d in r["check"]["daemons"]) else "NO"])
         leases = int(size)
         ready = max(r["ready_after_run_s"].values())
-        peak = max(r["rss_peak_mb"].values())
+        # The peak while the table held `leases` (start, quiet, churn): not the burst's.
+        peak = max(r.get("rss_peak_before_burst_mb", r["rss_peak_mb"]).values())
         if leases >= 50000:
             judged.append((ready < READY_TARGET_S, f"{leases:,}: ready after run < 5 s",
                            f"{ready} s"))
-            judged.append((peak < 256, f"{leases:,}: RSS < 256 MB", f"{peak:.0f} MB"))
+            judged.append((peak < 256, f"{leases:,}: peak RSS (before the burst) < 256 MB",
+                           f"{peak:.0f} MB"))
         if leases <= 5000:
-            judged.append((peak < 64, f"{leases:,}: RSS < 64 MB", f"{peak:.0f} MB"))
+            judged.append((peak < 64, f"{leases:,}: peak RSS (before the burst) < 64 MB",
+                           f"{peak:.0f} MB"))
         p99 = churn["all_s"]["p99"]
         judged.append((p99 is not None and p99 < CONVERGENCE_TARGET_S and churn["lost"] == 0,
                        f"{leases:,}: convergence p99 < 1 s at {churn['rate']} events/s",
@@ -611,7 +619,7 @@ def table(results: dict[str, Any], dataplanes: dict[str, Any] | None = None) -> 
         judged.append((churn["read_failures"] == 0 and not (burst or {}).get("read_failures"),
                        f"{leases:,}: every status and /metrics read answered",
                        f"{churn['read_failures']} failed"))
-    out = text_table(["leases", "ready s", "RSS ready MB", "RSS peak MB",
+    out = text_table(["leases", "ready s", "RSS ready MB", "peak MB (with burst)",
                       "quiet put, delete p50/p99/max s", "churn p50/p99/max s",
                       "status/metrics max s", "burst in tables s", "= etcd"], rows)
     lines = [out]
@@ -623,7 +631,7 @@ def table(results: dict[str, Any], dataplanes: dict[str, Any] | None = None) -> 
     elif dataplanes:
         lines += ["", f"  kernel data planes: error: {dataplanes['error']}"]
     lines += ["", "  targets of issue 17 (reported, not enforced):"]
-    lines += [f"    {'PASS' if ok else 'FAIL'}  {what:<52} {got}" for ok, what, got in judged]
+    lines += [f"    {'PASS' if ok else 'FAIL'}  {what:<58} {got}" for ok, what, got in judged]
     return "\n".join(lines)
 
 def phase_dataplane(a: dict[str, Any]) -> dict[str, Any]:
