@@ -194,16 +194,22 @@ class PeerRoutes:
             self._first_pass.set()
 
     def _apply(self, changes: dict[Ident, Lease | None]) -> None:
+        withdraw: list[KernelEntry] = []
+        install: list[tuple[Ident, KernelEntry]] = []
         for subnet, lease in changes.items():
             if lease is None:
                 self._leases.pop(subnet, None)
-                self._withdraw(self._installed.pop(subnet, ()))
+                withdraw.extend(self._installed.pop(subnet, ()))
                 self.plans.pop(subnet, None)
             else:
                 self._leases[subnet] = lease
-                self._update(lease)
+                self._update(lease, withdraw, install)
+        self._commit(withdraw, install)
 
-    def _update(self, lease: Lease) -> None:
+    def _update(self, lease: Lease, withdraw: list[KernelEntry],
+                install: list[tuple[Ident, KernelEntry]]) -> None:
+        """Plan the peer again; what its entries need goes into `withdraw` and `install`,
+        which `_commit` hands to the kernel for every peer of the pass at once."""
         plan = self._plan_of(lease)
         old = self.plans.get(lease.ident)
         if old is None or (old.path, old.problem) != (plan.path, plan.problem):
@@ -214,16 +220,31 @@ class PeerRoutes:
             else:
                 log.info("peer %s at %s: %s", lease.ident, _underlay(lease), plan.path)
         before = self._installed.get(lease.ident, ())
-        self._withdraw(tuple(e for e in before if e not in plan.entries))
+        withdraw.extend(e for e in before if e not in plan.entries)
         if plan.entries != before:
-            self._install(lease, plan.entries)
+            install.extend((lease.ident, e) for e in plan.entries)
         self._installed[lease.ident] = plan.entries
         self.plans[lease.ident] = plan
 
+    def _commit(self, withdraw: list[KernelEntry],
+                install: list[tuple[Ident, KernelEntry]]) -> None:
+        """Withdraw, then install, in batches (netlink.install: many messages a sendmsg)."""
+        if withdraw:
+            self._withdraw(tuple(withdraw))
+        if install:
+            owner = {entry: ident for ident, entry in install}
+            for entry, why in netlink.install([entry for _, entry in install]):
+                # Kept as wanted: the next resync tries again.
+                log.error("peer %s: cannot add %s: %s", owner[entry], netlink.describe(entry),
+                          why)
+
     def _resync(self) -> None:
         """Plan every peer again, then put back what vanished from the kernel."""
+        withdraw: list[KernelEntry] = []
+        install: list[tuple[Ident, KernelEntry]] = []
         for lease in list(self._leases.values()):
-            self._update(lease)
+            self._update(lease, withdraw, install)
+        self._commit(withdraw, install)
         wanted = [e for entries in self._installed.values() for e in entries]
         gone = netlink.missing(wanted) if wanted else []
         if gone:
@@ -232,15 +253,11 @@ class PeerRoutes:
             for entry, why in netlink.install(gone):
                 log.error("cannot re-add %s: %s", netlink.describe(entry), why)
 
-    def _install(self, lease: Lease, entries: tuple[KernelEntry, ...]) -> None:
-        for entry, why in netlink.install(list(entries)):
-            # Kept as wanted: the next resync tries again.
-            log.error("peer %s: cannot add %s: %s", lease.ident, netlink.describe(entry), why)
-
     @staticmethod
     def _withdraw(entries: tuple[KernelEntry, ...]) -> None:
         """Remove entries given in install order: the last one (the route) goes first."""
         try:
             netlink.withdraw(list(reversed(entries)))
-        except Exception as e:  # a leftover entry is logged, not fatal
-            log.error("cannot remove %s: %s", "; ".join(map(netlink.describe, entries)), e)
+        except Exception as e:  # a leftover entry is logged, not fatal (OSError names it)
+            log.error("cannot remove %s", e if isinstance(e, OSError) else
+                      f"{'; '.join(map(netlink.describe, entries))}: {e}")
