@@ -612,7 +612,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"
               # host-gw, direct, vxlan or unreachable, for the routing-model backends
               f"  {p.get('path', '-')}")
-    if not status["peers"]:
+    if not count:
         print("(no peers)")
     return 0
 
