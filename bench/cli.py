@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench import measure, report
+from bench import measure, report, scale
 from bench.cases import CASES, Case, Endpoints
 from flannel_udp.lab import (
     UNDERLAY_MTU,
@@ -34,11 +34,23 @@ DEFAULT_DURATION = 5
 QUICK_DURATION = 1
 MANY_PEERS = 5000
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SCALE = "scale"  # not a dataplane: etcd with many leases around two daemons (bench/scale.py)
+DATAPLANES = "scale_kernel_dataplanes"  # host-gw and kernel VXLAN with many peers
 PAUSE = 0.2  # s between tests, so that queues of the last one have drained
 
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or any(n < 1 for n in numbers):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers >= 1")
+    return numbers
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
@@ -57,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Measure flannel-udp against the bare underlay and kernel VXLAN on one "
                     "two-host namespace topology (needs root, iperf3, ping).")
-    parser.add_argument("--cases", type=_names(tuple(CASES)), metavar="LIST",
-                        help=f"comma-separated, of {','.join(CASES)} (default all but the "
-                        "-qN ones (--queues N); with --quick not the -busypoll ones either)")
+    parser.add_argument("--cases", type=_names((*CASES, SCALE)), metavar="LIST",
+                        help=f"comma-separated, of {','.join(CASES)},{SCALE} (default all but "
+                        f"{SCALE} and the -qN ones (--queues N); with --quick not the -busypoll "
+                        "ones either)")
     parser.add_argument("--tests", type=_names(TESTS), default=list(TESTS), metavar="LIST",
                         help=f"comma-separated, of {','.join(TESTS)} (default all)")
     parser.add_argument("--duration", type=int, metavar="SECONDS",
@@ -73,12 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chart", type=Path, metavar="PATH",
                         help="the PNG chart (default: the JSON path with .png)")
     parser.add_argument("--no-chart", action="store_true", help="draw no chart")
+    group = parser.add_argument_group(f"the {SCALE} case (etcd v3, two udp daemons)")
+    group.add_argument("--leases", type=_numbers, default=[5000], metavar="LIST",
+                       help="comma-separated lease counts, one run each (default 5000)")
+    group.add_argument("--churn", type=_numbers, default=[50], metavar="LIST",
+                       help="lease events per second under churn: one for every size, or one "
+                            "per size (default 50)")
+    group.add_argument("--churn-seconds", type=int, default=30, metavar="SECONDS",
+                       help="how long the churn lasts (default %(default)s)")
+    group.add_argument("--kernel-peers", type=int, default=5000, metavar="N",
+                       help="host-gw and the kernel VXLAN dataplane with N peers: start-up and "
+                            "resync times (default %(default)s; 0: not measured)")
+    group.add_argument("--burst", type=int, default=20000, metavar="N",
+                       help="leases put at once, then deleted at once, after the churn "
+                            "(default %(default)s; 0: none)")
     return parser
 
 
 def selected_cases(requested: list[str] | None, quick: bool) -> list[str]:
-    """The cases to run, in CASES order (the reference first): those requested, else all but
-    the queue settings (-qN, run only when named) and, with --quick, the -busypoll ones."""
+    """The dataplane cases to run, in CASES order (the reference first): those requested, else
+    all but the queue settings (-qN, run only when named) and, with --quick, the -busypoll ones.
+    (SCALE runs only when named.)"""
     return [name for name in CASES if name in requested] if requested else [
         name for name in CASES if not (quick and name.endswith("-busypoll"))
         and not re.search(r"-q\d+$", name)]
@@ -92,7 +120,8 @@ def _missing_tools() -> str | None:
 
 
 def _machine() -> dict[str, Any]:
-    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout
+    iperf = (subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout
+             if shutil.which("iperf3") else "")
     return {"cores": os.cpu_count(), "kernel": platform.release(),
             "python": platform.python_version(),
             "iperf3": iperf.split()[1] if iperf.split()[1:] else None,
@@ -107,12 +136,26 @@ def main(argv: list[str] | None = None) -> int:
     if duration < 1:
         print("python -m bench: --duration must be at least 1 s", file=sys.stderr)
         return 2
-    problem = check_environment() or _missing_tools()
+    with_scale = SCALE in (args.cases or [])
+    only_scale = with_scale and args.cases == [SCALE]
+    rates = args.churn * len(args.leases) if len(args.churn) == 1 else args.churn
+    if with_scale and len(rates) != len(args.leases):
+        print("python -m bench: --churn: one rate, or one per --leases size", file=sys.stderr)
+        return 2
+    if args.churn_seconds < 1 or args.burst < 0 or args.kernel_peers < 0:
+        print("python -m bench: --churn-seconds must be at least 1, --burst and "
+              "--kernel-peers 0 or more", file=sys.stderr)
+        return 2
+    problem = check_environment() or (None if only_scale else _missing_tools())
+    if with_scale and problem is None:
+        from flannel_udp.lab import etcd_problem
+        problem = etcd_problem()
     if problem:
         print(f"python -m bench: {problem}", file=sys.stderr)
         return 2
-    cases = selected_cases(args.cases, args.quick)
-    tests = [name for name in TESTS if name in args.tests]
+    cases = [] if only_scale else selected_cases(
+        [c for c in args.cases or [] if c != SCALE] or None, args.quick)
+    tests = [] if only_scale else [name for name in TESTS if name in args.tests]
     started = datetime.now()
     output = args.output or RESULTS_DIR / f"{started:%Y%m%d-%H%M%S}.json"
     results: dict[str, Any] = {
@@ -122,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "settings": {"duration_s": duration, "cases": cases, "tests": tests,
                      "quick": args.quick, "small_packet_method": "iperf3 -u -l 64 -b 0",
-                     "ping_method": f"iputils ping -i {measure.PING_INTERVAL}"},
+                     "ping_method": f"iputils ping -i {measure.PING_INTERVAL}",
+                     **({"scale": {"leases": args.leases, "churn": rates,
+                                   "churn_seconds": args.churn_seconds, "burst": args.burst,
+                                   "kernel_peers": args.kernel_peers}}
+                        if with_scale else {})},
         "topology": {"hosts": 2, "underlay": "veth to a bridge in its own namespace",
                      "underlay_mtu": UNDERLAY_MTU, "dual_stack": True},
         "cases": {},
@@ -137,6 +184,23 @@ def main(argv: list[str] | None = None) -> int:
                 _say(f"flannel-udp bench: 2 hosts on a bridge, namespaces {topo.prefix}-*, "
                      f"{duration} s per test; cases {','.join(cases)}; tests {','.join(tests)}")
                 _run(topo, cases, tests, duration, results)
+                if with_scale:
+                    try:
+                        results[SCALE] = scale.run_scale(topo, args.leases, rates,
+                                                         args.churn_seconds, args.burst, _say)
+                    except NetnsError as e:
+                        _say(f"    scale: error: {e}")
+                        tails = topo.log_tails(10)
+                        if tails:
+                            _say(tails)
+                        results[SCALE] = {"error": str(e)}
+                    if args.kernel_peers:
+                        try:
+                            results[DATAPLANES] = scale.run_dataplanes(topo, args.kernel_peers,
+                                                                       _say)
+                        except NetnsError as e:
+                            _say(f"    kernel data planes: error: {e}")
+                            results[DATAPLANES] = {"error": str(e)}
                 _say(f"removing {len(topo.namespaces)} namespaces ...")
     except KeyboardInterrupt:
         _say(f"\ninterrupted: no results written; {_left_behind(topo)}")
@@ -153,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     results["chart"] = str(chart) if chart and why_no_chart is None else None
     report.write_json(results, output)
     _say()
-    _say(report.table(results))
-    _say()
+    if cases or tests:
+        _say(report.table(results))
+        _say()
+    if SCALE in results:
+        _say(scale.table(results[SCALE], results.get(DATAPLANES)))
+        _say()
     _say(f"JSON: {output}")
     _say(f"chart: {results['chart'] or 'none, ' + why_no_chart}")
     load = results["machine"]
@@ -163,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = any(c.get("status") == "failed" or any(isinstance(v, dict) and "error" in v
                                                     for v in c.values())
                  for c in results["cases"].values())
+    failed = failed or "error" in results.get(DATAPLANES, {}) or "error" in results.get(
+        SCALE, {}) or any("error" in r for r in results.get(SCALE, {}).values()
+                          if isinstance(r, dict))
     return 1 if failed or "error" in results.get("rss5000", {}) else 0
 
 

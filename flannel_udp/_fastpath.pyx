@@ -393,6 +393,35 @@ cdef class FastPath:
         return [(format_ipv4(subnet), format_ipv4(peer), mac, stats)
                 for subnet, peer, mac, stats in entries]
 
+    def route_count(self) -> int:
+        """How many IPv4 routes the table holds (O(1): for `status` and the bench at scale)."""
+        cdef uint32_t n
+        with nogil:
+            pthread_rwlock_rdlock(&self.shared.lock)
+            n = self.shared.table.count
+            pthread_rwlock_unlock(&self.shared.lock)
+        return n
+
+    def route(self, str subnet) -> object:
+        """One route as ``routes()`` gives it, without the subnet: (peer_ip, vtep_mac,
+        counters), or None when ``subnet`` has none. One hash lookup, whatever the table's
+        size."""
+        cdef uint32_t key = self._subnet_key(subnet)
+        cdef RouteEntry copy
+        cdef RouteEntry* e
+        cdef bint found = False
+        with nogil:
+            pthread_rwlock_rdlock(&self.shared.lock)
+            e = rt_find(&self.shared.table, key)
+            if e != NULL:
+                copy = e[0]
+                found = True
+            pthread_rwlock_unlock(&self.shared.lock)
+        if not found:
+            return None
+        mac = (<char*>copy.mac)[:6] if self.shared.mode == MODE_VXLAN else None
+        return (format_ipv4(copy.peer), mac, route_counters(&copy))
+
     cdef int _subnet_key6(self, str subnet, uint64_t* hi, uint64_t* lo) except -1:
         cdef uint8_t addr[16]
         if not self.shared.v6:
@@ -490,6 +519,27 @@ cdef class FastPath:
             free(snapshot)
         out.sort(key=lambda entry: entry[0])
         return [(str(subnet), peer, mac, stats) for subnet, peer, mac, stats in out]
+
+    def route6(self, str subnet) -> object:
+        """One IPv6 route as ``routes6()`` gives it, without the subnet: (peer, vtep_mac,
+        counters), or None when ``subnet`` has none. One hash lookup."""
+        cdef uint64_t hi, lo
+        cdef RouteEntry6 copy
+        cdef RouteEntry6* e
+        cdef bint found = False
+        self._subnet_key6(subnet, &hi, &lo)
+        with nogil:
+            pthread_rwlock_rdlock(&self.shared.lock)
+            e = rt6_find(&self.shared.table6, hi, lo)
+            if e != NULL:
+                copy = e[0]
+                found = True
+            pthread_rwlock_unlock(&self.shared.lock)
+        if not found:
+            return None
+        peer = format_ipv6(copy.peer6) if copy.base.underlay6 else format_ipv4(copy.base.peer)
+        mac = (<char*>copy.base.mac)[:6] if self.shared.mode == MODE_VXLAN else None
+        return (peer, mac, route_counters(&copy.base))
 
     def counters(self) -> dict:
         """Global counters, summed over the TUN queues; tx_* = sent to peers, rx_* = written to

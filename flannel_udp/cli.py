@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flannel_udp import __version__, control
 from flannel_udp.backends import DEFAULT_QUEUES, MAX_QUEUES
+from flannel_udp.control import METRICS_PEER_LIMIT, STATUS_PEERS
 from flannel_udp.errors import UserError
 from flannel_udp.stores import StoreError
 from flannel_udp.stores.keyspace import ETCD_APIS, StoreChoice
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="address of the /healthz and /metrics endpoint (default %(default)s)")
     _add(run, "--healthz-port", type=int, default=0, metavar="PORT",
          help="port of the /healthz and /metrics endpoint (default 0 = off)")
+    _add(run, "--metrics-peer-limit", type=int, default=METRICS_PEER_LIMIT, metavar="N",
+         help="/metrics has per-peer series while the table holds at most N peers, none "
+              "beyond (0: never; the totals are always there; default %(default)s; not "
+              "flanneld's)")
     _add(run, "--iptables-resync", type=int, default=5, metavar="SECONDS",
          help="re-check the masquerade and forward rules this often (default %(default)s)")
     _add(run, "--iptables-forward-rules", action="store_true", default=True,
@@ -221,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the running daemon's lease, peers, counters")
     _add(status, "--control-socket", default=control_socket, metavar="PATH")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--peers", type=_peers_shown, default=STATUS_PEERS, metavar="N|all",
+                        help=f"show the first N peers (default {STATUS_PEERS}), or all of "
+                             "them (asked page by page: the daemon is never held for long)")
 
     trace = sub.add_parser(
         "trace", help="print the fast path's per-packet decisions (sampled, rate limited)",
@@ -346,6 +354,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--drop-log-interval: must be more than 0 seconds")
     if not 0 <= args.healthz_port <= 65535:
         raise UserError(f"--healthz-port {args.healthz_port}: must be 0 (off) to 65535")
+    if args.metrics_peer_limit < 0:
+        raise UserError(f"--metrics-peer-limit {args.metrics_peer_limit}: must be 0 (no "
+                        "per-peer series) or more")
     from flannel_udp._fastpath import MAX_BUSY_POLL_US
     if not 0 <= args.busy_poll <= MAX_BUSY_POLL_US:
         raise UserError(f"--busy-poll {args.busy_poll}: must be 0 (off) to {MAX_BUSY_POLL_US} us")
@@ -365,6 +376,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       drop_log_interval=args.drop_log_interval,
                       iptables_resync=args.iptables_resync, healthz_ip=args.healthz_ip,
                       healthz_port=args.healthz_port,
+                      metrics_peer_limit=args.metrics_peer_limit,
                       forward_rules=args.iptables_forward_rules,
                       random_fully_disable=args.ip_masq_fully_random_disable,
                       blackhole_route=args.ip_blackhole_route, public_ipv6=public_ipv6)
@@ -524,11 +536,22 @@ def _age(since: float) -> str:
     return f"{seconds // 3600}h"
 
 
+def _peers_shown(text: str) -> int | None:
+    """`status --peers`: a number of peers, or "all" (None)."""
+    if text == "all":
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of peers (0 or more) or 'all'")
+    return number
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        status = control.request(args.control_socket, {"cmd": "status"})
-        if "error" in status:
-            raise UserError(f"daemon: {status['error']}", 1)
+        status = control.status(args.control_socket, args.peers)
     except UserError as e:
         if not args.json:
             raise
@@ -580,6 +603,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"queues   {len(c['queues'])}, tx/rx pkts each: " + ", ".join(
             f"{q['tx_packets']}/{q['rx_packets']}" for q in c["queues"]))
     dual = bool(lease and lease.get("ipv6_subnet"))
+    count = status.get("peer_count", len(status["peers"]))
+    shown = len(status["peers"])
+    print(f"peers    {count} in the lease table, {status.get('routes', '?')} in the data plane"
+          + (f"; the first {shown} shown (--peers all for every one)" if shown < count else ""))
     print(f"\n{'PEER SUBNET':<20}{'PUBLIC IP':<17}"
           + (f"{'IPV6 SUBNET':<26}{'PUBLIC IPV6':<26}" if dual else "") + f"{'BACKEND':<9}"
           + (f"{'VTEP MAC':<19}" if vxlan else "") + f"{'SINCE':>6}"
@@ -596,7 +623,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{p.get('rx_packets', 0):>10}{p.get('rx_bytes', 0):>13}"
               # host-gw, direct, vxlan or unreachable, for the routing-model backends
               f"  {p.get('path', '-')}")
-    if not status["peers"]:
+    if not count:
         print("(no peers)")
     return 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import struct
@@ -23,6 +24,13 @@ DEFAULT_PATH = "/run/flannel-udp/control.sock"  # outside namespaces named by `i
 NETNS_DIR = "/run/netns"  # where `ip netns` names namespaces
 MAX_FRAME = 16 << 20
 _LEN = struct.Struct(">I")
+# A `status` reply carries the totals and one page of peers' rows: STATUS_PEERS unless asked,
+# at most MAX_STATUS_PAGE, so that no reply holds the daemon's loop for long at any size;
+# `status --peers all` asks page after page.
+STATUS_PEERS = 50
+MAX_STATUS_PAGE = 500
+# `run --metrics-peer-limit`'s default: /metrics has per-peer series up to this many peers.
+METRICS_PEER_LIMIT = 100
 
 
 def _pack(message: dict[str, Any]) -> bytes:
@@ -173,3 +181,39 @@ def stream(path: str, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 if size < 0 or len(body) != size:
                     raise UserError(f"the daemon on {path} sent a truncated frame", 1)
                 yield msgpack.unpackb(body, raw=False)
+
+
+def _peer_order(row: dict[str, Any]) -> tuple[int, int]:
+    """IPv4 subnets first, by address; then IPv6-only peers by theirs."""
+    subnet = row.get("subnet") or row.get("ipv6_subnet") or "0.0.0.0/0"
+    network = ipaddress.ip_network(subnet, strict=False)
+    return network.version, int(network.network_address)
+
+
+def status(path: str, peers: int | None = STATUS_PEERS) -> dict[str, Any]:
+    """The daemon's `status` with the rows of its first `peers` peers (None: every peer, asked
+    page by page), sorted by subnet; UserError when it answers with an error. Rows of a table
+    that changes between two pages may miss a peer that came meanwhile; one seen twice is
+    shown once."""
+    first = request(path, {"cmd": "status",
+                           "peers": MAX_STATUS_PAGE if peers is None else peers})
+    if "error" in first:
+        raise UserError(f"daemon: {first['error']}", 1)
+    rows = {_peer_key(row): row for row in first["peers"]}
+    offset = len(first["peers"])
+    while peers is None and first["peers"] and offset < first.get("peer_count", 0):
+        page = request(path, {"cmd": "status", "offset": offset, "peers": MAX_STATUS_PAGE})
+        if "error" in page:
+            raise UserError(f"daemon: {page['error']}", 1)
+        if not page["peers"]:
+            break
+        rows.update((_peer_key(row), row) for row in page["peers"])
+        offset += len(page["peers"])
+        first["peer_count"] = page.get("peer_count", first["peer_count"])
+    first["peers"] = sorted(rows.values(), key=_peer_order)
+    first.pop("peers_offset", None)
+    return first
+
+
+def _peer_key(row: dict[str, Any]) -> str:
+    return str(row.get("subnet") or row.get("ipv6_subnet"))

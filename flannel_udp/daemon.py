@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
-from flannel_udp import control, droplog, healthz, netlink, sdnotify, subnetenv
+from flannel_udp import control, droplog, healthz, latency, netlink, sdnotify, subnetenv
 from flannel_udp.backends import (
     DEFAULT_QUEUES,
     DataplaneSettings,
@@ -25,6 +26,7 @@ from flannel_udp.backends import (
     make_network,
 )
 from flannel_udp.config import NO_PUBLIC_IP, NetworkConfig, parse_config
+from flannel_udp.control import MAX_STATUS_PAGE, METRICS_PEER_LIMIT, STATUS_PEERS
 from flannel_udp.droplog import DropLog
 from flannel_udp.errors import UserError
 from flannel_udp.ipmasq import IptablesError, IptablesRules, TrafficRules, resync_forever
@@ -46,6 +48,7 @@ IP_FORWARD_OFF = ("net.ipv4.ip_forward=0: the kernel forwards nothing between th
                   "and the overlay, so they get no traffic; turn it on with "
                   "`sysctl -w net.ipv4.ip_forward=1`")
 STARTING = "starting: no lease yet (its log says what it waits for)"
+
 # Each stops the daemon cleanly (devices, routes and rules removed, lease kept): SIGQUIT is
 # the stopsignal of flanneld's supervisord sections, SIGHUP what a closed terminal sends.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
@@ -84,6 +87,9 @@ class RunOptions:
     # --public-ipv6: the IPv6 address other hosts reach this one at (dual stack); None: the
     # underlay interface's first global IPv6 address, as flanneld.
     public_ipv6: IPv6Address | None = None
+    # /metrics has per-peer series while the table holds at most this many peers (0: never);
+    # the totals are always there.
+    metrics_peer_limit: int = METRICS_PEER_LIMIT
 
 
 async def until_available(what: str, step: Callable[[], Awaitable[T]],
@@ -220,7 +226,7 @@ class Daemon:
                                                  {"trace": self.trace})
             if self.opts.healthz_port:  # it answers 503 while we wait for the store
                 health_server = await healthz.serve(self.opts.healthz_ip,
-                                                    self.opts.healthz_port, self.status)
+                                                    self.opts.healthz_port, self.metrics_status)
             return await self._run()
         except asyncio.CancelledError:
             log.info("signal received while starting; exiting")
@@ -345,7 +351,9 @@ class Daemon:
         lease = await until_available("acquiring a lease",
                                       lambda: manager.acquire(previous, previous_v6),
                                       opts.store_wait)
-        peers = await until_available("reading the leases", manager.load_peers,
+        # The listing acquire() read serves: the table is read once at start.
+        peers = await until_available("reading the leases",
+                                      lambda: manager.load_peers(reuse_acquired=True),
                                       opts.store_wait)
         await asyncio.to_thread(network.start, lease, peers)
         self._write_subnet_env(lease)
@@ -496,11 +504,42 @@ class Daemon:
         log.info("lease %s re-acquired; %s rewritten", _subnets(lease), self.opts.subnet_file)
 
     def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        if request.get("cmd") != "status":
-            return {"error": f"unknown command {request.get('cmd')!r}"}
+        """A control socket request: `status` (the summary and one page of peers: "offset",
+        "peers" at most MAX_STATUS_PAGE), or `routes` (the table's size, and for each of
+        "subnets" whether the data plane has its route). Each costs a bounded time on the
+        control loop, whatever the number of peers."""
+        cmd = request.get("cmd")
+        if cmd not in ("status", "routes"):
+            return {"error": f"unknown command {cmd!r}"}
         if not self._serving:
             return {"error": STARTING}
-        return self.status()
+        if cmd == "routes":
+            return self._routes_request(request.get("subnets") or [])
+        offset, limit = request.get("offset", 0), request.get("peers", STATUS_PEERS)
+        if not (isinstance(offset, int) and isinstance(limit, int) and offset >= 0
+                and limit >= 0):
+            return {"error": "status: offset and peers must be integers >= 0"}
+        return self.status(offset, min(limit, MAX_STATUS_PAGE))
+
+    def _routes_request(self, subnets: Any) -> dict[str, Any]:
+        """The `routes` request: counts, and which of `subnets` the data plane routes."""
+        assert self.manager is not None and self.network is not None
+        if not isinstance(subnets, list) or len(subnets) > MAX_STATUS_PAGE * 10:
+            return {"error": f"routes: subnets must be a list of at most "
+                             f"{MAX_STATUS_PAGE * 10} subnets"}
+        try:
+            wanted = [ip_network(s) for s in subnets]
+        except (TypeError, ValueError) as e:
+            return {"error": f"routes: {e}"}
+        return {"peers": len(self.manager.peers), "routes": self.network.route_count(),
+                "present": [self.network.peer_stats(s) is not None for s in wanted]}
+
+    def metrics_status(self) -> dict[str, Any]:
+        """What /healthz, /readyz and /metrics read: the summary, with every peer's row while
+        there are at most --metrics-peer-limit peers (their per-peer series), none beyond."""
+        count = len(self.manager.peers) if self.manager is not None else 0
+        limit = self.opts.metrics_peer_limit
+        return self.status(0, count if 0 < count <= limit else 0)
 
     def trace(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The `trace` stream (see `trace.Tracing.stream`)."""
@@ -533,11 +572,14 @@ class Daemon:
             return None
         return self.opts.store.keyspace
 
-    def status(self) -> dict[str, Any]:
+    def status(self, offset: int = 0, limit: int = 0) -> dict[str, Any]:
+        """The daemon's state: totals, and the rows of `limit` peers from the `offset`-th, in
+        the order the daemon learned them (a client pages through them, and sorts)."""
         if self.manager is None or self.network is None or self.config is None:
             # Before the lease (e.g. /healthz asked while etcd is away): nothing to count yet.
             return {"lease": None, "network": _network(self.config),
-                    "started": self.started, "peers": [], "counters": {},
+                    "started": self.started, "peers": [], "peer_count": 0,
+                    "peers_offset": 0, "counters": {},
                     "health": self.health(), "store_errors": self.store_errors,
                     "ready": False, "ip_forward": netlink.ip_forward(),
                     "keyspace": self._keyspace()}
@@ -545,15 +587,14 @@ class Daemon:
         stats = self.network.stats()
         userspace = self._userspace()
         peers = []
-        for ident, peer in sorted(self.manager.peers.items(), key=lambda kv: (
-                kv[0].version, kv[0])):
-            counters = stats["peers"].get(str(ident), {})
+        for ident, peer in itertools.islice(self.manager.peers.items(), offset, offset + limit):
             v4 = peer.lease.has_ipv4
             peers.append({"subnet": str(ident) if v4 else None,
                           "public_ip": str(peer.lease.public_ip) if v4 else None,
                           **_ipv6_fields(peer.lease),
                           "backend": peer.lease.backend, "since": peer.since,
-                          "reachable": self.network.accepts(peer.lease), **counters})
+                          "reachable": self.network.accepts(peer.lease),
+                          **(self.network.peer_stats(ident) or {})})
         return {
             "lease": None if lease is None else {
                 "subnet": str(lease.subnet) if lease.has_ipv4 else None,
@@ -566,6 +607,10 @@ class Daemon:
                              else None),
             "started": self.started,
             "peers": peers,
+            "peers_offset": offset,
+            "peer_count": len(self.manager.peers),  # in the lease table
+            "routes": self.network.route_count(),  # in the data plane
+            "programming_latency": latency.PROGRAMMING.snapshot(),
             "counters": droplog.countable(stats["counters"], self.config.backend_type),
             "health": self.health(),
             "store_errors": self.store_errors + self.manager.store_errors,

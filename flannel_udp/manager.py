@@ -22,21 +22,37 @@ from flannel_udp.lease import (
     LeaseValueError,
     choose_new_ipv6_subnet,
     choose_new_subnet,
+    decode_lease,
     encode_lease_value,
     is_ours,
-    lease_from_record,
     lease_key,
     own_lease,
     parse_lease_key,
     stale_own_leases,
     subnet_key,
 )
-from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, Store, StoreError
+from flannel_udp.stores import (
+    LeaseEvent,
+    LeaseRecord,
+    Snapshot,
+    Store,
+    StoreError,
+    no_key,
+)
 
 log = logging.getLogger("flannel-udp")
 
 RENEW_RETRY = 60.0  # seconds between renewal attempts after a failure, as flannel
 ACQUIRE_ATTEMPTS = 50  # lost races before giving up
+# Lease events applied before the control loop gets a turn (status, /metrics, renewals): a
+# burst of thousands in one watch response must not hold it for the whole burst.
+EVENTS_PER_TURN = 64
+# Peers' comings and goings logged one line each per batch of events; beyond, one line counts
+# the rest (a burst of 20,000 events would otherwise cost as much in logging as in routing).
+LOGGED_PER_BATCH = 20
+
+OnAdd = Callable[[Lease, float], None]  # (lease, when it changed in the store, unix time)
+OnRemove = Callable[[IPv4Network | IPv6Network, float], None]  # (lease ident, when)
 
 
 def _shown(lease: Lease) -> str:
@@ -58,7 +74,7 @@ def refuse_ipv6_on_v2() -> None:
                     "dual-stack network config in etcd's v3 keyspace (--etcd-api v3)")
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     lease: Lease
     since: float  # when this node learned of the lease (or of its last change)
@@ -92,6 +108,8 @@ class LeaseManager:
         # keyed by Lease.ident: the IPv4 subnet, or the IPv6 one in an IPv6-only network
         self.peers: dict[IPv4Network | IPv6Network, Peer] = {}
         self._snapshot: Snapshot | None = None
+        self._acquired: Snapshot | None = None  # the listing acquire() last read
+        self._acquired_leases: list[Lease] = []  # and its leases, parsed
         self.holds_lease = False  # our lease was in the table at the last load_peers()
         self.store_errors = 0  # renewals that failed
         # Set when our lease changes under the renewal's feet (made a reservation by hand,
@@ -101,11 +119,12 @@ class LeaseManager:
     # -- parsing store records, one place --
 
     def _parse(self, record: LeaseRecord) -> Lease | None:
-        if parse_lease_key(record.key) is None:
+        parsed = parse_lease_key(record.key)
+        if parsed is None:
             log.warning("lease store: skipping key %r: not a subnet key", record.key)
             return None
         try:
-            lease = lease_from_record(record.key, record.value, record.expiration)
+            lease = decode_lease(parsed[0], record.value, record.expiration, parsed[1])
         except LeaseValueError as e:
             log.warning("lease store: skipping lease %s: %s", record.key, e)
             return None
@@ -168,8 +187,11 @@ class LeaseManager:
         `preferred_v6`) if free, else a random free subnet; a lost race tries again. A dual-stack
         lease is one key holding both subnets, created atomically: both or neither."""
         for _ in range(ACQUIRE_ATTEMPTS):
-            keyed = self._parse_keyed(await self.store.list_leases())
-            leases = [lease for _, lease in keyed]
+            # No store call per key: a reservation shows without one (no etcd lease), and
+            # the expiry of ours comes with the renewal that follows.
+            self._acquired = await self.store.list_leases(no_key)
+            keyed = self._parse_keyed(self._acquired)
+            leases = self._acquired_leases = [lease for _, lease in keyed]
             stored_key = {id(lease): key for key, lease in keyed}
             mine = own_lease(self.config, leases, self.public_ip, self.public_ipv6)
             if mine is not None:
@@ -224,7 +246,7 @@ class LeaseManager:
     async def _overlapping(self, key: str, subnet: IPv4Network,
                            ipv6_subnet: IPv6Network) -> str | None:
         """The key of another lease sharing a subnet with `key`'s, if any."""
-        for lease in self._parse_all(await self.store.list_leases()):
+        for lease in self._parse_all(await self.store.list_leases(no_key)):
             if lease_key(lease) != key and ((lease.has_ipv4 and subnet != NO_IPV4
                                              and lease.subnet.overlaps(subnet)) or (
                     lease.ipv6_subnet is not None and lease.ipv6_subnet.overlaps(ipv6_subnet))):
@@ -276,48 +298,92 @@ class LeaseManager:
 
     # -- following the table --
 
-    async def load_peers(self) -> list[Lease]:
+    def _is_own_key(self, key: str) -> bool:
+        """The one key whose expiry the store is asked for: ours (the renewal needs it)."""
+        return key == self._key
+
+    async def load_peers(self, reuse_acquired: bool = False) -> list[Lease]:
         """Read the table once: the peers as of now (watch() goes on from here). Also notes
-        whether our own lease is still in it (`holds_lease`)."""
-        self._snapshot = await self.store.list_leases()
+        whether our own lease is still in it (`holds_lease`). With `reuse_acquired`, right
+        after acquire(): its listing serves (the table is read once at start), and the watch
+        from its revision brings our own write and whatever changed since."""
+        acquired, self._acquired = self._acquired, None
+        parsed, self._acquired_leases = self._acquired_leases, []
+        if reuse_acquired and acquired is not None:
+            self._snapshot = acquired
+            held = True  # just taken or renewed
+            leases = parsed
+        else:
+            self._snapshot = await self.store.list_leases(self._is_own_key)
+            held = None
+            leases = self._parse_all(self._snapshot)
         now = time.time()
-        leases = self._parse_all(self._snapshot)
         mine = self.lease.ident if self.lease is not None else None
         my_key = lease_key(self.lease) if self.lease is not None else None
-        self.holds_lease = any(lease_key(lease) == my_key and self._is_ours(lease)
-                               for lease in leases)
+        self.holds_lease = held or any(lease_key(lease) == my_key and self._is_ours(lease)
+                                       for lease in leases)
         self.peers = {lease.ident: Peer(lease, now) for lease in leases if lease.ident != mine}
         return [p.lease for p in self.peers.values()]
 
-    async def watch(self, on_add: Callable[[Lease], None],
-                    on_remove: Callable[[IPv4Network | IPv6Network], None],
+    async def watch(self, on_add: OnAdd, on_remove: OnRemove,
                     on_own_lost: Callable[[], Awaitable[None]]) -> None:
-        """Apply lease events for ever (`on_remove` gets the lease's ident). Our own lease
-        going away calls `on_own_lost`."""
+        """Apply lease events for ever (`on_remove` gets the lease's ident; both get when the
+        change happened, see LeaseEvent.at). Our own lease going away calls `on_own_lost`.
+
+        No queue stands between the store's watch and the table: each batch is applied as it
+        is read, the next read only when it is done, so a burst waits in etcd's watch stream
+        (whose flow control etcd handles without blocking anyone) and never in a buffer of
+        ours that could fill up (flannel issue 2251)."""
         assert self._snapshot is not None, "load_peers() first"
         # aclosing: when a handler fails, the store's watch (an etcd stream) ends now, not
         # whenever the generator is collected.
-        async with contextlib.aclosing(self.store.watch(self._snapshot)) as batches:
+        async with contextlib.aclosing(self.store.watch(
+                self._snapshot, self._is_own_key)) as batches:
             async for events in batches:
                 await self._apply(events, on_add, on_remove, on_own_lost)
 
-    async def _apply(self, events: list[LeaseEvent], on_add: Callable[[Lease], None],
-                     on_remove: Callable[[IPv4Network | IPv6Network], None],
+    async def _apply(self, events: list[LeaseEvent], on_add: OnAdd, on_remove: OnRemove,
                      on_own_lost: Callable[[], Awaitable[None]]) -> None:
-        for event in events:
+        received = time.time()
+        quiet = {"appeared": 0, "changed": 0, "went away": 0}  # beyond the lines logged
+        logged = 0
+        each = len(events) if log.isEnabledFor(logging.DEBUG) else LOGGED_PER_BATCH
+        for count, event in enumerate(events, 1):
+            if count % EVENTS_PER_TURN == 0:
+                await asyncio.sleep(0)  # let status, /metrics and the renewal run
+            at = event.at if event.at is not None else received
+            if event.kind == "delete":
+                gone = self._gone(event.record.key)
+                if gone is None:
+                    continue
+                ident, key = gone
+                if self.lease is not None and ident == self.lease.ident:
+                    # Not an older key of our subnet (e.g. the v4-only lease we replaced)
+                    if key == lease_key(self.lease):
+                        log.warning("our lease %s was deleted or expired", _shown(self.lease))
+                        await on_own_lost()
+                    continue
+                known = self.peers.get(ident)
+                # Only the key the peer holds now: not an older key of the same v4 subnet (a
+                # node that moved from a v4-only lease to a dual-stack one).
+                if known is not None and lease_key(known.lease) == key:
+                    del self.peers[ident]
+                    if logged < each:
+                        logged += 1
+                        log.info("peer %s (%s) went away", _shown(known.lease),
+                                 _public(known.lease))
+                    else:
+                        quiet["went away"] += 1
+                    on_remove(ident, at)
+                continue
             lease = self._parse(event.record)
             if lease is None:
                 continue
             if self.lease is not None and lease.ident == self.lease.ident:
                 if lease_key(lease) != lease_key(self.lease):
                     # Our v4 subnet under another key (e.g. the v4-only lease we replaced)
-                    if event.kind != "delete":
-                        log.error("lease %s overlaps ours (%s)", lease_key(lease),
-                                  lease_key(self.lease))
-                    continue
-                if event.kind == "delete":
-                    log.warning("our lease %s was deleted or expired", _shown(lease))
-                    await on_own_lost()
+                    log.error("lease %s overlaps ours (%s)", lease_key(lease),
+                              lease_key(self.lease))
                 elif not self._is_ours(lease):
                     log.error("our subnet %s is now leased to %s", _shown(lease),
                               lease.public_ip if lease.has_ipv4 else lease.public_ipv6)
@@ -331,17 +397,29 @@ class LeaseManager:
                                              lease.expiration)
                     self._lease_changed.set()
                 continue
-            if event.kind == "delete":
-                known = self.peers.get(lease.ident)
-                # Only the key the peer holds now: not an older key of the same v4 subnet (a
-                # node that moved from a v4-only lease to a dual-stack one).
-                if known is not None and lease_key(known.lease) == lease_key(lease):
-                    del self.peers[lease.ident]
-                    log.info("peer %s (%s) went away", _shown(lease), _public(lease))
-                    on_remove(lease.ident)
+            old = self.peers.get(lease.ident)
+            self.peers[lease.ident] = Peer(lease, time.time())
+            how = "changed" if old else "appeared"
+            if logged < each:
+                logged += 1
+                log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease), lease.backend,
+                         how)
             else:
-                old = self.peers.get(lease.ident)
-                self.peers[lease.ident] = Peer(lease, time.time())
-                log.info("peer %s at %s (%s) %s", _shown(lease), _public(lease),
-                         lease.backend, "changed" if old else "appeared")
-                on_add(lease)
+                quiet[how] += 1
+            on_add(lease, at)
+        if any(quiet.values()):
+            log.info("and %s more peers in this batch of lease events (-v 1 logs each)",
+                     ", ".join(f"{n} {how}" for how, n in quiet.items() if n))
+
+    def _gone(self, key: str) -> tuple[IPv4Network | IPv6Network, str] | None:
+        """A deleted key's ident and canonical key (no need to read the value it had); None
+        for a key that is no lease of this network (skipped, with a warning, when put)."""
+        parsed = parse_lease_key(key)
+        if parsed is None:
+            return None
+        subnet, ipv6_subnet = parsed
+        if not self.config.enable_ipv4 or (subnet == NO_IPV4 and ipv6_subnet is not None):
+            if ipv6_subnet is None:
+                return None
+            return ipv6_subnet, subnet_key(subnet, ipv6_subnet)
+        return subnet, subnet_key(subnet, ipv6_subnet)

@@ -1,6 +1,12 @@
 """`/metrics`: the daemon's `status` (the same dict `flannel-udp status` shows) in Prometheus'
 text format. Nothing is collected twice: every scrape turns one status snapshot into metric
-families (prometheus-client's custom-collector API renders them)."""
+families (prometheus-client's custom-collector API renders them).
+
+The per-peer series (`flannel_udp_peer_packets`, `_peer_bytes`) are there only while the table
+holds at most `run --metrics-peer-limit` peers (default 100): a 5,000-node cluster would give
+every node 20,000 series of its own and make every scrape cost the whole table. The totals
+(`flannel_udp_peers`, `flannel_udp_routes`, packets, bytes, drops, the programming latency
+histogram) are always there."""
 
 from __future__ import annotations
 
@@ -8,7 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 # The classic text format, which every Prometheus reads (recent prometheus-client releases
 # advertise version=1.0.0, for UTF-8 names; ours are plain ASCII, so the text is the same).
@@ -89,7 +100,21 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
 
     peers = status.get("peers") or []
     yield GaugeMetricFamily(f"{PREFIX}_peers", "peers' leases in the table",
-                            value=len(peers))
+                            value=status.get("peer_count", len(peers)))
+    if "routes" in status:
+        yield GaugeMetricFamily(f"{PREFIX}_routes", "peers the data plane holds (routes in the "
+                                "fast path's table; peers planned by a kernel data plane)",
+                                value=status["routes"])
+    programming = status.get("programming_latency")
+    if isinstance(programming, dict):
+        yield HistogramMetricFamily(
+            f"{PREFIX}_network_programming_duration_seconds",
+            "from a lease's change in the store to its peer's route in (or out of) the data "
+            "plane; the start is the store's time of the change where it keeps one (embedded "
+            "store), else when the daemon received the event (etcd)",
+            buckets=[(_bound(b), c) for b, c in programming["buckets"]]
+            + [("+Inf", programming["count"])],
+            sum_value=programming["sum"])
     peer_packets = CounterMetricFamily(f"{PREFIX}_peer_packets", "packets per peer",
                                        labels=["peer", "public_ip", "direction"])
     peer_bytes = CounterMetricFamily(f"{PREFIX}_peer_bytes", "inner bytes per peer",
@@ -121,6 +146,11 @@ def families(status: dict[str, Any]) -> Iterator[Metric]:
         if isinstance(active, (bool, int, float)):  # anything richer is not a yes/no
             offload.add_metric([str(name)], 1.0 if active else 0.0)
     yield offload
+
+
+def _bound(value: float) -> str:
+    """A bucket's upper bound as Prometheus writes it (0.5, 1.0, 60.0)."""
+    return repr(float(value))
 
 
 class _StatusCollector:

@@ -106,17 +106,30 @@ class Network(ABC):
         """Whether a peer's lease is one this backend can reach."""
 
     @abstractmethod
-    def add_peer(self, lease: Lease) -> None:
-        """A peer appeared or changed; takes effect without stopping traffic."""
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
+        """A peer appeared or changed; takes effect without stopping traffic. `since`: when the
+        change happened (unix time, LeaseEvent.at): once it is in the data plane, the time
+        taken goes into `latency.PROGRAMMING` (None: not a change, e.g. a resync)."""
 
     @abstractmethod
-    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
-        """A peer went away; `subnet` is its lease's ident (Lease.ident)."""
+    def remove_peer(self, subnet: IPv4Network | IPv6Network, since: float | None = None) -> None:
+        """A peer went away; `subnet` is its lease's ident (Lease.ident); `since` as for
+        add_peer."""
 
     @abstractmethod
     def stats(self) -> dict[str, Any]:
-        """Counters: {'counters': {...}, 'peers': {subnet_str: {...}}, 'lease': {...}}; 'lease'
-        holds what the backend adds about our own end (e.g. the VtepMAC)."""
+        """Totals: {'counters': {...}, 'lease': {...}}; 'lease' holds what the backend adds
+        about our own end (e.g. the VtepMAC). Its cost does not grow with the peers."""
+
+    @abstractmethod
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        """One peer's row for `status` (counters, path, VtepMAC...), by its lease's ident; None
+        while the data plane holds nothing for it. One lookup, whatever the table's size."""
+
+    @abstractmethod
+    def route_count(self) -> int:
+        """How many peers the data plane holds now (routes in the fast path's table, peers
+        planned by the kernel's); cheap at any size."""
 
     @abstractmethod
     def userspace(self) -> UserspaceDataplane | None:

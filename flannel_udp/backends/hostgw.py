@@ -83,16 +83,21 @@ class HostGwNetwork(Network):
         plan = self._routes.plan(lease.ident)
         return plan.reachable if plan is not None else lease.backend == "host-gw"
 
-    def add_peer(self, lease: Lease) -> None:
-        self._routes.set_peer(lease)
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
+        self._routes.set_peer(lease, since)
 
-    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
-        self._routes.remove_peer(subnet)
+    def remove_peer(self, subnet: IPv4Network | IPv6Network, since: float | None = None) -> None:
+        self._routes.remove_peer(subnet, since)
 
     def stats(self) -> dict[str, Any]:
-        return {"counters": {}, "lease": {"route_resync": self._routes.resync},
-                "peers": {str(subnet): {"path": plan.path, **plan.shown}
-                          for subnet, plan in self._routes.plans.items()}}
+        return {"counters": {}, "lease": {"route_resync": self._routes.resync,
+                                          **self._routes.timings}}
+
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        return self._routes.peer_stats(ident)
+
+    def route_count(self) -> int:
+        return self._routes.count()
 
     def userspace(self) -> UserspaceDataplane | None:
         return None  # the kernel routes

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from flannel_udp import netlink
+from flannel_udp import latency, netlink
 from flannel_udp.errors import UserError
 from flannel_udp.lease import Lease
 from flannel_udp.netlink import AnyAddress, AnyNetwork, KernelEntry, Route
@@ -92,11 +93,18 @@ class PeerRoutes:
         self.resync = resync_period() if resync is None else resync
         self._cond = threading.Condition()
         # All keyed by Lease.ident (the IPv6 subnet of an IPv6-only lease).
+        # Coalesced by peer, so bounded by the number of peers whatever the rate of events:
+        # a burst never blocks the watch that hands them over (flannel issue 2251).
         self._pending: dict[Ident, Lease | None] = {}  # None: the peer went away
+        self._since: dict[Ident, float] = {}  # the earliest change pending per peer
         self._leases: dict[Ident, Lease] = {}  # worker thread only
         self._installed: dict[Ident, tuple[KernelEntry, ...]] = {}  # worker thread only
-        self.plans: dict[Ident, Plan] = {}  # read by status, replaced whole
+        # Written by the worker in place, read by other threads one key at a time (a lookup is
+        # atomic under the GIL; iterating it from another thread is not safe).
+        self.plans: dict[Ident, Plan] = {}
         self._stop = False
+        # Seconds the first pass (every peer at start) and the last resync took, for status.
+        self.timings: dict[str, float | None] = {"start_s": None, "resync_s": None}
         self._first_pass = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,19 +116,34 @@ class PeerRoutes:
         self._thread.start()
         self._first_pass.wait(FIRST_PASS_TIMEOUT)
 
-    def set_peer(self, lease: Lease) -> None:
+    def set_peer(self, lease: Lease, since: float | None = None) -> None:
+        """Plan and install the peer's entries soon; `since`: when its lease changed (for the
+        programming latency), None for none."""
         with self._cond:
             self._pending[lease.ident] = lease
+            if since is not None:
+                self._since.setdefault(lease.ident, since)
             self._cond.notify()
 
-    def remove_peer(self, subnet: Ident) -> None:
+    def remove_peer(self, subnet: Ident, since: float | None = None) -> None:
         with self._cond:
             self._pending[subnet] = None
+            if since is not None:
+                self._since.setdefault(subnet, since)
             self._cond.notify()
 
     def plan(self, subnet: Ident) -> Plan | None:
         """The peer's current plan; None until the worker has seen it."""
         return self.plans.get(subnet)
+
+    def peer_stats(self, subnet: Ident) -> dict[str, Any] | None:
+        """The peer's row for `status`: its path and what its plan shows; None until planned."""
+        plan = self.plans.get(subnet)
+        return None if plan is None else {"path": plan.path, **plan.shown}
+
+    def count(self) -> int:
+        """How many peers are planned (their entries installed, or why not known)."""
+        return len(self.plans)
 
     def close(self) -> None:
         """Stop the worker and withdraw every entry it installed. Idempotent."""
@@ -130,14 +153,21 @@ class PeerRoutes:
                 self._cond.notify()
             self._thread.join()
             self._thread = None
-        for entries in self._installed.values():
-            self._withdraw(entries)
+        with netlink.one_socket():
+            for entries in self._installed.values():
+                self._withdraw(entries)
         self._installed.clear()
         self.plans = {}
 
     # -- the worker --
 
     def _run(self) -> None:
+        # One netlink socket for the worker's whole life: every route, neighbour and FDB
+        # entry, every reachability test and every resync's dump go through it.
+        with netlink.one_socket():
+            self._work()
+
+    def _work(self) -> None:
         full = False
         while True:
             with self._cond:
@@ -147,27 +177,39 @@ class PeerRoutes:
                 if self._stop:
                     return
                 changes, self._pending = self._pending, {}
+                since, self._since = self._since, {}
             try:
+                started = time.monotonic()
                 self._apply(changes)
+                if not self._first_pass.is_set():
+                    self.timings["start_s"] = round(time.monotonic() - started, 3)
+                for changed_at in since.values():
+                    latency.programmed(changed_at)
                 if full:
+                    started = time.monotonic()
                     self._resync()
+                    self.timings["resync_s"] = round(time.monotonic() - started, 3)
             except Exception:  # the thread must survive a bad pass: the next one retries
                 log.exception("updating the kernel's routes failed; retrying at the next pass")
             self._first_pass.set()
 
     def _apply(self, changes: dict[Ident, Lease | None]) -> None:
+        withdraw: list[KernelEntry] = []
+        install: list[tuple[Ident, KernelEntry]] = []
         for subnet, lease in changes.items():
             if lease is None:
                 self._leases.pop(subnet, None)
-                self._withdraw(self._installed.pop(subnet, ()))
-                plans = dict(self.plans)
-                plans.pop(subnet, None)
-                self.plans = plans
+                withdraw.extend(self._installed.pop(subnet, ()))
+                self.plans.pop(subnet, None)
             else:
                 self._leases[subnet] = lease
-                self._update(lease)
+                self._update(lease, withdraw, install)
+        self._commit(withdraw, install)
 
-    def _update(self, lease: Lease) -> None:
+    def _update(self, lease: Lease, withdraw: list[KernelEntry],
+                install: list[tuple[Ident, KernelEntry]]) -> None:
+        """Plan the peer again; what its entries need goes into `withdraw` and `install`,
+        which `_commit` hands to the kernel for every peer of the pass at once."""
         plan = self._plan_of(lease)
         old = self.plans.get(lease.ident)
         if old is None or (old.path, old.problem) != (plan.path, plan.problem):
@@ -178,16 +220,31 @@ class PeerRoutes:
             else:
                 log.info("peer %s at %s: %s", lease.ident, _underlay(lease), plan.path)
         before = self._installed.get(lease.ident, ())
-        self._withdraw(tuple(e for e in before if e not in plan.entries))
+        withdraw.extend(e for e in before if e not in plan.entries)
         if plan.entries != before:
-            self._install(lease, plan.entries)
+            install.extend((lease.ident, e) for e in plan.entries)
         self._installed[lease.ident] = plan.entries
-        self.plans = {**self.plans, lease.ident: plan}
+        self.plans[lease.ident] = plan
+
+    def _commit(self, withdraw: list[KernelEntry],
+                install: list[tuple[Ident, KernelEntry]]) -> None:
+        """Withdraw, then install, in batches (netlink.install: many messages a sendmsg)."""
+        if withdraw:
+            self._withdraw(tuple(withdraw))
+        if install:
+            owner = {entry: ident for ident, entry in install}
+            for entry, why in netlink.install([entry for _, entry in install]):
+                # Kept as wanted: the next resync tries again.
+                log.error("peer %s: cannot add %s: %s", owner[entry], netlink.describe(entry),
+                          why)
 
     def _resync(self) -> None:
         """Plan every peer again, then put back what vanished from the kernel."""
+        withdraw: list[KernelEntry] = []
+        install: list[tuple[Ident, KernelEntry]] = []
         for lease in list(self._leases.values()):
-            self._update(lease)
+            self._update(lease, withdraw, install)
+        self._commit(withdraw, install)
         wanted = [e for entries in self._installed.values() for e in entries]
         gone = netlink.missing(wanted) if wanted else []
         if gone:
@@ -196,15 +253,11 @@ class PeerRoutes:
             for entry, why in netlink.install(gone):
                 log.error("cannot re-add %s: %s", netlink.describe(entry), why)
 
-    def _install(self, lease: Lease, entries: tuple[KernelEntry, ...]) -> None:
-        for entry, why in netlink.install(list(entries)):
-            # Kept as wanted: the next resync tries again.
-            log.error("peer %s: cannot add %s: %s", lease.ident, netlink.describe(entry), why)
-
     @staticmethod
     def _withdraw(entries: tuple[KernelEntry, ...]) -> None:
         """Remove entries given in install order: the last one (the route) goes first."""
         try:
             netlink.withdraw(list(reversed(entries)))
-        except Exception as e:  # a leftover entry is logged, not fatal
-            log.error("cannot remove %s: %s", "; ".join(map(netlink.describe, entries)), e)
+        except Exception as e:  # a leftover entry is logged, not fatal (OSError names it)
+            log.error("cannot remove %s", e if isinstance(e, OSError) else
+                      f"{'; '.join(map(netlink.describe, entries))}: {e}")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytun
 
-from flannel_udp import netlink
+from flannel_udp import latency, netlink
 from flannel_udp.backends import DataplaneSettings, Network, Unreachable, UserspaceDataplane
 from flannel_udp.backends.offloads import OFFLOADS_ENV, Offloads, open_tun_with_offloads
 from flannel_udp.backends.sockets import (
@@ -215,7 +215,7 @@ class TunNetwork(Network, UserspaceDataplane):
             return False
         return True
 
-    def add_peer(self, lease: Lease) -> None:
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
         if self._fastpath is None:
             return
         if not self.config.enable_ipv4:
@@ -230,6 +230,7 @@ class TunNetwork(Network, UserspaceDataplane):
             return
         self._fastpath.set_route(subnet, str(lease.public_ip), *extra)
         self._add_peer6(lease)
+        latency.programmed(since)  # set_route has put it in the table the threads read
 
     def _add_peer6(self, lease: Lease) -> None:
         """Route the peer's IPv6 subnet (if it has one and we run dual stack), or forget the
@@ -254,36 +255,49 @@ class TunNetwork(Network, UserspaceDataplane):
         self._fastpath.set_route6(str(lease.ipv6_subnet.network_address), str(peer), *extra)
         self._v6_subnets[lease.ident] = lease.ipv6_subnet
 
-    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network, since: float | None = None) -> None:
         if self._fastpath is not None:
             if isinstance(subnet, IPv4Network):
                 self._fastpath.del_route(str(subnet.network_address))
             old = self._v6_subnets.pop(subnet, None)
             if old is not None:
                 self._fastpath.del_route6(str(old.network_address))
+            latency.programmed(since)
 
     def stats(self) -> dict[str, Any]:
-        peers = {}
-        for subnet, _ip, mac, counters in self._fastpath.routes() if self._fastpath else ():
-            if mac is not None:
-                counters["vtep_mac"] = format_mac(mac)
-            peers[f"{subnet}/{self.config.subnet_len}"] = counters
-        # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6"; in an
-        # IPv6-only network it is the lease's row.
-        routes6 = {subnet: (ip, mac, counters) for subnet, ip, mac, counters in
-                   (self._fastpath.routes6() if self._fastpath and self._v6_on else ())}
-        for ident, subnet6 in self._v6_subnets.items():
-            found = routes6.get(str(subnet6.network_address))
-            if found is None:
-                continue
-            ip, mac, counters = found
-            if mac is not None:
-                counters["vtep_mac"] = format_mac(mac)
-            if isinstance(ident, IPv6Network):
-                peers[str(ident)] = counters
-            elif str(ident) in peers:
-                peers[str(ident)]["ipv6"] = {"subnet": str(subnet6), "peer": ip, **counters}
-        return {"counters": self.counters(), "peers": peers, "lease": self._lease_stats()}
+        return {"counters": self.counters(), "lease": self._lease_stats()}
+
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        if self._fastpath is None:
+            return None
+        subnet6 = self._v6_subnets.get(ident)
+        found6 = (self._fastpath.route6(str(subnet6.network_address))
+                  if subnet6 is not None and self._v6_on else None)
+        row6 = None
+        if subnet6 is not None and found6 is not None:
+            ip6, mac6, counters6 = found6
+            row6 = {"subnet": str(subnet6), "peer": ip6, **counters6}
+            if mac6 is not None:
+                row6["vtep_mac"] = format_mac(mac6)
+        if isinstance(ident, IPv6Network):  # an IPv6-only network: the IPv6 side is the row
+            if row6 is not None:
+                del row6["subnet"], row6["peer"]
+            return row6
+        found = self._fastpath.route(str(ident.network_address))
+        if found is None:
+            return None
+        _ip, mac, counters = found
+        if mac is not None:
+            counters["vtep_mac"] = format_mac(mac)
+        # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6".
+        if row6 is not None:
+            counters["ipv6"] = row6
+        return counters
+
+    def route_count(self) -> int:
+        if self._fastpath is None:
+            return 0
+        return self._fastpath.route_count() if self.config.enable_ipv4 else len(self._v6_subnets)
 
     def userspace(self) -> UserspaceDataplane:
         return self

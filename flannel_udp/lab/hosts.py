@@ -113,18 +113,31 @@ class Host(Netns):
     def subnet_env(self) -> dict[str, str]:
         return subnetenv.read(self.subnet_file)
 
-    def status(self) -> dict[str, Any]:
-        """What `flannel-udp status --json` prints for this host's daemon, asked over its
-        control socket from this process (the socket is a file, reachable from any
-        namespace): no process started per look, so a test can poll it every few ms."""
+    def status(self, peers: int | None = None) -> dict[str, Any]:
+        """What `flannel-udp status --json --peers all` prints for this host's daemon (`peers`:
+        only the first so many), asked over its control socket from this process (the socket
+        is a file, reachable from any namespace): no process started per look, so a test can
+        poll it every few ms."""
         self._check_daemon_alive()
         try:
-            answer = control.request(str(self.control_socket), {"cmd": "status"})
+            answer = control.status(str(self.control_socket), peers)
         except UserError as e:
             raise NetnsError(f"{self.label}: status: {e}") from None
-        if "error" in answer:
-            raise NetnsError(f"{self.label}: status: daemon: {answer['error']}")
         return json.loads(json.dumps(answer))  # as the CLI prints it: tuples become lists
+
+    def routes(self, subnets: list[str] | None = None) -> dict[str, Any]:
+        """The daemon's `routes` answer: {"peers": in its lease table, "routes": in its data
+        plane, "present": for each of `subnets`, whether the data plane routes it}. Cheap at
+        any table size."""
+        self._check_daemon_alive()
+        try:
+            answer = control.request(str(self.control_socket),
+                                     {"cmd": "routes", "subnets": subnets or []})
+        except UserError as e:
+            raise NetnsError(f"{self.label}: routes: {e}") from None
+        if "error" in answer:
+            raise NetnsError(f"{self.label}: routes: daemon: {answer['error']}")
+        return answer
 
     def try_status(self) -> dict[str, Any] | None:
         """Like `status`, None while no daemon answers; raises if the daemon has died."""

@@ -6,16 +6,33 @@ leases (the store maps them to `<prefix>/config` and `<prefix>/subnets/<key>`)."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# The expiration of a lease that expires, where the store was not asked when (etcd v3 needs one
+# call per key for it, which a daemon following 50,000 leases does not make: it routes to a
+# peer whatever its expiry). Later than any time, so nothing takes such a lease for expired.
+UNKNOWN_EXPIRY = math.inf
 
-@dataclass(frozen=True)
+KeyFilter = Callable[[str], bool]  # which keys' expiration a store must look up
+
+
+def every_key(key: str) -> bool:
+    return True
+
+
+def no_key(key: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseRecord:
     key: str  # e.g. '10.244.3.0-24'
     value: bytes
-    expiration: float | None  # unix time; None never expires (a reservation)
+    # unix time; None never expires (a reservation); UNKNOWN_EXPIRY expires, when not asked
+    expiration: float | None
 
 
 @dataclass(frozen=True)
@@ -26,10 +43,14 @@ class Snapshot:
     records: tuple[LeaseRecord, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LeaseEvent:
     kind: str  # 'put' (added or changed) or 'delete' (deleted or expired)
     record: LeaseRecord
+    # When it happened, unix time: the store's own time where it keeps one (the embedded
+    # store: the file's modification time, a lease's expiry), else when the daemon received
+    # the event (etcd keeps no time of a change, v3 or v2). None: unknown.
+    at: float | None = None
 
 
 class StoreError(Exception):
@@ -53,8 +74,9 @@ class Store(Protocol):
         """Write the network config JSON; with `create_only`, only when there is none yet
         (atomically). Whether it was written."""
 
-    async def list_leases(self) -> Snapshot:
-        """Every live lease."""
+    async def list_leases(self, expiry_of: KeyFilter = every_key) -> Snapshot:
+        """Every live lease, in one read. The expiration of the keys `expiry_of` rejects may be
+        UNKNOWN_EXPIRY, where the store would have to ask for it apart (etcd v3)."""
 
     async def create_lease(self, key: str, value: bytes, ttl: float) -> float | None:
         """Create the lease only if the key is absent (atomically across hosts); its expiration,
@@ -67,8 +89,11 @@ class Store(Protocol):
     async def delete_lease(self, key: str) -> None:
         """Remove the lease; no error when it is absent."""
 
-    def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
-        """Batches of lease events after `since`, for ever; expiry shows as 'delete'."""
+    def watch(self, since: Snapshot, expiry_of: KeyFilter = no_key
+              ) -> AsyncIterator[list[LeaseEvent]]:
+        """Batches of lease events after `since`, for ever; expiry shows as 'delete'. A put's
+        expiration is looked up (where that costs a call) only for the keys `expiry_of`
+        accepts, else it may be UNKNOWN_EXPIRY."""
 
     async def close(self) -> None:
         """Release whatever the store holds open."""

@@ -26,7 +26,15 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, StoreError
+from flannel_udp.stores import (
+    KeyFilter,
+    LeaseEvent,
+    LeaseRecord,
+    Snapshot,
+    StoreError,
+    every_key,
+    no_key,
+)
 from flannel_udp.stores.etcdcommon import (
     RPC_TIMEOUT,
     TLS_HINT,
@@ -269,7 +277,8 @@ class Etcd2Store:
             raise self._refused(reply, "writing the config")
         return True
 
-    async def list_leases(self) -> Snapshot:
+    async def list_leases(self, expiry_of: KeyFilter = every_key) -> Snapshot:
+        # A v2 node carries its expiration: every key's comes with the one read.
         reply = await self._request("GET", self._subnets, "listing the leases",
                                     {"recursive": "true"})
         if reply.error_code == KEY_NOT_FOUND:
@@ -325,7 +334,8 @@ class Etcd2Store:
 
     # -- the watch --
 
-    def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
+    def watch(self, since: Snapshot, expiry_of: KeyFilter = no_key
+              ) -> AsyncIterator[list[LeaseEvent]]:
         return follow(since, self._watch_from, self.list_leases, "index")
 
     async def _watch_from(self, last: int, known: dict[str, LeaseRecord]
@@ -338,7 +348,7 @@ class Etcd2Store:
             params["waitIndex"] = str(last + 1)
             event, last = await self._on_members(
                 "watch", functools.partial(self._wait, params=params, last=last))
-            yield (self._event(event, known) if event is not None else []), last
+            yield (self._event(event, known, time.time()) if event is not None else []), last
 
     async def _wait(self, endpoint: Endpoint, params: dict[str, str],
                     last: int) -> tuple[dict[str, Any] | None, int]:
@@ -370,8 +380,10 @@ class Etcd2Store:
         node = reply.body.get("node") or {}
         return reply.body, int(node.get("modifiedIndex", last + 1))
 
-    def _event(self, event: dict[str, Any], known: dict[str, LeaseRecord]) -> list[LeaseEvent]:
-        """One v2 event as lease events, `known` updated."""
+    def _event(self, event: dict[str, Any], known: dict[str, LeaseRecord],
+               received: float) -> list[LeaseEvent]:
+        """One v2 event as lease events (`received`: when it reached us; etcd keeps no time of
+        a change), `known` updated."""
         action = event.get("action")
         node = event.get("node") or {}
         key = str(node.get("key", ""))
@@ -384,18 +396,18 @@ class Etcd2Store:
             if record is None or not record.key:
                 return []
             known[record.key] = record
-            return [LeaseEvent("put", record)]
+            return [LeaseEvent("put", record, received)]
         if action in _DELETE_ACTIONS:
             relative = key[len(self._subnets) + 1:]
             if node.get("dir") or not relative:  # a directory went, and every key in it
                 gone = [k for k in known if not relative or k.startswith(relative + "/")]
-                return [LeaseEvent("delete", known.pop(k)) for k in gone]
+                return [LeaseEvent("delete", known.pop(k), received) for k in gone]
             old = known.pop(relative, None)
             previous = event.get("prevNode") or {}
             if old is None and isinstance(previous.get("value"), str):
                 old = LeaseRecord(relative, previous["value"].encode(), None)
             # else never seen, so nobody holds it: nothing to undo
-            return [] if old is None else [LeaseEvent("delete", old)]
+            return [] if old is None else [LeaseEvent("delete", old, received)]
         return []  # 'get' and the like change nothing
 
 

@@ -3,7 +3,9 @@
 Writers serialise on an flock of '<path>.lock' and replace the file atomically, so readers never
 lock and never see half a file. Leases carry their expiration; an expired lease is absent for
 every reader and is purged by the next writer. A watcher polls the file (and the clock, for
-expiry) every WATCH_INTERVAL seconds, which keeps every daemon within 1 s of the truth.
+expiry) every WATCH_INTERVAL seconds, which keeps every daemon within 1 s of the truth: a poll
+that finds the file's inode, mtime and size unchanged and no lease due to expire costs one
+stat(), whatever the number of leases; only a changed file is read and compared again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from typing import Any
 
 import msgpack
 
-from flannel_udp.stores import LeaseEvent, LeaseRecord, Snapshot, StoreError
+from flannel_udp.stores import (
+    KeyFilter,
+    LeaseEvent,
+    LeaseRecord,
+    Snapshot,
+    StoreError,
+    every_key,
+    no_key,
+)
 
 FORMAT = "flannel-udp-leases/1"
 WATCH_INTERVAL = 0.2
@@ -127,7 +137,7 @@ class LocalStore:
             return True
         return await asyncio.to_thread(self._modify, change)
 
-    async def list_leases(self) -> Snapshot:
+    async def list_leases(self, expiry_of: KeyFilter = every_key) -> Snapshot:
         data = await asyncio.to_thread(self._load)
         live = self._live(data, time.time())
         return Snapshot(data["revision"], tuple(live.values()))
@@ -152,28 +162,58 @@ class LocalStore:
             data["leases"].pop(key, None)
         await asyncio.to_thread(self._modify, change)
 
-    async def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
+    async def watch(self, since: Snapshot, expiry_of: KeyFilter = no_key
+                    ) -> AsyncIterator[list[LeaseEvent]]:
         known = {r.key: r for r in since.records}
-        data: dict[str, Any] | None = None
-        stamp = None
+        stamp: tuple[int, int, int] | None | bool = False  # False: never looked
+        changed_at = time.time()
+        next_expiry = _next_expiry(known)
         while True:
             try:
                 st = os.stat(self.path)
-                new_stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+                new_stamp: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
             except FileNotFoundError:
                 new_stamp = None
-            if data is None or new_stamp != stamp:
+            now = time.time()
+            if new_stamp != stamp:
+                # Read whole only when the file was replaced or written: the time it was
+                # written is when its changes happened.
                 data = await asyncio.to_thread(self._load)
                 stamp = new_stamp
-            live = self._live(data, time.time())
-            events = [LeaseEvent("delete", r) for k, r in known.items() if k not in live]
+                changed_at = now if new_stamp is None else new_stamp[1] / 1e9
+                live = self._live(data, now)
+            elif now >= next_expiry:
+                # Nothing written, but a lease is due: only expiries can have changed.
+                live = {k: r for k, r in known.items()
+                        if r.expiration is None or r.expiration > now}
+            else:
+                await asyncio.sleep(WATCH_INTERVAL)
+                continue
+            events = [LeaseEvent("delete", r, _gone_at(r, now, changed_at))
+                      for k, r in known.items() if k not in live]
             # A new expiry is a change too (as every put is one in etcd): a lease made a
             # reservation keeps its value, and its holder must learn that it never expires.
-            events += [LeaseEvent("put", r) for k, r in live.items() if known.get(k) != r]
+            events += [LeaseEvent("put", r, changed_at)
+                       for k, r in live.items() if known.get(k) != r]
             known = live
+            next_expiry = _next_expiry(known)
             if events:
                 yield events
             await asyncio.sleep(WATCH_INTERVAL)
 
     async def close(self) -> None:
         pass
+
+
+def _next_expiry(records: dict[str, LeaseRecord]) -> float:
+    """When the first of `records` expires (inf: none ever does)."""
+    return min((r.expiration for r in records.values() if r.expiration is not None),
+               default=float("inf"))
+
+
+def _gone_at(record: LeaseRecord, now: float, changed_at: float) -> float:
+    """When a lease that went away went: its expiry if that has passed, else (deleted) when
+    the file was written."""
+    if record.expiration is not None and record.expiration <= now:
+        return record.expiration
+    return changed_at

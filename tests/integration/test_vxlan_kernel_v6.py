@@ -50,8 +50,14 @@ print(json.dumps(own), flush=True)
 def settled(subnet, present):
     # The routes are programmed by a worker thread: answer once it has done this change.
     end = time.monotonic() + 10
-    while (subnet in net.stats()["peers"]) != present and time.monotonic() < end:
+    while (net.peer_stats(ip_network(subnet)) is not None) != present \
+            and time.monotonic() < end:
         time.sleep(0.01)
+
+def stats():
+    # The totals and every planned peer's row (status pages through them; here all at once).
+    return {**net.stats(), "peers": {str(ident): net.peer_stats(ident)
+                                     for ident in list(net._routes.plans)}}
 
 for line in sys.stdin:
     op, arg = line.split(" ", 1)
@@ -62,7 +68,7 @@ for line in sys.stdin:
     else:
         net.remove_peer(ip_network(arg.strip()))
         settled(arg.strip(), False)
-    print(json.dumps(net.stats()), flush=True)
+    print(json.dumps(stats()), flush=True)
 net.close()
 print("closed", flush=True)
 """

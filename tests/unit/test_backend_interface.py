@@ -28,7 +28,8 @@ EXT = ExtIface(name="eth0", index=2, address=PUBLIC_IP, mtu=1500)
 
 def test_every_feature_the_daemon_uses_is_an_abstract_member():
     assert Network.__abstractmethods__ == {
-        "open", "start", "accepts", "add_peer", "remove_peer", "stats", "userspace", "close"}
+        "open", "start", "accepts", "add_peer", "remove_peer", "stats", "peer_stats",
+        "route_count", "userspace", "close"}
     assert UserspaceDataplane.__abstractmethods__ == {
         "source_check", "busy_poll_us", "running", "counters", "offloads", "set_trace",
         "trace_drain", "trace_info"}
@@ -47,6 +48,8 @@ def test_a_wrapper_that_leaves_out_userspace_cannot_be_constructed():
         def add_peer(self, lease) -> None: self.inner.add_peer(lease)
         def remove_peer(self, subnet) -> None: self.inner.remove_peer(subnet)
         def stats(self) -> dict: return self.inner.stats()
+        def peer_stats(self, ident) -> dict | None: return self.inner.peer_stats(ident)
+        def route_count(self) -> int: return self.inner.route_count()
         def close(self) -> None: self.inner.close()
 
     with pytest.raises(TypeError, match="userspace"):

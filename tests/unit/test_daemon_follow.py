@@ -14,7 +14,7 @@ from flannel_udp.daemon import Daemon, RunOptions
 from flannel_udp.lease import Lease, encode_lease_value
 from flannel_udp.manager import LeaseManager
 from flannel_udp.netlink import IfaceChoice
-from flannel_udp.stores import LeaseEvent, Snapshot, StoreUnavailable
+from flannel_udp.stores import LeaseEvent, Snapshot, StoreUnavailable, every_key, no_key
 from flannel_udp.stores.local import LocalStore
 
 CFG = parse_config('{"Network": "10.5.0.0/16"}')
@@ -30,16 +30,16 @@ class SwitchedStore(LocalStore):
         if self.down:
             raise StoreUnavailable("test: the store is down")
 
-    async def list_leases(self) -> Snapshot:
+    async def list_leases(self, expiry_of=every_key) -> Snapshot:
         self._check()
-        return await super().list_leases()
+        return await super().list_leases(expiry_of)
 
     async def create_lease(self, key: str, value: bytes, ttl: float) -> float | None:
         self._check()
         return await super().create_lease(key, value, ttl)
 
-    async def watch(self, since: Snapshot) -> AsyncIterator[list[LeaseEvent]]:
-        async for batch in super().watch(since):
+    async def watch(self, since: Snapshot, expiry_of=no_key) -> AsyncIterator[list[LeaseEvent]]:
+        async for batch in super().watch(since, expiry_of):
             self._check()
             yield batch
 
@@ -54,10 +54,10 @@ class RecordingNetwork:
     def __init__(self) -> None:
         self.routes: dict[IPv4Network, IPv4Address] = {}
 
-    def add_peer(self, lease: Lease) -> None:
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
         self.routes[lease.subnet] = lease.public_ip
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
+    def remove_peer(self, subnet: IPv4Network, since: float | None = None) -> None:
         self.routes.pop(subnet, None)
 
 

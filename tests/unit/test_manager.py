@@ -93,7 +93,8 @@ def test_peer_table_follows_the_store_and_skips_bad_values(tmp_path, caplog):
         async def lost():
             pass
 
-        task = asyncio.create_task(m.watch(added.append, removed.append, lost))
+        task = asyncio.create_task(m.watch(lambda lease, _at: added.append(lease),
+                                              lambda ident, _at: removed.append(ident), lost))
         await store.create_lease("10.5.202.0-24", encode_lease_value(IPv4Address("192.168.0.6")),
                                  60)
         await store.delete_lease("10.5.201.0-24")
@@ -156,7 +157,7 @@ def test_our_lease_made_a_reservation_while_we_run_is_not_renewed_back(tmp_path)
         lease = await m.acquire(None)
         await m.load_peers()
         key = f"{lease.subnet.network_address}-24"
-        watch = asyncio.create_task(m.watch(lambda lease: None, lambda subnet: None,
+        watch = asyncio.create_task(m.watch(lambda lease, at: None, lambda subnet, at: None,
                                             lambda: asyncio.sleep(0)))
         renew = asyncio.create_task(m.renew_forever())
         await store.put_lease(key, encode_lease_value(ME), None)  # `leases reserve`, by hand

@@ -146,7 +146,8 @@ def test_a_peer_moving_to_a_dual_stack_key_is_not_removed_by_its_old_keys_deleti
         async def lost():
             pass
 
-        task = asyncio.create_task(m.watch(added.append, removed.append, lost))
+        task = asyncio.create_task(m.watch(lambda lease, _at: added.append(lease),
+                                              lambda ident, _at: removed.append(ident), lost))
         await store.create_lease("10.99.15.0-24&fd99:0:0:25::-64",
                                  encode_lease_value(OTHER, "host-gw", public_ipv6=OTHER6), 60)
         deadline = time.monotonic() + 10

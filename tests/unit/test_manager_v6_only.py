@@ -112,7 +112,8 @@ def test_v6_only_peers_come_and_go_by_their_ipv6_subnet(tmp_path):
         async def lost():
             pass
 
-        task = asyncio.create_task(m.watch(added.append, removed.append, lost))
+        task = asyncio.create_task(m.watch(lambda lease, _at: added.append(lease),
+                                              lambda ident, _at: removed.append(ident), lost))
         for n, ip6 in ((0x25, OTHER6), (0x27, THIRD6)):
             await store.create_lease(f"0.0.0.0-0&fd99:0:0:{n:x}::-64", peer_value(ip6), 60)
         deadline = time.monotonic() + 10

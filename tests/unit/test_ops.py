@@ -209,6 +209,9 @@ STATUS = {
     "offloads": {"tso": True, "uso": False},
     "health": {"lease": True, "dataplane": True},
     "store_errors": 3,
+    "peer_count": 1, "routes": 1,
+    "programming_latency": {"buckets": [[0.01, 2], [0.1, 3], [1.0, 3]], "count": 4,
+                            "sum": 2.03},
 }
 
 
@@ -308,8 +311,24 @@ def test_metrics_of_a_status_without_offloads_or_lease_still_render():
 def test_every_metric_the_documentation_names_is_one_metrics_serves():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
     named = {m for doc in docs for m in re.findall(r"\bflannel_udp_[a-z_]+\b", doc.read_text())}
-    served = {name for name, _ in samples(metrics.render(STATUS))}
+    text = metrics.render(STATUS).decode()
+    served = ({name for name, _ in samples(text.encode())}
+              | {family.name for family in text_string_to_metric_families(text)})
     assert named and sorted(named - served) == []
+
+
+def test_the_programming_latency_is_a_histogram_and_per_peer_series_follow_the_status():
+    got = samples(metrics.render(STATUS))
+    name = "flannel_udp_network_programming_duration_seconds"
+    assert got[(f"{name}_bucket", (("le", "0.01"),))] == 2
+    assert got[(f"{name}_bucket", (("le", "1.0"),))] == 3
+    assert got[(f"{name}_bucket", (("le", "+Inf"),))] == 4
+    assert got[(f"{name}_count", ())] == 4 and got[(f"{name}_sum", ())] == 2.03
+    # A daemon over --metrics-peer-limit sends no peers' rows: the totals stay.
+    big = {**STATUS, "peers": [], "peer_count": 20000, "routes": 19999}
+    got = samples(metrics.render(big))
+    assert got[("flannel_udp_peers", ())] == 20000 and got[("flannel_udp_routes", ())] == 19999
+    assert not any(n.startswith("flannel_udp_peer_") for n, _ in got)
 
 
 @pytest.mark.parametrize("checks, code, body", [

@@ -33,7 +33,7 @@ from flannel_udp.config import parse_config
 from flannel_udp.lab import EtcdCluster, TestPKI, etcd_problem, make_test_pki
 from flannel_udp.lease import LEASE_TTL
 from flannel_udp.manager import LeaseManager
-from flannel_udp.stores import Snapshot, StoreError, etcdcommon
+from flannel_udp.stores import UNKNOWN_EXPIRY, Snapshot, StoreError, etcdcommon
 from flannel_udp.stores.etcd import EtcdOptions, EtcdStore
 from flannel_udp.stores.etcd2 import Etcd2Store
 
@@ -299,7 +299,10 @@ def test_leases_written_by_flannel_nodes_are_read_and_a_bad_value_is_skipped_by_
     assert ks.ttl(etcd, f"{prefix}/10.5.10.0-24") is None
     assert [str(p.subnet) for p in peers] == ["10.5.7.0/24", "10.5.8.0/24"]
     assert (peers[0].public_ip, peers[0].backend) == (IPv4Address("192.168.0.7"), "udp")
-    assert peers[0].expiration == pytest.approx(time.time() + 86400, abs=5)
+    if ks.api == "v3":  # one call per key to ask: a daemon does not, it routes all the same
+        assert peers[0].expiration == UNKNOWN_EXPIRY
+    else:  # a v2 node carries it
+        assert peers[0].expiration == pytest.approx(time.time() + 86400, abs=5)
     assert peers[1].backend == "vxlan"
     assert json.loads(peers[1].backend_data)["VtepMAC"] == "c6:d2:32:6f:8f:44"
     assert "10.5.66.0-24" in caplog.text
@@ -911,3 +914,61 @@ def test_v2_every_write_and_removal_action_is_a_put_or_a_delete(etcd):
                                ("put", "10.5.1.0-24", b"updated"),
                                ("put", "10.5.1.0-24", b"swapped"),
                                ("delete", "10.5.1.0-24", b"swapped")]
+
+
+def etcd_calls(cluster: EtcdCluster) -> dict[str, int]:
+    """How many calls of each gRPC method etcd has served so far, from its own /metrics."""
+    with urllib.request.urlopen(f"{cluster.endpoints[0]}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    calls: dict[str, int] = {}
+    for m in re.finditer(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$',
+                         text, re.MULTILINE):
+        calls[m.group(1)] = calls.get(m.group(1), 0) + int(float(m.group(2)))
+    return calls
+
+
+def test_a_starting_daemon_reads_the_leases_once_and_asks_no_peers_expiry(etcd):
+    """Start-up on etcd v3: one Range of the lease table (acquire's listing serves the peers
+    too), no LeaseTimeToLive call per peer; the watch starts from that Range's revision, so a
+    lease put meanwhile arrives as an event. Our own lease's expiry is known (the renewal needs
+    it), the store still gives every key's when asked (`leases list`)."""
+    prefix = "/t-once"
+    lease = grant(etcd, 86400)
+    for i in range(1, 21):
+        etcd.etcdctl("put", f"--lease={lease}", f"{prefix}/subnets/10.5.{i}.0-24",
+                     input=f'{{"PublicIP":"192.168.1.{i}"}}')
+
+    async def scenario():
+        store = store_for(etcd, prefix)
+        manager = LeaseManager(store, CFG, ME, "", None, renew_margin=3600)
+        before = etcd_calls(etcd)
+        mine = await manager.acquire(None)
+        peers = await manager.load_peers(reuse_acquired=True)
+        during = etcd_calls(etcd)
+        added: list = []
+        watch = asyncio.create_task(manager.watch(lambda lease, at: added.append(lease),
+                                                  lambda ident, at: None, _never_lost))
+        etcd.etcdctl("put", f"--lease={lease}", f"{prefix}/subnets/10.5.99.0-24",
+                     input='{"PublicIP":"192.168.1.99"}')
+        deadline = time.monotonic() + 10
+        while not any(str(a.subnet) == "10.5.99.0/24" for a in added):
+            assert time.monotonic() < deadline, "the lease put after start never arrived"
+            await asyncio.sleep(0.05)
+        watch.cancel()
+        listed = await store.list_leases()
+        await store.close()
+        return mine, peers, {k: during.get(k, 0) - before.get(k, 0) for k in during}, listed
+
+    mine, peers, calls, listed = run(scenario())
+    assert len(peers) == 20
+    assert calls.get("Range", 0) == 1, calls
+    assert calls.get("LeaseTimeToLive", 0) == 0, calls
+    assert all(p.expiration == UNKNOWN_EXPIRY for p in peers)
+    assert mine.expiration == pytest.approx(time.time() + LEASE_TTL, abs=5)
+    assert all(r.expiration == pytest.approx(time.time() + 86400, abs=10)
+               for r in listed.records if r.key.startswith("10.5.") and r.key != "10.5.99.0-24"
+               and r.key != f"{mine.subnet.network_address}-24")
+
+
+async def _never_lost() -> None:
+    raise AssertionError("our lease was lost")

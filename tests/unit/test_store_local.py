@@ -166,3 +166,49 @@ def test_watch_from_an_empty_snapshot_sees_existing_leases(tmp_path):
             return [(e.kind, e.record.key) for e in events]
 
     assert run(first_batch()) == [("put", "10.5.1.0-24")]
+
+
+def test_an_unchanged_file_costs_a_poll_no_read_and_no_comparison(tmp_path):
+    """5,000 leases and nothing written: the watch's polls (every 0.2 s) neither read the file
+    nor compare the table again; a write is still seen, with the file's time as its time."""
+    class Counting(LocalStore):
+        loads = compared = 0
+
+        def _load(self):
+            Counting.loads += 1
+            return super()._load()
+
+        def _live(self, data, now):
+            Counting.compared += 1
+            return LocalStore._live(data, now)
+
+    path = tmp_path / "leases"
+    store = Counting(path)
+    store._modify(lambda data, now: data["leases"].update(
+        {f"10.{i >> 8}.{i & 255}.0-24": {"value": b"v", "expires": now + 3600}
+         for i in range(5000)}))
+
+    async def scenario():
+        since = await store.list_leases()
+        events: list = []
+
+        async def collect():
+            async for batch in store.watch(since):
+                events.extend(batch)
+
+        task = asyncio.create_task(collect())
+        await asyncio.sleep(0.1)  # the first look, which reads and compares
+        first = (Counting.loads, Counting.compared)
+        await asyncio.sleep(1.2)  # six polls more
+        quiet = (first, (Counting.loads, Counting.compared))
+        await LocalStore(path).put_lease("10.200.0.0-24", b"new", 60)
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        return quiet, events
+
+    (first, later), events = run(scenario())
+    assert later == first, "polls of an unchanged file read or compared it again"
+    assert [(e.kind, e.record.key) for e in events] == [("put", "10.200.0.0-24")]
+    assert events[0].at == pytest.approx(path.stat().st_mtime, abs=0.01)

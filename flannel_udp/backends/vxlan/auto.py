@@ -52,16 +52,22 @@ class AutoVxlanNetwork(Network):
     def accepts(self, lease: Lease) -> bool:
         return self._chosen.accepts(lease)
 
-    def add_peer(self, lease: Lease) -> None:
-        self._chosen.add_peer(lease)
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
+        self._chosen.add_peer(lease, since)
 
-    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
-        self._chosen.remove_peer(subnet)
+    def remove_peer(self, subnet: IPv4Network | IPv6Network, since: float | None = None) -> None:
+        self._chosen.remove_peer(subnet, since)
 
     def stats(self) -> dict[str, Any]:
         stats = self._chosen.stats()
         stats["lease"]["dataplane_choice"] = "auto"
         return stats
+
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        return self._chosen.peer_stats(ident)
+
+    def route_count(self) -> int:
+        return self._chosen.route_count()
 
     def userspace(self) -> UserspaceDataplane | None:
         return self._chosen.userspace()

@@ -199,29 +199,33 @@ class KernelVxlanNetwork(Network):
         plan = self._routes.plan(lease.ident) if self._routes is not None else None
         return plan.reachable if plan is not None else lease.backend == "vxlan"
 
-    def add_peer(self, lease: Lease) -> None:
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
         if self._routes is not None:
-            self._routes.set_peer(lease)
+            self._routes.set_peer(lease, since)
 
-    def remove_peer(self, subnet: IPv4Network | IPv6Network) -> None:
+    def remove_peer(self, subnet: IPv4Network | IPv6Network, since: float | None = None) -> None:
         if self._routes is not None:
-            self._routes.remove_peer(subnet)
+            self._routes.remove_peer(subnet, since)
 
     def stats(self) -> dict[str, Any]:
-        plans = self._routes.plans if self._routes is not None else {}
         lease = {"vni": self.settings.vni,
                  "vtep_mac": format_mac(self.settings.vtep_mac) if self.ipv4 else None,
                  "dataplane": "kernel", "device": self.device if self.ipv4 else None,
-                 "direct_routing": self.settings.direct_routing}
+                 "direct_routing": self.settings.direct_routing,
+                 **(self._routes.timings if self._routes is not None else {})}
         if self._index6 and self.settings.v6_vtep_mac is not None:
             lease.update({"ipv6_device": self.device6,
                           "ipv6_vtep_mac": format_mac(self.settings.v6_vtep_mac),
                           "ipv6_counters": netlink.link_counters(self.device6 or "")})
         return {"counters": netlink.link_counters(self.device if self.ipv4
                                                   else self.device6 or ""),
-                "peers": {str(subnet): {"path": plan.path, **plan.shown}
-                          for subnet, plan in plans.items()},
                 "lease": lease}
+
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        return None if self._routes is None else self._routes.peer_stats(ident)
+
+    def route_count(self) -> int:
+        return 0 if self._routes is None else self._routes.count()
 
     def userspace(self) -> UserspaceDataplane | None:
         return None  # the kernel forwards

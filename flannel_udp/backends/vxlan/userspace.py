@@ -9,7 +9,7 @@ and its peers' kernel neighbour and FDB entries stay right.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from flannel_udp.backends import DataplaneSettings
@@ -110,29 +110,29 @@ class VxlanNetwork(TunNetwork):
         return Plan(plan.entries + plan6.entries, plan.path, None,
                     {**plan.shown, "ipv6_path": plan6.path})
 
-    def add_peer(self, lease: Lease) -> None:
-        super().add_peer(lease)
+    def add_peer(self, lease: Lease, since: float | None = None) -> None:
+        super().add_peer(lease, since)
         if self._direct is not None:
             self._direct.set_peer(lease)
 
-    def remove_peer(self, subnet: IPv4Network) -> None:
-        super().remove_peer(subnet)
+    def remove_peer(self, subnet: IPv4Network, since: float | None = None) -> None:
+        super().remove_peer(subnet, since)
         if self._direct is not None:
             self._direct.remove_peer(subnet)
 
-    def stats(self) -> dict[str, Any]:
-        stats = super().stats()
-        for counters in stats["peers"].values():
-            counters["path"] = "vxlan"
+    def peer_stats(self, ident: IPv4Network | IPv6Network) -> dict[str, Any] | None:
+        row = super().peer_stats(ident)
+        if row is not None:
+            row["path"] = "vxlan"
             if not self.config.enable_ipv4:  # the row is the IPv6 side's, as the kernel's
-                counters["ipv6_path"] = "vxlan"
-        if self._direct is not None:
-            for subnet, plan in self._direct.plans.items():
-                row = stats["peers"].setdefault(str(subnet), {})
-                row["path"] = plan.path
-                if "ipv6_path" in plan.shown:
-                    row["ipv6_path"] = plan.shown["ipv6_path"]
-        return stats
+                row["ipv6_path"] = "vxlan"
+        plan = self._direct.plan(ident) if self._direct is not None else None
+        if plan is not None:
+            row = row if row is not None else {}
+            row["path"] = plan.path
+            if "ipv6_path" in plan.shown:
+                row["ipv6_path"] = plan.shown["ipv6_path"]
+        return row
 
     def close(self) -> None:
         if self._direct is not None:
