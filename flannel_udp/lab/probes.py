@@ -151,7 +151,8 @@ def _ping_main(dsts: list[str], count: int, interval: float, timeout: float) -> 
     return 0
 
 
-def _tcp_sink_main(bind: str, port: int, timeout: float) -> int:
+def _accept_one(bind: str, port: int, timeout: float) -> socket.socket:
+    """Listen on `bind`:`port`, say so on stdout, and take one connection (within `timeout`)."""
     server = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET,
                            socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -161,6 +162,11 @@ def _tcp_sink_main(bind: str, port: int, timeout: float) -> int:
     print(f"listening {bind}:{port}", flush=True)
     conn, _ = server.accept()
     conn.settimeout(timeout)
+    return conn
+
+
+def _tcp_sink_main(bind: str, port: int, timeout: float) -> int:
+    conn = _accept_one(bind, port, timeout)
     digest, total = hashlib.sha256(), 0
     while chunk := conn.recv(1 << 16):
         digest.update(chunk)
@@ -197,16 +203,8 @@ def _tcp_send_main(to: str, port: int, timeout: float) -> int:
 
 def _tcp_echo_main(bind: str, port: int, timeout: float) -> int:
     """Echo what one connection sends until it closes (or `timeout` s pass without one)."""
-    server = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET,
-                           socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((bind, port))
-    server.listen(1)
-    server.settimeout(timeout)
-    print(f"listening {bind}:{port}", flush=True)
-    conn, _ = server.accept()
+    conn = _accept_one(bind, port, timeout)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn.settimeout(timeout)
     while chunk := conn.recv(1 << 16):
         conn.sendall(chunk)
     conn.close()
