@@ -19,12 +19,14 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 from helpers import one_error_line
@@ -468,13 +470,19 @@ def test_a_wrong_ca_is_refused_at_once_with_a_clear_line(tls_etcd, ks):
     assert "--etcd-cafile" in line
 
 
-def test_a_daemon_with_a_wrong_ca_exits_without_waiting_for_etcd(tls_etcd, ks):
+def own_files(tmp_path: Path) -> list[str]:
+    """A daemon's --subnet-file and --control-socket of its own: not another daemon's on this
+    machine (another test run's, say), and not outside the test's directory."""
+    return ["--subnet-file", str(tmp_path / "run" / "subnet.env"),
+            "--control-socket", str(tmp_path / "run" / "control.sock")]
+
+
+def test_a_daemon_with_a_wrong_ca_exits_without_waiting_for_etcd(tls_etcd, ks, tmp_path):
     cluster, pki = tls_etcd
     started = time.monotonic()
     # --iface names no interface: had TLS wrongly succeeded, it stops there, before any device
     done = flannel_udp("run", *cluster.client_flags(cafile=pki.other_ca), *ks.flags,
-                       "--etcd-wait", "60",
-                       "--iface", "fu-no-such-if", "--subnet-file", "/nonexistent/subnet.env")
+                       "--etcd-wait", "60", "--iface", "fu-no-such-if", *own_files(tmp_path))
     assert done.returncode == 1
     assert time.monotonic() - started < 10, "a TLS failure is no outage to wait out"
     assert "TLS handshake failed" in one_error_line(done, exit_code=None)
@@ -588,11 +596,10 @@ def test_an_unreachable_etcd_fails_a_command_at_once_in_one_line(api):
     assert "etcd unreachable" in line and "connection refused" in line, line
 
 
-def test_a_daemon_waits_for_an_unreachable_etcd_as_long_as_told_then_exits(ks):
+def test_a_daemon_waits_for_an_unreachable_etcd_as_long_as_told_then_exits(ks, tmp_path):
     started = time.monotonic()
     done = flannel_udp("run", "--etcd-endpoints", f"http://127.0.0.1:{closed_port()}", *ks.flags,
-                       "--etcd-wait", "2", "--iface", "fu-no-such-if",
-                       "--subnet-file", "/nonexistent/subnet.env")
+                       "--etcd-wait", "2", "--iface", "fu-no-such-if", *own_files(tmp_path))
     took = time.monotonic() - started
     assert done.returncode == 1, done.stderr
     assert 2 <= took < 10, took
@@ -869,8 +876,9 @@ def run_until_the_interface(etcd: EtcdCluster, prefix: str, *flags: str
                             ) -> subprocess.CompletedProcess:
     """`run` on `prefix`, stopped by an --iface that names no interface: what it logged up to
     there (the store and keyspace it chose)."""
-    return flannel_udp("run", *config_flags(etcd, prefix), *flags, "--iface", "fu-no-such-if",
-                       "--subnet-file", "/nonexistent/subnet.env", "--etcd-wait", "5")
+    with tempfile.TemporaryDirectory() as tmp:
+        return flannel_udp("run", *config_flags(etcd, prefix), *flags, "--iface",
+                           "fu-no-such-if", *own_files(Path(tmp)), "--etcd-wait", "5")
 
 
 def test_the_daemon_logs_the_keyspace_it_chose(etcd):
