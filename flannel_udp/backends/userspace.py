@@ -203,14 +203,11 @@ class TunNetwork(Network, UserspaceDataplane):
                  tun_addr if v4 else lease.ipv6_subnet, self.mtu, self.port, self.ext.name,
                  1 + len(self._more_queues), "s" * bool(self._more_queues))
 
-    def _reach(self, lease: Lease) -> tuple[Any, ...]:
-        """`_route_args` of the lease's IPv4 side, or of its IPv6 side in an IPv6-only network
-        (where that is all it has)."""
-        return self._route_args(lease) if self.config.enable_ipv4 else self._route_args6(lease)
-
     def accepts(self, lease: Lease) -> bool:
+        # An IPv6-only network's leases have their IPv6 side alone.
+        reach = self._route_args if self.config.enable_ipv4 else self._route_args6
         try:
-            self._reach(lease)
+            reach(lease)
         except Unreachable:
             return False
         return True
@@ -273,15 +270,12 @@ class TunNetwork(Network, UserspaceDataplane):
         subnet6 = self._v6_subnets.get(ident)
         found6 = (self._fastpath.route6(str(subnet6.network_address))
                   if subnet6 is not None and self._v6_on else None)
-        row6 = None
-        if subnet6 is not None and found6 is not None:
-            ip6, mac6, counters6 = found6
-            row6 = {"subnet": str(subnet6), "peer": ip6, **counters6}
+        row6 = ip6 = None
+        if found6 is not None:
+            ip6, mac6, row6 = found6
             if mac6 is not None:
                 row6["vtep_mac"] = format_mac(mac6)
         if isinstance(ident, IPv6Network):  # an IPv6-only network: the IPv6 side is the row
-            if row6 is not None:
-                del row6["subnet"], row6["peer"]
             return row6
         found = self._fastpath.route(str(ident.network_address))
         if found is None:
@@ -291,7 +285,7 @@ class TunNetwork(Network, UserspaceDataplane):
             counters["vtep_mac"] = format_mac(mac)
         # A peer's IPv6 subnet shows under its lease (the IPv4 subnet's row), as "ipv6".
         if row6 is not None:
-            counters["ipv6"] = row6
+            counters["ipv6"] = {"subnet": str(subnet6), "peer": ip6, **row6}
         return counters
 
     def route_count(self) -> int:

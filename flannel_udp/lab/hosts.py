@@ -18,12 +18,13 @@ from flannel_udp.errors import UserError
 from flannel_udp.lab.netns import FLANNEL_UDP, Netns, NetnsError, child_env, format_cmd, wait_until
 
 
-def ping_failures(pods: Mapping[str, Pod], count: int = 3) -> list[str]:
-    """Every namespace pings the `address` of every other; one line per target that did not
-    answer every echo (empty when all did). `pods` maps a label to each."""
+def ping_failures(pods: Mapping[str, Pod], count: int = 3, ipv6: bool = False) -> list[str]:
+    """Every namespace pings the `address` (with `ipv6`, the `address6`) of every other; one
+    line per target that did not answer every echo (empty when all did). `pods` maps a label
+    to each."""
     failures = []
     for label, pod in pods.items():
-        targets = [p.address for p in pods.values() if p is not pod]
+        targets = [p.address6 if ipv6 else p.address for p in pods.values() if p is not pod]
         for dst, result in pod.ping(*targets, count=count).items():
             if not result.ok:
                 failures.append(f"{label} -> {dst}: {result.received}/{result.sent} answered "

@@ -93,14 +93,8 @@ def v6_routes(host: Host, subnet: str) -> list[dict]:
 
 
 def test_every_pair_pings_and_moves_tcp_over_v4_and_over_v6(cluster: Cluster):
-    failures = ping_failures(cluster.pods)
+    failures = ping_failures(cluster.pods) + ping_failures(cluster.pods, ipv6=True)
     pods = list(cluster.pods.values())
-    for src, dst in itertools.permutations(pods, 2):
-        assert dst.address6 is not None
-        done = src.run("ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", dst.address6,
-                       check=False)
-        if done.returncode != 0:
-            failures.append(f"{src.label} -> {dst.label} over v6: {done.stdout.strip()}")
     assert not failures, "\n".join(failures) + "\n" + cluster.topo.log_tails()
     # 100 MB on one store: the other carries packets on the same routes
     size = 100 << 20 if cluster.store == "embedded" else 8 << 20
