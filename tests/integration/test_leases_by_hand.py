@@ -21,7 +21,8 @@ from flannel_udp.lab import (
 
 pytestmark = pytest.mark.netns
 
-RESERVED = "10.244.77.0/24"
+# Reserved for h3 by hand: whichever of these h1 does not hold (its subnet is chosen at random)
+RESERVABLE = ("10.244.77.0/24", "10.244.78.0/24")
 
 
 def listed(host: Host, flags: list[str]) -> dict[str, dict]:
@@ -64,18 +65,19 @@ def test_a_deleted_lease_leaves_the_peers_and_a_reservation_is_kept_by_its_host(
     assert "re-acquired" not in h1.log_path.read_text()
 
     # A reservation made before its host starts: that host takes it, and keeps running on it.
-    h1.flannel("leases", "reserve", RESERVED, "--public-ip", h3.underlay_ip, *flags)
+    reserved = next(subnet for subnet in RESERVABLE if subnet != s1)
+    h1.flannel("leases", "reserve", reserved, "--public-ip", h3.underlay_ip, *flags)
     h3.start_flannel(topo.store_path, topo.dir / "net-conf.json", *flags)
     h3.wait_ready()
-    assert h3.lease()["subnet"] == RESERVED and h3.lease()["expires"] is None
-    wait_until(lambda: RESERVED in h1.peer_subnets(), 5, "h1 to list h3's reserved subnet")
+    assert h3.lease()["subnet"] == reserved and h3.lease()["expires"] is None
+    wait_until(lambda: reserved in h1.peer_subnets(), 5, "h1 to list h3's reserved subnet")
     p1, p3 = topo.add_pod(h1), topo.add_pod(h3)
-    assert p3.address.startswith("10.244.77.")
+    assert p3.address.startswith(reserved.removesuffix("0/24"))
     time.sleep(1.5)  # a daemon that stopped on its reservation would have done so by now
     assert h3.try_status() is not None
     assert p1.ping(p3.address, count=2)[p3.address].ok
     shown = h3.flannel("status", "--control-socket", str(h3.control_socket)).stdout
-    assert f"lease    {RESERVED}  public IP {h3.underlay_ip}  backend udp  reserved (never " \
+    assert f"lease    {reserved}  public IP {h3.underlay_ip}  backend udp  reserved (never " \
         "expires)" in shown
-    entry = listed(h1, flags)[RESERVED]
+    entry = listed(h1, flags)[reserved]
     assert (entry["public_ip"], entry["reserved"]) == (h3.underlay_ip, True)
